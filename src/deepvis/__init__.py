@@ -1,0 +1,53 @@
+"""deepvis: a Deep Visualization Toolbox for PyTorch.
+
+The library (this package) never imports the CLI or the server. The main entry points:
+
+>>> import deepvis
+>>> model = deepvis.load_model("default")
+>>> image = deepvis.load_image(deepvis.sample_path("coffee"))
+>>> acts = deepvis.capture(model, model.preprocess(image), ["blocks.3", "logits"])
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .capture import LOGITS, LayerInfo, Unit, capture, check_unit, frozen, get_layer, layer_table, parse_unit, parse_unit_set
+from .errors import DeepvisError, InputError, LayerError, ModelError, UnitError, WeightsError
+from .io import load_image, read_frames, resolve_input, sample_path, sample_photos
+from .models import Model, Preprocessing, load_model, register_model
+from .predictions import Prediction, top_k
+from .render import montage, tile_grid
+
+__all__ = [
+    "__version__",
+    "load_model",
+    "register_model",
+    "Model",
+    "Preprocessing",
+    "capture",
+    "layer_table",
+    "get_layer",
+    "check_unit",
+    "frozen",
+    "LayerInfo",
+    "Unit",
+    "parse_unit",
+    "parse_unit_set",
+    "LOGITS",
+    "load_image",
+    "read_frames",
+    "resolve_input",
+    "sample_path",
+    "sample_photos",
+    "top_k",
+    "Prediction",
+    "tile_grid",
+    "montage",
+    "DeepvisError",
+    "InputError",
+    "ModelError",
+    "WeightsError",
+    "LayerError",
+    "UnitError",
+]

@@ -1,0 +1,125 @@
+"""Activation capture: one forward pass records any set of layers and stops after the deepest one.
+
+Hooks are registered for the duration of one call and removed on every path, errors included; the
+model's training flags are restored. Outputs that the network later modifies in place (e.g. a module
+output followed by ``ReLU(inplace=True)``) are detected through the tensor version counter and
+recaptured as copies, so what is returned is always the module's output as it was produced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..errors import LayerError
+from ..models.model import Model
+from .layers import layer_table, resolve_module
+from .state import eval_mode
+
+__all__ = ["capture", "forward_with_logits"]
+
+
+class _StopForward(Exception):
+    """Raised inside a hook once every requested layer has been captured."""
+
+
+def _call_counts(model: Model | nn.Module) -> dict[str, int]:
+    if isinstance(model, Model):
+        return {info.name: info.calls for info in layer_table(model)}
+    return {}
+
+
+def capture(
+    model: Model | nn.Module,
+    x: torch.Tensor,
+    layers: Iterable[str],
+    *,
+    stop_early: bool = True,
+    grad: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Run ``x`` (N, C, H, W) through the model and return ``{layer: output}`` for each requested layer.
+
+    With ``stop_early`` the forward pass ends as soon as every requested layer has produced its output
+    (its last call, for a module that runs several times; a bare ``nn.Module`` is assumed to run each
+    module once). With ``grad`` the outputs stay attached to the autograd graph (for gradients to the
+    input); otherwise nothing is recorded for autograd. ``logits`` names the model's output.
+    """
+    module = model.module if isinstance(model, Model) else model
+    names = list(dict.fromkeys(layers))
+    if not names:
+        raise LayerError("no layer asked for")
+    targets = {n: resolve_module(module, n) for n in names}
+    counts = _call_counts(model)
+    expected = {n: counts.get(n, 1) for n in names}
+    device = next((p.device for p in module.parameters()), x.device)
+    if x.device != device:
+        x = x.to(device)
+    copy: set[str] = set()
+    for _attempt in range(2):
+        out, versions = _run(module, x, targets, expected, copy, stop_early=stop_early, grad=grad)
+        mutated = {n for n in names if n in out and out[n]._version != versions[n]}
+        if not mutated:
+            break
+        copy |= mutated
+    missing = [n for n in names if n not in out]
+    if missing:
+        raise LayerError(f"layer {missing[0]!r} did not produce a tensor in the forward pass")
+    return {n: out[n] for n in names}
+
+
+def _run(
+    module: nn.Module,
+    x: torch.Tensor,
+    targets: dict[str, nn.Module],
+    expected: dict[str, int],
+    copy: set[str],
+    *,
+    stop_early: bool,
+    grad: bool,
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    out: dict[str, torch.Tensor] = {}
+    versions: dict[str, int] = {}
+    seen = dict.fromkeys(targets, 0)
+    by_module: dict[int, list[str]] = {}
+    for n, m in targets.items():
+        by_module.setdefault(id(m), []).append(n)
+    handles = []
+
+    def make(m: nn.Module):
+        def hook(_m: nn.Module, _inp: object, output: object) -> None:
+            for n in by_module[id(m)]:
+                if not isinstance(output, torch.Tensor):
+                    raise LayerError(f"layer {n!r} outputs {type(output).__name__}, not a tensor")
+                seen[n] += 1
+                t = output.clone() if n in copy else output
+                out[n], versions[n] = t, t._version
+            if stop_early and all(seen[k] >= expected[k] for k in seen):
+                raise _StopForward
+
+        return hook
+
+    grad_ctx = contextlib.nullcontext() if grad else torch.no_grad()
+    try:
+        for key, m in {id(m): m for m in targets.values()}.items():
+            handles.append(m.register_forward_hook(make(m)))
+        with grad_ctx, eval_mode(module):
+            module(x)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return out, versions
+
+
+def forward_with_logits(
+    model: Model, x: torch.Tensor, layers: Iterable[str], *, grad: bool = False
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Capture ``layers`` and the logits in one full forward pass: ``(activations, logits)``."""
+    names = [n for n in dict.fromkeys(layers) if n != "logits"]
+    acts = capture(model, x, [*names, "logits"], stop_early=False, grad=grad)
+    logits = acts.pop("logits")
+    return acts, logits

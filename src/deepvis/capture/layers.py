@@ -1,0 +1,139 @@
+"""The layer table: every module whose output is a (N, C, H, W) or (N, C) tensor, in execution order."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..errors import LayerError, UnitError
+from ..models.model import Model
+from .state import eval_mode
+from .units import LOGITS, Unit
+
+__all__ = ["LayerInfo", "layer_table", "get_layer", "resolve_module", "check_unit"]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A capturable layer.
+
+    ``name`` is the module path (``logits`` for the model's output), ``shape`` the output shape of one
+    example — (C, H, W) for maps, (C,) for vectors — at the model's input size, ``calls`` how many
+    times the module runs in one forward pass (deepvis captures the last call), ``order`` its position
+    in execution order (the order in which modules finish).
+    """
+
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    calls: int
+    order: int
+
+    @property
+    def units(self) -> int:
+        return self.shape[0]
+
+    @property
+    def spatial(self) -> bool:
+        return len(self.shape) == 3
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        d["units"] = self.units
+        return d
+
+
+def resolve_module(module: nn.Module, name: str) -> nn.Module:
+    """The submodule at path ``name`` (``logits`` or ``""``: the whole model)."""
+    if name in ("", LOGITS):
+        try:
+            return module.get_submodule(name) if name else module
+        except AttributeError:
+            return module
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        names = [n for n, _ in module.named_modules() if n]
+        close = difflib.get_close_matches(name, names, n=4, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise LayerError(f"no layer named {name!r} in the model{hint} (see `deepvis layers`)") from None
+
+
+def layer_table(model: Model | nn.Module, input_shape: tuple[int, ...] | None = None) -> list[LayerInfo]:
+    """List the model's capturable layers by running one probe forward pass (cached per input shape on a Model)."""
+    module = model.module if isinstance(model, Model) else model
+    if input_shape is None:
+        if not isinstance(model, Model):
+            raise ValueError("input_shape is needed for a bare nn.Module")
+        input_shape = model.preprocessing.input_shape
+    key = ("layer_table", tuple(input_shape))
+    if isinstance(model, Model) and key in model.cache:
+        return model.cache[key]  # type: ignore[return-value]
+    named = list(module.named_modules())
+    calls: dict[str, int] = {}
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    types: dict[str, str] = {}
+    order: dict[str, int] = {}
+    handles = []
+
+    def make(name: str, m: nn.Module):
+        def hook(_m: nn.Module, _inp: object, out: object) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            ok = isinstance(out, torch.Tensor) and out.ndim in (2, 4)
+            shapes[name] = tuple(out.shape[1:]) if ok else None  # type: ignore[union-attr]
+            types[name] = type(m).__name__
+            order.setdefault(name, len(order))
+            if not ok:
+                order.pop(name)
+
+        return hook
+
+    try:
+        for name, m in named:
+            handles.append(m.register_forward_hook(make(name or LOGITS, m)))
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        with torch.no_grad(), eval_mode(module):
+            module(torch.zeros(1, *input_shape, device=device))
+    except Exception as exc:
+        raise LayerError(f"the model fails on an input of shape {tuple(input_shape)}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        for h in handles:
+            h.remove()
+    rows = []
+    for name in sorted(order, key=order.__getitem__):
+        shape = shapes.get(name)
+        if shape is None or (name == LOGITS and len(shape) != 1):
+            continue
+        rows.append(LayerInfo(name, types[name], shape, calls[name], len(rows)))
+    if isinstance(model, Model):
+        model.cache[key] = rows
+    return rows
+
+
+def get_layer(model: Model, name: str) -> LayerInfo:
+    """The :class:`LayerInfo` of layer ``name``, or a clear error naming close matches."""
+    table = layer_table(model)
+    for info in table:
+        if info.name == name:
+            return info
+    resolve_module(model.module, name)  # raises with suggestions when the module does not exist
+    raise LayerError(f"layer {name!r} does not output a (N,C,H,W) or (N,C) tensor; see `deepvis layers` for usable layers")
+
+
+def check_unit(model: Model, unit: Unit) -> LayerInfo:
+    """Validate a unit against its layer: channel in range, position inside the map."""
+    info = get_layer(model, unit.layer)
+    if unit.channel >= info.units:
+        raise UnitError(f"unit {unit} is out of range: layer {info.name} has {info.units} units (0-{info.units - 1})")
+    if unit.position is not None:
+        if not info.spatial:
+            raise UnitError(f"unit {unit}: layer {info.name} has no spatial map, so @Y,X does not apply")
+        h, w = info.shape[1:]
+        y, x = unit.position
+        if not (0 <= y < h and 0 <= x < w):
+            raise UnitError(f"unit {unit}: position is outside the {h}x{w} map of {info.name}")
+    return info

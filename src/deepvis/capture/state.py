@@ -1,0 +1,36 @@
+"""Context managers that change a model temporarily and always restore it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+
+__all__ = ["eval_mode", "frozen"]
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode; restore each one's own ``training`` flag on exit."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no parameter gradients (gradients flow to the input only); restored on exit."""
+    grads = [(p, p.requires_grad) for p in module.parameters()]
+    with eval_mode(module):
+        for p, _ in grads:
+            p.requires_grad_(False)
+        try:
+            yield module
+        finally:
+            for p, flag in grads:
+                p.requires_grad_(flag)

@@ -1,0 +1,129 @@
+"""``deepvis activations``: every channel of a layer tiled into one picture (or a video of them)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .common import add_model_options, model_from_args, print_json, progress
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..render import COLORMAPS
+
+    p = sub.add_parser(
+        "activations",
+        help="tile every channel of a layer for an image or video",
+        description="Tile every channel of LAYER for INPUT (an image, a video, or sample:NAME) into one picture, "
+        "with the top-k predictions, and print the predictions. For a video, OUT is a video file (.mp4, .webm, ...) "
+        "or a folder (one PNG per frame).",
+    )
+    p.add_argument("input", metavar="INPUT", help="image or video file, or sample:NAME (see `deepvis samples`)")
+    p.add_argument("--layer", required=True, help="layer name (see `deepvis layers`)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output PNG (image input) or video file / folder (video input)")
+    p.add_argument("--normalize", choices=("layer", "channel", "none"), default="layer", help="one scale per layer or per channel (default: %(default)s)")
+    p.add_argument("--colormap", default="gray", help=f"colormap: {', '.join(COLORMAPS)} or any matplotlib name (default: %(default)s)")
+    p.add_argument("--unit", type=int, metavar="N", help="highlight channel N")
+    p.add_argument("--scale", type=int, metavar="K", help="enlarge each tile K times (default: automatic)")
+    p.add_argument("-k", "--top", type=int, default=5, help="predictions to show (0: none; default: %(default)s)")
+    p.add_argument("--grid-only", action="store_true", help="write the grid alone, without the input and the predictions")
+    p.add_argument("--every", type=int, default=1, metavar="N", help="video: use every N-th frame (default: %(default)s)")
+    p.add_argument("--max-frames", type=int, metavar="N", help="video: stop after N frames")
+    p.add_argument("--json", action="store_true", help="print the predictions (and outputs) as JSON")
+    add_model_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .._fs import atomic_path
+    from ..activations import activation_views, compose_view
+    from ..errors import DeepvisError, InputError
+    from ..io import is_video, load_image, resolve_input
+
+    if args.every < 1 or (args.max_frames is not None and args.max_frames < 1) or args.top < 0:
+        raise DeepvisError("--every and --max-frames must be at least 1, --top at least 0")
+    src = resolve_input(args.input)
+    if not src.exists():
+        raise InputError(f"input not found: {src}")
+    model = model_from_args(args)
+    opts = dict(normalize=args.normalize, colormap=args.colormap, highlight=args.unit, scale=args.scale, k=args.top)
+    render = (lambda v: v.grid) if args.grid_only else (lambda v: compose_view(v))
+    out = Path(args.output)
+    if is_video(src):
+        return _video(args, model, src, out, opts, render)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise DeepvisError(f"output {out} should be a .png (or .jpg/.webp) file")
+    image = load_image(src, model.preprocessing.pil_mode)
+    view = next(activation_views(model, [image], args.layer, **opts))
+    from ..render import as_image
+
+    with atomic_path(out) as tmp:
+        as_image(render(view)).save(tmp, format=_fmt(out))
+    _report(args, [(str(args.input), view.predictions)], str(out))
+    return 0
+
+
+def _fmt(path: Path) -> str:
+    return {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}[path.suffix.lower()]
+
+
+def _report(args: argparse.Namespace, rows, output: str) -> None:
+    if args.json:
+        print_json({"output": output, "layer": args.layer, "inputs": [{"input": i, "predictions": [p.to_dict() for p in ps]} for i, ps in rows]})
+        return
+    for name, preds in rows:
+        if preds:
+            print(f"{name}: " + "; ".join(f"{p.label.split(',')[0]} {p.probability * 100:.1f}%" for p in preds))
+    print(f"wrote {output}", file=sys.stderr)
+
+
+def _video(args, model, src: Path, out: Path, opts, render) -> int:
+    import shutil
+    import tempfile
+
+    from .._fs import atomic_path
+    from ..activations import activation_views
+    from ..io import VIDEO_SUFFIXES, VideoWriter, read_frames, video_info
+    from ..render import as_image
+
+    total, fps = video_info(src)
+    count = None
+    if total:
+        count = -(-total // args.every)
+        if args.max_frames:
+            count = min(count, args.max_frames)
+    frames = (im for _, im in read_frames(src, step=args.every, max_frames=args.max_frames))
+    views = activation_views(model, frames, args.layer, **opts)
+    bar = progress(total=count, desc="frames", unit="frame")
+    last_preds = []
+    n = 0
+    if out.suffix.lower() in VIDEO_SUFFIXES:
+        with atomic_path(out) as tmp:
+            with VideoWriter(tmp, fps=fps / args.every) as writer:
+                for view in views:
+                    writer.write(as_image(render(view)))
+                    last_preds = view.predictions
+                    n += 1
+                    bar.update()
+    else:
+        if out.exists() and not out.is_dir():
+            from ..errors import DeepvisError
+
+            raise DeepvisError(f"{out} exists and is not a folder: give a video file name or a folder for the frames")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            for view in views:
+                as_image(render(view)).save(tmpdir / f"frame_{n:06d}.png")
+                last_preds = view.predictions
+                n += 1
+                bar.update()
+            out.mkdir(exist_ok=True)
+            for f in sorted(tmpdir.iterdir()):
+                f.replace(out / f.name)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    bar.close()
+    _report(args, [(f"{args.input} (last of {n} frames)", last_preds)], str(out))
+    return 0

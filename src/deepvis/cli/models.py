@@ -1,0 +1,27 @@
+"""``deepvis models``: the built-in model names and the other ways to name a model."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_common_options, print_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list built-in models and how to name others", description="List the built-in models and the other ways to name a model.")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_common_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..models import MODEL_SPEC_HELP, registry
+
+    rows = [{"name": e.name, "description": e.description} for e in registry]
+    if args.json:
+        print_json({"builtin": rows, "other": MODEL_SPEC_HELP})
+        return 0
+    for r in rows:
+        print(f"{r['name']:<10} {r['description']}")
+    print(f"\nAlso: {MODEL_SPEC_HELP}")
+    return 0

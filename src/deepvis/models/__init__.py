@@ -1,0 +1,30 @@
+"""Models: the registry of named models, their preprocessing and class names.
+
+>>> model = load_model("default")            # EfficientNet-Lite0, ImageNet, offline
+>>> model = load_model("torchvision:resnet18", weights="resnet18.pth")
+"""
+
+from .efficientnet_lite import build_efficientnet_lite
+from .labels import imagenet_class_names, read_labels
+from .model import Model
+from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from .registry import MODEL_SPEC_HELP, ModelEntry, ModelRegistry, load_model, register_model, registry
+from .weights import load_weights, read_state_dict
+
+__all__ = [
+    "Model",
+    "Preprocessing",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "load_model",
+    "register_model",
+    "registry",
+    "ModelEntry",
+    "ModelRegistry",
+    "MODEL_SPEC_HELP",
+    "build_efficientnet_lite",
+    "imagenet_class_names",
+    "read_labels",
+    "load_weights",
+    "read_state_dict",
+]

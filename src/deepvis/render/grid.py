@@ -1,0 +1,102 @@
+"""The layers pane: every channel of a layer tiled into one grid image."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ..errors import DeepvisError
+from .colormap import apply_colormap
+
+__all__ = ["grid_shape", "normalize_activations", "tile_grid", "tile_origin", "Normalize"]
+
+Normalize = Literal["layer", "channel", "none"]
+
+#: RGB of the padding between tiles and of the highlight frame
+PAD_COLOR = (40, 40, 40)
+HIGHLIGHT_COLOR = (255, 210, 0)
+
+
+def grid_shape(n: int) -> tuple[int, int]:
+    """(rows, columns) for ``n`` tiles: the smallest near-square grid, columns = ceil(sqrt(n))."""
+    if n <= 0:
+        raise ValueError("a grid needs at least one tile")
+    cols = math.ceil(math.sqrt(n))
+    return math.ceil(n / cols), cols
+
+
+def normalize_activations(acts: torch.Tensor | np.ndarray, mode: Normalize = "layer") -> np.ndarray:
+    """Scale one example's activations (C, H, W) or (C,) to [0, 1].
+
+    ``layer``: one scale for the whole layer; ``channel``: each channel on its own; ``none``: clip to
+    [0, 1]. Non-negative maps are divided by their maximum (so 0 stays black); maps with negative
+    values are stretched from their minimum to their maximum. A constant map becomes 0.
+    """
+    a = acts.detach().float().cpu().numpy() if isinstance(acts, torch.Tensor) else np.asarray(acts, dtype=np.float32)
+    a = a.astype(np.float32, copy=False)
+    if mode == "none":
+        return np.clip(a, 0, 1)
+    if mode not in ("layer", "channel"):
+        raise DeepvisError(f"unknown normalization {mode!r}: use layer, channel or none")
+    axes = tuple(range(1, a.ndim)) if (mode == "channel" and a.ndim > 1) else None
+    lo = a.min(axis=axes, keepdims=True) if axes else np.array(a.min())
+    hi = a.max(axis=axes, keepdims=True) if axes else np.array(a.max())
+    lo = np.minimum(lo, 0)  # non-negative maps keep 0 as black
+    span = hi - lo
+    safe = np.where(span > 0, span, 1)
+    return np.where(span > 0, (a - lo) / safe, 0).astype(np.float32)
+
+
+def tile_origin(index: int, tile_hw: tuple[int, int], cols: int, pad: int) -> tuple[int, int]:
+    """Top-left (y, x) pixel of tile ``index`` in a grid made by :func:`tile_grid`."""
+    th, tw = tile_hw
+    r, c = divmod(index, cols)
+    return pad + r * (th + pad), pad + c * (tw + pad)
+
+
+def tile_grid(
+    acts: torch.Tensor | np.ndarray,
+    *,
+    normalize: Normalize = "layer",
+    colormap: str = "gray",
+    highlight: int | None = None,
+    scale: int = 1,
+    cell: int = 8,
+    pad: int = 1,
+) -> np.ndarray:
+    """Tile one example's activations into an RGB image (H, W, 3) uint8.
+
+    ``acts`` is (C, H, W) for a convolutional layer (each channel one H×W tile, enlarged ``scale``
+    times) or (C,) for a fully-connected layer (each unit one ``cell``×``cell`` square). Tiles fill
+    rows left to right in channel order, in a :func:`grid_shape` grid separated by ``pad`` pixels;
+    ``highlight`` frames one channel's tile.
+    """
+    a = normalize_activations(acts, normalize)
+    if a.ndim == 1:
+        a = np.repeat(np.repeat(a[:, None, None], cell, axis=1), cell, axis=2)
+    elif a.ndim != 3:
+        raise DeepvisError(f"expected activations shaped (C,H,W) or (C,), got {a.shape}")
+    elif scale > 1:
+        a = np.repeat(np.repeat(a, scale, axis=1), scale, axis=2)
+    c, th, tw = a.shape
+    rows, cols = grid_shape(c)
+    grid = np.empty((pad + rows * (th + pad), pad + cols * (tw + pad), 3), dtype=np.uint8)
+    grid[:] = PAD_COLOR
+    tiles = apply_colormap(a, colormap)
+    for i in range(c):
+        y, x = tile_origin(i, (th, tw), cols, pad)
+        grid[y : y + th, x : x + tw] = tiles[i]
+    if highlight is not None:
+        if not 0 <= highlight < c:
+            raise DeepvisError(f"highlighted unit {highlight} is out of range (0-{c - 1})")
+        y, x = tile_origin(highlight, (th, tw), cols, pad)
+        w = max(1, pad)
+        y0, x0, y1, x1 = max(0, y - w), max(0, x - w), min(grid.shape[0], y + th + w), min(grid.shape[1], x + tw + w)
+        grid[y0:y1, x0 : x0 + w] = HIGHLIGHT_COLOR
+        grid[y0:y1, x1 - w : x1] = HIGHLIGHT_COLOR
+        grid[y0 : y0 + w, x0:x1] = HIGHLIGHT_COLOR
+        grid[y1 - w : y1, x0:x1] = HIGHLIGHT_COLOR
+    return grid
