@@ -40,10 +40,7 @@ def print_json(obj: Any) -> None:
 
 
 def progress(iterable=None, **kwargs):
-    """A tqdm progress bar on stderr (hidden when stderr is not a terminal unless DEEPVIS_PROGRESS=1)."""
-    import os
+    """A progress bar on stderr (see :func:`deepvis._progress.progress_bar`)."""
+    from .._progress import progress_bar
 
-    from tqdm import tqdm
-
-    disable = not (sys.stderr.isatty() or os.environ.get("DEEPVIS_PROGRESS") == "1")
-    return tqdm(iterable, file=sys.stderr, disable=disable, dynamic_ncols=True, **kwargs)
+    return progress_bar(iterable, **kwargs)
