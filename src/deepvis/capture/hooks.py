@@ -57,13 +57,17 @@ def capture(
     device = next((p.device for p in module.parameters()), x.device)
     if x.device != device:
         x = x.to(device)
-    copy: set[str] = set()
+    # layers whose output the network later modifies in place are captured as copies; a Model
+    # remembers them, so only the first capture of such a layer runs the forward pass twice
+    known: set[str] = model.cache.setdefault("inplace_outputs", set()) if isinstance(model, Model) else set()  # type: ignore[assignment]
+    copy = {n for n in names if n in known}
     for _attempt in range(2):
         out, versions = _run(module, x, targets, expected, copy, stop_early=stop_early, grad=grad)
         mutated = {n for n in names if n in out and out[n]._version != versions[n]}
         if not mutated:
             break
         copy |= mutated
+        known |= mutated
     missing = [n for n in names if n not in out]
     if missing:
         raise LayerError(f"layer {missing[0]!r} did not produce a tensor in the forward pass")
@@ -103,7 +107,7 @@ def _run(
 
     grad_ctx = contextlib.nullcontext() if grad else torch.no_grad()
     try:
-        for key, m in {id(m): m for m in targets.values()}.items():
+        for m in {id(m): m for m in targets.values()}.values():
             handles.append(m.register_forward_hook(make(m)))
         with grad_ctx, eval_mode(module):
             module(x)
