@@ -35,12 +35,16 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(
-            f"{path} is not a plain weights file ({first[:120]}); save model.state_dict() or use .safetensors"
-        ) from exc
+        text = str(exc)
+        if "Unsupported global" in text or "GLOBAL" in text:
+            raise WeightsError(
+                f"{path} holds pickled Python objects besides tensors, which deepvis never unpickles: "
+                "save model.state_dict() or use .safetensors"
+            ) from exc
+        raise WeightsError(f"cannot read weights from {path}: not a PyTorch checkpoint or safetensors file") from exc
     except Exception as exc:  # corrupt zip, truncated file, safetensors header error, ...
-        raise WeightsError(f"cannot read weights from {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}") from exc
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise WeightsError(f"cannot read weights from {path}: {type(exc).__name__}: {first}") from exc
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
             sd = sd[key]

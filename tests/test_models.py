@@ -1,0 +1,207 @@
+"""Models: the offline default, torchvision/timm loading code, user modules, checkpoints."""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from deepvis.capture import capture
+from deepvis.errors import ModelError, WeightsError
+from deepvis.models import Preprocessing, load_model, read_state_dict
+from deepvis.models.efficientnet_lite import lite_checkpoint_renamer
+from deepvis.predictions import top_k
+
+CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+def _top1(model, image) -> int:
+    logits = capture(model, model.preprocess(image), ["logits"])["logits"]
+    return top_k(model, logits, 1)[0][0].index
+
+
+def test_default_model_classifies_sample_photos(default_model, sample_images):
+    assert default_model.name == "default"
+    assert default_model.preprocessing == Preprocessing((224, 224), (0.5,) * 3, (0.5,) * 3, "bicubic", 0.875, 3)
+    logits = capture(default_model, default_model.preprocess(sample_images["coffee"]), ["logits"])["logits"]
+    best = top_k(default_model, logits, 5)[0]
+    assert best[0].label == "espresso" and best[0].probability > 0.8
+    assert _top1(default_model, sample_images["chelsea"]) in CAT_CLASSES
+
+
+def test_lite2_loads_offline_with_its_own_preprocessing(sample_images):
+    model = load_model("lite2", device="cpu")
+    assert model.preprocessing.input_size == (260, 260)
+    assert model.preprocessing.crop_pct == pytest.approx(0.89)
+    assert model.label(_top1(model, sample_images["coffee"])) == "espresso"
+
+
+def test_lite_renamer_follows_the_table():
+    rename = lite_checkpoint_renamer((1, 2, 2, 3, 3, 4, 1))
+    assert rename("_conv_stem.weight") == "conv_stem.weight"
+    assert rename("_bn0.running_mean") == "bn1.running_mean"
+    assert rename("_fc.bias") == "classifier.bias"
+    assert rename("_blocks.0._project_conv.weight") == "blocks.0.0.conv_pw.weight"
+    assert rename("_blocks.2._expand_conv.weight") == "blocks.1.1.conv_pw.weight"
+    assert rename("_blocks.3._project_conv.weight") == "blocks.2.0.conv_pwl.weight"
+    assert rename("_blocks.15._bn2.bias") == "blocks.6.0.bn3.bias"
+
+
+def _tiny_state(model: nn.Module, path: Path) -> Path:
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_torchvision_with_a_weights_file(tmp_path):
+    import torchvision
+
+    src = torchvision.models.resnet18(weights=None)
+    path = _tiny_state(src, tmp_path / "r18.pth")
+    model = load_model("torchvision:resnet18", weights=path, device="cpu")
+    assert model.class_names is not None and len(model.class_names) == 1000
+    assert model.preprocessing.input_size == (224, 224)
+    assert model.preprocessing.interpolation == "bilinear"
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(model.module(x), src.eval()(x))
+
+
+def test_torchvision_pretrained_offline_is_one_clear_error(monkeypatch):
+    def offline(*a, **k):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(ModelError, match=r"cannot fetch pretrained weights for torchvision:resnet18.*--weights FILE"):
+        load_model("torchvision:resnet18")
+
+
+def test_timm_offline_error_and_weights_file(tmp_path, monkeypatch):
+    import timm
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match=r"timm:resnet18.*--weights FILE"):
+        load_model("timm:resnet18")
+    src = timm.create_model("resnet18", pretrained=False, num_classes=7)
+    from safetensors.torch import save_file
+
+    save_file(src.state_dict(), str(tmp_path / "r18.safetensors"))
+    model = load_model("timm:resnet18", weights=tmp_path / "r18.safetensors", device="cpu")
+    assert model.module.num_classes == 7 and model.class_names is None
+
+
+def test_unknown_models_suggest_close_names():
+    with pytest.raises(ModelError, match="resnet18"):
+        load_model("torchvision:resnet181")
+    with pytest.raises(ModelError, match="unknown model 'nosuch'"):
+        load_model("nosuch")
+
+
+USER_FILE = '''
+import torch
+from torch import nn
+
+class Gray(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 3)
+    def forward(self, x):
+        return self.fc(self.pool(torch.relu(self.conv(x))).flatten(1))
+
+def gray():
+    torch.manual_seed(0)
+    return Gray()
+
+def rgb96():
+    m = nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 2))
+    m.pretrained_cfg = {"input_size": (3, 96, 96), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    return m
+
+def broken():
+    raise RuntimeError("no")
+'''
+
+
+@pytest.fixture()
+def user_file(tmp_path):
+    p = tmp_path / "mynet.py"
+    p.write_text(USER_FILE)
+    return p
+
+
+def test_user_module_grayscale_and_custom_size(user_file, tmp_path):
+    gray = load_model(f"{user_file}:gray", device="cpu")
+    assert gray.preprocessing.channels == 1 and gray.preprocessing.pil_mode == "L"
+    rgb = load_model(f"{user_file}:rgb96", device="cpu")
+    assert rgb.preprocessing.input_size == (96, 96) and rgb.preprocessing.std == (0.25,) * 3
+    labels = tmp_path / "labels.txt"
+    labels.write_text("red\ngreen\nblue\n")
+    named = load_model(f"{user_file}:gray", labels=labels, device="cpu")
+    assert named.class_index("green") == 1
+    with pytest.raises(ModelError, match="factory raised RuntimeError"):
+        load_model(f"{user_file}:broken")
+    with pytest.raises(ModelError, match="no callable named 'missing'"):
+        load_model(f"{user_file}:missing")
+    with pytest.raises(ModelError, match="model file not found"):
+        load_model(f"{tmp_path / 'nope.py'}:gray")
+
+
+def test_user_module_from_a_package_path():
+    model = load_model("torchvision.models:alexnet", device="cpu")
+    assert model.preprocessing.channels == 3 and model.preprocessing.input_size == (224, 224)
+
+
+def test_checkpoint_mismatch_names_the_keys(user_file, tmp_path):
+    bad = {"conv.weight": torch.zeros(4, 1, 5, 5), "conv.bias": torch.zeros(4), "extra.w": torch.zeros(1)}
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(WeightsError) as err:
+        load_model(f"{user_file}:gray", weights=tmp_path / "bad.pt")
+    msg = str(err.value)
+    assert "missing keys: fc.weight, fc.bias" in msg
+    assert "unexpected keys: extra.w" in msg
+    assert "conv.weight (4, 1, 5, 5) vs (4, 1, 3, 3)" in msg
+    assert "\n" not in msg
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch /tmp/deepvis_pwned_marker",))
+
+
+def test_pickled_code_is_never_executed(tmp_path):
+    marker = Path("/tmp/deepvis_pwned_marker")
+    marker.unlink(missing_ok=True)
+    torch.save({"w": _Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(WeightsError, match="pickled Python objects besides tensors"):
+        read_state_dict(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_bad_weight_files(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(WeightsError, match="empty"):
+        read_state_dict(tmp_path / "empty.pt")
+    with pytest.raises(WeightsError, match="cannot read weights"):
+        read_state_dict(tmp_path / "junk.pt")
+    with pytest.raises(WeightsError, match="not found"):
+        read_state_dict(tmp_path / "none.pt")
+    torch.save({"state_dict": {"module.a": torch.ones(1)}}, tmp_path / "wrapped.pt")
+    assert list(read_state_dict(tmp_path / "wrapped.pt")) == ["a"]
+
+
+def test_default_weights_can_be_given_in_either_naming(tmp_path, default_model):
+    from deepvis.models.efficientnet_lite import _checkpoint_path
+
+    model = load_model("default", weights=_checkpoint_path(0), device="cpu")  # lukemelas names
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(model.module(x), default_model.module(x))
+    torch.save(default_model.module.state_dict(), tmp_path / "timm_names.pth")
+    load_model("default", weights=tmp_path / "timm_names.pth", device="cpu")
