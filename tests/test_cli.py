@@ -1,0 +1,129 @@
+"""The command line: the main job, JSON output, and one-line errors with exit 2 for every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deepvis._fs import atomic_path
+from deepvis.cli import main
+from deepvis.io import VideoWriter
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_activations_main_job(tmp_path, capsys):
+    out = tmp_path / "view.png"
+    code, stdout, err = run(["activations", "sample:coffee", "--layer", "blocks.3", "-o", out, "--unit", "5"], capsys)
+    assert code == 0, err
+    assert "espresso" in stdout
+    im = Image.open(out)
+    assert im.width > 300 and im.height > 200
+    code, stdout, _ = run(["activations", "sample:chelsea", "--layer", "global_pool", "-o", tmp_path / "fc.png", "--grid-only", "--json", "--colormap", "viridis"], capsys)
+    assert code == 0
+    data = json.loads(stdout)
+    assert data["inputs"][0]["predictions"][0]["index"] in {281, 282, 283, 284, 285}
+    assert Image.open(tmp_path / "fc.png").size == (1 + 36 * 9, 1 + 36 * 9)  # 1280 units, 8px cells
+
+
+def test_predict_and_layers_json(capsys):
+    code, stdout, _ = run(["predict", "sample:coffee", "sample:chelsea", "-k", "3", "--json"], capsys)
+    rows = json.loads(stdout)
+    assert code == 0 and rows[0]["predictions"][0]["label"] == "espresso" and len(rows[1]["predictions"]) == 3
+    code, stdout, _ = run(["layers", "--json"], capsys)
+    layers = {r["name"]: r for r in json.loads(stdout)["layers"]}
+    assert layers["blocks.3"]["shape"] == [80, 14, 14] and layers["logits"]["units"] == 1000
+    code, stdout, _ = run(["models"], capsys)
+    assert "default" in stdout and "lite2" in stdout and "torchvision:NAME" in stdout
+
+
+def test_video_input_gives_video_and_frames(tmp_path, capsys):
+    clip = tmp_path / "clip.mp4"
+    rng = np.random.default_rng(0)
+    with VideoWriter(clip, fps=8) as w:
+        for _ in range(4):
+            w.write(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    code, _, err = run(["activations", clip, "--layer", "blocks.1", "-o", tmp_path / "grids.mp4", "-k", "0"], capsys)
+    assert code == 0, err
+    from deepvis.io import read_frames
+
+    assert len(list(read_frames(tmp_path / "grids.mp4"))) == 4
+    code, _, err = run(["activations", clip, "--layer", "blocks.1", "-o", tmp_path / "frames", "--every", "2"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == ["frame_000000.png", "frame_000001.png"]
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "notes.png").write_text("not an image")
+    good = tmp_path / "good.png"
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(good)
+    data = good.read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    Image.new("1", (12000, 12000)).save(tmp_path / "bomb.png")
+    torch.save({"x": torch.zeros(2)}, tmp_path / "wrong.pt")
+    o = ["-o", str(tmp_path / "out.png")]
+    return {
+        "missing": (["activations", str(tmp_path / "nope.jpg"), "--layer", "blocks.3", *o], "not found"),
+        "empty": (["activations", str(tmp_path / "empty.jpg"), "--layer", "blocks.3", *o], "empty"),
+        "non-image": (["activations", str(tmp_path / "notes.png"), "--layer", "blocks.3", *o], "not an image"),
+        "truncated": (["activations", str(tmp_path / "cut.png"), "--layer", "blocks.3", *o], "truncated"),
+        "bomb": (["activations", str(tmp_path / "bomb.png"), "--layer", "blocks.3", *o], "decompression bomb"),
+        "unknown model": (["activations", str(good), "--layer", "blocks.3", "--model", "resnet9000", *o], "unknown model"),
+        "unknown layer": (["activations", str(good), "--layer", "blocks.33", *o], "no layer named 'blocks.33'"),
+        "unit out of range": (["activations", str(good), "--layer", "blocks.3", "--unit", "80", *o], "out of range"),
+        "checkpoint mismatch": (["activations", str(good), "--layer", "blocks.3", "--weights", str(tmp_path / "wrong.pt"), *o], "does not fit the model"),
+        "bad output type": (["activations", str(good), "--layer", "blocks.3", "-o", str(tmp_path / "out.txt")], "should be a .png"),
+        "bad sample": (["predict", "sample:unicorn"], "no sample photo"),
+    }
+
+
+def test_every_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    for name, (args, msg) in _bad_inputs(tmp_path).items():
+        code, out, err = run(args, capsys)
+        assert code == 2, name
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("deepvis: error:") and msg in lines[0], (name, err)
+        assert "Traceback" not in err
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".") or p.name.startswith("out")]
+    assert leftovers == []
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "result.png"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("crash mid-write")
+    assert list(tmp_path.iterdir()) == []
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"new")
+            raise RuntimeError("crash")
+    assert target.read_bytes() == b"old"
+
+
+def test_real_entry_point_reexecs_with_allocator_tuning_and_debug_shows_traceback(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "DEEPVIS_REEXECED", "LD_PRELOAD")}
+    exe = Path(sys.executable).with_name("deepvis")
+    r = subprocess.run([str(exe), "info", "--json"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["allocator_tuned"] is True and "hugetlb=1" in info["GLIBC_TUNABLES"]
+    r = subprocess.run([str(exe), "layers", "--model", "nosuch"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    r = subprocess.run([str(exe), "layers", "--model", "nosuch", "--debug"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and "Traceback" in r.stderr
