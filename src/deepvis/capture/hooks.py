@@ -51,7 +51,12 @@ def capture(
     names = list(dict.fromkeys(layers))
     if not names:
         raise LayerError("no layer asked for")
-    targets = {n: resolve_module(module, n) for n in names}
+    resolved: dict[str, nn.Module] = model.cache.setdefault("modules", {}) if isinstance(model, Model) else {}  # type: ignore[assignment]
+    targets = {}
+    for n in names:
+        if n not in resolved:
+            resolved[n] = resolve_module(module, n)
+        targets[n] = resolved[n]
     counts = _call_counts(model)
     expected = {n: counts.get(n, 1) for n in names}
     device = next((p.device for p in module.parameters()), x.device)
@@ -87,6 +92,7 @@ def _run(
     out: dict[str, torch.Tensor] = {}
     versions: dict[str, int] = {}
     seen = dict.fromkeys(targets, 0)
+    remaining = [len(targets)]  # targets not yet at their expected call count
     by_module: dict[int, list[str]] = {}
     for n, m in targets.items():
         by_module.setdefault(id(m), []).append(n)
@@ -98,9 +104,11 @@ def _run(
                 if not isinstance(output, torch.Tensor):
                     raise LayerError(f"layer {n!r} outputs {type(output).__name__}, not a tensor")
                 seen[n] += 1
+                if seen[n] == expected[n]:
+                    remaining[0] -= 1
                 t = output.clone() if n in copy else output
                 out[n], versions[n] = t, t._version
-            if stop_early and all(seen[k] >= expected[k] for k in seen):
+            if stop_early and remaining[0] <= 0:
                 raise _StopForward
 
         return hook

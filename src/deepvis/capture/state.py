@@ -13,13 +13,14 @@ __all__ = ["eval_mode", "frozen"]
 @contextlib.contextmanager
 def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     """Put every submodule in eval mode; restore each one's own ``training`` flag on exit."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
+    training = [m for m in module.modules() if m.training]
+    if training:
+        module.eval()
     try:
         yield module
     finally:
-        for m, flag in flags:
-            m.training = flag
+        for m in training:
+            m.training = True
 
 
 @contextlib.contextmanager
