@@ -1,7 +1,8 @@
 """Capture overhead: capturing every layer and rendering one layer's grid vs a bare forward pass.
 
 Default model, batch 1, 224 px, CPU. Target: ratio <= 1.3.
-Run: python benchmarks/bench_capture.py
+Runs with the allocator settings the deepvis command uses (set DEEPVIS_NO_ALLOCATOR_TUNING=1 to see
+glibc's defaults). Run: python benchmarks/bench_capture.py
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import interleaved  # noqa: E402
+
+from deepvis.allocator import allocator_tuned, ensure_allocator_tuning  # noqa: E402
+
+ensure_allocator_tuning()
 
 from deepvis.capture import capture, layer_table  # noqa: E402
 from deepvis.io import load_image, sample_path  # noqa: E402
@@ -32,14 +37,14 @@ def main() -> None:
 
     def all_layers_and_grid():
         acts = capture(model, x, names, stop_early=False)
-        tile_grid(acts["blocks.3"][0], scale=4)
+        tile_grid(acts["blocks.3"][0])
 
     def one_layer_and_grid():
         acts = capture(model, x, ["blocks.3", "logits"], stop_early=False)
-        tile_grid(acts["blocks.3"][0], scale=4)
+        tile_grid(acts["blocks.3"][0])
 
     t = interleaved({"bare": bare, "all": all_layers_and_grid, "one": one_layer_and_grid}, repeats=40)
-    print(f"torch threads: {torch.get_num_threads()}, layers captured: {len(names)}")
+    print(f"torch threads: {torch.get_num_threads()}, allocator tuned: {allocator_tuned()}, layers captured: {len(names)}")
     print(f"bare forward:                          {t['bare'] * 1e3:7.2f} ms")
     print(f"capture all layers + render grid:      {t['all'] * 1e3:7.2f} ms   ratio {t['all'] / t['bare']:.2f} (target <= 1.3)")
     print(f"capture one layer + logits + grid:     {t['one'] * 1e3:7.2f} ms   ratio {t['one'] / t['bare']:.2f}")

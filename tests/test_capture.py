@@ -184,3 +184,18 @@ def test_capture_on_cuda(alexnet):
     x = torch.randn(2, 3, 224, 224)
     out = capture(model, x, ["features.5"])["features.5"]
     assert out.device.type == "cuda"
+
+
+def test_aliased_layers_equal_their_own_outputs(default_model, sample_images):
+    """Layers that share a tensor (Identity, in-place activations) are hooked once; values must equal
+    a capture that hooks every module itself."""
+    table = layer_table(default_model)
+    aliased = [r.name for r in table if r.same_as]
+    assert "blocks.0.0.aa" in aliased and "bn1.drop" not in aliased
+    names = [r.name for r in table if r.name != "logits"]
+    x = default_model.preprocess(sample_images["rocket"])
+    via_model = capture(default_model, x, names)
+    via_module = capture(default_model.module, x, names)  # no layer table: every module hooked
+    for n in names:
+        assert torch.equal(via_model[n], via_module[n]), n
+    assert (via_model["bn1.drop"] < 0).any() and (via_model["bn1.act"] >= 0).all()

@@ -13,7 +13,7 @@ import os
 import platform
 import sys
 
-__all__ = ["ALLOCATOR_TUNABLES", "allocator_env", "allocator_tuned"]
+__all__ = ["ALLOCATOR_TUNABLES", "allocator_env", "allocator_tuned", "ensure_allocator_tuning"]
 
 #: huge pages for the heap, buffers served by mmap only above 32 MiB, never trimmed back mid-run.
 ALLOCATOR_TUNABLES = (
@@ -41,3 +41,26 @@ def allocator_env(environ: dict[str, str] | None = None) -> dict[str, str] | Non
 def allocator_tuned() -> bool:
     """True when this process runs with deepvis's allocator settings (or the user's own)."""
     return "GLIBC_TUNABLES" in os.environ or "LD_PRELOAD" in os.environ
+
+
+def ensure_allocator_tuning() -> None:
+    """Restart the current process once with :data:`ALLOCATOR_TUNABLES` (Linux/glibc only).
+
+    Call it first thing in a script that runs batched backward passes on the CPU (the ``deepvis``
+    command does). It does nothing when the settings (or the user's own ``GLIBC_TUNABLES`` /
+    ``LD_PRELOAD``) are already in place, when ``DEEPVIS_NO_ALLOCATOR_TUNING`` is set, or when the
+    process cannot be re-executed; the restart keeps the interpreter, its flags and the arguments.
+    """
+    if os.environ.get("DEEPVIS_REEXECED"):
+        return
+    env = allocator_env()
+    if env is None:
+        return
+    env["DEEPVIS_REEXECED"] = "1"
+    argv = list(getattr(sys, "orig_argv", [])) or [sys.executable, *sys.argv]
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, argv, env)
+    except OSError:
+        return  # keep running untuned

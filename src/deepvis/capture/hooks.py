@@ -26,10 +26,16 @@ class _StopForward(Exception):
     """Raised inside a hook once every requested layer has been captured."""
 
 
-def _call_counts(model: Model | nn.Module) -> dict[str, int]:
-    if isinstance(model, Model):
-        return {info.name: info.calls for info in layer_table(model)}
-    return {}
+def _table_facts(model: Model | nn.Module) -> tuple[dict[str, int], dict[str, str]]:
+    """(call count per layer, layer -> the earlier layer it is an alias of) from a Model's layer table."""
+    if not isinstance(model, Model):
+        return {}, {}
+    facts = model.cache.get("capture_facts")
+    if facts is None:
+        table = layer_table(model)
+        facts = ({i.name: i.calls for i in table}, {i.name: i.same_as for i in table if i.same_as})
+        model.cache["capture_facts"] = facts
+    return facts  # type: ignore[return-value]
 
 
 def capture(
@@ -48,16 +54,17 @@ def capture(
     input); otherwise nothing is recorded for autograd. ``logits`` names the model's output.
     """
     module = model.module if isinstance(model, Model) else model
-    names = list(dict.fromkeys(layers))
-    if not names:
+    wanted = list(dict.fromkeys(layers))
+    if not wanted:
         raise LayerError("no layer asked for")
+    counts, alias = _table_facts(model)
+    names = list(dict.fromkeys(alias.get(n, n) for n in wanted))  # hook each distinct output once
     resolved: dict[str, nn.Module] = model.cache.setdefault("modules", {}) if isinstance(model, Model) else {}  # type: ignore[assignment]
     targets = {}
     for n in names:
         if n not in resolved:
             resolved[n] = resolve_module(module, n)
         targets[n] = resolved[n]
-    counts = _call_counts(model)
     expected = {n: counts.get(n, 1) for n in names}
     device = next((p.device for p in module.parameters()), x.device)
     if x.device != device:
@@ -76,7 +83,7 @@ def capture(
     missing = [n for n in names if n not in out]
     if missing:
         raise LayerError(f"layer {missing[0]!r} did not produce a tensor in the forward pass")
-    return {n: out[n] for n in names}
+    return {n: out[alias.get(n, n)] for n in wanted}
 
 
 def _run(

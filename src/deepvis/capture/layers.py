@@ -23,7 +23,8 @@ class LayerInfo:
     ``name`` is the module path (``logits`` for the model's output), ``shape`` the output shape of one
     example — (C, H, W) for maps, (C,) for vectors — at the model's input size, ``calls`` how many
     times the module runs in one forward pass (deepvis captures the last call), ``order`` its position
-    in execution order (the order in which modules finish).
+    in execution order (the order in which modules finish), ``same_as`` the first layer that produced
+    the very same tensor with the same values (capture hooks that layer instead: fewer hooks).
     """
 
     name: str
@@ -31,6 +32,8 @@ class LayerInfo:
     shape: tuple[int, ...]
     calls: int
     order: int
+    #: an earlier layer whose output is this layer's output, value for value (e.g. an ``Identity``)
+    same_as: str | None = None
 
     @property
     def units(self) -> int:
@@ -78,6 +81,9 @@ def layer_table(model: Model | nn.Module, input_shape: tuple[int, ...] | None = 
     shapes: dict[str, tuple[int, ...] | None] = {}
     types: dict[str, str] = {}
     order: dict[str, int] = {}
+    producer: dict[tuple[int, int], str] = {}  # (tensor id, version) -> first layer that output it
+    same_as: dict[str, str | None] = {}
+    keep: list[torch.Tensor] = []  # keeps outputs alive so that tensor ids stay unique during the probe
     handles = []
 
     def make(name: str, m: nn.Module):
@@ -89,6 +95,11 @@ def layer_table(model: Model | nn.Module, input_shape: tuple[int, ...] | None = 
             order.setdefault(name, len(order))
             if not ok:
                 order.pop(name)
+                return
+            keep.append(out)  # type: ignore[arg-type]
+            sig = (id(out), out._version)  # type: ignore[union-attr]
+            first = producer.setdefault(sig, name)
+            same_as[name] = first if first != name and calls[name] == 1 else None
 
         return hook
 
@@ -108,7 +119,10 @@ def layer_table(model: Model | nn.Module, input_shape: tuple[int, ...] | None = 
         shape = shapes.get(name)
         if shape is None or (name == LOGITS and len(shape) != 1):
             continue
-        rows.append(LayerInfo(name, types[name], shape, calls[name], len(rows)))
+        src = same_as.get(name)
+        if src is not None and (calls.get(src) != 1 or src == LOGITS):
+            src = None
+        rows.append(LayerInfo(name, types[name], shape, calls[name], len(rows), src))
     if isinstance(model, Model):
         model.cache[key] = rows
     return rows

@@ -76,19 +76,24 @@ def tile_grid(
     """
     a = normalize_activations(acts, normalize)
     if a.ndim == 1:
-        a = np.repeat(np.repeat(a[:, None, None], cell, axis=1), cell, axis=2)
+        a, scale = a[:, None, None], cell
     elif a.ndim != 3:
         raise DeepvisError(f"expected activations shaped (C,H,W) or (C,), got {a.shape}")
-    elif scale > 1:
-        a = np.repeat(np.repeat(a, scale, axis=1), scale, axis=2)
-    c, th, tw = a.shape
+    scale = max(1, int(scale))
+    small = apply_colormap(a, colormap)  # (C, h, w, 3): color first, enlarge after
+    c, h, w, _ = small.shape
+    th, tw = h * scale, w * scale
     rows, cols = grid_shape(c)
     grid = np.empty((pad + rows * (th + pad), pad + cols * (tw + pad), 3), dtype=np.uint8)
     grid[:] = PAD_COLOR
-    tiles = apply_colormap(a, colormap)
-    for i in range(c):
-        y, x = tile_origin(i, (th, tw), cols, pad)
-        grid[y : y + th, x : x + tw] = tiles[i]
+    # every tile slot is a (th + pad) x (tw + pad) cell of the grid below the top/left padding
+    cells = grid[pad:, pad:].reshape(rows, th + pad, cols, tw + pad, 3)
+    tiles = np.broadcast_to(small[:, :, None, :, None, :], (c, h, scale, w, scale, 3)).reshape(c, th, tw, 3)
+    full, rest = divmod(c, cols)
+    if full:
+        cells[:full, :th, :, :tw] = tiles[: full * cols].reshape(full, cols, th, tw, 3).transpose(0, 2, 1, 3, 4)
+    if rest:
+        cells[full, :th, :rest, :tw] = tiles[full * cols :].transpose(1, 0, 2, 3)
     if highlight is not None:
         if not 0 <= highlight < c:
             raise DeepvisError(f"highlighted unit {highlight} is out of range (0-{c - 1})")
