@@ -66,6 +66,11 @@ def capture(
             resolved[n] = resolve_module(module, n)
         targets[n] = resolved[n]
     expected = {n: counts.get(n, 1) for n in names}
+    all_modules = None
+    if isinstance(model, Model):
+        all_modules = model.cache.get("all_modules")  # type: ignore[assignment]
+        if all_modules is None:
+            all_modules = model.cache["all_modules"] = list(module.modules())
     device = next((p.device for p in module.parameters()), x.device)
     if x.device != device:
         x = x.to(device)
@@ -74,7 +79,7 @@ def capture(
     known: set[str] = model.cache.setdefault("inplace_outputs", set()) if isinstance(model, Model) else set()  # type: ignore[assignment]
     copy = {n for n in names if n in known}
     for _attempt in range(2):
-        out, versions = _run(module, x, targets, expected, copy, stop_early=stop_early, grad=grad)
+        out, versions = _run(module, x, targets, expected, copy, stop_early=stop_early, grad=grad, all_modules=all_modules)
         mutated = {n for n in names if n in out and out[n]._version != versions[n]}
         if not mutated:
             break
@@ -95,6 +100,7 @@ def _run(
     *,
     stop_early: bool,
     grad: bool,
+    all_modules: list[nn.Module] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     out: dict[str, torch.Tensor] = {}
     versions: dict[str, int] = {}
@@ -124,7 +130,7 @@ def _run(
     try:
         for m in {id(m): m for m in targets.values()}.values():
             handles.append(m.register_forward_hook(make(m)))
-        with grad_ctx, eval_mode(module):
+        with grad_ctx, eval_mode(module, all_modules):
             module(x)
     except _StopForward:
         pass
