@@ -1,0 +1,262 @@
+"""Building an atlas: mining, then views, then synthesis, resumably, on any engine."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from .._progress import progress_bar
+from ..capture import get_layer, parse_unit_set
+from ..datasets import ImageDataset, open_dataset
+from ..errors import DeepvisError
+from ..models.model import Model
+from .engines import Engine, MiningPlan, make_engine
+from .mining import LayerMining, batch_indices, num_batches
+from .store import AtlasWriter
+from .tasks import UnitTask
+
+__all__ = ["SynthesisOptions", "AtlasOptions", "AtlasSummary", "build_atlas", "model_hash"]
+
+
+@dataclass(frozen=True)
+class SynthesisOptions:
+    """How units are synthesized: a paper preset (1-4) with optional overrides, ``units_per_batch``
+    units optimized together (a fixed grouping, so results do not depend on resumes or engines)."""
+
+    preset: str = "3"
+    steps: int | None = None
+    size: int | None = None
+    seed: int = 0
+    units_per_batch: int = 16
+
+    def params(self) -> dict[str, Any]:
+        return {"preset": self.preset, "steps": self.steps, "size": self.size, "seed": self.seed, "units_per_batch": self.units_per_batch}
+
+
+@dataclass(frozen=True)
+class AtlasOptions:
+    """What to put in an atlas.
+
+    ``top``: inputs kept per unit; ``batch_size``: inputs per forward pass (part of the atlas's identity:
+    results are reproduced bit for bit only with the same batches); ``units``: the units of each layer
+    that get views and synthesized images (a unit set like ``0-15``; None = all; mining always covers
+    every unit); ``views``: make crops and backprop views (``view_mode``: deconv, guided or gradient);
+    ``synthesis``: None to skip it; ``decode_threads``: image decoding threads per process;
+    ``checkpoint_seconds``: how often mining progress is saved.
+    """
+
+    layers: tuple[str, ...]
+    top: int = 9
+    batch_size: int = 64
+    units: str | None = None
+    views: bool = True
+    view_mode: str = "deconv"
+    views_units_per_task: int = 4
+    synthesis: SynthesisOptions | None = field(default_factory=SynthesisOptions)
+    decode_threads: int = 4
+    checkpoint_seconds: float = 30.0
+
+    def layer_params(self) -> dict[str, Any]:
+        return {"top": self.top, "batch_size": self.batch_size, "view_mode": self.view_mode}
+
+
+@dataclass
+class AtlasSummary:
+    """What a build did: the atlas folder, images mined in this run, units given views and synthesized
+    images in this run, and every input skipped so far (sample, key, reason)."""
+
+    root: Path
+    layers: list[str]
+    images_mined: int = 0
+    units_viewed: int = 0
+    units_synthesized: int = 0
+    skipped: list[tuple[int, str, str]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def model_hash(model: Model) -> str:
+    """A short hash of the model's parameters and buffers (names, shapes, dtypes, values)."""
+    h = hashlib.sha256()
+    for name, t in model.module.state_dict().items():
+        t = t.detach()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        if t.is_floating_point() or t.dtype in (torch.int64, torch.int32, torch.uint8, torch.bool):
+            h.update(t.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+ProgressFactory = Callable[..., Any]
+
+
+def build_atlas(
+    output: str | os.PathLike[str],
+    model: Model,
+    dataset: ImageDataset | str,
+    options: AtlasOptions,
+    *,
+    engine: str | Engine = "local",
+    ray_address: str | None = None,
+    workers: int | None = None,
+    progress: bool | None = None,
+) -> AtlasSummary:
+    """Build (or resume) the atlas in folder ``output`` for ``options.layers`` of ``model`` over ``dataset``.
+
+    Phases: (1) mining — one pass over the dataset keeping each unit's top-k and statistics,
+    checkpointed every ``options.checkpoint_seconds``; (2) views — crops and backprop views of every
+    top-k input; (3) synthesis. Finished work recorded in the atlas is never redone, so a killed job
+    resumes where it stopped; parameters that differ from the recorded ones raise
+    :class:`~deepvis.atlas.store.AtlasError`. ``engine`` is ``local``, ``ray`` (see
+    :class:`~deepvis.atlas.engines.RayEngine`; ``workers`` actors) or an :class:`Engine`.
+    ``progress`` shows a bar per phase (None: when stderr is a terminal).
+    """
+    ds = open_dataset(dataset) if isinstance(dataset, (str, os.PathLike)) else dataset
+    if not options.layers:
+        raise DeepvisError("no layer given: pass at least one layer (see `deepvis layers`)")
+    if options.top < 1 or options.batch_size < 1:
+        raise DeepvisError("--top and --batch-size must be at least 1")
+    infos = [get_layer(model, name) for name in dict.fromkeys(options.layers)]
+    unit_sets = {info.name: parse_unit_set(options.units or "all", info.units) for info in infos}
+    meta = {
+        "model": model.name,
+        "model_hash": model_hash(model),
+        "input_size": list(model.preprocessing.input_size),
+        "dataset": ds.spec,
+        "dataset_hash": ds.fingerprint(),
+        "samples": len(ds),
+        "deepvis": __version__,
+    }
+    summary = AtlasSummary(Path(output), [i.name for i in infos])
+    with AtlasWriter(Path(output), meta) as writer:
+        for info in infos:
+            writer.ensure_layer(info.name, info.order, info.shape, options.layer_params())
+            if options.synthesis is not None:
+                writer.ensure_synth_params(info.name, options.synthesis.params())
+        eng = None
+        try:
+            pending = [i for i in infos if not writer.mined(i.name)]
+            if pending:
+                eng = eng or make_engine(engine, model, ds, ray_address=ray_address, workers=workers, decode_threads=options.decode_threads)
+                t0 = time.perf_counter()
+                summary.images_mined = _mine(writer, eng, ds, pending, options, progress)
+                summary.seconds["mining"] = time.perf_counter() - t0
+            if options.views:
+                tasks = _view_tasks(writer, infos, unit_sets, options)
+                if tasks:
+                    eng = eng or make_engine(engine, model, ds, ray_address=ray_address, workers=workers, decode_threads=options.decode_threads)
+                    t0 = time.perf_counter()
+                    summary.units_viewed = _run_views(writer, eng, tasks, progress)
+                    summary.seconds["views"] = time.perf_counter() - t0
+            if options.synthesis is not None:
+                tasks = _synth_tasks(writer, infos, unit_sets, options.synthesis)
+                if tasks:
+                    eng = eng or make_engine(engine, model, ds, ray_address=ray_address, workers=workers, decode_threads=options.decode_threads)
+                    t0 = time.perf_counter()
+                    summary.units_synthesized = _run_synth(writer, eng, tasks, progress)
+                    summary.seconds["synthesis"] = time.perf_counter() - t0
+        finally:
+            if eng is not None and not isinstance(engine, Engine):
+                eng.close()
+        summary.skipped = writer.skipped()
+    return summary
+
+
+def _mine(writer: AtlasWriter, eng: Engine, ds: ImageDataset, infos: Sequence[Any], options: AtlasOptions, progress: bool | None) -> int:
+    plan = MiningPlan({i.name: (i.units, tuple(i.shape[1:]) if i.spatial else None) for i in infos}, options.top, options.batch_size)
+    states: dict[str, LayerMining] = {}
+    for name, (units, ms) in plan.layers.items():
+        st = writer.load_checkpoint(name, eng.state_device)
+        if st is not None and (st.units != units or st.k != options.top or st.map_size != ms):
+            st = None  # cannot happen with matching parameters; start the layer over rather than mix
+        states[name] = st or LayerMining(name, units, options.top, ms, eng.state_device)
+    total = num_batches(len(ds), options.batch_size)
+    batches = [b for b in range(total) if any(b not in st.done for st in states.values())]
+    already = len(ds) - sum(len(batch_indices(b, options.batch_size, len(ds))) for b in batches)
+    skipped: list[tuple[int, str, str]] = []
+    mined = 0
+    bar = progress_bar(total=len(ds), initial=already, desc="mining", unit="img", enabled=progress)
+    last = time.monotonic()
+    try:
+        for step in eng.mine(plan, states, batches):
+            mined += step.images
+            skipped += [(i, ds.samples[i].key, why) for i, why in step.skipped]
+            bar.update(step.images + len(step.skipped))
+            if time.monotonic() - last >= options.checkpoint_seconds:
+                writer.save_progress(states.values(), skipped)
+                skipped = []
+                last = time.monotonic()
+    finally:
+        bar.close()
+    writer.finish_mining(states.values(), ds.samples, skipped)
+    return mined
+
+
+def _chunks(items: Sequence[int], size: int) -> list[tuple[int, ...]]:
+    return [tuple(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def _view_tasks(writer: AtlasWriter, infos: Sequence[Any], unit_sets: dict[str, list[int]], options: AtlasOptions) -> list[UnitTask]:
+    tasks = []
+    opts = tuple(sorted({"mode": options.view_mode}.items()))
+    for info in infos:
+        todo = set(writer.units_without_views(info.name, unit_sets[info.name]))
+        for group in _chunks(unit_sets[info.name], options.views_units_per_task):
+            group = tuple(u for u in group if u in todo)
+            if group:
+                entries = tuple(tuple((r, s, p) for r, s, p, _v in writer.top_entries(info.name, u)) for u in group)
+                tasks.append(UnitTask("views", info.name, group, entries, opts))
+    return tasks
+
+
+def _synth_tasks(writer: AtlasWriter, infos: Sequence[Any], unit_sets: dict[str, list[int]], synth: SynthesisOptions) -> list[UnitTask]:
+    tasks = []
+    opts = tuple(sorted(synth.params().items()))
+    for info in infos:
+        todo = set(writer.units_without_synth(info.name, unit_sets[info.name]))
+        # groups are fixed slices of the unit list: a group is recomputed whole when any unit is missing,
+        # so a unit's batch companions (and so its exact result) never depend on where a job stopped
+        for group in _chunks(unit_sets[info.name], synth.units_per_batch):
+            if todo.intersection(group):
+                tasks.append(UnitTask("synth", info.name, group, (), opts))
+    return tasks
+
+
+def _run_views(writer: AtlasWriter, eng: Engine, tasks: list[UnitTask], progress: bool | None) -> int:
+    n = 0
+    bar = progress_bar(total=sum(len(t.units) for t in tasks), desc="views", unit="unit", enabled=progress)
+    try:
+        for results in eng.run_units(tasks):
+            for r in results:
+                if r.skipped:
+                    writer.save_progress([], [(i, "", why) for i, why in r.skipped])
+                writer.write_views(r.layer, r.unit, r.crops, r.views)
+                n += 1
+            bar.update(len(results))
+    finally:
+        bar.close()
+    return n
+
+
+def _run_synth(writer: AtlasWriter, eng: Engine, tasks: list[UnitTask], progress: bool | None) -> int:
+    n = 0
+    todo = {(t.layer, u) for t in tasks for u in writer.units_without_synth(t.layer, t.units)}
+    bar = progress_bar(total=len(todo), desc="synthesis", unit="unit", enabled=progress)
+    try:
+        for results in eng.run_units(tasks):
+            for r in results:
+                if (r.layer, r.unit) in todo:
+                    assert r.image is not None and r.raw is not None
+                    writer.write_synth(r.layer, r.unit, r.image, r.raw, r.value, r.info)
+                    n += 1
+                    bar.update(1)
+    finally:
+        bar.close()
+    return n
+
