@@ -1,0 +1,110 @@
+"""``deepvis atlas``: what every unit of some layers likes, precomputed into a resumable atlas folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import add_model_options, model_from_args, print_json
+
+#: how many skipped files are listed on the terminal (all are in --json and in the atlas index)
+LIST_SKIPPED = 100
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..datasets import DATASET_SPEC_HELP
+
+    p = sub.add_parser(
+        "atlas",
+        help="top-k dataset images, their crops and deconv views, and synthesized images for every unit of some layers",
+        description="Build a unit atlas in folder ATLAS: one pass over DATASET keeps, for every unit of each layer, its "
+        "top-k inputs (conv units: by the maximum of their map) and statistics; then the receptive-field crop and deconv "
+        "view of each top input, and the unit's synthesized image. Interrupt it at any time and run the same command "
+        "again to continue. Unreadable images are skipped and listed at the end.",
+    )
+    p.add_argument("dataset", metavar="DATASET", help=DATASET_SPEC_HELP)
+    p.add_argument("--layers", required=True, help="comma-separated layer names (see `deepvis layers`)")
+    p.add_argument("-o", "--output", required=True, metavar="ATLAS", help="atlas folder (created, or continued when it exists)")
+    p.add_argument("-k", "--top", type=int, default=9, help="top inputs kept per unit (default: %(default)s)")
+    p.add_argument("--units", metavar="SPEC", help="units of each layer that get views and synthesized images: 7, 0-15, 3,9,12 or all (default: all; mining always covers every unit)")
+    p.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass (default: %(default)s)")
+    p.add_argument("--decode-threads", type=int, default=4, metavar="N", help="image decoding threads per process (default: %(default)s)")
+    g = p.add_argument_group("views and synthesis")
+    g.add_argument("--view-mode", choices=("deconv", "guided", "gradient"), default="deconv", help="backprop view of each top input (default: %(default)s)")
+    g.add_argument("--no-views", action="store_true", help="skip the crops and backprop views")
+    g.add_argument("--no-synthesis", action="store_true", help="skip the synthesized images")
+    g.add_argument("--preset", default="3", help="synthesis preset of the deep-visualization paper (1-4; default: %(default)s)")
+    g.add_argument("--steps", type=int, metavar="N", help="synthesis steps (default: the preset's)")
+    g.add_argument("--size", type=int, metavar="PX", help="synthesized image size (default: the preset's)")
+    g.add_argument("--seed", type=int, default=0, help="synthesis seed (default: %(default)s)")
+    g.add_argument("--synth-batch", type=int, default=16, metavar="N", help="units optimized together (default: %(default)s)")
+    e = p.add_argument_group("engine")
+    e.add_argument("--engine", choices=("local", "ray"), default="local", help="local: this process; ray: Ray workers (default: %(default)s)")
+    e.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (e.g. ray://head:10001 or auto); default: start Ray locally")
+    e.add_argument("--workers", type=int, metavar="N", help="Ray workers (default: one per GPU, else 2)")
+    p.add_argument("--checkpoint-seconds", type=float, default=30.0, metavar="S", help="save mining progress this often (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary (with every skipped file)")
+    add_model_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..atlas import AtlasOptions, SynthesisOptions, build_atlas
+    from ..datasets import open_dataset
+    from ..errors import DeepvisError
+
+    for name in ("top", "batch_size", "decode_threads", "synth_batch"):
+        if getattr(args, name) < (0 if name == "decode_threads" else 1):
+            raise DeepvisError(f"--{name.replace('_', '-')} must be at least {0 if name == 'decode_threads' else 1}")
+    if (args.steps is not None and args.steps < 1) or (args.size is not None and args.size < 8):
+        raise DeepvisError("--steps must be at least 1 and --size at least 8")
+    if args.ray_address and args.engine != "ray":
+        raise DeepvisError("--ray-address needs --engine ray")
+    layers = tuple(x.strip() for x in args.layers.split(",") if x.strip())
+    if not layers:
+        raise DeepvisError("--layers is empty: give comma-separated layer names (see `deepvis layers`)")
+    dataset = open_dataset(args.dataset)
+    model = model_from_args(args)
+    synthesis = None
+    if not args.no_synthesis:
+        synthesis = SynthesisOptions(preset=str(args.preset), steps=args.steps, size=args.size, seed=args.seed, units_per_batch=args.synth_batch)
+        from ..atlas.synthesis import check_synthesis_options
+
+        check_synthesis_options(model, synthesis)
+    options = AtlasOptions(
+        layers=layers,
+        top=args.top,
+        batch_size=args.batch_size,
+        units=args.units,
+        views=not args.no_views,
+        view_mode=args.view_mode,
+        synthesis=synthesis,
+        decode_threads=args.decode_threads,
+        checkpoint_seconds=args.checkpoint_seconds,
+    )
+    summary = build_atlas(args.output, model, dataset, options, engine=args.engine, ray_address=args.ray_address, workers=args.workers)
+    skipped = summary.skipped
+    if args.json:
+        print_json(
+            {
+                "atlas": str(summary.root),
+                "layers": summary.layers,
+                "images_mined": summary.images_mined,
+                "units_viewed": summary.units_viewed,
+                "units_synthesized": summary.units_synthesized,
+                "seconds": summary.seconds,
+                "skipped": [{"sample": i, "key": k, "reason": r} for i, k, r in skipped],
+            }
+        )
+    else:
+        print(
+            f"atlas {summary.root}: {', '.join(summary.layers)}; this run mined {summary.images_mined} images, "
+            f"made views for {summary.units_viewed} units and synthesized {summary.units_synthesized}"
+        )
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable input(s):", file=sys.stderr)
+        for _i, key, reason in skipped[:LIST_SKIPPED]:
+            print(f"  {key}: {reason}", file=sys.stderr)
+        if len(skipped) > LIST_SKIPPED:
+            print(f"  ... and {len(skipped) - LIST_SKIPPED} more (all are listed by --json and in the atlas index)", file=sys.stderr)
+    return 0
