@@ -134,6 +134,10 @@ def build_atlas(
         "deepvis": __version__,
     }
     summary = AtlasSummary(Path(output), [i.name for i in infos])
+    if options.views:
+        from .views import check_view_mode
+
+        check_view_mode(model, max(infos, key=lambda i: i.order).name, options.view_mode)
     with AtlasWriter(Path(output), meta) as writer:
         for info in infos:
             writer.ensure_layer(info.name, info.order, info.shape, options.layer_params())
@@ -152,7 +156,7 @@ def build_atlas(
                 if tasks:
                     eng = eng or make_engine(engine, model, ds, ray_address=ray_address, workers=workers, decode_threads=options.decode_threads)
                     t0 = time.perf_counter()
-                    summary.units_viewed = _run_views(writer, eng, tasks, progress)
+                    summary.units_viewed = _run_views(writer, eng, ds, tasks, progress)
                     summary.seconds["views"] = time.perf_counter() - t0
             if options.synthesis is not None:
                 tasks = _synth_tasks(writer, infos, unit_sets, options.synthesis)
@@ -228,14 +232,14 @@ def _synth_tasks(writer: AtlasWriter, infos: Sequence[Any], unit_sets: dict[str,
     return tasks
 
 
-def _run_views(writer: AtlasWriter, eng: Engine, tasks: list[UnitTask], progress: bool | None) -> int:
+def _run_views(writer: AtlasWriter, eng: Engine, ds: ImageDataset, tasks: list[UnitTask], progress: bool | None) -> int:
     n = 0
     bar = progress_bar(total=sum(len(t.units) for t in tasks), desc="views", unit="unit", enabled=progress)
     try:
         for results in eng.run_units(tasks):
             for r in results:
                 if r.skipped:
-                    writer.save_progress([], [(i, "", why) for i, why in r.skipped])
+                    writer.save_progress([], [(i, ds.samples[i].key, why) for i, why in r.skipped])
                 writer.write_views(r.layer, r.unit, r.crops, r.views)
                 n += 1
             bar.update(len(results))
