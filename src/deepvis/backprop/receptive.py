@@ -1,0 +1,387 @@
+"""Receptive fields for any architecture, from the support of gradients, and receptive-field crops.
+
+The receptive field of a unit at (y, x) of a layer is the input region that can influence it. It is
+measured, not derived from a list of known layer types, so branches, padding (also TensorFlow-style
+"same" padding), dilation, strides, upsampling and global operations (squeeze-excitation, attention:
+the whole image) are all handled:
+
+* one probe forward pass on a fixed random input, in which every elementwise nonlinearity (ReLU,
+  SiLU, clamp, ...) passes gradients straight through and every 2-D max pooling passes them to its
+  whole window (the forward values are unchanged), so that no input-dependent mask hides a pixel;
+* one backward pass per output row (seeded on the whole row, all channels) and per output column,
+  batched: the rows of the input whose gradient is non-zero are the field's rows at that output row
+  (and likewise for columns). The field of (y, x) is the box rows(y) × cols(x).
+
+The field of a layer is the union over its channels (channels of a concatenation may see less).
+Results are cached on ``model.cache`` per (layer, input size). Near the borders the field is clipped
+by the image; :attr:`ReceptiveField.field` is the unclipped box of the full field size, which the
+crop helpers use to pad border crops to a common size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.overrides import TorchFunctionMode
+
+from ..capture.hooks import capture
+from ..capture.layers import get_layer, layer_table
+from ..capture.state import frozen
+from ..capture.units import Unit, parse_unit
+from ..errors import DeepvisError, UnitError
+from ..models.model import Model
+from .rules import OTHER_FUNCS, RELU_FUNCS
+
+__all__ = [
+    "AxisField",
+    "LayerField",
+    "ReceptiveField",
+    "layer_field",
+    "receptive_field",
+    "crop",
+    "crop_image",
+]
+
+Box = tuple[int, int, int, int]  # (top, left, bottom, right), half-open, in input pixels
+
+#: memory budget for the stored activations of one batch of probes
+_PROBE_BYTES = 384 * 2**20
+_PROBE_MAX_BATCH = 64
+
+
+@dataclass(frozen=True)
+class AxisField:
+    """The field along one axis for every output index: ``lo[i]..hi[i]`` (inclusive, clipped to the
+    input), ``start[i]`` the unclipped start of the full field of ``size`` pixels (may be < 0 or run past
+    the input), ``stride`` the mean step between neighbouring fields."""
+
+    lo: tuple[int, ...]
+    hi: tuple[int, ...]
+    start: tuple[int, ...]
+    size: int
+    stride: float
+    length: int  # input pixels along this axis
+
+
+@dataclass(frozen=True)
+class ReceptiveField:
+    """The receptive field of one position of a layer (``position`` None: of the whole map).
+
+    ``box`` is the part inside the input, ``field`` the full field (top, left, bottom, right; half-open,
+    may extend past the input at the borders), ``size`` (height, width) of the full field.
+    """
+
+    layer: str
+    position: tuple[int, int] | None
+    input_size: tuple[int, int]
+    box: Box
+    field: Box
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.field[2] - self.field[0], self.field[3] - self.field[1])
+
+    @property
+    def clipped(self) -> bool:
+        """True when the full field extends past the input (a border unit)."""
+        return self.box != self.field
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "layer": self.layer,
+            "position": list(self.position) if self.position is not None else None,
+            "input_size": list(self.input_size),
+            "box": list(self.box),
+            "field": list(self.field),
+            "size": list(self.size),
+            "clipped": self.clipped,
+        }
+
+
+@dataclass(frozen=True)
+class LayerField:
+    """Receptive-field geometry of every position of a layer at one input size."""
+
+    layer: str
+    input_size: tuple[int, int]
+    output_size: tuple[int, int] | None  # (h, w); None for a vector layer (N, C)
+    rows: AxisField
+    cols: AxisField
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the full field."""
+        return (self.rows.size, self.cols.size)
+
+    @property
+    def stride(self) -> tuple[float, float]:
+        """Input pixels between the fields of neighbouring positions (rows, columns)."""
+        return (self.rows.stride, self.cols.stride)
+
+    def at(self, position: tuple[int, int] | None) -> ReceptiveField:
+        """The field of ``position`` (y, x); None (or a vector layer): the whole map's field."""
+        r, c = self.rows, self.cols
+        if position is None or self.output_size is None:
+            box = (min(r.lo), min(c.lo), max(r.hi) + 1, max(c.hi) + 1)
+            return ReceptiveField(self.layer, None, self.input_size, box, box)
+        y, x = position
+        h, w = self.output_size
+        if not (0 <= y < h and 0 <= x < w):
+            raise UnitError(f"position {y},{x} is outside the {h}x{w} map of {self.layer}")
+        box = (r.lo[y], c.lo[x], r.hi[y] + 1, c.hi[x] + 1)
+        field = (r.start[y], c.start[x], r.start[y] + r.size, c.start[x] + c.size)
+        return ReceptiveField(self.layer, (y, x), self.input_size, box, field)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "layer": self.layer,
+            "input_size": list(self.input_size),
+            "output_size": list(self.output_size) if self.output_size else None,
+            "size": list(self.size),
+            "stride": [round(s, 4) for s in self.stride],
+        }
+
+
+# -- the probe ---------------------------------------------------------------------------------------
+class _Through(torch.autograd.Function):
+    """Forward: the function unchanged (in place when it is); backward: the gradient passes unchanged."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, run: Any, inplace: bool) -> torch.Tensor:  # type: ignore[override]
+        y = run()
+        if inplace:
+            ctx.mark_dirty(x)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        return g, None, None
+
+
+_INPLACE_METHODS = {torch.relu_, torch.Tensor.relu_, F.hardtanh_, F.leaky_relu_, F.elu_, torch.sigmoid_, torch.Tensor.sigmoid_, torch.tanh_, torch.Tensor.tanh_, torch.Tensor.clamp_, torch.clamp_}
+_MASKING = {torch.clamp, torch.Tensor.clamp, torch.clamp_, torch.Tensor.clamp_, torch.clamp_min, torch.Tensor.clamp_min, torch.clamp_max, torch.Tensor.clamp_max}
+
+
+def _window_sum(x: torch.Tensor, y: torch.Tensor, kernel: Any, stride: Any, padding: Any, dilation: Any) -> torch.Tensor | None:
+    """A depthwise sum over each pooling window, shaped like the max-pool output ``y`` (gradient donor)."""
+    pair = torch.nn.modules.utils._pair
+    k, d, p = pair(kernel), pair(dilation), pair(padding)
+    s = pair(stride if stride not in (None, [], ()) else kernel)
+    if x.ndim not in (3, 4) or y.shape[-2:] == ():
+        return None
+    batched = x if x.ndim == 4 else x.unsqueeze(0)
+    c, h, w = batched.shape[1:]
+    oh, ow = y.shape[-2:]
+    # pad so that the last (ceil-mode) window fits, then cut to the pooled shape
+    need_h = (oh - 1) * s[0] + d[0] * (k[0] - 1) + 1 - (h + 2 * p[0])
+    need_w = (ow - 1) * s[1] + d[1] * (k[1] - 1) + 1 - (w + 2 * p[1])
+    xp = F.pad(batched, (p[1], p[1] + max(0, need_w), p[0], p[0] + max(0, need_h)))
+    ones = torch.ones(c, 1, *k, dtype=x.dtype, device=x.device)
+    out = F.conv2d(xp, ones, stride=s, dilation=d, groups=c)[..., :oh, :ow]
+    if out.shape[-2:] != (oh, ow):
+        return None
+    return out if x.ndim == 4 else out.squeeze(0)
+
+
+class _ProbeMode(TorchFunctionMode):
+    """Structural gradients: nonlinearities and clamps pass gradients through; max pools spread them."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            if func in RELU_FUNCS or (func in OTHER_FUNCS and OTHER_FUNCS[func] not in ("glu", "prelu")) or func in _MASKING:
+                inplace = func in _INPLACE_METHODS or bool(kwargs.get("inplace", False)) or (
+                    func in (F.relu, F.relu6) and len(args) > 1 and bool(args[1])
+                ) or (func is F.leaky_relu and len(args) > 2 and bool(args[2])) or (func is F.hardtanh and len(args) > 3 and bool(args[3]))
+                return _Through.apply(x, lambda: func(*args, **kwargs), inplace)
+            if func is F.max_pool2d and not kwargs.get("return_indices", False) and not (len(args) > 6 and args[6]):
+                y = func(*args, **kwargs)
+                names = ("kernel_size", "stride", "padding", "dilation")
+                defaults = (None, None, 0, 1)
+                vals = [args[i + 1] if len(args) > i + 1 else kwargs.get(n, dflt) for i, (n, dflt) in enumerate(zip(names, defaults))]
+                donor = _window_sum(x, y, *vals)
+                if donor is not None:
+                    return y.detach() + (donor - donor.detach())
+                return y
+            if func is F.adaptive_max_pool2d and not kwargs.get("return_indices", False) and not (len(args) > 2 and args[2]):
+                y = func(*args, **kwargs)
+                donor = F.adaptive_avg_pool2d(x, y.shape[-2:])
+                return y.detach() + (donor - donor.detach())
+        return func(*args, **kwargs)
+
+
+def _probe_batch(model: Model, layer: str, input_shape: tuple[int, int, int]) -> int:
+    """Probes per batch, from the size of the activations stored up to ``layer`` (one example)."""
+    try:
+        table = layer_table(model, input_shape)
+    except DeepvisError:
+        return 8
+    order = {i.name: i.order for i in table}
+    upto = order.get(layer, len(table))
+    stored = sum(math.prod(i.shape) for i in table if i.order <= upto and i.same_as is None) * 4
+    stored = max(stored, math.prod(input_shape) * 4)
+    return int(max(1, min(_PROBE_MAX_BATCH, _PROBE_BYTES // stored)))
+
+
+def _supports(model: Model, layer: str, x0: torch.Tensor, seeds: list[tuple[str, int]], batch: int) -> Iterator[torch.Tensor]:
+    """For each (axis, index) seed, the boolean support of the input gradient: rows (H,) or columns (W,)."""
+    module = model.module
+    for start in range(0, len(seeds), batch):
+        part = seeds[start : start + batch]
+        xb = x0.expand(len(part), *x0.shape[1:]).clone().requires_grad_(True)
+        with frozen(module), _ProbeMode():
+            a = capture(model, xb, [layer], grad=True)[layer]
+        seed = torch.zeros_like(a)
+        for k, (axis, idx) in enumerate(part):
+            if axis == "all":
+                seed[k] = 1.0
+            elif axis == "row":
+                seed[k, :, idx, :] = 1.0
+            else:
+                seed[k, :, :, idx] = 1.0
+        (g,) = torch.autograd.grad(a, xb, grad_outputs=seed)
+        support = (g != 0).any(dim=1)  # (B, H, W)
+        for k, (axis, _idx) in enumerate(part):
+            yield support[k].any(dim=1) if axis in ("row", "all") else support[k].any(dim=0)
+            if axis == "all":
+                yield support[k].any(dim=0)
+
+
+def _axis(lo: list[int], hi: list[int], n: int) -> AxisField:
+    """Full-field starts and size along one axis from the clipped spans of every output index.
+
+    The full field size is the largest span; positions with a smaller span were cut by the border (or,
+    with dilation, lost taps in the padding). A span cut at one end only fixes its start from the other
+    end; the remaining starts come from a straight-line fit of the known ones, so that they line up,
+    and the full field always contains the clipped span. When every span is cut at both ends (a field
+    larger than the input everywhere), the full field is the largest span seen at this input size.
+    """
+    lo_a, hi_a = np.array(lo, dtype=np.int64), np.array(hi, dtype=np.int64)
+    extent = hi_a - lo_a + 1
+    size = int(extent.max())
+    idx = np.arange(len(lo))
+    start = np.zeros(len(lo), dtype=np.int64)
+    known = np.zeros(len(lo), dtype=bool)
+    for i in idx:
+        if extent[i] == size:
+            start[i], known[i] = lo_a[i], True
+        elif lo_a[i] == 0 and hi_a[i] < n - 1:  # cut at the start only
+            start[i], known[i] = hi_a[i] - size + 1, True
+        elif lo_a[i] > 0 and hi_a[i] == n - 1:  # cut at the end only
+            start[i], known[i] = lo_a[i], True
+    fit = np.polyfit(idx[known], start[known], 1) if known.sum() >= 2 and np.ptp(start[known]) > 0 else None
+    for i in idx[~known]:
+        lowest, highest = hi_a[i] - size + 1, lo_a[i]  # the full field must contain the clipped span
+        guess = round(float(np.polyval(fit, i))) if fit is not None else lo_a[i] - (size - extent[i]) // 2
+        start[i] = min(highest, max(lowest, guess))
+    if fit is not None:
+        stride = float(fit[0])
+    elif len(lo) > 1:
+        stride = float(np.polyfit(idx, (lo_a + hi_a) / 2, 1)[0])
+    else:
+        stride = float(n)
+    return AxisField(tuple(int(v) for v in lo), tuple(int(v) for v in hi), tuple(int(v) for v in start), size, round(stride, 6), n)
+
+
+def _span(mask: torch.Tensor) -> tuple[int, int]:
+    nz = torch.nonzero(mask).flatten()
+    if nz.numel() == 0:
+        return 0, -1
+    return int(nz[0]), int(nz[-1])
+
+
+def layer_field(model: Model, layer: str, input_size: tuple[int, int] | None = None) -> LayerField:
+    """The receptive-field geometry of every position of ``layer`` (cached per layer and input size)."""
+    hw = tuple(input_size) if input_size is not None else tuple(model.preprocessing.input_size)
+    key = ("receptive_field", layer, hw)
+    cached = model.cache.get(key)
+    if cached is not None:
+        return cached  # type: ignore[return-value]
+    get_layer(model, layer)  # a clear error for an unknown layer
+    shape = (model.preprocessing.channels, int(hw[0]), int(hw[1]))
+    dtype = next((p.dtype for p in model.module.parameters() if p.is_floating_point()), torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, *shape, generator=gen).to(device=model.device, dtype=dtype)
+    with torch.no_grad():
+        out = capture(model, x0, [layer])[layer]
+    if out.ndim == 4:
+        h, w = out.shape[2:]
+        seeds = [("row", y) for y in range(h)] + [("col", x) for x in range(w)]
+    else:
+        h = w = 0
+        seeds = [("all", 0)]
+    spans = [_span(m) for m in _supports(model, layer, x0, seeds, _probe_batch(model, layer, shape))]
+    if any(hi < lo for lo, hi in spans):
+        raise DeepvisError(f"layer {layer} does not depend on the input: it has no receptive field")
+    if out.ndim == 4:
+        rows, cols = spans[:h], spans[h:]
+        geo = LayerField(layer, hw, (h, w), _axis(*zip(*rows), shape[1]), _axis(*zip(*cols), shape[2]))  # type: ignore[arg-type]
+    else:
+        (rlo, rhi), (clo, chi) = spans
+        geo = LayerField(layer, hw, None, _axis([rlo], [rhi], shape[1]), _axis([clo], [chi], shape[2]))
+    model.cache[key] = geo
+    return geo
+
+
+def receptive_field(
+    model: Model,
+    unit: Unit | str,
+    position: tuple[int, int] | None = None,
+    *,
+    input_size: tuple[int, int] | None = None,
+) -> ReceptiveField:
+    """The receptive field of ``unit`` (``LAYER:C@Y,X``, a :class:`Unit`, or a layer name with ``position``).
+
+    Without a position: the field of the whole map. The channel does not matter (see the module notes).
+    """
+    if isinstance(unit, Unit):
+        layer, pos = unit.layer, unit.position
+    elif ":" in unit:
+        u = parse_unit(unit)
+        layer, pos = u.layer, u.position
+    else:
+        layer, pos = unit, None
+    if position is not None:
+        pos = (int(position[0]), int(position[1]))
+    return layer_field(model, layer, input_size).at(pos)
+
+
+# -- crops -------------------------------------------------------------------------------------------
+def crop(array: np.ndarray | torch.Tensor, rf: ReceptiveField, *, fill: float | tuple[float, ...] = 0) -> np.ndarray | torch.Tensor:
+    """The full field of ``rf`` cut from ``array`` and padded with ``fill`` where it runs past the input.
+
+    ``array`` is an image (H, W) or (H, W, C) numpy array, or a tensor (C, H, W) such as a backprop
+    gradient, of the input size the field was computed for. The result always has the full field size.
+    """
+    is_tensor = isinstance(array, torch.Tensor)
+    H, W = rf.input_size
+    hw = tuple(array.shape[-2:]) if is_tensor else tuple(array.shape[:2])
+    if hw != (H, W):
+        raise DeepvisError(f"cannot crop: the array is {hw[0]}x{hw[1]} but the field is for a {H}x{W} input")
+    top, left, bottom, right = rf.field
+    t0, l0, b0, r0 = max(top, 0), max(left, 0), min(bottom, H), min(right, W)
+    fh, fw = bottom - top, right - left
+    if is_tensor:
+        out_t = torch.empty((*array.shape[:-2], fh, fw), dtype=array.dtype, device=array.device)
+        fill_t = torch.as_tensor(fill, dtype=array.dtype, device=array.device)
+        out_t[...] = fill_t.view(-1, 1, 1) if fill_t.ndim == 1 else fill_t
+        out_t[..., t0 - top : b0 - top, l0 - left : r0 - left] = array[..., t0:b0, l0:r0]
+        return out_t
+    out = np.empty((fh, fw, *array.shape[2:]), dtype=array.dtype)
+    out[...] = fill
+    out[t0 - top : b0 - top, l0 - left : r0 - left] = array[t0:b0, l0:r0]
+    return out
+
+
+def crop_image(image: Image.Image, rf: ReceptiveField, *, fill: int | tuple[int, ...] = 0) -> Image.Image:
+    """The receptive-field crop of a Pillow image (as the model sees it), padded at the borders."""
+    arr = np.asarray(image)
+    return Image.fromarray(crop(arr, rf, fill=fill), image.mode)  # type: ignore[arg-type]

@@ -1,0 +1,250 @@
+"""Unit views on an input: which input pixels drive a unit (gradient, deconvnet, guided backprop).
+
+The backward pass starts at one unit of one layer (``logits`` for class scores): its whole channel
+map, one position (``@Y,X``), or the position where the map peaks (``at="max"``). The seed is the
+unit's own activation there (as in the original toolbox: the view is the gradient of ½·a², so a dead
+unit gives an empty view), or 1 with ``seed="one"`` (the plain gradient of the unit). The forward pass
+stops at the unit's layer; the user's model is left unchanged (eval mode and ``requires_grad`` flags
+restored, no hooks left).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+from PIL import Image
+
+from ..capture.hooks import capture
+from ..capture.layers import get_layer
+from ..capture.state import frozen
+from ..capture.units import Unit, parse_unit
+from ..errors import DeepvisError, UnitError
+from ..models.model import Model
+from .rules import MODES, Mode, NonlinearityError, plain_nonlinearities, relu_rules
+
+__all__ = ["BackpropResult", "PlainGradientWarning", "backprop_view", "backprop_views", "At", "Seed"]
+
+#: where in the channel map the backward pass starts: the whole map (None), its peak ("max"), or (y, x)
+At = None | Literal["max"] | tuple[int, int]
+Seed = Literal["activation", "one"]
+
+
+class PlainGradientWarning(UserWarning):
+    """Deconv/guided mode ran with ``strict=False`` on a model with nonlinearities left as plain gradient."""
+
+
+@dataclass(frozen=True)
+class BackpropResult:
+    """One unit's view of one input.
+
+    ``grad`` is (C, H, W), float32 on the CPU, in model-input units (the gradient with respect to the
+    normalized input). ``unit`` carries the position used (None: the whole channel map). ``activation``
+    is the unit's value there (the maximum of the map when the whole map is used); ``argmax`` is where the
+    channel map peaks (None for vector layers such as ``logits``). ``plain`` names the nonlinearities
+    left as plain gradient (only ever non-empty with ``strict=False``).
+    """
+
+    grad: torch.Tensor
+    unit: Unit
+    mode: str
+    seed: str
+    activation: float
+    argmax: tuple[int, int] | None
+    layer_shape: tuple[int, ...]
+    plain: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready metadata (without the gradient itself)."""
+        g = self.grad
+        return {
+            "unit": str(self.unit),
+            "layer": self.unit.layer,
+            "channel": self.unit.channel,
+            "position": list(self.unit.position) if self.unit.position is not None else None,
+            "mode": self.mode,
+            "seed": self.seed,
+            "activation": self.activation,
+            "argmax": list(self.argmax) if self.argmax is not None else None,
+            "layer_shape": list(self.layer_shape),
+            "input_shape": list(g.shape),
+            "grad_abs_max": float(g.abs().max()) if g.numel() else 0.0,
+            "grad_l2": float(g.norm()),
+            "plain_gradient": list(self.plain),
+        }
+
+
+def backprop_view(
+    model: Model,
+    x: torch.Tensor | Image.Image,
+    unit: Unit | str,
+    mode: Mode = "gradient",
+    *,
+    at: At = None,
+    seed: Seed = "activation",
+    strict: bool = True,
+) -> BackpropResult:
+    """The view of ``unit`` on one input ``x`` — a (C, H, W) or (1, C, H, W) model input, or a Pillow image.
+
+    ``mode`` is ``gradient``, ``deconv`` or ``guided`` (see :mod:`deepvis.backprop.rules`). ``at``:
+    None uses the unit's own position (``LAYER:C@Y,X``) or else the whole channel map; ``"max"`` the
+    map's peak; ``(y, x)`` that position. With ``strict`` (default), deconv/guided on a model with
+    nonlinearities they do not cover (SiLU, GELU, ...) raises :class:`NonlinearityError` naming them;
+    ``strict=False`` warns (:class:`PlainGradientWarning`) and records them in ``result.plain``.
+    """
+    if isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[0] != 1:
+        raise DeepvisError(f"backprop_view takes one input, got a batch of {x.shape[0]}: use backprop_views")
+    return backprop_views(model, x, [unit], mode, at=at, seed=seed, strict=strict)[0]
+
+
+def backprop_views(
+    model: Model,
+    x: torch.Tensor | Image.Image | Sequence[Image.Image],
+    units: Unit | str | Sequence[Unit | str],
+    mode: Mode = "gradient",
+    *,
+    at: At = None,
+    seed: Seed = "activation",
+    strict: bool = True,
+) -> list[BackpropResult]:
+    """Views for a batch in one forward and one backward pass.
+
+    ``x`` is (N, C, H, W) (or images). ``units``: one unit for every input, one unit per input
+    (``len(units) == N``), or several units on a single input (N == 1: the input is repeated). Units may
+    lie on different layers; the forward pass stops at the deepest. Returns one result per example.
+    """
+    if mode not in MODES:
+        raise DeepvisError(f"unknown backprop mode {mode!r}: use one of {', '.join(MODES)}")
+    if seed not in ("activation", "one"):
+        raise DeepvisError(f"unknown seed {seed!r}: use activation or one")
+    xb = _as_batch(model, x)
+    ulist = [parse_unit(u) if isinstance(u, str) else u for u in ([units] if isinstance(units, (Unit, str)) else list(units))]
+    if not ulist:
+        raise UnitError("no unit given")
+    n = xb.shape[0]
+    if len(ulist) == 1 and n > 1:
+        ulist = ulist * n
+    elif n == 1 and len(ulist) > 1:
+        xb = xb.expand(len(ulist), *xb.shape[1:])
+        n = len(ulist)
+    elif len(ulist) != n:
+        raise UnitError(f"{len(ulist)} units for {n} inputs: give one unit, one per input, or one input")
+    ulist = [_apply_at(u, at) for u in ulist]
+    layers = list(dict.fromkeys(u.layer for u in ulist))
+    for name in layers:
+        get_layer(model, name)  # a clear error, with suggestions, for an unknown layer
+
+    module = model.module
+    x_in = xb.detach().to(model.device).clone().requires_grad_(True)
+    with frozen(module), relu_rules(mode) as report:
+        acts = capture(model, x_in, layers, grad=True)
+    plain: tuple[str, ...] = ()
+    if report.plain:
+        plain = _plain_names(model, x_in, layers)
+        _complain(mode, plain, report.plain, strict)
+
+    # seeds, one tensor per distinct captured tensor (aliased layers share one)
+    seeds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    resolved: list[Unit] = []
+    values: list[float] = []
+    peaks: list[tuple[int, int] | None] = []
+    for i, u in enumerate(ulist):
+        a = acts[u.layer]
+        _check_unit_shape(u, a)
+        entry = seeds.setdefault(id(a), (a, torch.zeros_like(a)))
+        s = entry[1]
+        ai = a[i, u.channel].detach()
+        peak = None
+        if a.ndim == 4:
+            flat = int(ai.argmax())
+            peak = divmod(flat, ai.shape[1])
+        pos = u.position
+        if at == "max" and peak is not None:
+            pos = peak
+            u = replace(u, position=peak)
+        if a.ndim == 2:
+            s[i, u.channel] = ai if seed == "activation" else 1.0
+            value = float(ai)
+        elif pos is None:
+            s[i, u.channel] = ai if seed == "activation" else 1.0
+            value = float(ai.max())
+        else:
+            s[i, u.channel, pos[0], pos[1]] = ai[pos] if seed == "activation" else 1.0
+            value = float(ai[pos])
+        resolved.append(u)
+        values.append(value)
+        peaks.append(peak)
+    outs = [t for t, _ in seeds.values()]
+    grads = [g for _, g in seeds.values()]
+    (gx,) = torch.autograd.grad(outs, x_in, grad_outputs=grads)
+    gx = gx.detach().float().cpu()
+    return [
+        BackpropResult(gx[i], resolved[i], mode, seed, values[i], peaks[i], tuple(acts[resolved[i].layer].shape[1:]), plain)
+        for i in range(n)
+    ]
+
+
+def _as_batch(model: Model, x: torch.Tensor | Image.Image | Sequence[Image.Image]) -> torch.Tensor:
+    if isinstance(x, Image.Image) or (isinstance(x, Sequence) and x and all(isinstance(i, Image.Image) for i in x)):
+        return model.preprocess(x)  # type: ignore[arg-type]
+    if not isinstance(x, torch.Tensor):
+        raise DeepvisError(f"expected a model input tensor or Pillow images, got {type(x).__name__}")
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+    if x.ndim != 4:
+        raise DeepvisError(f"expected an input of shape (C, H, W) or (N, C, H, W), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise DeepvisError(f"expected a float model input (normalized), got dtype {x.dtype}")
+    return x
+
+
+def _apply_at(u: Unit, at: At) -> Unit:
+    if at is None or at == "max":
+        if at == "max" and u.position is not None:
+            raise UnitError(f"unit {u} has a position: give either @Y,X or at='max', not both")
+        return u
+    if isinstance(at, tuple) and len(at) == 2:
+        if u.position is not None and tuple(u.position) != tuple(at):
+            raise UnitError(f"unit {u} has a position and at={at} gives another: give one of them")
+        return replace(u, position=(int(at[0]), int(at[1])))
+    raise DeepvisError(f"bad at={at!r}: use None, 'max' or a (y, x) position")
+
+
+def _check_unit_shape(u: Unit, a: torch.Tensor) -> None:
+    c = a.shape[1]
+    if u.channel >= c:
+        raise UnitError(f"unit {u} is out of range: layer {u.layer} has {c} units (0-{c - 1})")
+    if u.position is not None:
+        if a.ndim != 4:
+            raise UnitError(f"unit {u}: layer {u.layer} has no spatial map, so a position does not apply")
+        h, w = a.shape[2:]
+        y, x = u.position
+        if not (0 <= y < h and 0 <= x < w):
+            raise UnitError(f"unit {u}: position is outside the {h}x{w} map of {u.layer}")
+
+
+def _plain_names(model: Model, x_in: torch.Tensor, layers: list[str]) -> tuple[str, ...]:
+    """The modules that call nonlinearities without a rule (diagnosed once per layer set, then cached)."""
+    key = ("backprop_plain", tuple(sorted(layers)), tuple(x_in.shape[1:]))
+    names = model.cache.get(key)
+    if names is None:
+        probe = x_in.detach()[:1]
+        names = tuple(plain_nonlinearities(model.module, lambda: capture(model, probe, layers)))
+        model.cache[key] = names
+    return names  # type: ignore[return-value]
+
+
+def _complain(mode: str, names: tuple[str, ...], calls: object, strict: bool) -> None:
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    if not shown:
+        shown = ", ".join(sorted(calls))  # type: ignore[arg-type]
+    what = "deconvnet" if mode == "deconv" else "guided backprop"
+    if strict:
+        raise NonlinearityError(
+            f"{what} rules apply only to ReLU, ReLU6 and LeakyReLU, and this model also uses {shown}, "
+            "which would be left as plain gradient: use mode gradient, or allow it (strict=False, --allow-plain)"
+        )
+    warnings.warn(f"{what}: no rule for {shown}; left as plain gradient", PlainGradientWarning, stacklevel=3)
