@@ -138,6 +138,10 @@ def build_atlas(
         from .views import check_view_mode
 
         check_view_mode(model, max(infos, key=lambda i: i.order).name, options.view_mode)
+    if options.synthesis is not None:
+        from .synthesis import check_synthesis_options
+
+        check_synthesis_options(model, options.synthesis)
     with AtlasWriter(Path(output), meta) as writer:
         for info in infos:
             writer.ensure_layer(info.name, info.order, info.shape, options.layer_params())

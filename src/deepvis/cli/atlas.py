@@ -68,9 +68,6 @@ def run(args: argparse.Namespace) -> int:
     synthesis = None
     if not args.no_synthesis:
         synthesis = SynthesisOptions(preset=str(args.preset), steps=args.steps, size=args.size, seed=args.seed, units_per_batch=args.synth_batch)
-        from ..atlas.synthesis import check_synthesis_options
-
-        check_synthesis_options(model, synthesis)
     options = AtlasOptions(
         layers=layers,
         top=args.top,
