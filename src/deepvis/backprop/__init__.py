@@ -1,5 +1,6 @@
 """Unit views on an input (gradient, deconvnet, guided backprop), receptive fields and crops."""
 
+from .filters import FILTERS, Filter, backprop_image, filter_map, gaussian_blur, overlay
 from .receptive import AxisField, LayerField, ReceptiveField, crop, crop_image, layer_field, receptive_field
 from .rules import MODES, Mode, NonlinearityError, RuleReport, plain_nonlinearities, relu_rules
 from .views import At, BackpropResult, PlainGradientWarning, Seed, backprop_view, backprop_views
@@ -24,4 +25,10 @@ __all__ = [
     "receptive_field",
     "crop",
     "crop_image",
+    "FILTERS",
+    "Filter",
+    "filter_map",
+    "backprop_image",
+    "overlay",
+    "gaussian_blur",
 ]

@@ -1,0 +1,90 @@
+"""``deepvis rf``: the receptive field of a unit (and optionally its crop of an image)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .common import add_model_options, model_from_args, print_json
+
+_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "rf",
+        help="print the receptive field of a unit (any architecture)",
+        description="Print the input region that can influence a unit: LAYER (the whole map), LAYER@Y,X or "
+        "LAYER:C@Y,X (the channel does not change the field). Measured from gradient supports, so it works for "
+        "any architecture; near the borders the field is clipped by the image. With --image and -o, also write "
+        "the field's crop of that image (as the model sees it), padded at the borders to the full field size.",
+    )
+    p.add_argument("--unit", required=True, metavar="LAYER[:C][@Y,X]", help="e.g. blocks.3@5,5, blocks.3:17@5,5 or blocks.3")
+    p.add_argument("--image", metavar="IMAGE", help="an image (or sample:NAME) to crop")
+    p.add_argument("-o", "--output", metavar="OUT", help="where to write the crop (.png, .jpg or .webp); needs --image")
+    p.add_argument("--json", action="store_true", help="print the field as JSON")
+    add_model_options(p)
+    p.set_defaults(func=run)
+
+
+def _parse(text: str) -> tuple[str, tuple[int, int] | None]:
+    from ..capture import parse_unit
+    from ..errors import UnitError
+
+    text = text.strip()
+    if ":" in text:
+        u = parse_unit(text)
+        return u.layer, u.position
+    if "@" in text:
+        layer, _, pos = text.partition("@")
+        try:
+            y, x = (int(v) for v in pos.split(","))
+        except ValueError:
+            raise UnitError(f"bad unit {text!r}: write LAYER, LAYER@Y,X or LAYER:C@Y,X") from None
+        if min(y, x) < 0:
+            raise UnitError(f"bad unit {text!r}: the position must be >= 0")
+        return layer, (y, x)
+    return text, None
+
+
+def run(args: argparse.Namespace) -> int:
+    from .._fs import atomic_path
+    from ..backprop import crop_image, layer_field
+    from ..errors import DeepvisError, InputError
+    from ..io import load_image, resolve_input
+
+    layer, pos = _parse(args.unit)
+    out = Path(args.output) if args.output else None
+    if (out is None) != (args.image is None):
+        raise DeepvisError("--image and -o go together: give both to write a crop, or neither")
+    if out is not None and out.suffix.lower() not in _FORMATS:
+        raise DeepvisError(f"output {out} should be a .png, .jpg or .webp file")
+    src = None
+    if args.image:
+        src = resolve_input(args.image)
+        if not src.exists():
+            raise InputError(f"input not found: {src}")
+    model = model_from_args(args)
+    geo = layer_field(model, layer)
+    rf = geo.at(pos)
+    if out is not None and src is not None:
+        image = model.preprocessing.fit(load_image(src, model.preprocessing.pil_mode))
+        with atomic_path(out) as tmp:
+            crop_image(image, rf).save(tmp, format=_FORMATS[out.suffix.lower()])
+    if args.json:
+        print_json({**rf.to_dict(), "layer_field": geo.to_dict(), "output": str(out) if out else None})
+        return 0
+    top, left, bottom, right = rf.box
+    where = f"{layer}@{pos[0]},{pos[1]}" if pos else f"{layer} (whole map)"
+    print(f"{where}: input rows {top} to {bottom - 1}, columns {left} to {right - 1} ({bottom - top}x{right - left} px)")
+    if rf.clipped:
+        ft, fl, fb, fr = rf.field
+        print(f"  clipped by the border; full field rows {ft} to {fb - 1}, columns {fl} to {fr - 1}")
+    h, w = geo.input_size
+    sy, sx = geo.stride
+    grid = f"{geo.output_size[0]}x{geo.output_size[1]} map, " if geo.output_size else ""
+    print(f"  layer {layer}: {grid}field {geo.size[0]}x{geo.size[1]} px, stride {sy:g}x{sx:g} px, input {h}x{w}")
+    if out is not None:
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
