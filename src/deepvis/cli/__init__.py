@@ -15,7 +15,7 @@ from collections.abc import Sequence
 __all__ = ["main", "build_parser", "COMMAND_MODULES"]
 
 #: sub-command modules, in the order ``--help`` lists them
-COMMAND_MODULES = ("info", "models", "layers", "predict", "activations", "optimize", "atlas", "atlas_show", "serve")
+COMMAND_MODULES = ("info", "models", "layers", "predict", "activations", "backprop", "rf", "optimize", "atlas", "atlas_show", "report", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
