@@ -1,0 +1,114 @@
+"""``deepvis serve``: the live toolbox in the browser."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import add_model_options
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="start the live toolbox in the browser",
+        description="Start a local web app showing every layer of the model responding to your camera, a video, "
+        "an image or the sample photos, live. Prints the URL to open; it carries a random token that every "
+        "request needs, so other pages and users cannot drive the server.",
+    )
+    p.add_argument("--atlas", metavar="ATLAS", help="an atlas folder (see `deepvis atlas`): top images and synthesized images per unit")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: %(default)s)")
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also accept this host name in the browser's address (needed with --host 0.0.0.0); repeatable",
+    )
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for the network (default: PyTorch's choice)")
+    p.add_argument("--no-backprop", action="store_true", help="do not offer the backprop view")
+    p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"), help="server log level (default: %(default)s)")
+    add_model_options(p)
+    p.set_defaults(func=run)
+
+
+def bind(host: str, port: int):
+    """A listening socket on ``host:port`` (port 0: a free one), or a clear error."""
+    import socket
+
+    from ..errors import DeepvisError
+
+    if not 0 <= port <= 65535:
+        raise DeepvisError(f"--port must be between 0 and 65535, not {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise DeepvisError(f"cannot listen on {host!r}: {exc.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        hint = "; choose another --port (0 picks a free one)" if exc.errno in (98, 48) else ""
+        raise DeepvisError(f"cannot listen on {host}:{port}: {exc.strerror}{hint}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_for(host: str, port: int, token: str) -> str:
+    """The URL to open: loopback for wildcard addresses, brackets around IPv6 addresses."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+    if ":" in shown:
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}/?token={token}"
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..errors import DeepvisError
+    from ..server import ServerConfig, create_app
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise DeepvisError("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.atlas is not None:
+        from pathlib import Path
+
+        if not Path(args.atlas).is_dir():
+            raise DeepvisError(f"atlas folder not found: {args.atlas}")
+    sock = bind(args.host, args.port)
+    try:
+        port = sock.getsockname()[1]
+        config = ServerConfig(
+            model=args.model,
+            weights=args.weights,
+            labels=args.labels,
+            input_size=args.input_size,
+            device=args.device,
+            atlas=args.atlas,
+            host=args.host,
+            port=port,
+            allowed_hosts=tuple(args.allow_host),
+            backprop=not args.no_backprop,
+        )
+        app = create_app(config)
+        token = app.state.toolbox.token
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"deepvis serve: listening on {args.host}: anyone who can reach this machine and has the token can use it", file=sys.stderr)
+        print(f"deepvis serve: open {url_for(args.host, port, token)}", flush=True)
+        print("(Ctrl-C to stop)", file=sys.stderr, flush=True)
+        server = uvicorn.Server(
+            uvicorn.Config(app, log_level=args.log_level, ws_max_size=8 * 1024 * 1024, ws_ping_interval=20.0, ws_ping_timeout=20.0, lifespan="on")
+        )
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    return 0

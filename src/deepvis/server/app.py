@@ -1,0 +1,267 @@
+"""The FastAPI app: routes, the WebSocket handler, and the :class:`Toolbox` that holds all state.
+
+Everything lives on the app (``app.state.toolbox``): no module-level state, so several apps (tests,
+several models) can live in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.responses import JSONResponse, Response
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+from starlette.websockets import WebSocketDisconnect
+
+from ..capture import LOGITS
+from ..errors import DeepvisError, InputError
+from ..io import decode_image, load_image, sample_photos, to_mode
+from ..models.model import Model
+from ..render import COLORMAPS, colormap_lut
+from .config import ServerConfig
+from .engine import Engine, TooManySessions
+from .frames import fit_image
+from .protocol import ProtocolError, pack, text, unpack
+from .security import Guard, GuardMiddleware, new_token
+from .session import Frame, RawFrame, Session
+from .static_files import StaticFiles
+
+__all__ = ["create_app", "Toolbox"]
+
+log = logging.getLogger("deepvis.server")
+
+#: largest text message accepted from a page
+MAX_TEXT_BYTES = 65_536
+
+
+def _json_error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers={"cache-control": "no-store"})
+
+
+class Toolbox:
+    """The state of one running toolbox: the model, the frame engine, the guard, the page's files."""
+
+    def __init__(self, config: ServerConfig, model: Model) -> None:
+        self.config = config
+        self.model = model
+        self.token = config.token or new_token()
+        hosts = list(config.allowed_hosts)
+        if config.host not in ("0.0.0.0", "::", ""):
+            hosts.append(config.host)
+        self.guard = Guard(self.token, hosts)
+        self.static = StaticFiles()
+        self.samples = {name: path for name, path in sample_photos().items()}
+        self.engine = Engine(model, max_sessions=config.max_sessions)
+        self.filters: tuple[str, ...] = ("raw",)
+
+    # -- what a page learns when it connects --------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        m = self.model
+        p = m.preprocessing
+        return {
+            "model": {
+                "name": m.name,
+                "input_size": list(p.input_size),
+                "crop_pct": p.crop_pct,
+                "channels": p.channels,
+                "num_classes": m.num_classes,
+            },
+            "layers": [
+                {"name": i.name, "type": i.type, "shape": list(i.shape), "same_as": i.same_as, "classes": self.engine.processor.is_class_layer(i.name)}
+                for i in self.engine.processor.table
+            ],
+            "default_settings": self.engine.default_settings.to_dict(),
+            "samples": sorted(self.samples),
+            "colormaps": {name: colormap_lut(name).reshape(-1).tolist() for name in COLORMAPS},
+            "backprop": {"available": self.engine.backprop_available, "filters": list(self.filters)},
+            "atlas": {"available": False},
+            "synthesis": {"available": False},
+            "limits": {"max_upload_bytes": self.config.max_upload_bytes, "max_upload_pixels": self.config.max_upload_pixels},
+        }
+
+    def hello(self, session: Session) -> str:
+        return text("hello", session=session.id, class_names=self.model.class_names, logits=LOGITS, **self.info())
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def submit_still(self, session: Session, image: Image.Image, source: str, name: str | None) -> None:
+        """Make a still image (upload, sample) the page's input; the page gets it back as the model sees it.
+
+        Runs in a worker thread (resizing and JPEG encoding take a few milliseconds).
+        """
+        fitted = fit_image(to_mode(image, self.model.preprocessing.pil_mode), self.model)
+        buf = io.BytesIO()
+        fitted.convert("RGB").save(buf, format="JPEG", quality=92)
+        msg = pack({"type": "input", "source": source, "name": name, "w": fitted.width, "h": fitted.height}, {"jpeg": buf.getvalue()})
+        self.engine.post_latest(session, "input", msg)
+        self.engine.submit_frame(session, Frame(fitted, source, name=name))
+
+    def load_sample(self, name: str) -> Image.Image:
+        path = self.samples.get(name)
+        if path is None:
+            raise InputError(f"no sample photo named {name!r}")
+        return load_image(path, self.model.preprocessing.pil_mode, max_pixels=self.config.max_upload_pixels)
+
+    # -- messages from a page ----------------------------------------------------------------------
+    def on_binary(self, session: Session, data: bytes) -> None:
+        header, payload = unpack(data)
+        if header.get("type") != "frame":
+            raise ProtocolError(f"unknown binary message type {header.get('type')!r}")
+        seq, w, h = header.get("seq"), header.get("w"), header.get("h")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (seq, w, h)):
+            raise ProtocolError("a frame needs integer seq, w and h")
+        source = header.get("source", "camera")
+        if source not in ("camera", "video", "image"):
+            raise ProtocolError(f"unknown frame source {source!r}")
+        self.engine.submit_frame(session, RawFrame(seq, w, h, str(header.get("format", "rgba")), payload, source))
+
+    async def on_text(self, session: Session, raw: str) -> None:
+        if len(raw) > MAX_TEXT_BYTES:
+            raise ProtocolError("message too long")
+        try:
+            msg = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ProtocolError(f"message is not JSON: {exc}") from None
+        if not isinstance(msg, dict):
+            raise ProtocolError("a message must be a JSON object")
+        kind = msg.get("type")
+        if kind == "settings":
+            settings = self.engine.update_settings(session, msg, self.filters)
+            self.engine.post_event(session, text("settings", settings=settings.to_dict()))
+        elif kind == "sample":
+            name = msg.get("name")
+            if not isinstance(name, str):
+                raise ProtocolError("sample needs a name")
+            image = await asyncio.to_thread(self.load_sample, name)
+            await asyncio.to_thread(self.submit_still, session, image, "sample", name)
+        elif kind == "ping":
+            self.engine.post_event(session, text("pong", t=msg.get("t"), status=self.engine.status()))
+        else:
+            raise ProtocolError(f"unknown message type {kind!r}")
+
+
+async def _sender(ws: WebSocket, engine: Engine, session: Session) -> None:
+    """Send a page what is waiting for it; blocks (only this task) while the page does not read."""
+    try:
+        while True:
+            await session.wake.wait()
+            session.wake.clear()
+            for msg in engine.take(session):
+                if isinstance(msg, bytes):
+                    await ws.send_bytes(msg)
+                else:
+                    await ws.send_text(msg)
+    except (WebSocketDisconnect, OSError, RuntimeError) as exc:  # the page went away mid-send
+        log.debug("page %s gone while sending: %s", session.id, exc)
+
+
+def create_app(config: ServerConfig | None = None) -> FastAPI:
+    """Build the toolbox web app for ``config`` (loads the model now; threads start with the app).
+
+    The launch token is ``app.state.toolbox.token``; the page's URL is ``/?token=<token>``.
+    """
+    config = config or ServerConfig()
+    if isinstance(config.model, Model):
+        model = config.model
+    else:
+        from ..models import load_model
+
+        model = load_model(config.model, weights=config.weights, labels=config.labels, device=config.device, input_size=config.input_size)
+    toolbox = Toolbox(config, model)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        toolbox.engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(toolbox.engine.close)
+
+    app = FastAPI(title="deepvis", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.toolbox = toolbox
+    app.add_middleware(GuardMiddleware, guard=toolbox.guard)
+
+    @app.get("/")
+    async def index(request: Request) -> Response:
+        page, csp = toolbox.static.index(toolbox.token, request.headers.get("host", ""))
+        return Response(page, media_type="text/html; charset=utf-8", headers={"content-security-policy": csp, "cache-control": "no-store"})
+
+    @app.get("/static/{name:path}")
+    async def static(name: str) -> Response:
+        asset = toolbox.static.get(name)
+        if asset is None:
+            return _json_error(404, "not found")
+        return Response(asset.body, media_type=asset.content_type, headers={"cache-control": "no-cache"})
+
+    @app.get("/api/health")
+    async def health() -> dict[str, Any]:
+        return {"ok": True, **toolbox.engine.status()}
+
+    @app.get("/api/info")
+    async def info() -> dict[str, Any]:
+        return toolbox.info()
+
+    @app.post("/api/upload")
+    async def upload(request: Request, session: str = "", name: str = "") -> Response:
+        s = toolbox.engine.session(session)
+        if s is None:
+            return _json_error(404, "unknown page session: reload the page")
+        cap = config.max_upload_bytes
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > cap):
+            return _json_error(413, f"upload too large: the limit is {cap // (1024 * 1024)} MB")
+        chunks: list[bytes] = []
+        total = 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > cap:
+                return _json_error(413, f"upload too large: the limit is {cap // (1024 * 1024)} MB")
+            chunks.append(chunk)
+        label = (name or "upload")[:200]
+        try:
+            image = await run_in_threadpool(
+                decode_image, b"".join(chunks), toolbox.model.preprocessing.pil_mode, max_pixels=config.max_upload_pixels, name=label
+            )
+        except InputError as exc:
+            return _json_error(400, str(exc))
+        await run_in_threadpool(toolbox.submit_still, s, image, "image", label)
+        return JSONResponse({"ok": True, "name": label, "width": image.width, "height": image.height})
+
+    @app.websocket("/ws")
+    async def websocket(ws: WebSocket) -> None:
+        try:
+            session = toolbox.engine.open_session(asyncio.get_running_loop())
+        except TooManySessions as exc:
+            await ws.close(code=1013, reason=str(exc)[:120])
+            return
+        await ws.accept()
+        toolbox.engine.post_event(session, toolbox.hello(session))
+        sender = asyncio.create_task(_sender(ws, toolbox.engine, session))
+        try:
+            while True:
+                message = await ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                try:
+                    if message.get("bytes") is not None:
+                        toolbox.on_binary(session, message["bytes"])
+                    elif message.get("text") is not None:
+                        await toolbox.on_text(session, message["text"])
+                except DeepvisError as exc:
+                    toolbox.engine.post_event(session, text("error", scope="message", message=str(exc)))
+                except Exception as exc:  # a bug: log it, tell the page, keep the connection
+                    log.exception("message handling failed")
+                    toolbox.engine.post_event(session, text("error", scope="message", message=f"internal error: {type(exc).__name__}: {exc}"))
+        finally:
+            toolbox.engine.close_session(session)
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+
+    return app

@@ -1,0 +1,46 @@
+"""The server's settings, one typed object (what ``deepvis serve`` fills from its options)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from ..models.model import Model
+
+__all__ = ["ServerConfig", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MAX_UPLOAD_PIXELS"]
+
+#: uploads larger than this are refused with 413 before they are decoded
+DEFAULT_MAX_UPLOAD_BYTES = 32 * 1024 * 1024
+#: uploaded images with more pixels than this are refused (decompression bombs)
+DEFAULT_MAX_UPLOAD_PIXELS = 40_000_000
+
+
+@dataclass
+class ServerConfig:
+    """How to build the app.
+
+    ``model`` is a model spec (see ``deepvis models``) or a loaded :class:`~deepvis.models.Model`;
+    ``weights``/``labels``/``input_size``/``device`` apply to a spec. ``atlas`` is an atlas folder
+    (optional). ``host``/``port`` are where the server listens (used in the printed URL and to accept
+    that name in the ``Host`` header). ``token`` is the launch token (None: a random one per app).
+    ``allowed_hosts`` adds host names the browser may use (e.g. this machine's name when listening on
+    0.0.0.0). ``max_sessions`` caps the pages served at once.
+    """
+
+    model: str | Model = "default"
+    weights: str | None = None
+    labels: str | None = None
+    input_size: int | None = None
+    device: str = "auto"
+    atlas: str | os.PathLike[str] | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None
+    allowed_hosts: tuple[str, ...] = field(default_factory=tuple)
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    max_upload_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS
+    max_sessions: int = 16
+    #: compute the backprop unit view when deepvis.backprop is installed
+    backprop: bool = True
+    #: allow on-demand synthesis (activation maximization) when deepvis.optimize is installed
+    synthesis: bool = True

@@ -1,0 +1,419 @@
+"""The frame engine: one frame loop for every page, background workers for heavy views.
+
+Design (see docs/server.md):
+
+* Each page (:class:`~deepvis.server.session.Session`) has one slot for its newest unprocessed frame.
+  A frame that arrives while the previous one still waits replaces it; the replaced one is counted as
+  dropped. Nothing queues without bound.
+* One frame-loop thread serves the pages round-robin. It takes a page's frame only when that page's
+  previous result has been taken by its sender, so a page that stops reading costs no compute and
+  holds at most one result, and cannot delay the others.
+* Heavy per-frame work (the backprop unit view) runs in :class:`LatestJobs` workers on their own copy
+  of the network: the frame loop hands them the newest frame's input and moves on. Synthesis runs in
+  its own worker (:mod:`deepvis.server.synthesis`).
+* All session fields are guarded by one condition lock, held only to pick or post work, never while
+  computing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from ..capture import LayerInfo
+from ..errors import DeepvisError
+from ..models.model import Model
+from .frames import FrameProcessor, frame_image
+from .protocol import ViewSettings, pack, text
+from .session import Frame, Message, RawFrame, Session
+
+__all__ = ["Engine", "LatestJobs", "TooManySessions", "replica", "default_layer"]
+
+log = logging.getLogger("deepvis.server")
+
+J = TypeVar("J")
+
+
+class TooManySessions(DeepvisError):
+    """The server already serves its maximum number of pages."""
+
+
+def replica(model: Model) -> Model:
+    """A private copy of the model's network (same weights, preprocessing and names) for a worker thread.
+
+    Capture and the unit views add temporary hooks to the network they run on; threads that share a
+    network would see each other's hooks, so every worker runs on its own copy.
+    """
+    return Model(copy.deepcopy(model.module), model.preprocessing, model.name, model.class_names)
+
+
+def default_layer(table: list[LayerInfo]) -> str:
+    """A mid-depth convolutional layer to open the page on (the logits for a model without maps)."""
+    maps = [i for i in table if i.spatial and i.same_as is None and i.type != "Identity"]
+    if not maps:
+        return table[-1].name
+    return maps[int(len(maps) * 0.45)].name
+
+
+class _Rate:
+    """Events per second over the last ``window`` seconds."""
+
+    def __init__(self, window: float = 2.0) -> None:
+        self.window = window
+        self.times: deque[float] = deque()
+
+    def tick(self, now: float) -> None:
+        self.times.append(now)
+        while self.times and now - self.times[0] > self.window:
+            self.times.popleft()
+
+    def rate(self, now: float) -> float:
+        while self.times and now - self.times[0] > self.window:
+            self.times.popleft()
+        if len(self.times) < 2:
+            return 0.0
+        return (len(self.times) - 1) / max(1e-6, self.times[-1] - self.times[0])
+
+
+class LatestJobs(Generic[J]):
+    """A worker thread that runs, for each page, only the newest job submitted for it.
+
+    ``run(session, job)`` computes a message (or None) outside the lock; it is posted as the page's
+    newest ``kind`` message. A page whose previous ``kind`` message has not been taken yet is skipped
+    until it has (its job waits, replaced by any newer one), so a page that stops reading costs
+    nothing. Errors a user can cause are sent to the page; others are logged and sent too.
+    """
+
+    def __init__(self, name: str, kind: str, cond: threading.Condition, run: Callable[[Session, J], Message | None]) -> None:
+        self.name = name
+        self.kind = kind
+        self._cond = cond
+        self._run = run
+        self._jobs: dict[str, tuple[Session, J]] = {}
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.done = 0
+        self.replaced = 0
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+            self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, session: Session, job: J) -> None:
+        """Replace the page's waiting job (if any) with ``job``. Call with or without the lock held."""
+        with self._cond:
+            if session.id in self._jobs:
+                self.replaced += 1
+            self._jobs[session.id] = (session, job)
+            self._cond.notify_all()
+
+    def drop(self, session: Session) -> None:
+        with self._cond:
+            self._jobs.pop(session.id, None)
+
+    def pending(self, session: Session) -> bool:
+        with self._cond:
+            return session.id in self._jobs
+
+    def _pick(self) -> tuple[Session, J] | None:
+        for sid, (session, job) in list(self._jobs.items()):
+            if session.closed:
+                del self._jobs[sid]
+            elif self.kind not in session.latest:
+                del self._jobs[sid]
+                return session, job
+        return None
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                item = self._pick()
+                while item is None:
+                    if self._stop:
+                        return
+                    self._cond.wait()
+                    item = self._pick()
+            session, job = item
+            try:
+                msg = self._run(session, job)
+            except DeepvisError as exc:
+                msg = text("error", scope=self.kind, message=str(exc))
+            except Exception as exc:  # a bug: keep serving, log it, tell the page
+                log.exception("%s failed", self.name)
+                msg = text("error", scope=self.kind, message=f"internal error in {self.kind}: {type(exc).__name__}: {exc}")
+            if msg is None:
+                continue
+            with self._cond:
+                self.done += 1
+                if not session.closed:
+                    if isinstance(msg, str):
+                        session.put_event(msg)
+                    else:
+                        session.put_latest(self.kind, msg)
+
+
+class Engine:
+    """Serves the live view of one model to any number of pages (up to ``max_sessions``).
+
+    ``unit_view(model, x, settings) -> (header, blobs)`` computes the backprop view of the selected
+    unit for a model input ``x`` (1, C, H, W); it runs in a background worker on a replica of the
+    network. None disables the backprop view.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        unit_view: Callable[[Model, torch.Tensor, ViewSettings], tuple[dict[str, Any], Mapping[str, bytes]]] | None = None,
+        max_sessions: int = 16,
+        max_events: int = 64,
+    ) -> None:
+        self.model = model
+        self.processor = FrameProcessor(model)
+        self.default_settings = ViewSettings(layer=default_layer(self.processor.table))
+        self.max_sessions = max_sessions
+        self.max_events = max_events
+        self._cond = threading.Condition()
+        self._sessions: dict[str, Session] = {}
+        self._rr = 0
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._rate = _Rate()
+        self.frames_done = 0
+        self._unit_view = unit_view
+        self._unit_model: Model | None = None
+        self.unit_views: LatestJobs[tuple[torch.Tensor, ViewSettings, int | None]] | None = None
+        if unit_view is not None:
+            self.unit_views = LatestJobs("deepvis-unit-view", "backprop", self._cond, self._run_unit_view)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the frame loop and the background workers (idempotent)."""
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="deepvis-frames", daemon=True)
+            self._thread.start()
+        if self.unit_views is not None:
+            self.unit_views.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop every thread (waits for the current frame to finish)."""
+        with self._cond:
+            self._stop = True
+            for s in self._sessions.values():
+                s.closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        if self.unit_views is not None:
+            self.unit_views.close(timeout)
+
+    @property
+    def backprop_available(self) -> bool:
+        return self.unit_views is not None
+
+    # -- pages (called from the event loop) -------------------------------------------------------
+    def open_session(self, loop: asyncio.AbstractEventLoop) -> Session:
+        """Register a new page; raises :class:`TooManySessions` past ``max_sessions``."""
+        with self._cond:
+            if len(self._sessions) >= self.max_sessions:
+                raise TooManySessions(f"the server already serves {self.max_sessions} pages; close one and reload")
+            sid = secrets.token_hex(8)
+            s = Session(sid, loop, self.default_settings, max_events=self.max_events)
+            self._sessions[sid] = s
+            return s
+
+    def session(self, sid: str) -> Session | None:
+        with self._cond:
+            return self._sessions.get(sid)
+
+    def close_session(self, session: Session) -> None:
+        """Forget a page; work in progress for it is discarded when it finishes."""
+        with self._cond:
+            session.closed = True
+            session.pending = None
+            session.current = None
+            session.latest.clear()
+            session.events.clear()
+            self._sessions.pop(session.id, None)
+            self._cond.notify_all()
+        if self.unit_views is not None:
+            self.unit_views.drop(session)
+
+    def sessions(self) -> list[Session]:
+        with self._cond:
+            return list(self._sessions.values())
+
+    def submit_frame(self, session: Session, frame: RawFrame | Frame) -> None:
+        """Make ``frame`` the page's newest input; a frame still waiting is dropped (and counted)."""
+        with self._cond:
+            if session.closed:
+                return
+            session.stats.received += 1
+            if session.pending is not None:
+                session.stats.dropped += 1
+            session.pending = frame
+            self._cond.notify_all()
+
+    def update_settings(self, session: Session, data: Mapping[str, Any], filters: tuple[str, ...]) -> ViewSettings:
+        """Apply a ``settings`` message (validated against the model); the current frame is redrawn with them."""
+        new = ViewSettings.parse(data, session.settings, filters)
+        if new.layer != session.settings.layer and "unit" not in data:
+            new = replace(new, unit=0, position=None)
+        self.processor.check(new)
+        if new.backprop != "off" and self.unit_views is None:
+            raise DeepvisError("the backprop view is not available on this server (deepvis.backprop is missing)")
+        with self._cond:
+            if new != session.settings:
+                session.settings = new
+                session.dirty = session.current is not None
+                self._cond.notify_all()
+        return new
+
+    def post_event(self, session: Session, msg: Message) -> None:
+        """Queue an event message for a page (thread-safe)."""
+        with self._cond:
+            if not session.closed:
+                session.put_event(msg)
+
+    def post_latest(self, session: Session, kind: str, msg: Message) -> None:
+        """Make ``msg`` the page's newest ``kind`` message (thread-safe)."""
+        with self._cond:
+            if not session.closed:
+                session.put_latest(kind, msg)
+
+    def take(self, session: Session) -> list[Message]:
+        """Everything waiting for the page (its sender calls this); frees its slots for new results."""
+        with self._cond:
+            msgs = session.take()
+            if msgs:
+                self._cond.notify_all()
+            return msgs
+
+    def status(self) -> dict[str, Any]:
+        """Engine-wide figures: pages, frames processed, current frames per second."""
+        with self._cond:
+            return {
+                "sessions": len(self._sessions),
+                "frames": self.frames_done,
+                "fps": round(self._rate.rate(time.monotonic()), 2),
+                "unit_views": self.unit_views.done if self.unit_views else 0,
+            }
+
+    # -- the frame loop ---------------------------------------------------------------------------
+    def _pick(self) -> tuple[Session, RawFrame | Frame, ViewSettings] | None:
+        ids = list(self._sessions)
+        n = len(ids)
+        for i in range(n):
+            s = self._sessions[ids[(self._rr + i) % n]]
+            if s.closed or "frame" in s.latest:
+                continue
+            if s.pending is not None:
+                frame, s.pending, s.dirty = s.pending, None, False
+            elif s.dirty and s.current is not None:
+                frame, s.dirty = s.current, False
+            else:
+                continue
+            self._rr = (self._rr + i + 1) % max(1, n)
+            return s, frame, s.settings
+        return None
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                job = self._pick()
+                while job is None:
+                    if self._stop:
+                        return
+                    self._cond.wait()
+                    job = self._pick()
+            session, frame, settings = job
+            start = time.perf_counter()
+            started = time.monotonic()
+            try:
+                msg, frame_done, x = self._process(session, frame, settings, started)
+            except DeepvisError as exc:
+                self._fail(session, str(exc))
+                continue
+            except Exception as exc:  # a bug: keep serving the other pages, log it, tell this one
+                log.exception("frame processing failed")
+                self._fail(session, f"internal error: {type(exc).__name__}: {exc}")
+                continue
+            with self._cond:
+                now = time.monotonic()
+                self.frames_done += 1
+                self._rate.tick(now)
+                session.busy_s += time.perf_counter() - start
+                if session.closed:
+                    continue
+                session.current = frame_done
+                session.stats.processed += 1
+                session.stats.last_ms = (time.perf_counter() - start) * 1000
+                session.put_latest("frame", msg)
+            if settings.backprop != "off" and self.unit_views is not None:
+                self.unit_views.submit(session, (x, settings, frame_done.seq))
+
+    def _fail(self, session: Session, message: str) -> None:
+        with self._cond:
+            session.stats.errors += 1
+            if not session.closed:
+                session.put_event(text("error", scope="frame", message=message))
+
+    def _process(self, session: Session, frame: RawFrame | Frame, settings: ViewSettings, started: float) -> tuple[bytes, Frame, torch.Tensor]:
+        if isinstance(frame, RawFrame):
+            image = frame_image(frame.pixels, frame.width, frame.height, frame.fmt, self.model)
+            frame = Frame(image, frame.source, frame.seq, received=frame.received)
+        if frame.x is None:
+            frame.x = self.processor.to_input(frame.image)
+        out = self.processor.process(frame.x, settings, session.diff)
+        header = out.header
+        header.update(
+            seq=frame.seq,
+            source=frame.source,
+            ms=round((time.monotonic() - started) * 1000, 2),
+            wait_ms=round((started - frame.received) * 1000, 2),
+        )
+        with self._cond:
+            header["stats"] = {**session.stats.to_dict(), "server_fps": round(self._rate.rate(time.monotonic()), 2)}
+        return pack(header, out.blobs), frame, frame.x
+
+    # -- background unit views ------------------------------------------------------------------
+    def _run_unit_view(self, session: Session, job: tuple[torch.Tensor, ViewSettings, int | None]) -> Message | None:
+        x, settings, seq = job
+        if self._unit_view is None:
+            return None
+        if self._unit_model is None:
+            self._unit_model = replica(self.model)
+        start = time.perf_counter()
+        header, blobs = self._unit_view(self._unit_model, x, settings)
+        header = {
+            "type": "backprop",
+            "layer": settings.layer,
+            "unit": settings.unit,
+            "mode": settings.backprop,
+            "filter": settings.filter,
+            "seq": seq,
+            "ms": round((time.perf_counter() - start) * 1000, 2),
+            **header,
+        }
+        return pack(header, blobs)
+

@@ -1,0 +1,205 @@
+"""One frame of the live view: a forward pass, the layer's tiles as ``uint8``, the unit's map, the predictions.
+
+Everything the page needs from one frame comes out of one forward pass (the selected layer and the
+logits are captured together). The grid is sent as raw ``uint8`` values, one byte per activation,
+already normalized and boosted; the page tiles them and applies the colormap.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..capture import LOGITS, LayerInfo, capture, get_layer, layer_table
+from ..errors import InputError, UnitError
+from ..models.model import Model
+from ..predictions import top_k
+from ..render import normalize_activations
+from .protocol import ViewSettings
+
+__all__ = ["FrameProcessor", "FrameOutput", "DiffState", "MAX_GRID_VALUES", "grid_factor", "quantize", "frame_image"]
+
+#: a layer's tiles are average-pooled by an integer factor until they hold at most this many values
+MAX_GRID_VALUES = 1 << 18
+#: the running mean of the diff view: mean += DIFF_RATE * (activation - mean) per frame
+DIFF_RATE = 0.1
+#: largest frame a page may send, in pixels (the page sends frames at the model's input size)
+MAX_FRAME_PIXELS = 4096 * 4096
+
+
+def grid_factor(shape: tuple[int, ...], budget: int = MAX_GRID_VALUES) -> int:
+    """The smallest integer pooling factor that brings a (C, H, W) layer under ``budget`` values (1 for vectors)."""
+    if len(shape) != 3:
+        return 1
+    c, h, w = shape
+    f = 1
+    while c * math.ceil(h / f) * math.ceil(w / f) > budget and f < max(h, w):
+        f += 1
+    return f
+
+
+def quantize(x01: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] → ``uint8`` 0–255 (clipped, rounded)."""
+    return np.clip(x01 * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def frame_image(pixels: memoryview | bytes, width: int, height: int, fmt: str, model: Model) -> Image.Image:
+    """Turn raw RGBA/RGB bytes from the page into an image at the model's input size, in its mode."""
+    channels = {"rgba": 4, "rgb": 3}.get(fmt)
+    if channels is None:
+        raise InputError(f"frame format {fmt!r} is not supported: send rgba or rgb")
+    if not (isinstance(width, int) and isinstance(height, int)) or width < 1 or height < 1 or width * height > MAX_FRAME_PIXELS:
+        raise InputError(f"frame size {width}x{height} is not allowed")
+    if len(pixels) != width * height * channels:
+        raise InputError(f"frame has {len(pixels)} bytes, expected {width}x{height}x{channels}")
+    arr = np.frombuffer(pixels, dtype=np.uint8).reshape(height, width, channels)[:, :, :3]
+    im = Image.fromarray(np.ascontiguousarray(arr), "RGB")
+    if model.preprocessing.pil_mode != "RGB":
+        im = im.convert(model.preprocessing.pil_mode)
+    return fit_image(im, model)
+
+
+def fit_image(im: Image.Image, model: Model) -> Image.Image:
+    """An image as the model sees it: resized and center-cropped to the input size (unchanged if it already fits)."""
+    h, w = model.preprocessing.input_size
+    if im.size == (w, h):
+        return im
+    return model.preprocessing.fit(im)
+
+
+@dataclass
+class DiffState:
+    """The running mean of one layer's activations, for the diff view (one per page)."""
+
+    layer: str | None = None
+    mean: torch.Tensor | None = None
+    frames: int = 0
+
+    def reset(self) -> None:
+        self.layer, self.mean, self.frames = None, None, 0
+
+    def update(self, layer: str, acts: torch.Tensor) -> torch.Tensor:
+        """Return ``acts`` minus the running mean before this frame, then fold ``acts`` into the mean."""
+        if self.layer != layer or self.mean is None or self.mean.shape != acts.shape:
+            self.layer, self.mean, self.frames = layer, acts.clone(), 0
+        diff = acts - self.mean
+        self.mean.add_(diff, alpha=DIFF_RATE)
+        self.frames += 1
+        return diff
+
+
+@dataclass
+class FrameOutput:
+    """What one frame produced: a JSON-able header and the binary payloads (``grid``, ``unit``)."""
+
+    header: dict[str, Any]
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    #: the model input (1, C, H, W) this frame was computed from, for the background unit view
+    x: torch.Tensor | None = None
+
+
+class FrameProcessor:
+    """Computes the live view of frames for one model; holds no per-page state (that is passed in)."""
+
+    def __init__(self, model: Model, *, k: int = 5) -> None:
+        self.model = model
+        self.k = k
+        self.table = layer_table(model)
+        self._by_name = {info.name: info for info in self.table}
+        self.has_logits = LOGITS in self._by_name
+        n = model.num_classes
+        self._class_layers = {i.name for i in self.table if n is not None and i.shape == (n,)}
+
+    def layer(self, name: str) -> LayerInfo:
+        info = self._by_name.get(name)
+        return info if info is not None else get_layer(self.model, name)
+
+    def check(self, settings: ViewSettings) -> LayerInfo:
+        """Validate the settings' layer, unit and position against the model."""
+        info = self.layer(settings.layer)
+        if settings.unit >= info.units:
+            raise UnitError(f"unit {settings.unit} is out of range: layer {info.name} has {info.units} units (0-{info.units - 1})")
+        if settings.position is not None:
+            if not info.spatial:
+                raise UnitError(f"layer {info.name} has no spatial map, so a position does not apply")
+            h, w = info.shape[1:]
+            if not (settings.position[0] < h and settings.position[1] < w):
+                raise UnitError(f"position {settings.position} is outside the {h}x{w} map of {info.name}")
+        return info
+
+    def is_class_layer(self, name: str) -> bool:
+        """True when the layer's units are the model's classes (so they have labels)."""
+        return name in self._class_layers
+
+    def to_input(self, image: Image.Image) -> torch.Tensor:
+        """A fitted image → model input (1, C, H, W) on the model's device."""
+        return self.model.preprocessing.to_tensor(fit_image(image, self.model), crop=False)[None].to(self.model.device)
+
+    def process(self, x: torch.Tensor, settings: ViewSettings, diff: DiffState | None = None) -> FrameOutput:
+        """Run one frame (1, C, H, W) and build the page's view of it (see module docstring)."""
+        info = self.check(settings)
+        names = [info.name]
+        if self.has_logits and info.name != LOGITS:
+            names.append(LOGITS)
+        acts = capture(self.model, x, names, stop_early=True)
+        a = acts[info.name][0].detach().float()
+        header: dict[str, Any] = {"type": "frame", "layer": info.name, "unit": settings.unit}
+        blobs: dict[str, bytes] = {}
+
+        if self.has_logits:
+            logits = acts[LOGITS]
+            header["predictions"] = [
+                {"index": p.index, "label": p.label, "probability": round(p.probability, 5)} for p in top_k(self.model, logits, self.k)[0]
+            ]
+
+        shown = a
+        if settings.diff and diff is not None:
+            shown = diff.update(info.name, a)
+        elif diff is not None and diff.layer is not None:
+            diff.reset()
+        factor = grid_factor(tuple(a.shape))
+        if factor > 1:
+            shown = F.avg_pool2d(shown[None], factor, ceil_mode=True)[0]
+        header["grid"] = {"shape": list(shown.shape), "factor": factor, "diff": bool(settings.diff)}
+        blobs["grid"] = self._grid_bytes(shown, settings)
+
+        unit = a[settings.unit]
+        header["unit_stats"] = self._unit_stats(unit, info, settings)
+        if info.spatial:
+            blobs["unit"] = quantize(normalize_activations(unit[None], "channel")[0]).tobytes()
+            header["unit_shape"] = list(unit.shape)
+        if self.is_class_layer(info.name):
+            header["unit_label"] = self.model.label(settings.unit)
+        return FrameOutput(header, blobs, x)
+
+    def _grid_bytes(self, shown: torch.Tensor, s: ViewSettings) -> bytes:
+        if s.diff:
+            d = shown.cpu().numpy()
+            axes = tuple(range(1, d.ndim)) if (s.normalize == "channel" and d.ndim > 1) else None
+            scale = np.abs(d).max(axis=axes, keepdims=True) if axes else np.array(np.abs(d).max())
+            scale = np.where(scale > 0, scale, 1.0)
+            v = 0.5 + 0.5 * np.clip(d * (s.gain / scale), -1.0, 1.0)
+        else:
+            v = normalize_activations(shown, s.normalize)  # type: ignore[arg-type]
+            if s.gain != 1.0:
+                v = np.clip(v * s.gain, 0.0, 1.0)
+            if s.gamma != 1.0:
+                v = np.power(v, s.gamma)
+        return quantize(v).tobytes()
+
+    @staticmethod
+    def _unit_stats(unit: torch.Tensor, info: LayerInfo, s: ViewSettings) -> dict[str, Any]:
+        stats: dict[str, Any] = {"max": float(unit.max()), "min": float(unit.min()), "mean": float(unit.mean())}
+        if info.spatial:
+            flat = int(unit.argmax())
+            w = unit.shape[1]
+            stats["argmax"] = [flat // w, flat % w]
+            if s.position is not None:
+                stats["value"] = float(unit[s.position[0], s.position[1]])
+        return {k: ((round(v, 6) if math.isfinite(v) else None) if isinstance(v, float) else v) for k, v in stats.items()}

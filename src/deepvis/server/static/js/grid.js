@@ -1,0 +1,149 @@
+// The layers pane: every channel's activations tiled into one canvas (the layout of
+// deepvis.render.tile_grid: columns = ceil(sqrt(C)), 1-pixel padding), and the enlarged unit map.
+
+const PAD = 1;
+const CELL = 8; // pixels per unit of a layer without a spatial map
+const PAD_RGBA = [40, 40, 40, 255];
+
+/** (rows, cols) of a near-square grid of n tiles. */
+export function gridShape(n) {
+  const cols = Math.ceil(Math.sqrt(n));
+  return [Math.ceil(n / cols), cols];
+}
+
+/** A colormap as 256 packed RGBA words (little-endian ImageData order). */
+export function lut32(flatRgb) {
+  const out = new Uint32Array(256);
+  for (let i = 0; i < 256; i++) {
+    const r = flatRgb[3 * i], g = flatRgb[3 * i + 1], b = flatRgb[3 * i + 2];
+    out[i] = (255 << 24) | (b << 16) | (g << 8) | r;
+  }
+  return out;
+}
+
+export class GridView {
+  constructor(canvas, cursor) {
+    this.canvas = canvas;
+    this.cursor = cursor;
+    this.ctx = canvas.getContext('2d', { alpha: false });
+    this.layout = null; // {n, rows, cols, th, tw}
+    this.image = null;
+  }
+
+  /** Tile geometry for a grid header shape [C, h, w] or [C]. */
+  setLayout(shape) {
+    const n = shape[0];
+    const [th, tw] = shape.length === 3 ? [shape[1], shape[2]] : [CELL, CELL];
+    const [rows, cols] = gridShape(n);
+    const width = PAD + cols * (tw + PAD);
+    const height = PAD + rows * (th + PAD);
+    const l = this.layout;
+    if (!l || l.n !== n || l.th !== th || l.tw !== tw || l.vector !== (shape.length !== 3)) {
+      this.layout = { n, rows, cols, th, tw, width, height, vector: shape.length !== 3 };
+      this.canvas.width = width;
+      this.canvas.height = height;
+      this.image = this.ctx.createImageData(width, height);
+      new Uint32Array(this.image.data.buffer).fill(PAD_RGBA[0] | (PAD_RGBA[1] << 8) | (PAD_RGBA[2] << 16) | (255 << 24));
+    }
+    return this.layout;
+  }
+
+  /** Draw uint8 values (C*h*w, or C for vectors) with a packed colormap. */
+  draw(shape, values, lut) {
+    const { n, cols, th, tw, width, vector } = this.setLayout(shape);
+    const px = new Uint32Array(this.image.data.buffer);
+    const area = vector ? 1 : th * tw;
+    for (let c = 0; c < n; c++) {
+      const oy = PAD + Math.floor(c / cols) * (th + PAD);
+      const ox = PAD + (c % cols) * (tw + PAD);
+      const base = c * area;
+      for (let y = 0; y < th; y++) {
+        let row = (oy + y) * width + ox;
+        if (vector) {
+          const v = lut[values[c]];
+          for (let x = 0; x < tw; x++) px[row++] = v;
+        } else {
+          let src = base + y * tw;
+          for (let x = 0; x < tw; x++) px[row++] = lut[values[src++]];
+        }
+      }
+    }
+    this.ctx.putImageData(this.image, 0, 0);
+  }
+
+  /** Draw an image (e.g. a synthesized pattern) into tile c, scaled to the tile. */
+  drawTileImage(c, img) {
+    const r = this.tileRect(c);
+    if (r) this.ctx.drawImage(img, r.x, r.y, r.w, r.h);
+  }
+
+  /** A tile's rectangle in canvas pixels. */
+  tileRect(c) {
+    const l = this.layout;
+    if (!l || c < 0 || c >= l.n) return null;
+    return { x: PAD + (c % l.cols) * (l.tw + PAD), y: PAD + Math.floor(c / l.cols) * (l.th + PAD), w: l.tw, h: l.th };
+  }
+
+  /** The unit under a mouse event, or -1. */
+  hit(ev) {
+    const l = this.layout;
+    if (!l) return -1;
+    const box = this.canvas.getBoundingClientRect();
+    const x = ((ev.clientX - box.left) / box.width) * l.width;
+    const y = ((ev.clientY - box.top) / box.height) * l.height;
+    const col = Math.floor((x - PAD) / (l.tw + PAD));
+    const row = Math.floor((y - PAD) / (l.th + PAD));
+    if (col < 0 || col >= l.cols || row < 0 || row >= l.rows) return -1;
+    const c = row * l.cols + col;
+    return c < l.n ? c : -1;
+  }
+
+  /** Move the highlight box onto tile c (CSS pixels over the scaled canvas). */
+  highlight(c) {
+    const r = this.tileRect(c);
+    if (!r) {
+      this.cursor.hidden = true;
+      return;
+    }
+    const sx = this.canvas.clientWidth / this.layout.width;
+    const sy = this.canvas.clientHeight / this.layout.height;
+    Object.assign(this.cursor.style, {
+      left: `${this.canvas.offsetLeft + (r.x - PAD) * sx}px`,
+      top: `${this.canvas.offsetTop + (r.y - PAD) * sy}px`,
+      width: `${(r.w + 2 * PAD) * sx}px`,
+      height: `${(r.h + 2 * PAD) * sy}px`,
+    });
+    this.cursor.hidden = false;
+  }
+}
+
+/** Draw a uint8 map (h*w) into a canvas with a packed colormap. */
+export function drawMap(canvas, h, w, values, lut) {
+  if (canvas.width !== w || canvas.height !== h) {
+    canvas.width = w;
+    canvas.height = h;
+  }
+  const ctx = canvas.getContext('2d', { alpha: false });
+  const img = ctx.createImageData(w, h);
+  const px = new Uint32Array(img.data.buffer);
+  for (let i = 0; i < h * w; i++) px[i] = lut[values[i]];
+  ctx.putImageData(img, 0, 0);
+}
+
+/** Draw packed RGB bytes (h*w*3) into a canvas. */
+export function drawRgb(canvas, h, w, rgb) {
+  if (canvas.width !== w || canvas.height !== h) {
+    canvas.width = w;
+    canvas.height = h;
+  }
+  const ctx = canvas.getContext('2d', { alpha: false });
+  const img = ctx.createImageData(w, h);
+  const d = img.data;
+  for (let i = 0, j = 0; i < h * w; i++, j += 3) {
+    d[4 * i] = rgb[j];
+    d[4 * i + 1] = rgb[j + 1];
+    d[4 * i + 2] = rgb[j + 2];
+    d[4 * i + 3] = 255;
+  }
+  ctx.putImageData(img, 0, 0);
+}

@@ -1,0 +1,62 @@
+// Keyboard bindings, after the original Deep Visualization Toolbox (i/j/k/l move, I/J/K/L move
+// faster, u/o change layer, b/n/m backprop mode and filter, s pattern mode, t/T boost, h help).
+// One table drives both the key handler and the help overlay.
+
+import { el, setChildren } from './dom.js';
+
+/** [keys, action, description]; action names are methods of the app's `actions` object. */
+export const BINDINGS = [
+  [['j', 'ArrowLeft'], 'left', 'select the unit to the left'],
+  [['l', 'ArrowRight'], 'right', 'select the unit to the right'],
+  [['i', 'ArrowUp'], 'up', 'select the unit above'],
+  [['k', 'ArrowDown'], 'down', 'select the unit below'],
+  [['J'], 'leftFast', 'move 3 units left'],
+  [['L'], 'rightFast', 'move 3 units right'],
+  [['I'], 'upFast', 'move 3 rows up'],
+  [['K'], 'downFast', 'move 3 rows down'],
+  [['u', 'U', 'PageUp'], 'prevLayer', 'previous layer'],
+  [['o', 'O', 'PageDown'], 'nextLayer', 'next layer'],
+  [['b'], 'cycleBackprop', 'cycle the backprop view: off, gradient, deconv, guided'],
+  [['n'], 'cycleBackpropMethod', 'next backprop method (keeps it on)'],
+  [['a'], 'toggleBackprop', 'show or hide the backprop view'],
+  [['m'], 'cycleFilter', 'cycle the backprop display filter'],
+  [['s'], 'togglePattern', 'pattern mode: tiles show each unit\'s synthesized image'],
+  [['x'], 'toggleDiff', 'diff view: activation minus its running mean'],
+  [['r'], 'cycleNormalize', 'cycle normalization: layer, channel, none'],
+  [['t'], 'cycleGamma', 'cycle the gamma boost'],
+  [['T'], 'cycleGain', 'cycle the gain boost'],
+  [['f', ' '], 'toggleFreeze', 'freeze / unfreeze the input'],
+  [['c'], 'camera', 'use the camera'],
+  [['e'], 'nextSample', 'next sample photo'],
+  [['w'], 'prevSample', 'previous sample photo'],
+  [['p'], 'playPause', 'play / pause the video'],
+  [['.'], 'stepVideo', 'step the video one frame'],
+  [['h', '?'], 'toggleHelp', 'show / hide this help'],
+  [['Escape'], 'escape', 'close help; otherwise reset boost, backprop and diff'],
+];
+
+const KEY_NAMES = { ' ': 'Space', ArrowLeft: '←', ArrowRight: '→', ArrowUp: '↑', ArrowDown: '↓' };
+
+/** Install the key handler; keys typed into form fields are left alone. */
+export function installKeys(actions) {
+  const byKey = new Map();
+  for (const [keys, action] of BINDINGS) for (const k of keys) byKey.set(k, action);
+  document.addEventListener('keydown', (ev) => {
+    if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
+    const t = ev.target;
+    const typing = t instanceof HTMLInputElement && !['checkbox', 'range', 'button', 'file'].includes(t.type);
+    if (typing || t instanceof HTMLTextAreaElement || (t instanceof HTMLSelectElement && ev.key.startsWith('Arrow'))) return;
+    const action = byKey.get(ev.key);
+    if (!action || !actions[action]) return;
+    ev.preventDefault();
+    actions[action]();
+  });
+}
+
+/** Fill the help overlay's table from BINDINGS. */
+export function renderHelp(table) {
+  const rows = BINDINGS.map(([keys, , desc]) =>
+    el('tr', {}, el('td', {}, ...keys.flatMap((k, i) => [i ? ' ' : null, el('kbd', {}, KEY_NAMES[k] || k)])), el('td', {}, desc)),
+  );
+  setChildren(table, el('tbody', {}, ...rows));
+}

@@ -1,0 +1,236 @@
+// Inputs: the camera, a video file, an uploaded image or a sample photo. Camera and video frames
+// are cropped and resized here exactly as the model's preprocessing would (resize the shorter side
+// to size / crop_pct, center-crop) and sent as raw RGBA at the model's input size.
+
+/** At most this many frames on their way (sent, no result yet); newer camera frames are skipped. */
+const MAX_IN_FLIGHT = 2;
+/** Without any result for this long, send anyway (a lost frame must not stall the camera). */
+const STALL_MS = 1000;
+
+export class Sources {
+  /**
+   * app: {conn, token, session(), inputSize: [h, w], cropPct, showError(msg), onSourceChange(mode, name)}
+   */
+  constructor(app, video, canvas) {
+    this.app = app;
+    this.video = video;
+    this.canvas = canvas;
+    this.ctx = canvas.getContext('2d', { alpha: false, willReadFrequently: true });
+    this.mode = 'none'; // 'camera' | 'video' | 'image' | 'sample' | 'none'
+    this.name = '';
+    this.frozen = false;
+    this.stream = null;
+    this.objectUrl = null;
+    this.seq = 0;
+    this.lastResult = 0;
+    this.lastSendAt = 0;
+    this.sentAt = new Map();
+    this.skipped = 0;
+    this.sent = 0;
+    this.pumping = false;
+    video.addEventListener('seeked', () => {
+      if (this.mode === 'video' && video.paused) this.sendFrame(true);
+    });
+    video.addEventListener('ended', () => this.app.onVideoState?.());
+    video.addEventListener('pause', () => this.app.onVideoState?.());
+    video.addEventListener('play', () => this.app.onVideoState?.());
+    video.addEventListener('error', () => {
+      if (this.mode === 'video') {
+        const err = video.error;
+        this.app.showError(`this browser cannot play ${this.name || 'the video'}${err && err.message ? `: ${err.message}` : ''}`);
+      }
+    });
+  }
+
+  setSize(inputSize, cropPct) {
+    this.inputSize = inputSize;
+    this.cropPct = cropPct;
+    this.canvas.width = inputSize[1];
+    this.canvas.height = inputSize[0];
+  }
+
+  // -- choosing a source --------------------------------------------------------------------------
+  stopLive() {
+    if (this.stream) {
+      for (const t of this.stream.getTracks()) t.stop();
+      this.stream = null;
+    }
+    this.video.pause();
+    this.video.srcObject = null;
+    if (this.objectUrl) {
+      this.video.removeAttribute('src');
+      this.video.load();
+      URL.revokeObjectURL(this.objectUrl);
+      this.objectUrl = null;
+    }
+  }
+
+  async startCamera() {
+    if (!navigator.mediaDevices?.getUserMedia) {
+      this.app.showError('this browser gives no camera access here (a camera needs http://localhost or https)');
+      return;
+    }
+    this.stopLive();
+    try {
+      this.stream = await navigator.mediaDevices.getUserMedia({ video: { width: { ideal: 640 }, height: { ideal: 480 } }, audio: false });
+    } catch (e) {
+      this.app.showError(`no camera: ${e.message || e.name}`);
+      return;
+    }
+    this.video.srcObject = this.stream;
+    this.setMode('camera', 'camera');
+    await this.video.play();
+    this.pump();
+  }
+
+  async openVideo(file) {
+    this.stopLive();
+    this.objectUrl = URL.createObjectURL(file);
+    this.setMode('video', file.name);
+    this.video.loop = false;
+    this.video.src = this.objectUrl;
+    try {
+      await this.video.play();
+    } catch (e) {
+      this.app.showError(`this browser cannot play ${file.name}: ${e.message || e.name}`);
+      return;
+    }
+    this.pump();
+  }
+
+  async uploadImage(file) {
+    this.stopLive();
+    const q = new URLSearchParams({ token: this.app.token, session: this.app.session(), name: file.name.slice(0, 200) });
+    let res;
+    try {
+      res = await fetch(`/api/upload?${q}`, { method: 'POST', body: file, headers: { 'content-type': 'application/octet-stream' } });
+    } catch (e) {
+      this.app.showError(`upload failed: ${e.message}`);
+      return;
+    }
+    let body = {};
+    try {
+      body = await res.json();
+    } catch (e) {
+      body = { error: `the server answered ${res.status}` };
+    }
+    if (!res.ok) {
+      this.app.showError(body.error || `upload refused (${res.status})`);
+      return;
+    }
+    this.setMode('image', file.name);
+  }
+
+  sample(name) {
+    this.stopLive();
+    this.setMode('sample', name);
+    this.app.conn.send({ type: 'sample', name });
+  }
+
+  setMode(mode, name) {
+    this.mode = mode;
+    this.name = name;
+    this.frozen = false;
+    this.app.onSourceChange?.(mode, name);
+  }
+
+  get live() {
+    return this.mode === 'camera' || this.mode === 'video';
+  }
+
+  toggleFreeze() {
+    this.frozen = !this.frozen;
+    if (this.mode === 'video') {
+      if (this.frozen) this.video.pause();
+      else this.video.play();
+    }
+    if (!this.frozen) this.pump();
+    return this.frozen;
+  }
+
+  togglePlay() {
+    if (this.mode !== 'video') return;
+    if (this.video.paused || this.video.ended) {
+      this.frozen = false;
+      this.video.play();
+      this.pump();
+    } else this.video.pause();
+  }
+
+  /** One frame forward (the paused video seeks; the frame is sent when the seek lands). */
+  step(frames = 1) {
+    if (this.mode !== 'video') return;
+    this.video.pause();
+    const d = this.video.duration || 0;
+    this.video.currentTime = Math.max(0, Math.min(d, this.video.currentTime + frames / 30));
+  }
+
+  // -- sending frames ------------------------------------------------------------------------------
+  pump() {
+    if (this.pumping) return;
+    this.pumping = true;
+    const v = this.video;
+    const next = () => {
+      if (!this.live || this.frozen || (this.mode === 'video' && (v.paused || v.ended))) {
+        this.pumping = false;
+        return;
+      }
+      this.sendFrame(false);
+      if (v.requestVideoFrameCallback) v.requestVideoFrameCallback(next);
+      else requestAnimationFrame(next);
+    };
+    if (v.requestVideoFrameCallback) v.requestVideoFrameCallback(next);
+    else requestAnimationFrame(next);
+  }
+
+  /** Crop/resize the current video frame into the canvas and send it; force ignores the in-flight cap. */
+  sendFrame(force) {
+    const v = this.video;
+    const conn = this.app.conn;
+    if (!conn.open || !v.videoWidth) return;
+    const now = performance.now();
+    const inFlight = this.seq - this.lastResult;
+    if (!force && inFlight >= MAX_IN_FLIGHT && now - this.lastSendAt < STALL_MS) {
+      this.skipped++;
+      return;
+    }
+    const [h, w] = this.inputSize;
+    const iw = v.videoWidth, ih = v.videoHeight;
+    const ratio = Math.max(h, w) / this.cropPct / Math.min(iw, ih);
+    const nw = Math.max(w, Math.round(iw * ratio)), nh = Math.max(h, Math.round(ih * ratio));
+    const left = Math.floor((nw - w) / 2), top = Math.floor((nh - h) / 2);
+    this.ctx.drawImage(v, left / ratio, top / ratio, w / ratio, h / ratio, 0, 0, w, h);
+    const data = this.ctx.getImageData(0, 0, w, h).data;
+    const seq = ++this.seq;
+    if (conn.sendBinary({ type: 'frame', seq, w, h, format: 'rgba', source: this.mode }, data)) {
+      this.sent++;
+      this.lastSendAt = now;
+      this.sentAt.set(seq, now);
+      if (this.sentAt.size > 256) this.sentAt.delete(this.sentAt.keys().next().value);
+    }
+  }
+
+  /** A result for frame seq arrived: returns its latency in ms (send → now), or null. */
+  onResult(seq) {
+    if (seq === null || seq === undefined) return null;
+    if (seq > this.lastResult) this.lastResult = seq;
+    const t = this.sentAt.get(seq);
+    for (const k of this.sentAt.keys()) {
+      if (k > seq) break;
+      this.sentAt.delete(k);
+    }
+    return t === undefined ? null : performance.now() - t;
+  }
+
+  /** A frame failed on the server: count it as answered so the camera keeps going. */
+  onFailed(seq) {
+    if (Number.isInteger(seq) && seq > this.lastResult) this.lastResult = seq;
+  }
+
+  /** Draw a still input (JPEG bytes from the server) into the input canvas. */
+  async drawStill(jpeg) {
+    const bmp = await createImageBitmap(new Blob([jpeg], { type: 'image/jpeg' }));
+    this.ctx.drawImage(bmp, 0, 0, this.canvas.width, this.canvas.height);
+    bmp.close();
+  }
+}
