@@ -156,8 +156,8 @@ class ActivityAccumulator:
         peak, pos = flat.max(2)  # (B, U); first maximum in row-major order
         if acts.ndim == 2:
             pos = torch.full_like(pos, -1)
-        self.sum += flat.sum(2, dtype=torch.float64).sum(0)
-        self.sum_max += peak.sum(0, dtype=torch.float64)
+        self.sum += flat.sum(2).double().sum(0)  # per-map sums in float32, accumulated in float64
+        self.sum_max += peak.double().sum(0)
         self.max = torch.maximum(self.max, peak.max(0).values)
         self.min = torch.minimum(self.min, flat.amin(2).min(0).values)
         self.active += (flat > ACTIVE_THRESHOLD).sum((0, 2))

@@ -271,6 +271,9 @@ def render_html(summary: DatasetSummary, figures: Sequence[Figure] | None = None
         + (f", {len(s.classes)} classes" if s.classes else ", no labels")
         + f". Layers: {_esc(', '.join(names))}.</p>"
     )
+    if s.classes:
+        shown = ", ".join(s.classes[:40]) + (f", … ({len(s.classes) - 40} more)" if len(s.classes) > 40 else "")
+        add(f'<p class="note">Classes: {_esc(shown)}</p>')
     for note in s.notes:
         add(f'<p class="note">{_esc(note)}</p>')
     add('<nav><a href="#activity">Unit activity</a><a href="#locality">Locality</a><a href="#sensitivity">Sensitivity</a>'

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from .._progress import progress_bar
@@ -51,6 +52,8 @@ __all__ = [
 DEFAULT_EPSILONS = (1.0, 2.0, 4.0, 8.0)
 #: side of the stored input thumbnails, in pixels
 THUMBNAIL_SIZE = 64
+#: units per layer (most active by mean, by max) whose top inputs are read from an atlas
+_ATLAS_UNITS_SHOWN = 8
 
 
 def _depth(name: str) -> int:
@@ -111,10 +114,6 @@ class ScanResult:
     skipped: list[tuple[int, str]]
 
 
-def _thumbnail(model: Model, x: torch.Tensor, size: int) -> Image.Image:
-    return model.preprocessing.to_image(x).convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-
-
 def scan(
     model: Model,
     batches: Iterable[Batch],
@@ -159,8 +158,9 @@ def scan(
                 feats[n].append(pool_features(a))
             samples += batch.indices
             if thumbnails:
-                for i, row in zip(batch.indices, batch.x):
-                    thumbs[i] = _thumbnail(model, row, thumbnail_size)
+                small = F.interpolate(batch.x.float(), size=(thumbnail_size, thumbnail_size), mode="bilinear", antialias=True, align_corners=False)
+                for i, row in zip(batch.indices, small.cpu()):
+                    thumbs[i] = model.preprocessing.to_image(row).convert("RGB")
         if on_batch is not None:
             on_batch(len(batch.indices) + len(batch.skipped))
     features = {n: (np.concatenate(f) if f else np.zeros((0, acts_acc[n].shape[0]), np.float32)) for n, f in feats.items()}
@@ -319,37 +319,57 @@ def _jsonable(obj: object) -> object:
     return obj
 
 
-def _atlas_activity(atlas_path: str | os.PathLike[str], model: Model, dataset: ImageDataset, infos: Sequence[LayerInfo], top_k: int, shown: int) -> tuple[dict[str, LayerActivity], list[str]]:
-    """Activity of the layers an atlas has mined (its statistics cover the whole dataset)."""
+def _atlas_activity(
+    atlas_path: str | os.PathLike[str], model: Model, dataset: ImageDataset, infos: Sequence[LayerInfo], computed: dict[str, LayerActivity], top_k: int, shown: int
+) -> tuple[dict[str, LayerActivity], list[str]]:
+    """Activity of the layers an atlas has mined (its statistics cover the atlas's whole dataset).
+
+    The atlas must have been made with the same model weights, input size and dataset; top inputs are
+    read only for the ``shown`` most active units (by mean and by max) of each layer; the other units keep
+    their top inputs from ``computed`` (the inputs analysed in this run).
+    """
     try:
-        from ..atlas import open_atlas  # the atlas package (issue 5)
+        from ..atlas import model_hash, open_atlas  # the atlas package (issue 5); imported only when asked for
     except ImportError as exc:
-        raise InputError(f"--atlas needs the atlas package, which cannot be imported here: {exc}") from exc
+        raise InputError(f"--atlas needs the deepvis atlas package, which cannot be imported here: {exc}") from exc
     out: dict[str, LayerActivity] = {}
     notes: list[str] = []
     with open_atlas(atlas_path) as atlas:
         meta = atlas.meta
-        fp = dataset.fingerprint()
-        if meta.get("dataset_hash") not in (None, fp):
-            raise InputError(f"atlas {atlas_path} was made on another dataset (its dataset hash differs); give the same dataset or drop --atlas")
-        size = list(model.preprocessing.input_size)
-        if meta.get("input_size") not in (None, size, size[0]):
-            raise InputError(f"atlas {atlas_path} was made at input size {meta.get('input_size')}, not {size}; drop --atlas or use the same size")
-        if meta.get("model") not in (None, model.name):
-            raise InputError(f"atlas {atlas_path} was made with model {meta.get('model')!r}, not {model.name!r}; drop --atlas or use the same model")
-        mined = {r.name for r in atlas.layers() if r.mined}
+        where = os.fspath(atlas_path)
+        if meta.get("dataset_hash") != dataset.fingerprint():
+            raise InputError(f"atlas {where} was made on dataset {meta.get('dataset')!r}, not on this one: give the same dataset or drop --atlas")
+        if meta.get("model_hash") != model_hash(model):
+            raise InputError(f"atlas {where} was made with other model weights ({meta.get('model')!r}): use the same model or drop --atlas")
+        if list(meta.get("input_size") or []) != list(model.preprocessing.input_size):
+            raise InputError(f"atlas {where} was made at input size {meta.get('input_size')}, not {list(model.preprocessing.input_size)}: use the same size or drop --atlas")
+        mined = {r.name: r for r in atlas.layers() if r.mined}
         for info in infos:
-            if info.name not in mined:
+            rec = mined.get(info.name)
+            if rec is None or tuple(rec.shape) != tuple(info.shape):
                 continue
             stats = atlas.stats(info.name)
+            if len(stats) != info.units:
+                continue
             act = activity_from_unit_stats(info.name, info.shape, stats, None, top_k)
-            units = dict.fromkeys(act.most_active("mean", shown) + act.most_active("max", shown))
             top: list[list[tuple[int, float, tuple[int, int] | None]]] = [[] for _ in range(info.units)]
-            for u in units:
+            for u in dict.fromkeys(act.most_active("mean", shown) + act.most_active("max", shown)):
                 top[u] = [(t.sample, t.value, t.position) for t in atlas.unit(info.name, u).top[:top_k]]
-            out[info.name] = activity_from_unit_stats(info.name, info.shape, stats, top, top_k)
+            act = activity_from_unit_stats(info.name, info.shape, stats, top, top_k)
+            scanned = computed.get(info.name)
+            if scanned is not None:  # other units keep their top inputs among the inputs analysed here
+                empty = act.top_samples[:, 0] < 0
+                act.top_samples[empty] = scanned.top_samples[empty]
+                act.top_values[empty] = scanned.top_values[empty]
+                act.top_positions[empty] = scanned.top_positions[empty]
+            out[info.name] = act
         if out:
-            notes.append(f"activity of {', '.join(out)} read from atlas {os.fspath(atlas_path)} (all {len(dataset)} inputs; top inputs only for the units shown)")
+            notes.append(
+                f"unit activity of {', '.join(out)} read from atlas {where} (all {int(meta.get('samples') or len(dataset))} inputs; "
+                "exact zeros are not counted there; top inputs of the other units are among the inputs analysed here)"
+            )
+        else:
+            notes.append(f"atlas {where} has none of these layers mined: unit activity was computed")
     return out, notes
 
 
@@ -408,7 +428,7 @@ def summarize(
     notes: list[str] = []
     activity = result.activity
     if atlas is not None:
-        from_atlas, atlas_notes = _atlas_activity(atlas, model, dataset, infos, top_k, 8)
+        from_atlas, atlas_notes = _atlas_activity(atlas, model, dataset, infos, result.activity, top_k, _ATLAS_UNITS_SHOWN)
         activity = {**activity, **from_atlas}
         notes += atlas_notes
         if thumbnails:

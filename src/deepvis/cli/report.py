@@ -1,0 +1,136 @@
+"""``deepvis report``: summaries of a model on a dataset, as a self-contained HTML report plus JSON."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import add_model_options, model_from_args, print_json
+
+
+def _floats(text: str) -> list[float]:
+    from ..errors import DeepvisError
+
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DeepvisError(f"--epsilons {text!r}: give comma-separated numbers of 0-255 pixel steps, e.g. 1,2,4,8 (or 0 for none)") from None
+    if any(v < 0 or v != v or v == float("inf") for v in values):
+        raise DeepvisError(f"--epsilons {text!r}: sizes must be positive numbers of 0-255 pixel steps")
+    return [v for v in values if v > 0]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..datasets import DATASET_SPEC_HELP
+
+    p = sub.add_parser(
+        "report",
+        help="summarize a model on a dataset: unit activity, locality, sensitivity, probes, clusters",
+        description="Run the model over DATASET and write a self-contained HTML report (no network needed to view it) "
+        "and a JSON file with every number: per layer, the most active and dead units and sparsity; how local units' "
+        "responses are; how much each layer changes under small random and adversarial input perturbations; linear-probe "
+        "accuracy per layer (labelled datasets); k-means clusters with a 2-D map. Without --layers, the end of each "
+        "resolution stage and the logits are used (see docs/report.md).",
+    )
+    p.add_argument("dataset", metavar="DATASET", help=DATASET_SPEC_HELP)
+    p.add_argument("-o", "--output", required=True, metavar="REPORT", help="REPORT.html (the JSON goes beside it as REPORT.json) or a folder for report.html and report.json")
+    p.add_argument("--layers", metavar="L1,L2", help="comma-separated layers (see `deepvis layers`); default: each stage's output and logits")
+    p.add_argument("--max-images", type=int, metavar="N", help="use N inputs spread evenly over the dataset (default: all)")
+    p.add_argument("--epsilons", default="1,2,4,8", metavar="E1,E2", help="perturbation sizes in 0-255 pixel steps; 0 for no sensitivity analysis (default: %(default)s)")
+    p.add_argument("--sensitivity-images", type=int, default=32, metavar="N", help="inputs perturbed for the sensitivity analysis (default: %(default)s)")
+    p.add_argument("--clusters", type=int, default=8, metavar="K", help="k-means clusters per layer (default: %(default)s)")
+    p.add_argument("--cluster-layers", metavar="L1,L2", help="layers to cluster (default: every summarized layer)")
+    p.add_argument("--map", choices=("auto", "pca", "umap"), default="auto", help="2-D map of the clusters: UMAP when installed (auto), or PCA (default: %(default)s)")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds of the linear probes (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=4, metavar="K", help="top inputs kept per unit (default: %(default)s)")
+    p.add_argument("--radius", type=float, default=0.15, help="locality neighbourhood radius as a fraction of the map side (default: %(default)s)")
+    p.add_argument("--atlas", metavar="ATLAS", help="reuse the per-unit statistics of an atlas of the same model and dataset (`deepvis atlas`)")
+    p.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="image decoding threads (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random perturbations, folds and k-means (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print a per-layer summary as JSON")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_model_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..analysis import report_paths, summarize, write_report
+    from ..datasets import open_dataset
+    from ..errors import DeepvisError
+
+    for name in ("max_images", "sensitivity_images", "clusters", "top_k", "batch_size"):
+        v = getattr(args, name)
+        if v is not None and v < (0 if name == "sensitivity_images" else 1):
+            raise DeepvisError(f"--{name.replace('_', '-')} must be at least {0 if name == 'sensitivity_images' else 1}")
+    if args.folds < 2:
+        raise DeepvisError("--folds must be at least 2")
+    if not 0 < args.radius <= 1:
+        raise DeepvisError("--radius must be in (0, 1]")
+    if args.workers < 0:
+        raise DeepvisError("--workers must be at least 0")
+    epsilons = _floats(args.epsilons)
+    report_paths(args.output)  # reject a bad output before the long work
+    layers = [s.strip() for s in args.layers.split(",") if s.strip()] if args.layers else None
+    cluster_layers = [s.strip() for s in args.cluster_layers.split(",") if s.strip()] if args.cluster_layers is not None else None
+    dataset = open_dataset(args.dataset)
+    model = model_from_args(args)
+    summary = summarize(
+        model,
+        dataset,
+        layers,
+        max_images=args.max_images,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        top_k=args.top_k,
+        radius=args.radius,
+        epsilons=epsilons,
+        sensitivity_images=args.sensitivity_images,
+        probe_folds=args.folds,
+        cluster_k=args.clusters,
+        cluster_layers=cluster_layers,
+        embedding=args.map,
+        atlas=args.atlas,
+        seed=args.seed,
+        progress=False if args.no_progress else None,
+    )
+    html_path, json_path = write_report(summary, args.output)
+    rows = []
+    for n in summary.layer_names:
+        a = summary.activity[n]
+        loc = summary.locality.get(n)
+        probe = summary.probes.get(n)
+        rows.append(
+            {
+                "layer": n,
+                "units": a.units,
+                "dead": len(a.dead_units),
+                "sparsity": a.layer_sparsity,
+                "median_locality": _median(loc.locality) if loc is not None else None,
+                "probe_accuracy": probe.accuracy if probe is not None and probe.skipped is None else None,
+            }
+        )
+    if args.json:
+        print_json({"html": str(html_path), "json": str(json_path), "images": len(summary.samples), "layers": _clean(rows)})
+    else:
+        print(f"{'layer':<24} {'units':>6} {'dead':>5} {'sparsity':>9} {'locality':>9} {'probe acc':>9}")
+        for r in rows:
+            print(f"{r['layer']:<24} {r['units']:>6} {r['dead']:>5} {_f(r['sparsity']):>9} {_f(r['median_locality']):>9} {_f(r['probe_accuracy']):>9}")
+        print(f"wrote {html_path} and {json_path}", file=sys.stderr)
+    return 0
+
+
+def _median(values) -> float | None:
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return float(np.median(v)) if len(v) else None
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None or v != v else f"{v:.3f}"
+
+
+def _clean(rows):
+    return [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in rows]
