@@ -26,12 +26,14 @@ from ..io import decode_image, load_image, sample_photos, to_mode
 from ..models.model import Model
 from ..render import COLORMAPS, colormap_lut
 from .config import ServerConfig
-from .engine import Engine, TooManySessions
+from .atlas_view import IMAGE_KINDS, AtlasView
+from .engine import Engine, TooManySessions, replica
 from .frames import fit_image
-from .protocol import ProtocolError, pack, text, unpack
+from .protocol import ProtocolError, ViewSettings, pack, text, unpack
 from .security import Guard, GuardMiddleware, new_token
 from .session import Frame, RawFrame, Session
 from .static_files import StaticFiles
+from .synthesis import SynthesisService
 
 __all__ = ["create_app", "Toolbox"]
 
@@ -58,8 +60,37 @@ class Toolbox:
         self.guard = Guard(self.token, hosts)
         self.static = StaticFiles()
         self.samples = {name: path for name, path in sample_photos().items()}
-        self.engine = Engine(model, max_sessions=config.max_sessions)
         self.filters: tuple[str, ...] = ("raw",)
+        unit_view = geometry = None
+        if config.backprop:
+            from .unitviews import backprop_filters, layer_geometry, unit_view
+
+            self.filters = backprop_filters()
+            geometry = layer_geometry
+        self.engine = Engine(model, unit_view=unit_view, geometry=geometry, max_sessions=config.max_sessions)
+        self.atlas = AtlasView(config.atlas, model) if config.atlas is not None else None
+        self.synthesis: SynthesisService | None = None
+        if config.synthesis:
+            self.synthesis = SynthesisService(replica(model), self.engine.post_event, self.synth_params)
+
+    def synth_params(self, layer: str) -> dict[str, Any]:
+        """Synthesis parameters for ``layer``: the atlas's when it has them (so images match), else the config's."""
+        if self.atlas is not None:
+            p = self.atlas.synth_params(layer)
+            if p:
+                return p
+        c = self.config
+        return {"preset": c.synthesis_preset, "steps": c.synthesis_steps, "size": c.synthesis_size, "seed": 0}
+
+    def start(self) -> None:
+        self.engine.start()
+        if self.synthesis is not None:
+            self.synthesis.start()
+
+    def close(self) -> None:
+        if self.synthesis is not None:
+            self.synthesis.close()
+        self.engine.close()
 
     # -- what a page learns when it connects --------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -81,8 +112,8 @@ class Toolbox:
             "samples": sorted(self.samples),
             "colormaps": {name: colormap_lut(name).reshape(-1).tolist() for name in COLORMAPS},
             "backprop": {"available": self.engine.backprop_available, "filters": list(self.filters)},
-            "atlas": {"available": False},
-            "synthesis": {"available": False},
+            "atlas": self.atlas.info() if self.atlas is not None else {"available": False},
+            "synthesis": {"available": self.synthesis is not None},
             "limits": {"max_upload_bytes": self.config.max_upload_bytes, "max_upload_pixels": self.config.max_upload_pixels},
         }
 
@@ -108,6 +139,41 @@ class Toolbox:
             raise InputError(f"no sample photo named {name!r}")
         return load_image(path, self.model.preprocessing.pil_mode, max_pixels=self.config.max_upload_pixels)
 
+    # -- what the unit likes --------------------------------------------------------------------------
+    def _known_unit(self, layer: str, unit: int) -> bool:
+        try:
+            self.engine.processor.check(ViewSettings(layer=layer, unit=unit))
+        except DeepvisError:
+            return False
+        return True
+
+    def atlas_unit(self, layer: str, unit: int) -> dict[str, Any] | None:
+        """The atlas record of a unit merged with this server's own synthesized image (None: no such unit)."""
+        if not self._known_unit(layer, unit):
+            return None
+        rec = self.atlas.unit(layer, unit) if self.atlas is not None else {"layer": layer, "unit": unit, "in_atlas": False, "top": [], "synth": None, "stats": None}
+        live = self.synthesis.result(layer, unit) if self.synthesis is not None else None
+        if rec["synth"] is None and live is not None:
+            rec["synth"] = {"value": live.value, "source": "live", "version": live.version}
+        return rec
+
+    def atlas_layer(self, layer: str) -> dict[str, Any] | None:
+        if not self._known_unit(layer, 0):
+            return None
+        units = set(self.atlas.synth_units(layer)) if self.atlas is not None else set()
+        if self.synthesis is not None:
+            units |= set(self.synthesis.units(layer))
+        return {"layer": layer, "synth": sorted(units)}
+
+    def atlas_image(self, layer: str, unit: int, kind: str, rank: int) -> bytes | None:
+        if not self._known_unit(layer, unit) or kind not in IMAGE_KINDS or not 0 <= rank < 1000:
+            return None
+        data = self.atlas.image(layer, unit, kind, rank) if self.atlas is not None else None
+        if data is None and kind == "synth" and self.synthesis is not None:
+            live = self.synthesis.result(layer, unit)
+            data = live.png if live is not None else None
+        return data
+
     # -- messages from a page ----------------------------------------------------------------------
     def on_binary(self, session: Session, data: bytes) -> None:
         header, payload = unpack(data)
@@ -132,14 +198,30 @@ class Toolbox:
             raise ProtocolError("a message must be a JSON object")
         kind = msg.get("type")
         if kind == "settings":
-            settings = self.engine.update_settings(session, msg, self.filters)
-            self.engine.post_event(session, text("settings", settings=settings.to_dict()))
+            req = msg.pop("req", None)
+            if req is not None and (isinstance(req, bool) or not isinstance(req, int)):
+                raise ProtocolError("settings 'req' must be an integer")
+            try:
+                settings = self.engine.update_settings(session, msg, self.filters)
+            except DeepvisError:
+                # the page applied the change optimistically: tell it what is really shown
+                self.engine.post_event(session, text("settings", settings=session.settings.to_dict(), req=req))
+                raise
+            self.engine.post_event(session, text("settings", settings=settings.to_dict(), req=req))
         elif kind == "sample":
             name = msg.get("name")
             if not isinstance(name, str):
                 raise ProtocolError("sample needs a name")
             image = await asyncio.to_thread(self.load_sample, name)
             await asyncio.to_thread(self.submit_still, session, image, "sample", name)
+        elif kind == "synthesize":
+            if self.synthesis is None:
+                raise DeepvisError("synthesis is not available on this server")
+            layer, unit = msg.get("layer"), msg.get("unit")
+            if not isinstance(layer, str) or not isinstance(unit, int) or isinstance(unit, bool):
+                raise ProtocolError("synthesize needs a layer name and a unit number")
+            self.engine.processor.check(ViewSettings(layer=layer, unit=unit))
+            self.synthesis.request(session, layer, unit)
         elif kind == "ping":
             self.engine.post_event(session, text("pong", t=msg.get("t"), status=self.engine.status()))
         else:
@@ -177,11 +259,11 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        toolbox.engine.start()
+        toolbox.start()
         try:
             yield
         finally:
-            await asyncio.to_thread(toolbox.engine.close)
+            await asyncio.to_thread(toolbox.close)
 
     app = FastAPI(title="deepvis", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.toolbox = toolbox
@@ -232,6 +314,27 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             return _json_error(400, str(exc))
         await run_in_threadpool(toolbox.submit_still, s, image, "image", label)
         return JSONResponse({"ok": True, "name": label, "width": image.width, "height": image.height})
+
+    @app.get("/api/atlas/unit")
+    async def atlas_unit(layer: str, unit: int) -> Response:
+        rec = await run_in_threadpool(toolbox.atlas_unit, layer, unit)
+        if rec is None:
+            return _json_error(404, "no such unit in the model")
+        return JSONResponse(rec, headers={"cache-control": "no-store"})
+
+    @app.get("/api/atlas/layer")
+    async def atlas_layer(layer: str) -> Response:
+        rec = await run_in_threadpool(toolbox.atlas_layer, layer)
+        if rec is None:
+            return _json_error(404, "no such layer in the model")
+        return JSONResponse(rec, headers={"cache-control": "no-store"})
+
+    @app.get("/api/atlas/image")
+    async def atlas_image(layer: str, unit: int, kind: str, rank: int = 0) -> Response:
+        data = await run_in_threadpool(toolbox.atlas_image, layer, unit, kind, rank)
+        if data is None:
+            return _json_error(404, "no such image")
+        return Response(data, media_type="image/png", headers={"cache-control": "private, max-age=60"})
 
     @app.websocket("/ws")
     async def websocket(ws: WebSocket) -> None:

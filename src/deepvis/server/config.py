@@ -44,3 +44,8 @@ class ServerConfig:
     backprop: bool = True
     #: allow on-demand synthesis (activation maximization) when deepvis.optimize is installed
     synthesis: bool = True
+    #: synthesis settings for layers the atlas has no parameters for (preset of the paper's Table 1,
+    #: optimization steps, canvas size in pixels: None for the model's input size)
+    synthesis_preset: str = "3"
+    synthesis_steps: int | None = 200
+    synthesis_size: int | None = None

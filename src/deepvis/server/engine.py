@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import torch
 
@@ -41,8 +41,6 @@ __all__ = ["Engine", "LatestJobs", "TooManySessions", "replica", "default_layer"
 
 log = logging.getLogger("deepvis.server")
 
-J = TypeVar("J")
-
 
 class TooManySessions(DeepvisError):
     """The server already serves its maximum number of pages."""
@@ -52,7 +50,8 @@ def replica(model: Model) -> Model:
     """A private copy of the model's network (same weights, preprocessing and names) for a worker thread.
 
     Capture and the unit views add temporary hooks to the network they run on; threads that share a
-    network would see each other's hooks, so every worker runs on its own copy.
+    network would see each other's hooks, so every worker runs on its own copy. Make copies before
+    any thread runs on the network (a copy taken during a forward pass would carry its hooks).
     """
     return Model(copy.deepcopy(model.module), model.preprocessing, model.name, model.class_names)
 
@@ -85,21 +84,22 @@ class _Rate:
         return (len(self.times) - 1) / max(1e-6, self.times[-1] - self.times[0])
 
 
-class LatestJobs(Generic[J]):
-    """A worker thread that runs, for each page, only the newest job submitted for it.
+class LatestJobs:
+    """A worker thread that runs, for each page and kind of job, only the newest job submitted.
 
-    ``run(session, job)`` computes a message (or None) outside the lock; it is posted as the page's
-    newest ``kind`` message. A page whose previous ``kind`` message has not been taken yet is skipped
-    until it has (its job waits, replaced by any newer one), so a page that stops reading costs
-    nothing. Errors a user can cause are sent to the page; others are logged and sent too.
+    ``runners[kind](session, job)`` computes a message (or None) outside the lock. Binary messages are
+    posted as the page's newest ``kind`` message, text messages as events. A page whose previous
+    binary ``kind`` message has not been taken yet is skipped until it has (its job waits, replaced by
+    any newer one), so a page that stops reading costs nothing. Errors a user can cause are sent to the
+    page; others are logged and sent too. The worker runs on its own copy of the network
+    (:func:`replica`), made when its first job runs.
     """
 
-    def __init__(self, name: str, kind: str, cond: threading.Condition, run: Callable[[Session, J], Message | None]) -> None:
+    def __init__(self, name: str, cond: threading.Condition, runners: Mapping[str, Callable[[Session, Any], Message | None]]) -> None:
         self.name = name
-        self.kind = kind
         self._cond = cond
-        self._run = run
-        self._jobs: dict[str, tuple[Session, J]] = {}
+        self._runners = dict(runners)
+        self._jobs: dict[tuple[str, str], tuple[Session, Any]] = {}
         self._stop = False
         self._thread: threading.Thread | None = None
         self.done = 0
@@ -107,6 +107,7 @@ class LatestJobs(Generic[J]):
 
     def start(self) -> None:
         if self._thread is None:
+            self._stop = False
             self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
             self._thread.start()
 
@@ -116,30 +117,31 @@ class LatestJobs(Generic[J]):
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+            self._thread = None
 
-    def submit(self, session: Session, job: J) -> None:
-        """Replace the page's waiting job (if any) with ``job``. Call with or without the lock held."""
+    def submit(self, session: Session, kind: str, job: Any) -> None:
+        """Replace the page's waiting ``kind`` job (if any) with ``job``."""
+        if kind not in self._runners:
+            raise ValueError(f"unknown job kind {kind!r}")
         with self._cond:
-            if session.id in self._jobs:
+            if (session.id, kind) in self._jobs:
                 self.replaced += 1
-            self._jobs[session.id] = (session, job)
+            self._jobs[(session.id, kind)] = (session, job)
             self._cond.notify_all()
 
     def drop(self, session: Session) -> None:
         with self._cond:
-            self._jobs.pop(session.id, None)
+            for key in [k for k in self._jobs if k[0] == session.id]:
+                del self._jobs[key]
 
-    def pending(self, session: Session) -> bool:
-        with self._cond:
-            return session.id in self._jobs
-
-    def _pick(self) -> tuple[Session, J] | None:
-        for sid, (session, job) in list(self._jobs.items()):
+    def _pick(self) -> tuple[str, Session, Any] | None:
+        for key, (session, job) in list(self._jobs.items()):
+            kind = key[1]
             if session.closed:
-                del self._jobs[sid]
-            elif self.kind not in session.latest:
-                del self._jobs[sid]
-                return session, job
+                del self._jobs[key]
+            elif kind not in session.latest:
+                del self._jobs[key]
+                return kind, session, job
         return None
 
     def _loop(self) -> None:
@@ -151,14 +153,14 @@ class LatestJobs(Generic[J]):
                         return
                     self._cond.wait()
                     item = self._pick()
-            session, job = item
+            kind, session, job = item
             try:
-                msg = self._run(session, job)
+                msg = self._runners[kind](session, job)
             except DeepvisError as exc:
-                msg = text("error", scope=self.kind, message=str(exc))
+                msg = text("error", scope=kind, message=str(exc))
             except Exception as exc:  # a bug: keep serving, log it, tell the page
-                log.exception("%s failed", self.name)
-                msg = text("error", scope=self.kind, message=f"internal error in {self.kind}: {type(exc).__name__}: {exc}")
+                log.exception("%s: %s job failed", self.name, kind)
+                msg = text("error", scope=kind, message=f"internal error in {kind}: {type(exc).__name__}: {exc}")
             if msg is None:
                 continue
             with self._cond:
@@ -167,22 +169,28 @@ class LatestJobs(Generic[J]):
                     if isinstance(msg, str):
                         session.put_event(msg)
                     else:
-                        session.put_latest(self.kind, msg)
+                        session.put_latest(kind, msg)
+
+
+UnitViewFn = Callable[[Model, torch.Tensor, ViewSettings], tuple[dict[str, Any], Mapping[str, bytes]]]
+GeometryFn = Callable[[Model, str], dict[str, Any]]
 
 
 class Engine:
     """Serves the live view of one model to any number of pages (up to ``max_sessions``).
 
     ``unit_view(model, x, settings) -> (header, blobs)`` computes the backprop view of the selected
-    unit for a model input ``x`` (1, C, H, W); it runs in a background worker on a replica of the
-    network. None disables the backprop view.
+    unit for a model input ``x`` (1, C, H, W); ``geometry(model, layer) -> dict`` the receptive fields
+    of a layer's positions. Both run in a background worker on a replica of the network; None
+    disables them.
     """
 
     def __init__(
         self,
         model: Model,
         *,
-        unit_view: Callable[[Model, torch.Tensor, ViewSettings], tuple[dict[str, Any], Mapping[str, bytes]]] | None = None,
+        unit_view: UnitViewFn | None = None,
+        geometry: GeometryFn | None = None,
         max_sessions: int = 16,
         max_events: int = 64,
     ) -> None:
@@ -199,10 +207,15 @@ class Engine:
         self._rate = _Rate()
         self.frames_done = 0
         self._unit_view = unit_view
-        self._unit_model: Model | None = None
-        self.unit_views: LatestJobs[tuple[torch.Tensor, ViewSettings, int | None]] | None = None
+        self._geometry = geometry
+        runners: dict[str, Callable[[Session, Any], Message | None]] = {}
         if unit_view is not None:
-            self.unit_views = LatestJobs("deepvis-unit-view", "backprop", self._cond, self._run_unit_view)
+            runners["backprop"] = self._run_unit_view
+        if geometry is not None:
+            runners["rf"] = self._run_geometry
+        self.background: LatestJobs | None = LatestJobs("deepvis-unit-views", self._cond, runners) if runners else None
+        # copied now, before any thread runs: a copy taken during a capture would carry its hooks
+        self._worker_model: Model | None = replica(model) if runners else None
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -211,8 +224,8 @@ class Engine:
             self._stop = False
             self._thread = threading.Thread(target=self._loop, name="deepvis-frames", daemon=True)
             self._thread.start()
-        if self.unit_views is not None:
-            self.unit_views.start()
+        if self.background is not None:
+            self.background.start()
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop every thread (waits for the current frame to finish)."""
@@ -224,12 +237,12 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        if self.unit_views is not None:
-            self.unit_views.close(timeout)
+        if self.background is not None:
+            self.background.close(timeout)
 
     @property
     def backprop_available(self) -> bool:
-        return self.unit_views is not None
+        return self._unit_view is not None
 
     # -- pages (called from the event loop) -------------------------------------------------------
     def open_session(self, loop: asyncio.AbstractEventLoop) -> Session:
@@ -256,8 +269,8 @@ class Engine:
             session.events.clear()
             self._sessions.pop(session.id, None)
             self._cond.notify_all()
-        if self.unit_views is not None:
-            self.unit_views.drop(session)
+        if self.background is not None:
+            self.background.drop(session)
 
     def sessions(self) -> list[Session]:
         with self._cond:
@@ -280,7 +293,7 @@ class Engine:
         if new.layer != session.settings.layer and "unit" not in data:
             new = replace(new, unit=0, position=None)
         self.processor.check(new)
-        if new.backprop != "off" and self.unit_views is None:
+        if new.backprop != "off" and self._unit_view is None:
             raise DeepvisError("the backprop view is not available on this server (deepvis.backprop is missing)")
         with self._cond:
             if new != session.settings:
@@ -316,7 +329,7 @@ class Engine:
                 "sessions": len(self._sessions),
                 "frames": self.frames_done,
                 "fps": round(self._rate.rate(time.monotonic()), 2),
-                "unit_views": self.unit_views.done if self.unit_views else 0,
+                "background": self.background.done if self.background else 0,
             }
 
     # -- the frame loop ---------------------------------------------------------------------------
@@ -352,11 +365,11 @@ class Engine:
             try:
                 msg, frame_done, x = self._process(session, frame, settings, started)
             except DeepvisError as exc:
-                self._fail(session, str(exc))
+                self._fail(session, frame.seq, str(exc))
                 continue
             except Exception as exc:  # a bug: keep serving the other pages, log it, tell this one
                 log.exception("frame processing failed")
-                self._fail(session, f"internal error: {type(exc).__name__}: {exc}")
+                self._fail(session, frame.seq, f"internal error: {type(exc).__name__}: {exc}")
                 continue
             with self._cond:
                 now = time.monotonic()
@@ -369,14 +382,18 @@ class Engine:
                 session.stats.processed += 1
                 session.stats.last_ms = (time.perf_counter() - start) * 1000
                 session.put_latest("frame", msg)
-            if settings.backprop != "off" and self.unit_views is not None:
-                self.unit_views.submit(session, (x, settings, frame_done.seq))
+            if self.background is not None:
+                if settings.backprop != "off" and self._unit_view is not None:
+                    self.background.submit(session, "backprop", (x, settings, frame_done.seq))
+                if self._geometry is not None and settings.layer not in session.geometry_sent:
+                    session.geometry_sent.add(settings.layer)
+                    self.background.submit(session, "rf", settings.layer)
 
-    def _fail(self, session: Session, message: str) -> None:
+    def _fail(self, session: Session, seq: int | None, message: str) -> None:
         with self._cond:
             session.stats.errors += 1
             if not session.closed:
-                session.put_event(text("error", scope="frame", message=message))
+                session.put_event(text("error", scope="frame", seq=seq, message=message))
 
     def _process(self, session: Session, frame: RawFrame | Frame, settings: ViewSettings, started: float) -> tuple[bytes, Frame, torch.Tensor]:
         if isinstance(frame, RawFrame):
@@ -396,19 +413,30 @@ class Engine:
             header["stats"] = {**session.stats.to_dict(), "server_fps": round(self._rate.rate(time.monotonic()), 2)}
         return pack(header, out.blobs), frame, frame.x
 
-    # -- background unit views ------------------------------------------------------------------
+    # -- background work ------------------------------------------------------------------------
+    def _worker(self) -> Model:
+        assert self._worker_model is not None
+        return self._worker_model
+
     def _run_unit_view(self, session: Session, job: tuple[torch.Tensor, ViewSettings, int | None]) -> Message | None:
         x, settings, seq = job
-        if self._unit_view is None:
-            return None
-        if self._unit_model is None:
-            self._unit_model = replica(self.model)
+        assert self._unit_view is not None
         start = time.perf_counter()
-        header, blobs = self._unit_view(self._unit_model, x, settings)
+        try:
+            header, blobs = self._unit_view(self._worker(), x, settings)
+        except DeepvisError:
+            # e.g. deconv on a model whose nonlinearities it does not cover: turn the view off rather
+            # than failing again on every frame; the page shows the error and the new setting
+            with self._cond:
+                if session.settings.backprop == settings.backprop:
+                    session.settings = replace(session.settings, backprop="off")
+                    session.put_event(text("settings", settings=session.settings.to_dict()))
+            raise
         header = {
             "type": "backprop",
             "layer": settings.layer,
             "unit": settings.unit,
+            "position": list(settings.position) if settings.position else None,
             "mode": settings.backprop,
             "filter": settings.filter,
             "seq": seq,
@@ -417,3 +445,8 @@ class Engine:
         }
         return pack(header, blobs)
 
+    def _run_geometry(self, session: Session, layer: str) -> Message | None:
+        assert self._geometry is not None
+        if not self.processor.layer(layer).spatial:
+            return None
+        return text("rf", **self._geometry(self._worker(), layer))

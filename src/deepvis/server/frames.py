@@ -26,7 +26,7 @@ from .protocol import ViewSettings
 __all__ = ["FrameProcessor", "FrameOutput", "DiffState", "MAX_GRID_VALUES", "grid_factor", "quantize", "frame_image"]
 
 #: a layer's tiles are average-pooled by an integer factor until they hold at most this many values
-MAX_GRID_VALUES = 1 << 18
+MAX_GRID_VALUES = 1 << 19
 #: the running mean of the diff view: mean += DIFF_RATE * (activation - mean) per frame
 DIFF_RATE = 0.1
 #: largest frame a page may send, in pixels (the page sends frames at the model's input size)

@@ -94,6 +94,8 @@ class Session:
         self.stats = SessionStats()
         #: seconds the frame loop spent on this page (for fair round-robin accounting and tests)
         self.busy_s = 0.0
+        #: layers whose receptive-field geometry has been asked for (touched by the frame loop only)
+        self.geometry_sent: set[str] = set()
 
     # All methods below are called with the engine's lock held.
     def put_latest(self, kind: str, msg: Message) -> None:

@@ -44,8 +44,22 @@ export class GridView {
       this.canvas.height = height;
       this.image = this.ctx.createImageData(width, height);
       new Uint32Array(this.image.data.buffer).fill(PAD_RGBA[0] | (PAD_RGBA[1] << 8) | (PAD_RGBA[2] << 16) | (255 << 24));
+      this.fit();
     }
     return this.layout;
+  }
+
+  /** Scale the canvas to the space it has (whole multiples when enlarging, so tiles stay crisp). */
+  fit() {
+    const l = this.layout;
+    if (!l) return;
+    const wrap = this.canvas.parentElement;
+    const availW = Math.max(100, wrap.clientWidth);
+    const availH = Math.max(240, window.innerHeight - wrap.getBoundingClientRect().top - 16);
+    const s = Math.min(availW / l.width, availH / l.height);
+    const k = s >= 1 ? Math.floor(s) : s;
+    this.canvas.style.width = `${Math.floor(l.width * k)}px`;
+    this.canvas.style.height = `${Math.floor(l.height * k)}px`;
   }
 
   /** Draw uint8 values (C*h*w, or C for vectors) with a packed colormap. */

@@ -26,6 +26,7 @@ class App {
     this.pattern = false;
     this.lastBackprop = 'gradient';
     this.lastHeader = null;
+    this.geometry = new Map();
     this.resultTimes = [];
     this.latencies = [];
     // what the tests and the benchmark read
@@ -71,7 +72,8 @@ class App {
     }
     switch (m.type) {
       case 'hello': this.onHello(m); break;
-      case 'settings': this.applySettings(m.settings); break;
+      case 'settings': this.applySettings(m.settings, m.req); break;
+      case 'rf': this.geometry.set(m.layer, m); break;
       case 'error':
         if (m.scope === 'frame') this.sources.onFailed(m.seq);
         this.showError(m.message);
@@ -122,7 +124,7 @@ class App {
     } else $('unit-map').hidden = true;
     this.showUnitStats(h);
     this.showPredictions(h.predictions || []);
-    this.showRf(h.rf);
+    this.showRf(h);
     const live = h.source === 'camera' || h.source === 'video';
     const latency = live ? this.sources.onResult(h.seq) : null;
     // figures
@@ -155,13 +157,17 @@ class App {
   }
 
   // -- settings ----------------------------------------------------------------------------------------
+  /** Send a settings change; it is applied here at once and confirmed (or corrected) by the server. */
   sendSettings(partial) {
     if (!this.settings) return;
-    this.conn.send({ type: 'settings', ...partial });
+    this.req = (this.req || 0) + 1;
+    this.settings = { ...this.settings, ...partial };
+    this.conn.send({ type: 'settings', req: this.req, ...partial });
   }
 
-  applySettings(s) {
-    const layerChanged = !this.settings || s.layer !== this.settings.layer;
+  /** The server's settings; an answer to an older request than the last one sent is ignored. */
+  applySettings(s, req) {
+    if (req !== undefined && req !== null && req < this.req) return;
     this.settings = s;
     this.prevSettings = { layer: s.layer, unit: s.unit, normalize: s.normalize, gain: s.gain, gamma: s.gamma, diff: s.diff, backprop: s.backprop, filter: s.filter };
     if (s.backprop !== 'off') this.lastBackprop = s.backprop;
@@ -186,7 +192,7 @@ class App {
     url.searchParams.set('layer', s.layer);
     url.searchParams.set('unit', String(s.unit));
     history.replaceState(null, '', url);
-    this.atlas.show(s.layer, s.unit, layerChanged);
+    this.atlas.show(s.layer, s.unit);
   }
 
   layerInfo(name = this.settings?.layer) {
@@ -268,18 +274,28 @@ class App {
     pin.hidden = false;
   }
 
-  showRf(rf) {
+  /** Box the receptive field of the pinned position (or of the unit's strongest one) on the input. */
+  showRf(h) {
     const box = $('rf-box');
-    if (!rf) {
+    const g = this.geometry.get(h.layer);
+    const pos = (this.settings?.layer === h.layer && this.settings.position) || h.unit_stats?.argmax;
+    if (!g || !pos || !g.output_size) {
+      box.hidden = true;
+      return;
+    }
+    const [y, x] = pos;
+    const rf = [g.rows.lo[y], g.cols.lo[x], g.rows.hi[y] + 1, g.cols.hi[x] + 1];
+    if (rf.some((v) => v === undefined)) {
       box.hidden = true;
       return;
     }
     const c = $('input-canvas');
-    const [h, w] = this.info.model.input_size;
-    const sx = c.clientWidth / w, sy = c.clientHeight / h;
+    const [ih, iw] = g.input_size;
+    const sx = c.clientWidth / iw, sy = c.clientHeight / ih;
     const [y0, x0, y1, x1] = rf;
     Object.assign(box.style, { left: `${c.offsetLeft + x0 * sx}px`, top: `${c.offsetTop + y0 * sy}px`, width: `${(x1 - x0) * sx}px`, height: `${(y1 - y0) * sy}px` });
     box.hidden = false;
+    this.stats.rf = rf;
   }
 
   showStatus(h, fps) {
@@ -360,7 +376,10 @@ class App {
     $('help-btn').addEventListener('click', () => this.actions().toggleHelp());
     $('help-close').addEventListener('click', () => ($('help').hidden = true));
     $('message-close').addEventListener('click', () => ($('message').hidden = true));
-    window.addEventListener('resize', () => this.grid.highlight(this.settings?.unit ?? -1));
+    window.addEventListener('resize', () => {
+      this.grid.fit();
+      this.grid.highlight(this.settings?.unit ?? -1);
+    });
   }
 
   setDiff(on) {

@@ -72,7 +72,7 @@ export class Sources {
     }
     this.stopLive();
     try {
-      this.stream = await navigator.mediaDevices.getUserMedia({ video: { width: { ideal: 640 }, height: { ideal: 480 } }, audio: false });
+      this.stream = await navigator.mediaDevices.getUserMedia({ video: { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 30 } }, audio: false });
     } catch (e) {
       this.app.showError(`no camera: ${e.message || e.name}`);
       return;

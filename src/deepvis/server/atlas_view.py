@@ -1,0 +1,129 @@
+"""The atlas as the page sees it: unit records as JSON, and images served by (layer, unit, kind, rank).
+
+No path from a request is ever opened: the page names a unit and an image kind, the atlas index
+gives the file, and the file must lie inside the atlas folder. The atlas is opened for each request
+(SQLite connections belong to one thread; requests run in a thread pool), read-only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import DeepvisError
+from ..models.model import Model
+
+__all__ = ["AtlasView", "IMAGE_KINDS"]
+
+log = logging.getLogger("deepvis.server")
+
+#: what an atlas image request may ask for
+IMAGE_KINDS = ("synth", "synth_raw", "crop", "view")
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or x != x or abs(x) == float("inf") else round(float(x), 6)
+
+
+class AtlasView:
+    """Read access to one atlas folder for the server."""
+
+    def __init__(self, root: str | os.PathLike[str], model: Model) -> None:
+        from ..atlas import model_hash, open_atlas
+
+        self.root = Path(root).resolve()
+        with open_atlas(self.root) as atlas:
+            meta = atlas.meta
+            self.layers = {rec.name: rec for rec in atlas.layers()}
+        self.meta = meta
+        self.warning: str | None = None
+        want = meta.get("model_hash")
+        if want is not None and want != model_hash(model):
+            self.warning = f"the atlas was made for another model ({meta.get('model', '?')}); its images may not match this one"
+            log.warning("%s: %s", self.root, self.warning)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "available": True,
+            "layers": sorted(self.layers, key=lambda n: self.layers[n].order),
+            "model": self.meta.get("model"),
+            "dataset": self.meta.get("dataset"),
+            "warning": self.warning,
+        }
+
+    def synth_params(self, layer: str) -> dict[str, Any] | None:
+        rec = self.layers.get(layer)
+        return dict(rec.synth_params) if rec is not None and rec.synth_params else None
+
+    def _open(self):
+        from ..atlas import open_atlas
+
+        return open_atlas(self.root)
+
+    def unit(self, layer: str, unit: int) -> dict[str, Any]:
+        """What the atlas holds about a unit (``in_atlas`` False when its layer or unit is missing)."""
+        rec = self.layers.get(layer)
+        if rec is None or not 0 <= unit < rec.units:
+            return {"layer": layer, "unit": unit, "in_atlas": False, "top": [], "synth": None, "stats": None}
+        with self._open() as atlas:
+            r = atlas.unit(layer, unit)
+        stats = None
+        if r.stats is not None:
+            s = r.stats
+            stats = {k: _finite(getattr(s, k, None)) for k in ("mean", "std", "max", "min", "mean_max", "frac_active")}
+        return {
+            "layer": layer,
+            "unit": unit,
+            "in_atlas": True,
+            "top": [
+                {
+                    "rank": t.rank,
+                    "value": _finite(t.value),
+                    "label": t.label,
+                    "name": Path(t.key).name if t.key else None,
+                    "position": list(t.position) if t.position is not None else None,
+                    "crop": t.crop is not None,
+                    "view": t.view is not None,
+                }
+                for t in r.top
+            ],
+            "synth": {"value": _finite(r.synth.value), "source": "atlas"} if r.synth is not None else None,
+            "stats": stats,
+        }
+
+    def synth_units(self, layer: str) -> list[int]:
+        """Units of ``layer`` that have a synthesized image in the atlas (by the store's file layout:
+        ``<layer>/<unit>/synth.png``; the image itself is then served through the unit's record)."""
+        from ..atlas import unit_dir
+
+        rec = self.layers.get(layer)
+        if rec is None:
+            return []
+        return [u for u in range(rec.units) if (self.root / unit_dir(layer, u) / "synth.png").is_file()]
+
+    def image(self, layer: str, unit: int, kind: str, rank: int = 0) -> bytes | None:
+        """The PNG bytes of one atlas image, or None when the atlas has no such image."""
+        if kind not in IMAGE_KINDS:
+            raise DeepvisError(f"unknown image kind {kind!r}")
+        rec = self.layers.get(layer)
+        if rec is None or not 0 <= unit < rec.units:
+            return None
+        with self._open() as atlas:
+            r = atlas.unit(layer, unit)
+        path: Path | None = None
+        if kind in ("synth", "synth_raw"):
+            if r.synth is not None:
+                path = r.synth.image if kind == "synth" else r.synth.raw
+        else:
+            top = [t for t in r.top if t.rank == rank]
+            if top:
+                path = top[0].crop if kind == "crop" else top[0].view
+        if path is None:
+            return None
+        resolved = Path(path).resolve()
+        if not resolved.is_relative_to(self.root) or not resolved.is_file():
+            log.warning("atlas image outside the atlas folder or missing: %s", resolved)
+            return None
+        return resolved.read_bytes()

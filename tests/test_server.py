@@ -1,0 +1,604 @@
+"""The live toolbox server: security (token, Host, Origin, traversal, upload caps), robustness, the frame engine."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import struct
+import threading
+import time
+import zlib
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from helpers import assert_unchanged, hooks_left, snapshot
+from PIL import Image
+from starlette.websockets import WebSocketDisconnect
+from test_server_utils import TOKEN, LiveServer, frame_message, is_frame, is_type, receive_until, tiny_model
+
+from deepvis.server import ServerConfig, create_app
+from deepvis.server.engine import Engine
+from deepvis.server.frames import FrameProcessor, quantize
+from deepvis.server.protocol import ViewSettings, pack, unpack
+from deepvis.server.security import Guard
+from deepvis.server.session import Frame, RawFrame
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def make_app(model, **kw):
+    return create_app(ServerConfig(model=model, token=TOKEN, allowed_hosts=("testserver",), **kw))
+
+
+@pytest.fixture(scope="module")
+def client(model):
+    with TestClient(make_app(model, max_upload_bytes=64 * 1024, synthesis=False)) as c:
+        yield c
+
+
+def png_bytes(size=(40, 30), color=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def open_ws(client, **headers):
+    return client.websocket_connect(f"/ws?token={TOKEN}", headers=dict(headers))
+
+
+# -- the token ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("GET", "/"),
+        ("GET", "/static/js/main.js"),
+        ("GET", "/static/style.css"),
+        ("GET", "/api/info"),
+        ("GET", "/api/health"),
+        ("GET", "/api/atlas/unit?layer=conv1&unit=0"),
+        ("GET", "/api/atlas/image?layer=conv1&unit=0&kind=synth"),
+        ("POST", "/api/upload?session=x"),
+        ("GET", "/no/such/page"),
+    ],
+)
+def test_every_endpoint_needs_the_token(client, method, path):
+    r = client.request(method, path)
+    assert r.status_code == 403 and "token" in r.text
+    sep = "&" if "?" in path else "?"
+    r = client.request(method, f"{path}{sep}token={'x' * 40}")
+    assert r.status_code == 403
+    r = client.request(method, path, headers={"authorization": "token wrong"})
+    assert r.status_code == 403
+
+
+def test_the_token_opens_the_page_and_its_files(client):
+    r = client.get(f"/?token={TOKEN}")
+    assert r.status_code == 200
+    csp = r.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "'unsafe-inline'" not in csp and "'unsafe-eval'" not in csp
+    assert r.headers["x-frame-options"] == "DENY" and r.headers["referrer-policy"] == "no-referrer"
+    # every script and stylesheet URL carries the token (the import map covers module imports)
+    assert f"/static/js/main.js?token={TOKEN}" in r.text and f"/static/js/grid.js?token={TOKEN}" in r.text
+    assert client.get(f"/static/js/main.js?token={TOKEN}").headers["content-type"].startswith("text/javascript")
+    assert client.get("/api/health", headers={"authorization": f"token {TOKEN}"}).json()["ok"] is True
+    assert client.get("/api/health", headers={"x-deepvis-token": TOKEN}).status_code == 200
+
+
+def test_websocket_without_token_is_refused_before_accept(client):
+    engine = client.app.state.toolbox.engine
+    for url in ("/ws", "/ws?token=", f"/ws?token={TOKEN[:-1]}x"):
+        with pytest.raises(WebSocketDisconnect) as err:
+            with client.websocket_connect(url):
+                pass
+        assert err.value.code == 1008
+    assert engine.sessions() == []  # no session was ever opened
+
+
+def test_websocket_from_a_foreign_origin_is_refused(client):
+    for origin in ("http://evil.example", "http://testserver.evil.example", "null", "http://127.0.0.1:1"):
+        with pytest.raises(WebSocketDisconnect) as err:
+            with open_ws(client, origin=origin):
+                pass
+        assert err.value.code == 1008, origin
+    with open_ws(client, origin="http://testserver") as ws:  # the page's own origin
+        hello = json.loads(ws.receive_text())
+        assert hello["type"] == "hello"
+
+
+def test_foreign_host_is_refused_dns_rebinding(client):
+    r = client.get(f"/api/health?token={TOKEN}", headers={"host": "attacker.example"})
+    assert r.status_code == 403 and "Host" in r.text
+    r = client.get(f"/api/health?token={TOKEN}", headers={"host": "127.0.0.1:8000"})
+    assert r.status_code == 200
+
+
+def test_guard_hosts_and_origins():
+    g = Guard(TOKEN, ["myhost"])
+    assert g.host_ok("127.0.0.1:8000") and g.host_ok("localhost") and g.host_ok("[::1]:80") and g.host_ok("127.5.5.5:1")
+    assert g.host_ok("myhost:9000")
+    for bad in ("evil.com", "127.0.0.1.evil.com:80", "", "[::1", "user@127.0.0.1", "localhost:80:80"):
+        assert not g.host_ok(bad), bad
+    assert g.origin_ok(None, "127.0.0.1:8000")  # not a browser
+    assert g.origin_ok("http://127.0.0.1:8000", "127.0.0.1:8000")
+    assert not g.origin_ok("http://localhost:8000", "127.0.0.1:8000")  # another origin, same machine
+    assert not g.origin_ok("http://evil.com", "evil.com")  # rebinding: the Host is not ours either
+    assert not g.token_ok(None) and not g.token_ok(TOKEN + "x") and g.token_ok(TOKEN)
+    with pytest.raises(ValueError):
+        Guard("short")
+
+
+def test_uploads_from_a_foreign_origin_are_refused(client):
+    with open_ws(client) as ws:
+        sid = json.loads(ws.receive_text())["session"]
+        r = client.post(f"/api/upload?token={TOKEN}&session={sid}", content=png_bytes(), headers={"origin": "http://evil.example"})
+        assert r.status_code == 403
+        r = client.post(f"/api/upload?token={TOKEN}&session={sid}", content=png_bytes(), headers={"origin": "http://testserver"})
+        assert r.status_code == 200
+
+
+# -- paths ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/../app.py",
+        "/static/..%2fapp.py",
+        "/static/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+        "/static/..%2f..%2f..%2f..%2fetc%2fpasswd",
+        "/static//etc/passwd",
+        "/static/js/../../app.py",
+        "/static/index.html",
+        "/static/%00",
+        "/api/atlas/image?layer=..%2f..%2fetc&unit=0&kind=synth",
+        "/api/atlas/image?layer=conv1&unit=0&kind=..%2f..%2fetc%2fpasswd",
+        "/api/atlas/image?layer=%2fetc%2fpasswd&unit=0&kind=crop&rank=0",
+        "/api/atlas/unit?layer=..%2f..&unit=0",
+        "/api/atlas/layer?layer=..%2f..%2fetc",
+    ],
+)
+def test_path_traversal_is_404(client, path):
+    sep = "&" if "?" in path else "?"
+    r = client.get(f"{path}{sep}token={TOKEN}")
+    assert r.status_code == 404, (path, r.status_code, r.text[:200])
+    assert "root:" not in r.text
+
+
+# -- uploads ------------------------------------------------------------------------------------------------
+def test_oversized_upload_is_413(client):
+    with open_ws(client) as ws:
+        sid = json.loads(ws.receive_text())["session"]
+        big = b"\x89PNG" + b"\0" * (64 * 1024 + 10)
+        r = client.post(f"/api/upload?token={TOKEN}&session={sid}", content=big)
+        assert r.status_code == 413 and "too large" in r.json()["error"]
+
+        def chunks():  # no Content-Length: the cap applies while reading
+            for _ in range(20):
+                yield b"\0" * 8192
+
+        r = client.post(f"/api/upload?token={TOKEN}&session={sid}", content=chunks())
+        assert r.status_code == 413
+        assert client.get(f"/api/health?token={TOKEN}").status_code == 200
+
+
+def bomb_png(w: int, h: int) -> bytes:
+    """A tiny PNG whose header claims w x h pixels (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_corrupt_upload_gives_a_clear_message_and_the_server_keeps_answering(client):
+    with open_ws(client) as ws:
+        sid = json.loads(ws.receive_text())["session"]
+        name = "<img src=x onerror=alert(1)>.png"
+        r = client.post(f"/api/upload?token={TOKEN}&session={sid}&name={name}", content=b"this is not an image at all")
+        assert r.status_code == 400
+        msg = r.json()["error"]
+        assert "not an image" in msg and name in msg  # plain text; the page shows it with textContent
+        noisy = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(noisy, format="PNG")
+        r = client.post(f"/api/upload?token={TOKEN}&session={sid}&name=t.png", content=noisy.getvalue()[: len(noisy.getvalue()) // 2])
+        assert r.status_code == 400 and ("damaged" in r.json()["error"] or "truncated" in r.json()["error"])
+        r = client.post(f"/api/upload?token={TOKEN}&session={sid}&name=bomb.png", content=bomb_png(7000, 7000))
+        assert r.status_code == 400 and "megapixels" in r.json()["error"]  # 49 MP: over the 40 MP cap
+        r = client.post(f"/api/upload?token={TOKEN}&session={sid}&name=bomb.png", content=bomb_png(30000, 30000))
+        assert r.status_code == 400 and "decompression bomb" in r.json()["error"]
+        # the same page still works
+        r = client.post(f"/api/upload?token={TOKEN}&session={sid}&name=ok.png", content=png_bytes())
+        assert r.status_code == 200 and r.json()["width"] == 40
+        msg, _ = receive_until(ws, is_frame)
+        assert msg[0]["source"] == "image" and len(msg[0]["predictions"]) == 5
+    assert client.get(f"/api/health?token={TOKEN}").json()["ok"] is True
+
+
+def test_upload_to_an_unknown_session_is_404(client):
+    r = client.post(f"/api/upload?token={TOKEN}&session=nope", content=png_bytes())
+    assert r.status_code == 404
+
+
+# -- the WebSocket protocol ----------------------------------------------------------------------------------
+def test_frames_settings_and_bad_messages(client, model):
+    with open_ws(client) as ws:
+        hello = json.loads(ws.receive_text())
+        assert hello["model"]["input_size"] == [32, 32] and hello["class_names"][3] == "class 3"
+        assert [entry["name"] for entry in hello["layers"]][:2] == ["conv1", "relu1"]
+        ws.send_text(json.dumps({"type": "settings", "layer": "conv2", "unit": 5, "req": 1}))
+        msg, _ = receive_until(ws, is_type("settings"))
+        assert msg["settings"]["layer"] == "conv2" and msg["settings"]["unit"] == 5 and msg["req"] == 1
+        ws.send_bytes(frame_message(1, 32, 32))
+        (header, payload), _ = receive_until(ws, is_frame)
+        blobs = {name: payload[off : off + n] for name, off, n in header["blobs"]}
+        assert header["seq"] == 1 and header["grid"]["shape"] == [16, 16, 16] and len(blobs["grid"]) == 16 * 16 * 16
+        assert header["unit_shape"] == [16, 16] and len(blobs["unit"]) == 256
+
+        # bad input of every kind: a clear error each time, and the page keeps working
+        bad = [
+            ("text", "not json"),
+            ("text", json.dumps([1, 2])),
+            ("text", json.dumps({"type": "nope"})),
+            ("text", json.dumps({"type": "settings", "layer": "no.such.layer", "req": 2})),
+            ("text", json.dumps({"type": "settings", "unit": 999, "req": 3})),
+            ("text", json.dumps({"type": "settings", "gain": "loud", "req": 4})),
+            ("text", json.dumps({"type": "settings", "colour": 1, "req": 5})),
+            ("text", json.dumps({"type": "sample", "name": "../../etc/passwd"})),
+            ("bytes", b"\x01\x02"),
+            ("bytes", struct.pack("<I", 10**6) + b"{}"),
+            ("bytes", pack({"type": "frame", "seq": 2, "w": 32, "h": 32, "format": "rgba"}, {"px": b"\0" * 100})),
+            ("bytes", pack({"type": "frame", "seq": 3, "w": 10**5, "h": 10**5, "format": "rgba"}, {"px": b""})),
+            ("bytes", pack({"type": "frame", "seq": 4, "w": 32, "h": 32, "format": "yuv"}, {"px": b"\0" * 4096})),
+        ]
+        for kind, data in bad:
+            (ws.send_text if kind == "text" else ws.send_bytes)(data)
+            msg, _ = receive_until(ws, is_type("error"))
+            assert msg["message"] and "\n" not in msg["message"], msg
+        settings = client.app.state.toolbox.engine.sessions()[0].settings
+        assert (settings.layer, settings.unit, settings.gain) == ("conv2", 5, 1.0)  # unchanged by the bad ones
+        ws.send_bytes(frame_message(9, 32, 32))
+        (header, _), _ = receive_until(ws, lambda m: is_frame(m) and m[0]["seq"] == 9)
+        assert header["layer"] == "conv2"
+
+
+def test_sample_photo_and_diff_view(client):
+    with open_ws(client) as ws:
+        json.loads(ws.receive_text())
+        ws.send_text(json.dumps({"type": "settings", "layer": "conv1", "diff": True}))
+        ws.send_text(json.dumps({"type": "sample", "name": "coffee"}))
+        (inp, payload), _ = receive_until(ws, is_type("input"))
+        assert inp["name"] == "coffee" and Image.open(io.BytesIO(bytes(payload))).size == (32, 32)
+        (header, payload), _ = receive_until(ws, is_frame)
+        grid = np.frombuffer(payload[header["blobs"][0][1] :][: header["blobs"][0][2]], np.uint8)
+        # the first frame of the diff view equals its running mean: every tile is mid-gray
+        assert header["grid"]["diff"] is True and set(np.unique(grid)) == {128}
+
+
+def test_a_client_that_never_reads_does_not_slow_another(model):
+    """Client A sends frames and never reads; client B keeps getting results. A costs only what its socket took."""
+    big = tiny_model(128)  # results of its default layer are 8x128x128: a few fill a socket's buffers
+    app = make_app(big, synthesis=False, backprop=False)
+    engine = app.state.toolbox.engine
+    with LiveServer(app, TOKEN) as srv:
+        from websockets.sync.client import connect
+
+        stuck = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.connect(("127.0.0.1", srv.port))
+        key = "dGhlIHNhbXBsZSBub25jZQ=="
+        stuck.sendall(
+            (
+                f"GET /ws?token={TOKEN} HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+
+        def ws_frame(payload: bytes) -> bytes:  # a masked binary WebSocket frame (client to server)
+            mask = b"\x01\x02\x03\x04"
+            n = len(payload)
+            head = b"\x82" + (bytes([0x80 | n]) if n < 126 else (bytes([0x80 | 126]) + struct.pack(">H", n) if n < 65536 else bytes([0x80 | 127]) + struct.pack(">Q", n)))
+            body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+            return head + mask + body
+
+        frame = frame_message(1, 128, 128)
+        stop = threading.Event()
+
+        def flood() -> None:
+            seq = 0
+            while not stop.is_set():
+                seq += 1
+                try:
+                    stuck.sendall(ws_frame(frame_message(seq, 128, 128)))
+                except OSError:
+                    return
+                time.sleep(0.005)
+
+        flooder = threading.Thread(target=flood, daemon=True)
+        flooder.start()
+        try:
+            with connect(f"ws://127.0.0.1:{srv.port}/ws?token={TOKEN}", max_size=2**24) as b:
+                json.loads(b.recv(timeout=30))
+
+                def round_trips(n: int) -> int:
+                    got = 0
+                    for _ in range(n):
+                        b.send(frame)
+                        while True:
+                            m = b.recv(timeout=30)
+                            if isinstance(m, bytes) and unpack(m)[0]["type"] == "frame":
+                                got += 1
+                                break
+                    return got
+
+                assert round_trips(10) == 10
+                assert _wait(lambda: len(engine.sessions()) == 2, 10)
+                stuck_session = next(s for s in engine.sessions() if s.stats.received > 10)
+                # wait until the stuck page's socket buffers are full: then it gets no more results
+                assert _settles(lambda: stuck_session.stats.processed, 0.5, 60)
+                done_before = stuck_session.stats.processed
+                received_before = stuck_session.stats.received
+                assert round_trips(40) == 40  # B is served throughout
+                assert stuck_session.stats.received > received_before + 20  # A kept sending...
+                assert stuck_session.stats.processed <= done_before + 1  # ...and got no compute at all
+                # A holds at most one unsent result and one waiting frame: nothing queues up
+                assert len(stuck_session.latest) <= 1 and len(stuck_session.events) <= stuck_session.max_events
+                assert stuck_session.stats.dropped >= stuck_session.stats.received - stuck_session.stats.processed - 1
+        finally:
+            stop.set()
+            flooder.join(5)
+            stuck.close()
+        assert _wait(lambda: engine.sessions() == [], 20)  # both gone once their sockets close
+        assert hooks_left(big.module) == []
+
+
+def _settles(value, quiet: float, timeout: float) -> bool:
+    """Wait until ``value()`` has not changed for ``quiet`` seconds."""
+    deadline = time.monotonic() + timeout
+    last, since = value(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        v = value()
+        if v != last:
+            last, since = v, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return True
+    return False
+
+
+def _wait(cond, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+# -- the engine -------------------------------------------------------------------------------------------------
+class _Loop:
+    """Stands in for the event loop: records wake-ups."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def call_soon_threadsafe(self, fn, *args):
+        self.calls += 1
+
+
+def _raw(model, seq, seed=0):
+    px = np.random.default_rng(seed).integers(0, 255, (32, 32, 4), dtype=np.uint8).tobytes()
+    return RawFrame(seq, 32, 32, "rgba", memoryview(px), "camera")
+
+
+def test_engine_processes_the_newest_frame_and_counts_the_dropped(model):
+    engine = Engine(model)
+    s = engine.open_session(_Loop())  # type: ignore[arg-type]
+    for seq in range(1, 6):  # five frames arrive before the loop runs: only the newest is kept
+        engine.submit_frame(s, _raw(model, seq, seed=seq))
+    assert s.stats.received == 5 and s.stats.dropped == 4
+    engine.start()
+    try:
+        assert _wait(lambda: "frame" in s.latest, 30)
+        header, _ = unpack(engine.take(s)[0])
+        assert header["seq"] == 5 and s.stats.processed == 1
+        # a page that does not take its result gets no more compute: the next frames wait in its one slot
+        engine.submit_frame(s, _raw(model, 6))
+        assert _wait(lambda: "frame" in s.latest, 30)
+        engine.submit_frame(s, _raw(model, 7))
+        engine.submit_frame(s, _raw(model, 8))
+        time.sleep(0.3)  # give the loop every chance to (wrongly) process them
+        assert s.stats.processed == 2 and s.pending is not None and s.pending.seq == 8
+        assert unpack(engine.take(s)[0])[0]["seq"] == 6
+        assert _wait(lambda: "frame" in s.latest, 30)
+        assert unpack(engine.take(s)[0])[0]["seq"] == 8 and s.stats.dropped == 5
+    finally:
+        engine.close()
+
+
+def test_heavy_unit_views_never_block_the_frame_loop(model):
+    """A deliberately slow backprop view runs in the background; frames keep flowing meanwhile."""
+    release = threading.Event()
+    started = threading.Event()
+
+    def slow_view(m, x, settings):
+        started.set()
+        release.wait(30)
+        return {"h": 1, "w": 1}, {"rgb": b"\0\0\0"}
+
+    engine = Engine(model, unit_view=slow_view)
+    s = engine.open_session(_Loop())  # type: ignore[arg-type]
+    engine.update_settings(s, {"layer": "conv2", "backprop": "gradient"}, ("raw",))
+    engine.start()
+    try:
+        engine.submit_frame(s, _raw(model, 1))
+        assert started.wait(30)  # the slow view is running now
+        seqs = []
+        for seq in range(2, 12):
+            engine.submit_frame(s, _raw(model, seq))
+            assert _wait(lambda: "frame" in s.latest, 30)
+            seqs += [unpack(m)[0]["seq"] for m in engine.take(s) if isinstance(m, bytes) and unpack(m)[0]["type"] == "frame"]
+        assert seqs[-1] == 11 and len(seqs) >= 9  # ten frames went through while the view was stuck
+        release.set()
+        assert _wait(lambda: "backprop" in s.latest, 30)
+        header, payload = unpack(s.latest["backprop"])
+        assert header["type"] == "backprop" and header["mode"] == "gradient" and header["layer"] == "conv2"
+    finally:
+        release.set()
+        engine.close()
+
+
+def test_a_page_closing_mid_frame_is_forgotten_and_others_go_on(model):
+    engine = Engine(model)
+    a = engine.open_session(_Loop())  # type: ignore[arg-type]
+    b = engine.open_session(_Loop())  # type: ignore[arg-type]
+    engine.start()
+    try:
+        engine.submit_frame(a, _raw(model, 1))
+        engine.close_session(a)  # possibly while its frame is being computed
+        engine.submit_frame(b, _raw(model, 1))
+        assert _wait(lambda: "frame" in b.latest, 30)
+        assert a.latest == {} and a.pending is None and engine.sessions() == [b]
+    finally:
+        engine.close()
+
+
+def test_too_many_pages_are_refused(model):
+    app = make_app(model, max_sessions=1, synthesis=False)
+    with TestClient(app) as c, open_ws(c) as first:
+        json.loads(first.receive_text())
+        with pytest.raises(WebSocketDisconnect) as err:
+            with open_ws(c):
+                pass
+        assert err.value.code == 1013
+
+
+def test_frame_processor_matches_the_library(model):
+    from deepvis.capture import capture
+    from deepvis.render import normalize_activations
+
+    proc = FrameProcessor(model)
+    x = torch_input(model)
+    out = proc.process(x, ViewSettings(layer="conv2", unit=3, gain=2.0, gamma=0.5))
+    acts = capture(model, x, ["conv2"])["conv2"][0]
+    want = quantize(np.clip(normalize_activations(acts, "layer") * 2.0, 0, 1) ** 0.5)
+    assert np.array_equal(np.frombuffer(out.blobs["grid"], np.uint8).reshape(16, 16, 16), want)
+    unit = quantize(normalize_activations(acts[3:4], "channel")[0])
+    assert np.array_equal(np.frombuffer(out.blobs["unit"], np.uint8).reshape(16, 16), unit)
+    assert out.header["unit_stats"]["max"] == pytest.approx(float(acts[3].max()), abs=1e-5)
+    # the class layer labels its units; vectors have no unit map
+    out = proc.process(x, ViewSettings(layer="fc", unit=7))
+    assert out.header["unit_label"] == "class 7" and "unit" not in out.blobs and len(out.blobs["grid"]) == 10
+    assert [p["index"] for p in out.header["predictions"]] == capture(model, x, ["fc"])["fc"][0].topk(5).indices.tolist()
+
+
+def torch_input(model):
+    rng = np.random.default_rng(1)
+    im = Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    return FrameProcessor(model).to_input(im)
+
+
+def test_large_layers_are_pooled_for_the_page():
+    from deepvis.server.frames import grid_factor
+
+    assert grid_factor((32, 112, 112)) == 1  # 401k values: sent as they are
+    assert grid_factor((96, 112, 112)) == 2  # 1.2M values: pooled 2x2 to 301k
+    assert grid_factor((16, 2000, 2000)) == 12
+    assert grid_factor((1280,)) == 1
+
+
+def test_serving_leaves_the_model_unchanged(model):
+    before = snapshot(model.module)
+    app = make_app(model, synthesis=False)
+    with TestClient(app) as c, open_ws(c) as ws:
+        json.loads(ws.receive_text())
+        ws.send_text(json.dumps({"type": "settings", "layer": "conv2", "backprop": "guided"}))
+        ws.send_bytes(frame_message(1, 32, 32))
+        receive_until(ws, is_type("backprop"))
+    assert_unchanged(model.module, before)
+
+
+def test_backprop_view_and_receptive_fields_reach_the_page(model):
+    app = make_app(model, synthesis=False)
+    with TestClient(app) as c, open_ws(c) as ws:
+        hello = json.loads(ws.receive_text())
+        assert hello["backprop"]["available"] and "raw" in hello["backprop"]["filters"]
+        ws.send_text(json.dumps({"type": "settings", "layer": "conv2", "unit": 2, "backprop": "deconv", "filter": "norm"}))
+        ws.send_bytes(frame_message(1, 32, 32))
+        got: dict = {}
+        while len(got) < 2:
+            msg, _ = receive_until(ws, lambda m: is_type("backprop")(m) or is_type("rf")(m))
+            got["rf" if isinstance(msg, dict) else "backprop"] = msg
+        header, payload = got["backprop"]
+        assert (header["mode"], header["filter"], header["unit"], header["h"], header["w"]) == ("deconv", "norm", 2, 32, 32)
+        assert len(payload) == 32 * 32 * 3 and max(payload) > 0
+        rf = got["rf"]
+        # conv1 (3x3) then conv2 (3x3, stride 2): a 5x5 field every 2 pixels, clipped at the border
+        assert rf["layer"] == "conv2" and rf["output_size"] == [16, 16] and rf["size"] == [5, 5]
+        assert rf["rows"]["lo"][5] == 2 * 5 - 2 and rf["rows"]["hi"][5] == 2 * 5 + 2 and rf["cols"]["lo"][0] == 0
+
+
+def test_synthesis_on_demand_reports_progress_and_serves_the_image(model):
+    app = create_app(ServerConfig(model=model, token=TOKEN, allowed_hosts=("testserver",), synthesis_steps=8, synthesis_size=32))
+    with TestClient(app) as c, open_ws(c) as ws:
+        hello = json.loads(ws.receive_text())
+        assert hello["synthesis"]["available"]
+        assert c.get(f"/api/atlas/image?token={TOKEN}&layer=conv2&unit=4&kind=synth").status_code == 404
+        ws.send_text(json.dumps({"type": "synthesize", "layer": "conv2", "unit": 4}))
+        msg, seen = receive_until(ws, lambda m: isinstance(m, dict) and m.get("type") == "synthesis" and m["state"] in ("done", "error"))
+        assert msg["state"] == "done", msg
+        states = [m["state"] for m in seen if isinstance(m, dict) and m.get("type") == "synthesis"]
+        assert states[0] == "queued" and "running" in states
+        r = c.get(f"/api/atlas/image?token={TOKEN}&layer=conv2&unit=4&kind=synth")
+        assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (32, 32)
+        rec = c.get(f"/api/atlas/unit?token={TOKEN}&layer=conv2&unit=4").json()
+        assert rec["synth"]["source"] == "live" and rec["in_atlas"] is False
+        assert c.get(f"/api/atlas/layer?token={TOKEN}&layer=conv2").json()["synth"] == [4]
+        ws.send_text(json.dumps({"type": "synthesize", "layer": "conv2", "unit": 99}))
+        msg, _ = receive_until(ws, is_type("error"))
+        assert "out of range" in msg["message"]
+
+
+def test_cli_serve_prints_a_url_with_a_token_and_serves(tmp_path):
+    import subprocess
+    import sys
+
+    import httpx
+
+    factory = tmp_path / "tinynet.py"
+    factory.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})\n"
+        "from test_server_utils import tiny_model\n"
+        "def build():\n    return tiny_model().module\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepvis", "serve", "--port", "0", "--model", f"{factory}:build", "--input-size", "32"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("deepvis serve: open http://127.0.0.1:") and "?token=" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        url = line.split("open ", 1)[1].strip()
+        token = url.split("token=", 1)[1]
+        assert len(token) >= 40
+        deadline = time.monotonic() + 60
+        status = None
+        while time.monotonic() < deadline:
+            try:
+                status = httpx.get(url, timeout=5).status_code
+                break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        assert status == 200
+        assert httpx.get(url.split("?")[0], timeout=5).status_code == 403
+    finally:
+        proc.terminate()
+        proc.wait(30)
