@@ -141,7 +141,9 @@ class RayEngine(Engine):
 
     With no ``address`` Ray starts locally in this process (``workers`` actors, default 2 on a machine
     without GPUs, else one per GPU); with an address (``ray://host:10001`` or ``auto``) it joins that
-    cluster. The model and the dataset's sample list are sent through Ray's object store, so the nodes
+    cluster. Each actor reserves ``cpus_per_worker`` CPUs (default: an equal share) and runs PyTorch
+    with ``threads`` threads (default: as many as this process, so CPU results match the local engine
+    bit for bit). The model and the dataset's sample list are sent through Ray's object store, so the nodes
     need deepvis installed and the image files reachable at the same paths (a shared filesystem), but
     not the model's weights file.
     """
@@ -154,6 +156,7 @@ class RayEngine(Engine):
         address: str | None = None,
         workers: int | None = None,
         cpus_per_worker: float | None = None,
+        threads: int | None = None,
         decode_threads: int = 2,
     ) -> None:
         try:
@@ -181,7 +184,9 @@ class RayEngine(Engine):
                 raise DeepvisError("the ray engine needs at least one worker")
             per_gpu = 1 if gpus >= n else (gpus / n if gpus else 0)
             per_cpu = cpus_per_worker if cpus_per_worker is not None else max(1, cpus // n)
-            threads = max(1, math.floor(per_cpu))
+            # the driver's thread count by default: CPU kernels may sum in another order with another
+            # number of threads, and the Ray engine promises the local engine's exact results
+            threads = threads or torch.get_num_threads()
             actor = ray.remote(_Worker).options(num_cpus=per_cpu, num_gpus=per_gpu, max_concurrency=1)
             model_ref = ray.put(_portable(model))
             data_ref = ray.put(dataset)
@@ -231,7 +236,9 @@ class RayEngine(Engine):
         groups: dict[tuple[str, ...], list[int]] = {}
         for b in todo:
             groups.setdefault(tuple(n for n, st in states.items() if b not in st.done), []).append(b)
-        size = max(1, min(16, math.ceil(len(todo) / (4 * len(self.actors)))))
+        # a task is a run of batches through one loader; big runs keep the pipeline full, 4+ per worker
+        # balance the load (results do not depend on the split: merging is exact)
+        size = max(1, min(64, math.ceil(len(todo) / (4 * len(self.actors)))))
         jobs = []
         for names, bs in groups.items():
             sub = MiningPlan({n: plan.layers[n] for n in names}, plan.k, plan.batch_size)

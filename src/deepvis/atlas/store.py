@@ -341,8 +341,8 @@ class AtlasWriter:
                     "use the same model and dataset to continue it, or another output folder"
                 )
             for k, v in self.meta.items():
-                if k not in old or k not in self.identity:
-                    c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (k, _json(v)))
+                if k not in old:  # recorded once, by the run that created the atlas
+                    c.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (k, _json(v)))
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")

@@ -1,0 +1,125 @@
+"""Atlas mining throughput vs bare batched inference on the same images. Target: ratio >= 0.85.
+
+Both sides read the same images of the ``demo`` dataset with the same loader (decoding in background
+threads), in the same batches, on the same device:
+
+* **bare**: ``model.module(x)`` under ``torch.inference_mode()`` — the whole network, no hooks;
+* **mining**: :func:`deepvis.atlas.mine` — capture of the atlas layers (the forward pass stops after
+  the deepest), top-k and statistics for every unit of every layer.
+
+Two figures are printed: end to end (decoding included, what a user sees) and compute only (the
+batches decoded once beforehand, so that only the model side differs). The layer sets are the last
+conv layer (``conv_head``: nearly the whole network runs, so early stopping saves almost nothing)
+and three layers spread over the network. Runs alternate bare/mining and the medians are compared.
+
+Run: python benchmarks/bench_atlas.py [--device cuda] [--batch-size 64] [--images 256] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from deepvis.allocator import allocator_tuned, ensure_allocator_tuning  # noqa: E402
+
+ensure_allocator_tuning()
+
+from deepvis.atlas import LayerMining, mine, num_batches  # noqa: E402
+from deepvis.atlas.mining import batch_indices  # noqa: E402
+from deepvis.capture import capture, get_layer  # noqa: E402
+from deepvis.datasets import iter_batches, open_dataset  # noqa: E402
+from deepvis.models import load_model  # noqa: E402
+
+LAYER_SETS = {"conv_head": ("conv_head",), "3 layers": ("blocks.2", "blocks.4", "conv_head")}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--images", type=int, default=192, help="images per run (from the demo dataset)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--decode-threads", type=int, default=2)
+    args = ap.parse_args()
+
+    model = load_model("default", device=args.device)
+    device = model.device
+    ds = open_dataset("demo")
+    n = min(args.images, len(ds))
+    bs = args.batch_size
+    indices = range(n)
+    batches = list(range(num_batches(n, bs)))
+
+    def infos(layers):
+        return {name: get_layer(model, name) for name in layers}
+
+    def bare_stream() -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for b in iter_batches(ds, model, bs, indices=indices, workers=args.decode_threads):
+                model.module(b.x)
+        _sync(device)
+        return n / (time.perf_counter() - t)
+
+    def mine_stream(layers) -> float:
+        states = {k: LayerMining(k, i.units, 9, tuple(i.shape[1:]) if i.spatial else None, device) for k, i in infos(layers).items()}
+        t = time.perf_counter()
+        # mine() reads the first n samples in batches of bs: restrict the dataset view to them
+        sub = type(ds)(ds.samples[:n], ds.classes, ds.spec, ds.views[:n] if ds.views else None)
+        for _ in mine(model, sub, states, batches, bs, workers=args.decode_threads):
+            pass
+        _sync(device)
+        return n / (time.perf_counter() - t)
+
+    pre = [b.x for b in iter_batches(ds, model, bs, indices=indices, workers=args.decode_threads)]
+
+    def bare_compute() -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for x in pre:
+                model.module(x)
+        _sync(device)
+        return n / (time.perf_counter() - t)
+
+    def mine_compute(layers) -> float:
+        states = {k: LayerMining(k, i.units, 9, tuple(i.shape[1:]) if i.spatial else None, device) for k, i in infos(layers).items()}
+        names = list(layers)
+        t = time.perf_counter()
+        for b, x in zip(batches, pre):
+            acts = capture(model, x, names)
+            ids = torch.tensor(list(batch_indices(b, bs, n)))
+            for k in names:
+                states[k].update(acts[k], ids)
+        _sync(device)
+        return n / (time.perf_counter() - t)
+
+    print(f"deepvis atlas mining benchmark: default model, {n} demo images, batch {bs}, device {device}, "
+          f"{torch.get_num_threads()} threads, allocator tuned: {allocator_tuned()}")
+    # warm up every path once (kernel selection, caches)
+    bare_stream(), bare_compute()
+    for layers in LAYER_SETS.values():
+        mine_stream(layers), mine_compute(layers)
+    for label, layers in LAYER_SETS.items():
+        for kind, bare, mined in (("end to end", bare_stream, lambda: mine_stream(layers)), ("compute only", bare_compute, lambda: mine_compute(layers))):
+            rb, rm = [], []
+            for _ in range(args.repeats):
+                rb.append(bare())
+                rm.append(mined())
+            b_, m_ = statistics.median(rb), statistics.median(rm)
+            print(f"  {label:<10} {kind:<13} bare {b_:8.1f} img/s   mining {m_:8.1f} img/s   ratio {m_ / b_:.3f}   (target >= 0.85)")
+
+
+if __name__ == "__main__":
+    main()
