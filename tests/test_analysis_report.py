@@ -183,14 +183,23 @@ def test_report_output_is_all_or_nothing(tiny_summary, tmp_path, monkeypatch):
     assert list((tmp_path / "broken").iterdir()) == []
 
 
-def test_unlabelled_dataset_skips_probes(tmp_path):
+def test_unlabelled_dataset_skips_probes_and_big_datasets_load_thumbnails_later(tmp_path, monkeypatch):
+    import deepvis.analysis.summary as summary_module
+
+    monkeypatch.setattr(summary_module, "THUMBNAIL_CACHE_LIMIT", 5)  # 6 inputs: too many to keep every thumbnail
     ds = open_dataset(_dataset(tmp_path / "flat", labelled=False))
-    s = summarize(_tiny_model(), ds, ["relu1"], max_images=6, epsilons=(), cluster_k=2, workers=0, embedding="pca", thumbnails=False, progress=False)
+    s = summarize(_tiny_model(), ds, ["relu1"], max_images=6, epsilons=(), cluster_k=2, workers=0, embedding="pca", progress=False)
     assert s.probes == {} and s.sensitivity is None and any("no labels" in n for n in s.notes)
     assert s.samples == select_indices(15, 6) == [0, 3, 6, 8, 11, 14]
     assert "relu1" in s.clusters and "fc" not in s.clusters
+    assert s.thumbnails == {}
     html_path, _ = write_report(s, tmp_path / "r.html")
-    assert "Not run: the dataset has no labels" in html_path.read_text(encoding="utf-8")
+    text = html_path.read_text(encoding="utf-8")
+    assert "Not run: the dataset has no labels" in text
+    shown = {int(m) for m in re.findall(r'class="th s(\d+)"', text)}
+    assert shown and shown <= set(s.samples) and shown <= set(s.thumbnails)  # loaded when the report needed them
+    assert all(f".s{i}{{background-image:url(" in text for i in shown)
+    assert s.thumbnails[min(shown)].size == (64, 64)
 
 
 def test_default_layers_are_the_stage_outputs(default_model):
@@ -222,6 +231,8 @@ def test_cli_report_on_demo_with_the_default_model(tmp_path, capsys):
         (["--epsilons", "a,b"], "--epsilons"),
         (["--layers", "blocks.nope"], "no layer named"),
         (["--max-images", "0"], "--max-images"),
+        (["--atlas", "nowhere"], "is not an atlas"),
+        (["--cluster-layers", "blocks.3"], "not among the summarized layers"),
     ],
 )
 def test_cli_report_errors_exit_2_without_output(tmp_path, capsys, extra, message):

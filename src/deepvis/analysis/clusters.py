@@ -11,11 +11,13 @@ most common class is their own).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..errors import DeepvisError
 
 __all__ = ["PALETTE", "ClusterResult", "cluster_features", "cluster_map", "umap_available"]
 
@@ -106,6 +108,8 @@ def cluster_features(
         raise ValueError("clustering needs at least two inputs")
     if embedding not in ("auto", "pca", "umap"):
         raise ValueError("embedding must be auto, pca or umap")
+    if embedding == "umap" and not umap_available():
+        raise DeepvisError("a UMAP map needs the umap-learn package (pip install umap-learn); or use PCA")
     Z = StandardScaler().fit_transform(X)
     k = max(1, min(int(k), n))
     with threadpool_limits(1):  # see probe.py: small problems run far faster on one thread beside torch
@@ -149,7 +153,7 @@ def cluster_features(
 
 def cluster_map(
     result: ClusterResult,
-    thumbnails: Mapping[int, Image.Image] | None = None,
+    thumbnails: Mapping[int, Image.Image] | Callable[[int], Image.Image | None] | None = None,
     *,
     size: int = 640,
     thumb: int = 36,
@@ -157,6 +161,7 @@ def cluster_map(
 ) -> Image.Image:
     """The 2-D map as an RGB image: a dot per input coloured by cluster, thumbnails for up to ``max_thumbnails`` inputs.
 
+    ``thumbnails`` maps (or a function turns) a dataset index into its image (None: no thumbnail).
     Thumbnails go first to the clusters' representatives, then to inputs spread over the dataset;
     each has a frame in its cluster's colour.
     """
@@ -172,7 +177,8 @@ def cluster_map(
     for i, (x, y) in enumerate(pix):
         c = PALETTE[int(result.assignment[i]) % len(PALETTE)]
         draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=c)
-    if thumbnails:
+    if thumbnails is not None:
+        get = thumbnails.get if isinstance(thumbnails, Mapping) else thumbnails
         chosen: list[int] = []
         for reps in result.representatives:
             chosen += [row_of[s] for s in reps[:3] if s in row_of]
@@ -182,12 +188,12 @@ def cluster_map(
         for i in chosen:
             if i in seen or len(seen) >= max_thumbnails:
                 continue
-            s = result.samples[i]
-            if s not in thumbnails:
-                continue
             seen.add(i)
+            im = get(result.samples[i])
+            if im is None:
+                continue
             c = PALETTE[int(result.assignment[i]) % len(PALETTE)]
-            t = thumbnails[s].convert("RGB").resize((thumb, thumb), Image.Resampling.BILINEAR)
+            t = im.convert("RGB").resize((thumb, thumb), Image.Resampling.BILINEAR)
             x0, y0 = int(pix[i, 0] - thumb / 2), int(pix[i, 1] - thumb / 2)
             draw.rectangle((x0 - 2, y0 - 2, x0 + thumb + 1, y0 + thumb + 1), fill=c)
             img.paste(t, (x0, y0))

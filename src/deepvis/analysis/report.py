@@ -233,7 +233,7 @@ class _Page:
             y = (position[0] + 0.5) / map_size[0] * 100
             x = (position[1] + 0.5) / map_size[1] * 100
             marker = f'<i style="left:{x:.1f}%;top:{y:.1f}%"></i>'
-        if sample not in self.s.thumbnails:
+        if self.s.thumbnail(sample) is None:
             return f'<span class="th" title="{_esc(tip)}" role="img" aria-label="{_esc(tip)}">{marker}</span>'
         self.used.add(sample)
         return f'<span class="th s{int(sample)}" title="{_esc(tip)}" role="img" aria-label="{_esc(tip)}">{marker}</span>'
@@ -380,7 +380,7 @@ def render_html(summary: DatasetSummary, figures: Sequence[Figure] | None = None
                 continue
             extra = f", adjusted Rand index {_num(c.ari)}, purity {_num(c.purity)}" if c.ari is not None else ""
             add(f"<details><summary>{_esc(n)} — {c.k} clusters ({c.method.upper()} map){_esc(extra)}</summary>")
-            add(f'<img class="map" alt="{_esc("2-D map of " + n)}" src="{_png_uri(cluster_map(c, s.thumbnails), "JPEG", quality=85)}">')
+            add(f'<img class="map" alt="{_esc("2-D map of " + n)}" src="{_png_uri(cluster_map(c, s.thumbnail), "JPEG", quality=85)}">')
             for k, (reps, size) in enumerate(zip(c.representatives, c.sizes)):
                 r, g, b = PALETTE[k % len(PALETTE)]
                 thumbs = "".join(page.thumb(x) for x in reps)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +32,7 @@ from ..datasets import Batch, ImageDataset, iter_batches
 from ..errors import DeepvisError, InputError, LayerError
 from ..models.model import Model
 from .activity import ActivityAccumulator, LayerActivity, activity_from_unit_stats
-from .clusters import ClusterResult, cluster_features
+from .clusters import ClusterResult, cluster_features, umap_available
 from .locality import DEFAULT_RADIUS, LayerLocality, LocalityAccumulator
 from .probe import ProbeResult, pool_features, probe_accuracy
 from .sensitivity import KINDS, SensitivityResult, measure_sensitivity
@@ -40,6 +40,7 @@ from .sensitivity import KINDS, SensitivityResult, measure_sensitivity
 __all__ = [
     "DEFAULT_EPSILONS",
     "THUMBNAIL_SIZE",
+    "THUMBNAIL_CACHE_LIMIT",
     "ScanResult",
     "DatasetSummary",
     "default_layers",
@@ -52,12 +53,19 @@ __all__ = [
 DEFAULT_EPSILONS = (1.0, 2.0, 4.0, 8.0)
 #: side of the stored input thumbnails, in pixels
 THUMBNAIL_SIZE = 64
+#: up to this many inputs, the scan keeps every thumbnail; beyond, thumbnails are loaded when needed
+THUMBNAIL_CACHE_LIMIT = 2048
 #: units per layer (most active by mean, by max) whose top inputs are read from an atlas
 _ATLAS_UNITS_SHOWN = 8
 
 
 def _depth(name: str) -> int:
     return name.count(".") + 1
+
+
+def _load_thumbnail(model: Model, dataset: ImageDataset, sample: int, size: int = THUMBNAIL_SIZE) -> Image.Image:
+    pre = model.preprocessing
+    return pre.fit(dataset.load(sample, pre.pil_mode)).convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
 
 
 def default_layers(model: Model, *, max_layers: int = 8) -> list[str]:
@@ -203,10 +211,25 @@ class DatasetSummary:
     thumbnails: dict[int, Image.Image] = field(default_factory=dict, repr=False)
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: loads the thumbnail of a dataset sample that the scan did not keep (None: no thumbnails)
+    thumbnail_loader: Callable[[int], Image.Image] | None = field(default=None, repr=False)
 
     @property
     def layer_names(self) -> list[str]:
         return [i.name for i in self.layers]
+
+    def thumbnail(self, sample: int) -> Image.Image | None:
+        """A dataset sample as the model saw it, :data:`THUMBNAIL_SIZE` px square: kept by the scan or
+        loaded now (and kept); None when thumbnails are off or the file cannot be read any more."""
+        im = self.thumbnails.get(sample)
+        if im is None and self.thumbnail_loader is not None:
+            try:
+                im = self.thumbnail_loader(sample)
+            except InputError as exc:  # the file went away or broke since the scan: shown as a blank tile
+                self.notes.append(f"no thumbnail for input {sample}: {exc}")
+                return None
+            self.thumbnails[sample] = im
+        return im
 
     def label_of(self, sample: int) -> str | None:
         """The class name of a dataset sample, when known."""
@@ -320,13 +343,13 @@ def _jsonable(obj: object) -> object:
 
 
 def _atlas_activity(
-    atlas_path: str | os.PathLike[str], model: Model, dataset: ImageDataset, infos: Sequence[LayerInfo], computed: dict[str, LayerActivity], top_k: int, shown: int
+    atlas_path: str | os.PathLike[str], model: Model, dataset: ImageDataset, infos: Sequence[LayerInfo], top_k: int, shown: int
 ) -> tuple[dict[str, LayerActivity], list[str]]:
     """Activity of the layers an atlas has mined (its statistics cover the atlas's whole dataset).
 
     The atlas must have been made with the same model weights, input size and dataset; top inputs are
-    read only for the ``shown`` most active units (by mean and by max) of each layer; the other units keep
-    their top inputs from ``computed`` (the inputs analysed in this run).
+    read only for the ``shown`` most active units (by mean and by max) of each layer (the other units'
+    rows are empty: see :func:`_fill_top`).
     """
     try:
         from ..atlas import model_hash, open_atlas  # the atlas package (issue 5); imported only when asked for
@@ -355,14 +378,7 @@ def _atlas_activity(
             top: list[list[tuple[int, float, tuple[int, int] | None]]] = [[] for _ in range(info.units)]
             for u in dict.fromkeys(act.most_active("mean", shown) + act.most_active("max", shown)):
                 top[u] = [(t.sample, t.value, t.position) for t in atlas.unit(info.name, u).top[:top_k]]
-            act = activity_from_unit_stats(info.name, info.shape, stats, top, top_k)
-            scanned = computed.get(info.name)
-            if scanned is not None:  # other units keep their top inputs among the inputs analysed here
-                empty = act.top_samples[:, 0] < 0
-                act.top_samples[empty] = scanned.top_samples[empty]
-                act.top_values[empty] = scanned.top_values[empty]
-                act.top_positions[empty] = scanned.top_positions[empty]
-            out[info.name] = act
+            out[info.name] = activity_from_unit_stats(info.name, info.shape, stats, top, top_k)
         if out:
             notes.append(
                 f"unit activity of {', '.join(out)} read from atlas {where} (all {int(meta.get('samples') or len(dataset))} inputs; "
@@ -371,6 +387,14 @@ def _atlas_activity(
         else:
             notes.append(f"atlas {where} has none of these layers mined: unit activity was computed")
     return out, notes
+
+
+def _fill_top(act: LayerActivity, scanned: LayerActivity) -> None:
+    """Give the units without top inputs (from an atlas) their top inputs among the inputs analysed here."""
+    empty = act.top_samples[:, 0] < 0
+    act.top_samples[empty] = scanned.top_samples[empty]
+    act.top_values[empty] = scanned.top_values[empty]
+    act.top_positions[empty] = scanned.top_positions[empty]
 
 
 def summarize(
@@ -415,31 +439,39 @@ def summarize(
     names = [i.name for i in infos]
     indices = select_indices(len(dataset), max_images)
     all_labels = dataset.label_indices()
+    if embedding == "umap" and not umap_available():
+        raise DeepvisError("a UMAP map needs the umap-learn package (pip install umap-learn); or use PCA")
+    if any(not np.isfinite(float(e)) or float(e) <= 0 for e in epsilons):
+        raise DeepvisError("perturbation sizes must be positive numbers of 0-255 pixel steps, e.g. 1,2,4,8")
+    unknown_kinds = [k for k in kinds if k not in KINDS]
+    if unknown_kinds:
+        raise DeepvisError(f"unknown perturbation kind {unknown_kinds[0]!r}: use {', '.join(KINDS)}")
+    if not radius > 0:
+        raise DeepvisError("the locality radius must be positive")
+    todo = names if cluster_layers is None else list(dict.fromkeys(cluster_layers))
+    unknown = [n for n in todo if n not in names]
+    if unknown:
+        raise LayerError(f"cluster layer {unknown[0]!r} is not among the summarized layers ({', '.join(names)})")
+    notes: list[str] = []
+    from_atlas: dict[str, LayerActivity] = {}
+    if atlas is not None:  # read (and check) the atlas before the long work
+        from_atlas, atlas_notes = _atlas_activity(atlas, model, dataset, infos, top_k, _ATLAS_UNITS_SHOWN)
+        notes += atlas_notes
 
     bar = progress_bar(total=len(indices), desc="activations", unit="img", enabled=progress)
     try:
         stream = iter_batches(dataset, model, batch_size, indices=indices, workers=workers)
-        result = scan(model, stream, names, top_k=top_k, radius=radius, thumbnails=thumbnails, on_batch=bar.update)
+        keep = thumbnails and len(indices) <= THUMBNAIL_CACHE_LIMIT
+        result = scan(model, stream, names, top_k=top_k, radius=radius, thumbnails=keep, on_batch=bar.update)
     finally:
         bar.close()
     if not result.samples:
         raise InputError(f"none of the {len(indices)} inputs of dataset {dataset.spec or '?'} could be read")
     times["scan"] = time.perf_counter() - t0
-    notes: list[str] = []
-    activity = result.activity
-    if atlas is not None:
-        from_atlas, atlas_notes = _atlas_activity(atlas, model, dataset, infos, result.activity, top_k, _ATLAS_UNITS_SHOWN)
-        activity = {**activity, **from_atlas}
-        notes += atlas_notes
-        if thumbnails:
-            missing = {t.sample for a in from_atlas.values() for u in range(a.units) for t in a.top_inputs(u)} - set(result.thumbnails)
-            for i in sorted(missing):
-                try:
-                    result.thumbnails[i] = model.preprocessing.fit(dataset.load(i, model.preprocessing.pil_mode)).convert("RGB").resize(
-                        (THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.BILINEAR
-                    )
-                except InputError as exc:
-                    notes.append(f"no thumbnail for input {i}: {exc}")
+    activity = dict(result.activity)
+    for name, act in from_atlas.items():
+        _fill_top(act, result.activity[name])
+        activity[name] = act
 
     sens: SensitivityResult | None = None
     if epsilons and sensitivity_images > 0:
@@ -470,10 +502,6 @@ def summarize(
         notes.append("the dataset has no labels, so no linear probes were run (use an ImageFolder layout or a labelled .txt list)")
 
     clusters: dict[str, ClusterResult] = {}
-    todo = names if cluster_layers is None else [n for n in dict.fromkeys(cluster_layers)]
-    unknown = [n for n in todo if n not in names]
-    if unknown:
-        raise LayerError(f"cluster layer {unknown[0]!r} is not among the summarized layers ({', '.join(names)})")
     if todo and len(result.samples) >= 2:
         t1 = time.perf_counter()
         y = np.asarray(labels) if labels is not None else None
@@ -483,7 +511,7 @@ def summarize(
     elif todo:
         notes.append("clusters need at least two inputs")
     times["total"] = time.perf_counter() - t0
-    referenced = sorted(set(result.samples) | set(result.thumbnails) | {t.sample for a in activity.values() for u in range(a.units) for t in a.top_inputs(u)})
+    referenced = sorted(set(result.samples) | {t.sample for a in activity.values() for u in range(a.units) for t in a.top_inputs(u)})
     settings: dict[str, object] = {
         "layers": names,
         "max_images": max_images,
@@ -517,6 +545,7 @@ def summarize(
         probes=probes,
         clusters=clusters,
         thumbnails=result.thumbnails,
+        thumbnail_loader=(lambda i: _load_thumbnail(model, dataset, i)) if thumbnails else None,
         timings=times,
         notes=notes,
     )
