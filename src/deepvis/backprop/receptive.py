@@ -231,9 +231,15 @@ def _probe_batch(model: Model, layer: str, input_shape: tuple[int, int, int]) ->
     return int(max(1, min(_PROBE_MAX_BATCH, _PROBE_BYTES // stored)))
 
 
-def _supports(model: Model, layer: str, x0: torch.Tensor, seeds: list[tuple[str, int]], batch: int) -> Iterator[torch.Tensor]:
-    """For each (axis, index) seed, the boolean support of the input gradient: rows (H,) or columns (W,)."""
+def _supports(model: Model, layer: str, x0: torch.Tensor, seeds: list[tuple[str, tuple[int, ...]]], batch: int) -> list[torch.Tensor]:
+    """For each seed (axis, output indices), the boolean support of the input gradient along that axis.
+
+    A ``row`` seed sets every channel and column of the given output rows to 1 and returns which input
+    rows get a non-zero gradient (H,); ``col`` likewise for columns (W,); ``all`` seeds the whole
+    output and returns the rows and then the columns.
+    """
     module = model.module
+    found: list[torch.Tensor] = []
     for start in range(0, len(seeds), batch):
         part = seeds[start : start + batch]
         xb = x0.expand(len(part), *x0.shape[1:]).clone().requires_grad_(True)
@@ -244,15 +250,96 @@ def _supports(model: Model, layer: str, x0: torch.Tensor, seeds: list[tuple[str,
             if axis == "all":
                 seed[k] = 1.0
             elif axis == "row":
-                seed[k, :, idx, :] = 1.0
+                seed[k, :, list(idx), :] = 1.0
             else:
-                seed[k, :, :, idx] = 1.0
+                seed[k, :, :, list(idx)] = 1.0
         (g,) = torch.autograd.grad(a, xb, grad_outputs=seed)
-        support = (g != 0).any(dim=1)  # (B, H, W)
+        support = (g != 0).any(dim=1).cpu()  # (B, H, W)
         for k, (axis, _idx) in enumerate(part):
-            yield support[k].any(dim=1) if axis in ("row", "all") else support[k].any(dim=0)
-            if axis == "all":
-                yield support[k].any(dim=0)
+            if axis in ("row", "all"):
+                found.append(support[k].any(dim=1))
+            if axis in ("col", "all"):
+                found.append(support[k].any(dim=0))
+    return found
+
+
+def _decode(mask: torch.Tensor, rows: tuple[int, ...], centre: float, stride: float, size: int) -> list[tuple[int, int]] | None:
+    """Split the support of several seeded output indices into one span each, or None when unsure.
+
+    Each input index goes to the seeded output whose predicted field centre is nearest. The split is
+    trusted only when every span is non-empty, no wider than ``size``, and neighbouring spans are
+    separated by at least one input index outside the support.
+    """
+    idx = torch.nonzero(mask).flatten().tolist()
+    if not idx:
+        return None
+    centres = [centre + (r - rows[0]) * stride for r in rows]
+    bounds = [(centres[k] + centres[k + 1]) / 2 for k in range(len(rows) - 1)]
+    spans: list[list[int]] = [[] for _ in rows]
+    k = 0
+    for i in idx:
+        while k < len(bounds) and i > bounds[k]:
+            k += 1
+        spans[k].append(i)
+    out = []
+    for k, sp in enumerate(spans):
+        if not sp or sp[-1] - sp[0] + 1 > size:
+            return None
+        if k and sp[0] - out[-1][1] < 2:
+            return None
+        out.append((sp[0], sp[-1]))
+    return out
+
+
+def _axis_spans(model: Model, layer: str, x0: torch.Tensor, h: int, w: int, batch: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The clipped span of every output row and column, with as few backward passes as it safely can.
+
+    Three rows and three columns are probed alone; they give the field size and the stride. Rows far
+    enough apart that their fields cannot touch are then probed together (one backward pass seeds a
+    whole comb of rows) and the support is split between them; a comb whose split is not clean is
+    probed again row by row.
+    """
+    result: dict[str, dict[int, tuple[int, int]]] = {"row": {}, "col": {}}
+    lengths = {"row": h, "col": w}
+    first = []
+    for axis, n in lengths.items():
+        mid = n // 2
+        step = max(1, n // 4)
+        first += [(axis, (i,)) for i in sorted({max(0, mid - step), mid, min(n - 1, mid + step)})]
+    for (axis, (i,)), m in zip(first, _supports(model, layer, x0, first, batch)):
+        result[axis][i] = _span(m)
+    combs: list[tuple[str, tuple[int, ...]]] = []
+    plan: dict[str, tuple[float, float, int]] = {}
+    for axis, n in lengths.items():
+        known = sorted(result[axis])
+        size = max(hi - lo + 1 for lo, hi in result[axis].values())
+        if len(known) < 2 or size <= 0:
+            continue
+        (y1, (l1, h1)), (y2, (l2, h2)) = (known[0], result[axis][known[0]]), (known[-1], result[axis][known[-1]])
+        stride = ((l2 + h2) - (l1 + h1)) / 2 / (y2 - y1)
+        if stride <= 0:
+            continue
+        spacing = int(math.ceil((size + 2) / stride)) + 1
+        if spacing * 2 > n:
+            continue  # combs would hold one or two rows: no gain
+        mid = known[len(known) // 2]
+        lo_m, hi_m = result[axis][mid]
+        plan[axis] = ((lo_m + hi_m) / 2 + (0 - mid) * stride, stride, size)
+        combs += [(axis, tuple(range(g, n, spacing))) for g in range(spacing)]
+    retry: list[tuple[str, tuple[int, ...]]] = []
+    if combs:
+        for (axis, rows), m in zip(combs, _supports(model, layer, x0, combs, batch)):
+            centre0, stride, size = plan[axis]
+            spans = _decode(m, rows, centre0 + rows[0] * stride, stride, size)
+            if spans is None or any(r in result[axis] and result[axis][r] != sp for r, sp in zip(rows, spans)):
+                retry += [(axis, (r,)) for r in rows if r not in result[axis]]
+                continue
+            result[axis].update(zip(rows, spans))
+    retry += [(axis, (i,)) for axis, n in lengths.items() for i in range(n) if i not in result[axis] and (axis, (i,)) not in retry]
+    if retry:
+        for (axis, (i,)), m in zip(retry, _supports(model, layer, x0, retry, batch)):
+            result[axis][i] = _span(m)
+    return [result["row"][i] for i in range(h)], [result["col"][i] for i in range(w)]
 
 
 def _axis(lo: list[int], hi: list[int], n: int) -> AxisField:
@@ -312,21 +399,17 @@ def layer_field(model: Model, layer: str, input_size: tuple[int, int] | None = N
     x0 = torch.randn(1, *shape, generator=gen).to(device=model.device, dtype=dtype)
     with torch.no_grad():
         out = capture(model, x0, [layer])[layer]
+    batch = _probe_batch(model, layer, shape)
     if out.ndim == 4:
         h, w = out.shape[2:]
-        seeds = [("row", y) for y in range(h)] + [("col", x) for x in range(w)]
+        rows, cols = _axis_spans(model, layer, x0, h, w, batch)
     else:
         h = w = 0
-        seeds = [("all", 0)]
-    spans = [_span(m) for m in _supports(model, layer, x0, seeds, _probe_batch(model, layer, shape))]
-    if any(hi < lo for lo, hi in spans):
+        rmask, cmask = _supports(model, layer, x0, [("all", ())], batch)
+        rows, cols = [_span(rmask)], [_span(cmask)]
+    if any(hi < lo for lo, hi in (*rows, *cols)):
         raise DeepvisError(f"layer {layer} does not depend on the input: it has no receptive field")
-    if out.ndim == 4:
-        rows, cols = spans[:h], spans[h:]
-        geo = LayerField(layer, hw, (h, w), _axis(*zip(*rows), shape[1]), _axis(*zip(*cols), shape[2]))  # type: ignore[arg-type]
-    else:
-        (rlo, rhi), (clo, chi) = spans
-        geo = LayerField(layer, hw, None, _axis([rlo], [rhi], shape[1]), _axis([clo], [chi], shape[2]))
+    geo = LayerField(layer, hw, (h, w) if out.ndim == 4 else None, _axis(*zip(*rows), shape[1]), _axis(*zip(*cols), shape[2]))  # type: ignore[arg-type]
     model.cache[key] = geo
     return geo
 

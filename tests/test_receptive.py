@@ -1,0 +1,230 @@
+"""Receptive fields: analytic values for conv/pool stacks, gradient supports of real architectures,
+a user's own (non-affine) module, caching, crops."""
+
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+
+from deepvis.backprop import crop, crop_image, layer_field, receptive_field
+from deepvis.capture import capture
+from deepvis.errors import DeepvisError, LayerError, UnitError
+from deepvis.models import Model, Preprocessing, load_model
+
+from helpers import assert_unchanged, snapshot
+
+
+# -- analytic stacks -----------------------------------------------------------------------------------
+def _layer(spec: tuple) -> nn.Module:
+    kind, k, s, p, d = spec
+    if kind == "conv":
+        return nn.Conv2d(2, 2, k, stride=s, padding=p, dilation=d)
+    if kind == "max":
+        return nn.MaxPool2d(k, stride=s, padding=p, dilation=d)
+    return nn.AvgPool2d(k, stride=s, padding=p)
+
+
+STACKS = {
+    "plain convs": [("conv", 3, 1, 0, 1), ("conv", 3, 1, 0, 1), ("conv", 3, 1, 0, 1)],
+    "padded, strided": [("conv", 5, 2, 2, 1), ("conv", 3, 1, 1, 1), ("conv", 3, 2, 1, 1)],
+    "resnet stem": [("conv", 7, 2, 3, 1), ("max", 3, 2, 1, 1), ("conv", 3, 1, 1, 1)],
+    "alexnet-like": [("conv", 11, 4, 2, 1), ("max", 3, 2, 0, 1), ("conv", 5, 1, 2, 1), ("avg", 2, 2, 0, 1)],
+    "dilated": [("conv", 3, 1, 1, 1), ("conv", 3, 1, 2, 2), ("conv", 3, 1, 4, 4), ("max", 2, 2, 0, 1)],
+    "dilated pool, 1x1 stride": [("max", 3, 1, 1, 2), ("conv", 1, 3, 0, 1), ("conv", 3, 1, 1, 1)],
+}
+
+
+def _analytic(stack: list[tuple]) -> list[tuple[int, int, int]]:
+    """(size, stride, start offset) after each layer: the full field of i starts at stride·i + offset."""
+    size, jump, offset, out = 1, 1, 0, []
+    for _kind, k, s, p, d in stack:
+        size += d * (k - 1) * jump
+        offset -= p * jump
+        jump *= s
+        out.append((size, jump, offset))
+    return out
+
+
+def _true_spans(stack: list[tuple], n: int) -> list[list[tuple[int, int]]]:
+    """(first, last) input index seen by each output index of each layer, by following every tap."""
+    cover = [{j} for j in range(n)]
+    out = []
+    for _kind, k, s, p, d in stack:
+        m = (len(cover) + 2 * p - d * (k - 1) - 1) // s + 1
+        cover = [set().union(*(cover[j] for j in (i * s - p + t * d for t in range(k)) if 0 <= j < len(cover))) for i in range(m)]
+        out.append([(min(c), max(c)) for c in cover])
+    return out
+
+
+@pytest.mark.parametrize("name", list(STACKS))
+def test_conv_pool_stacks_match_the_analytic_fields(name):
+    torch.manual_seed(0)
+    stack = [("conv", 1, 1, 0, 1), *STACKS[name]]  # a first 1x1 conv takes the 3 input channels to 2
+    layers: list[nn.Module] = []
+    for spec in stack:
+        layers += [_layer(spec), nn.ReLU()]
+    layers[0] = nn.Conv2d(3, 2, 1)
+    net = nn.Sequential(*layers).eval()
+    n = 97
+    m = Model(net, Preprocessing((n, n)))
+    before = snapshot(net)
+    spans = _true_spans(stack, n)
+    for idx, (size, jump, offset) in enumerate(_analytic(stack)):
+        geo = layer_field(m, str(2 * idx))
+        h = geo.output_size[0]
+        assert h == len(spans[idx])
+        assert geo.size == (size, size), (idx, geo.size)
+        if h > 1:
+            assert geo.stride == (pytest.approx(jump), pytest.approx(jump))
+        assert list(geo.rows.start) == [jump * i + offset for i in range(h)]
+        assert geo.cols.start == geo.rows.start
+        assert list(zip(geo.rows.lo, geo.rows.hi)) == spans[idx]
+        for i in range(h):
+            rf = geo.at((i, h - 1 - i))
+            (t, b), (le, r) = spans[idx][i], spans[idx][h - 1 - i]
+            assert rf.box == (t, le, b + 1, r + 1)
+            assert rf.field == (jump * i + offset, jump * (h - 1 - i) + offset, jump * i + offset + size, jump * (h - 1 - i) + offset + size)
+    assert_unchanged(net, before)
+    assert not torch._C._is_torch_function_mode_enabled()
+
+
+# -- real architectures: the field is the bounding box of gradient supports --------------------------
+def _support_box(model: Model, layer: str, pos: tuple[int, int], size: int) -> tuple[int, int, int, int]:
+    """Bounding box of the plain input gradient of every channel at ``pos``, over 4 random inputs."""
+    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    a = capture(model, x, [layer], grad=True)[layer]
+    seed = torch.zeros_like(a)
+    seed[:, :, pos[0], pos[1]] = 1.0
+    (g,) = torch.autograd.grad(a, x, seed)
+    sup = (g != 0).any(0).any(0)
+    rows, cols = torch.nonzero(sup.any(1)).flatten(), torch.nonzero(sup.any(0)).flatten()
+    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+NETS = {
+    "alexnet": (lambda: torchvision.models.alexnet(), {"features.2": (19, 8), "features.5": (67, 16), "features.6": (99, 16)}),
+    "googlenet": (
+        lambda: torchvision.models.googlenet(init_weights=False, aux_logits=False),
+        {"maxpool1": (11, 4), "inception3a": (43, 8), "inception4a": (107, 16)},
+    ),
+    "resnet18": (lambda: torchvision.models.resnet18(), {"maxpool": (11, 4), "layer1": (43, 4), "layer2": (99, 8)}),
+}
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_fields_match_gradient_support_on_torchvision_nets(name):
+    torch.manual_seed(0)
+    build, known = NETS[name]
+    net = build().eval()
+    size = 128
+    m = Model(net, Preprocessing((size, size)))
+    before = snapshot(net)
+    for layer, (rf_size, stride) in known.items():
+        geo = layer_field(m, layer)
+        assert geo.size == (rf_size, rf_size) and geo.stride == (stride, stride), (layer, geo.size, geo.stride)
+        h, w = geo.output_size
+        for pos in [(0, 0), (h // 2, w // 2), (h - 1, w - 1), (0, w // 2 + 1)]:
+            assert geo.at(pos).box == _support_box(m, layer, pos, size), (layer, pos)
+    assert_unchanged(net, before)
+
+
+def test_default_efficientnet_fields(default_model):
+    m = default_model
+    expected = {"bn1": (3, 2), "blocks.1": (19, 4), "blocks.2": (67, 8), "blocks.3": (147, 16)}
+    for layer, (rf_size, stride) in expected.items():
+        geo = layer_field(m, layer)
+        assert geo.size == (rf_size, rf_size) and geo.stride == (stride, stride)
+    geo = layer_field(m, "blocks.2")
+    for pos in [(0, 0), (14, 14), (27, 5)]:
+        assert geo.at(pos).box == _support_box(m, "blocks.2", pos, 224)
+    # TensorFlow "same" padding pads only the bottom/right here: the field of (0, 0) is rows 0-2, unclipped
+    assert layer_field(m, "bn1").at((0, 0)).box == layer_field(m, "bn1").at((0, 0)).field == (0, 0, 3, 3)
+    assert layer_field(m, "bn1").at((5, 5)).box == (10, 10, 13, 13)
+    # the deepest layers see the whole 224 px input from every position; so do the logits
+    assert layer_field(m, "blocks.6").at((0, 0)).box == (0, 0, 224, 224)
+    logits = receptive_field(m, "logits:3")
+    assert logits.box == logits.field == (0, 0, 224, 224) and logits.position is None
+
+
+USER_MODEL = """
+import torch
+from torch import nn
+
+
+class TinyUNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.skip = nn.Conv2d(3, 4, 3, padding=1)
+        self.down = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.mid = nn.Conv2d(4, 4, 3, padding=1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.fuse = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        low = torch.relu(self.mid(torch.relu(self.down(x))))
+        return self.fuse(torch.cat([torch.relu(self.skip(x)), self.up(low)], 1))
+
+
+def build():
+    torch.manual_seed(0)
+    return TinyUNet()
+"""
+
+
+def test_user_module_with_branches_and_upsampling(tmp_path):
+    path = tmp_path / "unet.py"
+    path.write_text(textwrap.dedent(USER_MODEL))
+    m = load_model(f"{path}:build", device="cpu", input_size=32)
+    geo = layer_field(m, "fuse")
+    assert geo.output_size == (32, 32) and geo.size == (7, 7)
+    for i in range(32):
+        # the upsampled branch sees input rows 2·(i//2) − 3 … 2·(i//2) + 3; the skip branch i − 1 … i + 1
+        lo, hi = max(0, 2 * (i // 2) - 3), min(31, 2 * (i // 2) + 3)
+        assert geo.at((i, i)).box == (lo, lo, hi + 1, hi + 1)
+    for pos in [(0, 0), (7, 8), (31, 30)]:
+        assert geo.at(pos).box == _support_box(m, "fuse", pos, 32)
+
+
+def test_fields_are_cached_per_layer_and_input_size(default_model):
+    m = default_model
+    first = layer_field(m, "blocks.1")
+    assert layer_field(m, "blocks.1") is first
+    other = layer_field(m, "blocks.1", (160, 160))
+    assert other is not first and other.input_size == (160, 160) and other.output_size == (40, 40)
+    assert other.size == first.size
+
+
+def test_bad_layers_and_positions(default_model):
+    with pytest.raises(LayerError, match="did you mean"):
+        layer_field(default_model, "blocks.33")
+    with pytest.raises(UnitError, match="outside the 28x28"):
+        receptive_field(default_model, "blocks.2:0@28,0")
+
+
+# -- crops -----------------------------------------------------------------------------------------------
+def test_crops_are_padded_to_the_full_field():
+    net = nn.Sequential(nn.Conv2d(3, 2, 5, stride=2, padding=2), nn.ReLU(), nn.Conv2d(2, 2, 5, stride=2, padding=2)).eval()
+    m = Model(net, Preprocessing((20, 20)))
+    rf = receptive_field(m, "2:0@0,4")
+    assert rf.size == (13, 13) and rf.field == (-6, 10, 7, 23) and rf.box == (0, 10, 7, 20) and rf.clipped
+    image = np.arange(400, dtype=np.int32).reshape(20, 20)
+    c = crop(image, rf, fill=-1)
+    assert c.shape == (13, 13)
+    assert (c[:6] == -1).all() and (c[:, 10:] == -1).all()
+    assert (c[6:, :10] == image[0:7, 10:20]).all()
+    t = torch.arange(1200, dtype=torch.float32).view(3, 20, 20)
+    ct = crop(t, rf, fill=0.5)
+    assert ct.shape == (3, 13, 13) and torch.equal(ct[:, 6:, :10], t[:, 0:7, 10:20]) and float(ct[0, 0, 0]) == 0.5
+    rgb = Image.fromarray(np.full((20, 20, 3), 200, np.uint8))
+    ci = crop_image(rgb, rf, fill=(0, 0, 255))
+    assert ci.size == (13, 13) and ci.getpixel((0, 0)) == (0, 0, 255) and ci.getpixel((0, 12)) == (200, 200, 200)
+    inside = receptive_field(m, "2:0@2,2")
+    assert not inside.clipped and crop(image, inside).shape == (13, 13)
+    with pytest.raises(DeepvisError, match="20x20"):
+        crop(np.zeros((10, 10)), rf)
