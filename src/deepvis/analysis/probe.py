@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ProbeResult", "pool_features", "probe_accuracy"]
 
@@ -56,9 +60,13 @@ class ProbeResult:
         }
 
 
-def pool_features(acts: "np.ndarray | object") -> np.ndarray:
-    """(N, C, H, W) → (N, C) by spatial mean; (N, C) unchanged (numpy or torch input)."""
-    a = acts.detach().float().cpu().numpy() if hasattr(acts, "detach") else np.asarray(acts, dtype=np.float32)  # type: ignore[union-attr]
+def pool_features(acts: np.ndarray | torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) → (N, C) float32 by spatial mean; (N, C) unchanged (numpy or torch input)."""
+    if hasattr(acts, "detach"):  # a tensor: pool on its device, copy only the (N, C) result
+        t = acts.detach().float()
+        a = (t.mean((2, 3)) if t.ndim == 4 else t).cpu().numpy()
+    else:
+        a = np.asarray(acts, dtype=np.float32)
     if a.ndim == 4:
         return a.mean(axis=(2, 3))
     if a.ndim == 2:
