@@ -67,11 +67,11 @@ class Result:
     objective: str
     unit: str | None
     label: str | None
-    image: torch.Tensor
+    image: torch.Tensor = field(repr=False)
     value: float
     best_step: int
     start_value: float
-    trace: list[float]
+    trace: list[float] = field(repr=False)
     dead: bool
     dead_step: int | None
     steps_run: int
@@ -82,7 +82,7 @@ class Result:
     size: tuple[int, int]
     model: str
     mean: tuple[float, ...]
-    mapping: dict[str, Any] = field(default_factory=dict)
+    mapping: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def raw_image(self) -> Image.Image:
         """The image exactly as the model saw it (pixels rounded to whole levels)."""
