@@ -93,6 +93,7 @@ def test_statistics_match_numpy():
         assert s.active_images == int((m.reshape(40, -1).max(1) > 0).sum())
         assert s.active_positions == int((m > 0).sum())
         assert s.frac_positions_active == pytest.approx((m > 0).mean())
+        assert s.zero_positions == int((m == 0).sum()) and s.frac_zero == pytest.approx((m == 0).mean())
     assert state.unit_stats()[2].dead and state.unit_stats()[2].frac_active == 0.0
 
 

@@ -136,7 +136,8 @@ class UnitStats:
     ``mean``/``std``: over every position of every input; ``mean_max``: mean over inputs of the map's
     maximum; ``max``/``min``: extremes over everything; ``active_images``: inputs where the map's
     maximum is above :data:`ACTIVE_THRESHOLD` (0); ``active_positions``: (input, position) pairs above
-    it. Sums are kept too (``sum``, ``sum_sq``, ``sum_max``) so that analyses can combine them.
+    it; ``zero_positions``: (input, position) pairs exactly 0. Sums are kept too (``sum``, ``sum_sq``,
+    ``sum_max``) so that analyses can combine them.
     """
 
     layer: str
@@ -150,6 +151,7 @@ class UnitStats:
     min: float
     active_images: int
     active_positions: int
+    zero_positions: int
 
     @property
     def mean(self) -> float:
@@ -179,6 +181,12 @@ class UnitStats:
         return self.active_positions / n if n else float("nan")
 
     @property
+    def frac_zero(self) -> float:
+        """Fraction of all activations (inputs × positions) that are exactly 0."""
+        n = self.images * self.positions
+        return self.zero_positions / n if n else float("nan")
+
+    @property
     def dead(self) -> bool:
         """Never active on any input."""
         return self.images > 0 and self.active_images == 0
@@ -198,6 +206,8 @@ class UnitStats:
             "frac_positions_active": self.frac_positions_active,
             "active_images": self.active_images,
             "active_positions": self.active_positions,
+            "frac_zero": self.frac_zero,
+            "zero_positions": self.zero_positions,
             "sum": self.sum,
             "sum_sq": self.sum_sq,
             "sum_max": self.sum_max,
@@ -217,6 +227,7 @@ class StatsAccumulator:
         self.min = torch.full((units,), float("inf"), dtype=torch.float32, device=device)
         self.active_images = torch.zeros(units, dtype=torch.int64, device=device)
         self.active_positions = torch.zeros(units, dtype=torch.int64, device=device)
+        self.zero_positions = torch.zeros(units, dtype=torch.int64, device=device)
 
     def update(self, flat: torch.Tensor, peak: torch.Tensor) -> None:
         """Add a batch: ``flat`` (B, U, P) activations (P positions per map), ``peak`` (B, U) their maxima."""
@@ -229,6 +240,7 @@ class StatsAccumulator:
         self.min = torch.minimum(self.min, flat.amin(2).min(0).values)
         self.active_images += (peak > ACTIVE_THRESHOLD).sum(0)
         self.active_positions += (flat > ACTIVE_THRESHOLD).sum((0, 2))
+        self.zero_positions += (flat == 0).sum((0, 2))
 
     def merge(self, other: StatsAccumulator) -> None:
         if self.images and other.images and self.positions != other.positions:
@@ -241,13 +253,17 @@ class StatsAccumulator:
         self.min = torch.minimum(self.min, other.min.to(self.min.device))
         self.active_images += other.active_images.to(self.active_images.device)
         self.active_positions += other.active_positions.to(self.active_positions.device)
+        self.zero_positions += other.zero_positions.to(self.zero_positions.device)
 
     def result(self, layer: str) -> list[UnitStats]:
         s, sq, sm = self.sum.value(), self.sum_sq.value(), self.sum_max.value()
         mx, mn = self.max.cpu().numpy(), self.min.cpu().numpy()
         ai, ap = self.active_images.cpu().numpy(), self.active_positions.cpu().numpy()
+        zp = self.zero_positions.cpu().numpy()
         return [
-            UnitStats(layer, u, self.images, self.positions, float(s[u]), float(sq[u]), float(sm[u]), float(mx[u]), float(mn[u]), int(ai[u]), int(ap[u]))
+            UnitStats(
+                layer, u, self.images, self.positions, float(s[u]), float(sq[u]), float(sm[u]), float(mx[u]), float(mn[u]), int(ai[u]), int(ap[u]), int(zp[u])
+            )
             for u in range(len(s))
         ]
 
@@ -331,6 +347,7 @@ class LayerMining:
             "min": st.min.cpu().numpy(),
             "active_images": st.active_images.cpu().numpy(),
             "active_positions": st.active_positions.cpu().numpy(),
+            "zero_positions": st.zero_positions.cpu().numpy(),
             "counts": np.array([st.images, st.positions], np.int64),
             "map_size": np.array(self.map_size if self.map_size else (-1, -1), np.int64),
             "done": np.array(sorted(self.done), np.int64),
@@ -353,7 +370,7 @@ class LayerMining:
         st.sum_sq.whole, st.sum_sq.frac = t("sq_whole"), t("sq_frac")
         st.sum_max.whole, st.sum_max.frac = t("max_whole"), t("max_frac")
         st.max, st.min = t("max"), t("min")
-        st.active_images, st.active_positions = t("active_images"), t("active_positions")
+        st.active_images, st.active_positions, st.zero_positions = t("active_images"), t("active_positions"), t("zero_positions")
         st.images, st.positions = int(a["counts"][0]), int(a["counts"][1])
         out.done = {int(b) for b in a["done"]}
         return out

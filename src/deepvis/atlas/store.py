@@ -64,8 +64,8 @@ CREATE TABLE IF NOT EXISTS skipped(sample INTEGER PRIMARY KEY, key TEXT NOT NULL
 CREATE TABLE IF NOT EXISTS stats(
     layer TEXT NOT NULL, unit INTEGER NOT NULL, images INTEGER NOT NULL, positions INTEGER NOT NULL,
     sum REAL NOT NULL, sum_sq REAL NOT NULL, sum_max REAL NOT NULL, max REAL, min REAL,
-    active_images INTEGER NOT NULL, active_positions INTEGER NOT NULL,
-    mean REAL, std REAL, mean_max REAL, frac_active REAL, frac_positions_active REAL,
+    active_images INTEGER NOT NULL, active_positions INTEGER NOT NULL, zero_positions INTEGER NOT NULL,
+    mean REAL, std REAL, mean_max REAL, frac_active REAL, frac_positions_active REAL, frac_zero REAL,
     PRIMARY KEY(layer, unit));
 CREATE TABLE IF NOT EXISTS top(
     layer TEXT NOT NULL, unit INTEGER NOT NULL, rank INTEGER NOT NULL, value REAL NOT NULL,
@@ -216,7 +216,7 @@ class Atlas:
         """Per-unit statistics of ``layer`` (empty until its mining pass is complete)."""
         self.layer(layer)
         rows = self._conn.execute(
-            "SELECT unit, images, positions, sum, sum_sq, sum_max, max, min, active_images, active_positions "
+            "SELECT unit, images, positions, sum, sum_sq, sum_max, max, min, active_images, active_positions, zero_positions "
             "FROM stats WHERE layer=? ORDER BY unit",
             (layer,),
         )
@@ -427,11 +427,11 @@ class AtlasWriter:
                 c.execute("DELETE FROM stats WHERE layer=?", (st.layer,))
                 c.execute("DELETE FROM top WHERE layer=?", (st.layer,))
                 c.executemany(
-                    "INSERT INTO stats VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO stats VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [
                         (s.layer, s.unit, s.images, s.positions, s.sum, s.sum_sq, s.sum_max, _finite(s.max), _finite(s.min),
-                         s.active_images, s.active_positions, _finite(s.mean), _finite(s.std), _finite(s.mean_max),
-                         _finite(s.frac_active), _finite(s.frac_positions_active))
+                         s.active_images, s.active_positions, s.zero_positions, _finite(s.mean), _finite(s.std), _finite(s.mean_max),
+                         _finite(s.frac_active), _finite(s.frac_positions_active), _finite(s.frac_zero))
                         for s in st.unit_stats()
                     ],
                 )
