@@ -127,3 +127,13 @@ def test_real_entry_point_reexecs_with_allocator_tuning_and_debug_shows_tracebac
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     r = subprocess.run([str(exe), "layers", "--model", "nosuch", "--debug"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_atomic_outputs_get_normal_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "a.txt") as tmp:
+            tmp.write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
