@@ -298,7 +298,7 @@ class Engine:
         with self._cond:
             if new != session.settings:
                 session.settings = new
-                session.dirty = session.current is not None
+                session.dirty = True  # redraw the current frame (or the one being computed) with them
                 self._cond.notify_all()
         return new
 
@@ -379,6 +379,8 @@ class Engine:
                 if session.closed:
                     continue
                 session.current = frame_done
+                if session.settings != settings:  # changed while this frame was computed
+                    session.dirty = True
                 session.stats.processed += 1
                 session.stats.last_ms = (time.perf_counter() - start) * 1000
                 session.put_latest("frame", msg)

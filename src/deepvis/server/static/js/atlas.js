@@ -148,29 +148,44 @@ export class AtlasPane {
     } catch (e) {
       this.app.showError(`atlas: ${e.message}`);
     }
+    this.redrawSoon();
   }
 
-  /** Draw the layer's synthesized images as the grid's tiles; false when there is nothing to draw. */
+  /** Redraw the grid once per animation frame at most (as pattern images arrive). */
+  redrawSoon() {
+    if (this.redrawPending) return;
+    this.redrawPending = true;
+    requestAnimationFrame(() => {
+      this.redrawPending = false;
+      if (this.app.pattern) this.app.redrawGrid();
+    });
+  }
+
+  /** Draw the layer's synthesized images as the grid's tiles; returns how many were drawn (0: none). */
   drawPattern(grid, header) {
     const layer = header.layer;
     const units = this.layerUnits.get(layer);
     if (units === undefined) {
       this.preload(layer);
-      return false;
+      return 0;
     }
-    if (!units.size) return false;
+    if (!units.size) return 0;
     const n = header.grid.shape[0];
     const cols = Math.ceil(Math.sqrt(n));
     const tile = Math.max(16, Math.min(PATTERN_TILE_MAX, Math.floor(PATTERN_WIDTH / cols) - 1));
     grid.setLayout([n, tile, tile]);
     grid.ctx.fillStyle = 'rgb(40,40,40)';
     grid.ctx.fillRect(0, 0, grid.canvas.width, grid.canvas.height);
+    let drawn = 0;
     for (let c = 0; c < n; c++) {
       if (!units.has(c)) continue;
       const img = this.pattern(layer, c);
-      if (img) grid.drawTileImage(c, img);
+      if (img) {
+        grid.drawTileImage(c, img);
+        drawn++;
+      }
     }
-    return true;
+    return Math.max(drawn, 1); // the pattern layout is shown even while images load
   }
 
   pattern(layer, unit) {
@@ -194,6 +209,7 @@ export class AtlasPane {
         this.loading--;
         this.patterns.set(key, img);
         this.pump();
+        this.redrawSoon();
       };
       img.onerror = () => {
         this.loading--;

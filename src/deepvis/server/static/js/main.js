@@ -115,8 +115,8 @@ class App {
     const t = performance.now();
     const lut = this.luts[this.colormap];
     this.lastHeader = h;
-    if (!this.pattern || !this.atlas.drawPattern(this.grid, h)) this.grid.draw(h.grid.shape, blobs.grid, lut);
-    this.grid.highlight(h.unit);
+    this.lastBlobs = blobs;
+    this.redrawGrid();
     if (blobs.unit) {
       drawMap($('unit-map'), h.unit_shape[0], h.unit_shape[1], blobs.unit, lut);
       $('unit-map').hidden = false;
@@ -141,6 +141,16 @@ class App {
       sessionDropped: h.stats.dropped, skipped: this.sources.skipped,
     });
     this.showStatus(h, fps);
+  }
+
+  /** Draw the last frame's tiles (activations, or synthesized images in pattern mode). */
+  redrawGrid() {
+    const h = this.lastHeader;
+    if (!h) return;
+    const drawn = this.pattern ? this.atlas.drawPattern(this.grid, h) : 0;
+    if (!drawn) this.grid.draw(h.grid.shape, this.lastBlobs.grid, this.luts[this.colormap]);
+    this.stats.patternTiles = drawn || 0;
+    this.grid.highlight(this.settings?.layer === h.layer ? this.settings.unit : h.unit);
   }
 
   onBackprop(h, blobs) {
@@ -205,11 +215,11 @@ class App {
     return this.info.class_names[unit] ?? '';
   }
 
-  /** Layers offered in the list: every module with "all modules", else the distinct, non-identity ones. */
+  /** Layers offered in the list: every module with "all modules", else all but identities. */
   layerList() {
     const all = this.info?.layers ?? [];
     if (this.showAllLayers) return all;
-    return all.filter((l) => (!l.same_as && l.type !== 'Identity') || l.name === this.settings?.layer);
+    return all.filter((l) => l.type !== 'Identity' || l.name === this.settings?.layer);
   }
 
   fillLayers() {
@@ -349,6 +359,7 @@ class App {
     $('normalize').addEventListener('change', (e) => this.sendSettings({ normalize: e.target.value }));
     $('colormap').addEventListener('change', (e) => {
       this.colormap = e.target.value;
+      this.redrawGrid();
     });
     $('gain').addEventListener('input', (e) => this.sendSettings({ gain: Math.round(2 ** Number(e.target.value) * 100) / 100 }));
     $('gamma').addEventListener('input', (e) => this.sendSettings({ gamma: Number(e.target.value) }));
@@ -357,6 +368,9 @@ class App {
     $('backprop-mode').addEventListener('change', (e) => this.sendSettings({ backprop: e.target.value }));
     $('backprop-filter').addEventListener('change', (e) => this.sendSettings({ filter: e.target.value }));
     $('unit-input').addEventListener('change', (e) => this.setUnit(Number(e.target.value) | 0));
+    $('unit-input').addEventListener('keydown', (e) => {
+      if (e.key === 'Enter') this.setUnit(Number(e.target.value) | 0);
+    });
     $('unit-prev').addEventListener('click', () => this.moveUnit(-1, 0));
     $('unit-next').addEventListener('click', () => this.moveUnit(1, 0));
     $('grid').addEventListener('click', (e) => {
@@ -395,7 +409,7 @@ class App {
     }
     this.pattern = on;
     $('pattern').checked = on;
-    if (this.lastHeader) this.atlas.preload(this.settings.layer);
+    this.redrawGrid();
   }
 
   actions() {

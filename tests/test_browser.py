@@ -1,0 +1,279 @@
+"""The live toolbox in a real browser: Playwright driving Debian's Chromium (headless, fake camera).
+
+The page runs under its own Content-Security-Policy (no bypass): conditions are polled with
+``page.evaluate``, which CSP does not restrict, and any CSP violation or script error fails the test.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_server_utils import LiveServer
+
+CHROMIUM = "/usr/bin/chromium"
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"Debian's Chromium is not installed at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+
+from playwright.sync_api import Page, sync_playwright  # noqa: E402
+
+from deepvis.io import sample_path  # noqa: E402
+from deepvis.server import ServerConfig, create_app  # noqa: E402
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
+
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
+]
+TOKEN = "b" * 43
+ATLAS_LAYER = "blocks.2"
+
+
+@pytest.fixture(scope="module")
+def atlas_dir(tmp_path_factory, default_model):
+    """A small atlas of the default model: layer blocks.2, units 0-1 synthesized (no crops: fast)."""
+    from deepvis.atlas import AtlasOptions, SynthesisOptions, build_atlas
+
+    root = tmp_path_factory.mktemp("atlas")
+    data = root / "photos"
+    data.mkdir()
+    for name in ("coffee", "chelsea", "rocket", "astronaut"):
+        p = sample_path(name)
+        shutil.copy(p, data / f"{name}{p.suffix}")
+    opts = AtlasOptions(layers=(ATLAS_LAYER,), top=3, batch_size=4, units="0-1", views=False, synthesis=SynthesisOptions(steps=6, size=64, units_per_batch=2))
+    build_atlas(root / "atlas", default_model, str(data), opts, progress=False)
+    return root / "atlas"
+
+
+@pytest.fixture(scope="module")
+def server(default_model, atlas_dir):
+    app = create_app(ServerConfig(model=default_model, atlas=atlas_dir, token=TOKEN, synthesis_steps=6, synthesis_size=64))
+    with LiveServer(app, TOKEN) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    with sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=FLAGS,
+            viewport={"width": 1400, "height": 900},
+        )
+        try:
+            yield ctx
+        finally:
+            ctx.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    pg = browser.new_page()
+    problems: list[str] = []
+    pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    pg.on("console", lambda m: m.type == "error" and problems.append(f"console error: {m.text}"))
+    pg.goto(server.url("/"))
+    wait(pg, "window.deepvis && window.deepvis.ready && window.deepvis.frames === 0 && document.getElementById('layer-select').options.length > 0")
+    yield pg
+    pg.close()
+    # refused uploads are logged by the browser as failed requests: those are expected
+    assert [p for p in problems if "status of 400" not in p and "status of 413" not in p] == []
+
+
+def wait(page: Page, expr: str, timeout: float = 60.0):
+    """Poll a JavaScript expression until it is truthy (CSP-safe; fails with the page's state)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = page.evaluate(expr)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            state = page.evaluate("JSON.stringify({...window.deepvis, latencies: undefined, last: undefined})")
+            raise AssertionError(f"timed out waiting for {expr}; page state: {state}")
+        page.wait_for_timeout(50)
+
+
+def test_upload_a_photo_see_the_grid_and_predictions(page, server):
+    page.set_input_files("#image-file", str(sample_path("coffee")))
+    wait(page, "window.deepvis.frames > 0 && window.deepvis.last.source === 'image'")
+    assert page.evaluate("window.deepvis.predictions[0].label") == "espresso"
+    items = page.locator("#predictions li")
+    assert items.count() == 5 and "espresso" in items.first.inner_text()
+    # the grid shows every unit of the layer with real, varying values
+    shape = page.evaluate("window.deepvis.last.grid.shape")
+    assert page.evaluate("document.getElementById('grid').width") > shape[2] * int(np.ceil(np.sqrt(shape[0])))
+    spread = page.evaluate(
+        "(() => { const c = document.getElementById('grid'); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        " let lo = 255, hi = 0; for (let i = 0; i < d.length; i += 4) { lo = Math.min(lo, d[i]); hi = Math.max(hi, d[i]); } return hi - lo; })()"
+    )
+    assert spread > 100
+    # the input pane shows the photo as the model sees it
+    assert page.evaluate("window.deepvis.inputs") >= 1
+    assert "coffee" in page.inner_text("#input-label")
+
+
+def test_select_units_by_click_and_keyboard_and_the_url_follows(page, server):
+    page.select_option("#sample-select", "chelsea")
+    wait(page, "window.deepvis.frames > 0")
+    layer = page.evaluate("window.deepvis.last.layer")
+    units = page.evaluate("window.deepvis.last.grid.shape[0]")
+    cols = int(np.ceil(np.sqrt(units)))
+    # click the middle of tile 5
+    box = page.locator("#grid").bounding_box()
+    width, height = page.evaluate("[document.getElementById('grid').width, document.getElementById('grid').height]")
+    shape = page.evaluate("window.deepvis.last.grid.shape")
+    th, tw = shape[1], shape[2]
+    x = (1 + 5 * (tw + 1) + tw / 2) * box["width"] / width
+    y = (1 + th / 2) * box["height"] / height
+    page.mouse.click(box["x"] + x, box["y"] + y)
+    wait(page, "window.deepvis.last.unit === 5")
+    assert "unit=5" in page.url and f"layer={layer}" in page.url
+    page.keyboard.press("l")
+    page.keyboard.press("l")
+    page.keyboard.press("k")
+    wait(page, f"window.deepvis.last.unit === {7 + cols}")
+    page.keyboard.press("J")  # three to the left
+    wait(page, f"window.deepvis.last.unit === {4 + cols}")
+    assert f"unit={4 + cols}" in page.url
+    page.keyboard.press("o")  # next layer
+    wait(page, f"window.deepvis.last.layer !== {layer!r}")
+    assert "layer=" + page.evaluate("window.deepvis.last.layer") in page.url
+    # the unit pane shows the selected unit's enlarged map
+    assert page.evaluate("!document.getElementById('unit-map').hidden")
+    assert page.inner_text("#unit-title").startswith(page.evaluate("window.deepvis.last.layer"))
+
+
+def test_the_url_reopens_a_view(browser, server):
+    pg = browser.new_page()
+    try:
+        pg.goto(server.url("/", layer="blocks.4.1", unit="17"))
+        wait(pg, "window.deepvis && window.deepvis.ready")
+        pg.select_option("#sample-select", "rocket")
+        wait(pg, "window.deepvis.frames > 0 && window.deepvis.last.layer === 'blocks.4.1' && window.deepvis.last.unit === 17")
+        assert pg.input_value("#layer-select") == "blocks.4.1"
+    finally:
+        pg.close()
+
+
+def test_cycle_the_backprop_mode_and_filter(page, server):
+    page.select_option("#sample-select", "coffee")
+    wait(page, "window.deepvis.frames > 0")
+    assert page.evaluate("window.deepvis.backprops") == 0
+    page.keyboard.press("b")
+    wait(page, "window.deepvis.backprops > 0 && window.deepvis.lastBackprop.mode === 'gradient'")
+    page.keyboard.press("b")
+    wait(page, "window.deepvis.lastBackprop && window.deepvis.lastBackprop.mode === 'deconv'")
+    page.keyboard.press("b")
+    wait(page, "window.deepvis.lastBackprop.mode === 'guided'")
+    first = page.evaluate("window.deepvis.lastBackprop.filter")
+    page.keyboard.press("m")
+    wait(page, f"window.deepvis.lastBackprop.filter !== {first!r}")
+    # the view is drawn and is not blank
+    assert page.evaluate(
+        "(() => { const c = document.getElementById('backprop'); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        " let n = 0; for (let i = 0; i < d.length; i += 4) n += (d[i] + d[i + 1] + d[i + 2]) > 30; return n; })()"
+    ) > 100
+    page.keyboard.press("b")  # back to off
+    wait(page, "document.getElementById('backprop-wrap').hidden")
+    # the receptive field of the unit's strongest position is boxed on the input
+    wait(page, "window.deepvis.rf && !document.getElementById('rf-box').hidden")
+
+
+def test_the_atlas_pane_and_on_demand_synthesis(page, server):
+    page.select_option("#sample-select", "coffee")
+    page.select_option("#layer-select", ATLAS_LAYER)
+    wait(page, f"window.deepvis.last && window.deepvis.last.layer === '{ATLAS_LAYER}'")
+    page.keyboard.press("l")  # unit 1: in the atlas, with a synthesized image and its top inputs
+    wait(page, "window.deepvis.last.unit === 1")
+    wait(page, "(() => { const i = document.querySelector('#atlas-pane img.synth-img'); return i && i.complete && i.naturalWidth > 0; })()")
+    assert page.locator("#atlas-pane .tops figure").count() == 3
+    # unit 5 is not in the atlas: synthesize it, with visible progress, while the live view goes on
+    page.fill("#unit-input", "5")
+    page.press("#unit-input", "Enter")
+    wait(page, "window.deepvis.last.unit === 5 && document.getElementById('synth-btn') !== null")
+    page.click("#synth-btn")
+    wait(page, "window.deepvis.synthesis && ['running', 'done'].includes(window.deepvis.synthesis.state)")
+    wait(page, "window.deepvis.synthesis.state === 'done'", timeout=120)
+    wait(page, "(() => { const i = document.querySelector('#atlas-pane img.synth-img'); return i && i.complete && i.naturalWidth > 0; })()")
+    # pattern mode: the tiles show the synthesized images
+    page.keyboard.press("s")
+    wait(page, "document.getElementById('pattern').checked && window.deepvis.patternTiles >= 3")
+
+
+def test_fake_camera_gives_live_updates(page, server):
+    page.click("#src-camera")
+    wait(page, "window.deepvis.liveFrames >= 15 && window.deepvis.latencies.length >= 10")
+    stats = page.evaluate("({fps: window.deepvis.fps, p95: window.deepvis.p95, last: window.deepvis.last.source})")
+    assert stats["last"] == "camera" and stats["fps"] > 0 and stats["p95"] > 0
+    # freeze: no new live frames arrive
+    page.keyboard.press("f")
+    n = wait(page, "window.deepvis.liveFrames")
+    page.wait_for_timeout(500)
+    assert page.evaluate("window.deepvis.liveFrames") <= n + 2
+    page.keyboard.press("f")
+    wait(page, f"window.deepvis.liveFrames > {n + 5}")
+    assert "frames/s" in page.inner_text("#status")
+
+
+def make_webm(path: Path, frames: int = 20, fps: int = 10) -> None:
+    import av
+
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w", format="webm") as out:
+        stream = out.add_stream("libvpx", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        for i in range(frames):
+            img = np.zeros((120, 160, 3), np.uint8)
+            img[:, : 8 * (i + 1)] = rng.integers(0, 255, 3, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def test_a_video_file_plays_through(page, server, tmp_path):
+    clip = tmp_path / "clip.webm"
+    make_webm(clip)
+    page.set_input_files("#video-file", str(clip))
+    wait(page, "window.deepvis.videoEnded", timeout=60)
+    assert page.evaluate("window.deepvis.last.source") == "video"
+    assert page.evaluate("window.deepvis.liveFrames") >= 5
+    # step: pause and move one frame; the stepped frame is processed
+    n = page.evaluate("window.deepvis.liveFrames")
+    page.evaluate("document.getElementById('video').currentTime = 0.5")
+    wait(page, f"window.deepvis.liveFrames > {n}")
+
+
+def test_a_bad_file_gives_a_visible_message_and_the_page_goes_on(page, server, tmp_path):
+    bad = tmp_path / "<img src=x onerror=alert(1)>.png"
+    bad.write_bytes(b"definitely not a PNG")
+    page.set_input_files("#image-file", str(bad))
+    wait(page, "!document.getElementById('message').hidden")
+    text = page.inner_text("#message-text")
+    assert "not an image" in text and "<img src=x onerror=alert(1)>.png" in text  # shown as text...
+    assert page.locator("#message img").count() == 0  # ...never as HTML
+    page.select_option("#sample-select", "coffee")
+    wait(page, "window.deepvis.frames > 0 && window.deepvis.predictions[0].label === 'espresso'")
+
+
+def test_help_overlay_lists_every_binding(page, server):
+    assert page.is_hidden("#help")
+    page.keyboard.press("h")
+    assert page.is_visible("#help")
+    assert page.locator("#help-table tr").count() >= 20
+    assert "previous layer" in page.inner_text("#help-table")
+    page.keyboard.press("Escape")
+    assert page.is_hidden("#help")
