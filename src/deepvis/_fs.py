@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["atomic_path"]
+
+
+def _create_temp(folder: Path, name: str, suffix: str) -> Path:
+    """Create an empty, new temp file beside the target; the kernel applies the umask to 0o666."""
+    for _ in range(100):
+        tmp = folder / f".{name}.{secrets.token_hex(4)}.tmp{suffix}"
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"cannot create a temporary file in {folder}")
 
 
 @contextlib.contextmanager
@@ -16,23 +29,15 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` when the block succeeds.
 
     On any exception the temporary file is removed and ``target`` is left untouched, so a crash or a
-    bad input never leaves a partial output file behind. The parent folder is created if needed.
+    bad input never leaves a partial output file behind. The parent folder is created if needed. The
+    temporary name keeps the target's suffix last, so writers that pick a format by suffix work.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + target.suffix, dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _create_temp(target.parent, target.name, target.suffix)
     try:
         yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
