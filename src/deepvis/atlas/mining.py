@@ -20,7 +20,7 @@ of inputs wherever it runs (the engines split work on batch boundaries).
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -233,14 +233,15 @@ class StatsAccumulator:
         """Add a batch: ``flat`` (B, U, P) activations (P positions per map), ``peak`` (B, U) their maxima."""
         self.images += flat.shape[0]
         self.positions = flat.shape[2]
-        self.sum.add(flat.sum(2, dtype=torch.float64).sum(0))
-        self.sum_sq.add(flat.square().sum(2, dtype=torch.float64).sum(0))
+        # per-map sums in float32 (fast; at most a few thousand positions), over the batch in float64
+        self.sum.add(flat.sum(2).sum(0, dtype=torch.float64))
+        self.sum_sq.add(torch.linalg.vecdot(flat, flat, dim=2).sum(0, dtype=torch.float64))
         self.sum_max.add(peak.sum(0, dtype=torch.float64))
         self.max = torch.maximum(self.max, peak.max(0).values)
         self.min = torch.minimum(self.min, flat.amin(2).min(0).values)
-        self.active_images += (peak > ACTIVE_THRESHOLD).sum(0)
-        self.active_positions += (flat > ACTIVE_THRESHOLD).sum((0, 2))
-        self.zero_positions += (flat == 0).sum((0, 2))
+        self.active_images += torch.count_nonzero(peak > ACTIVE_THRESHOLD, dim=0)
+        self.active_positions += torch.count_nonzero(flat > ACTIVE_THRESHOLD, dim=(0, 2))
+        self.zero_positions += torch.count_nonzero(flat == 0, dim=(0, 2))
 
     def merge(self, other: StatsAccumulator) -> None:
         if self.images and other.images and self.positions != other.positions:

@@ -27,7 +27,7 @@ import json
 import os
 import re
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -515,7 +515,3 @@ def _check_params(root: Path, layer: str, old: dict[str, Any], new: dict[str, An
         parts = ", ".join(f"{k} {old.get(k)!r} (now {new.get(k)!r})" for k in diff)
         raise AtlasError(f"layer {layer} of atlas {root} was made with {parts}; rerun with the same options or use another output folder")
 
-
-def iter_unit_files(root: Path) -> Iterator[Path]:
-    """Every PNG file under an atlas folder (for tests and tools)."""
-    yield from sorted(p for p in root.rglob("*.png") if not p.name.startswith("."))
