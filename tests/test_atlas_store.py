@@ -18,6 +18,7 @@ from deepvis.atlas import AtlasError, AtlasOptions, AtlasWriter, SynthesisOption
 from deepvis.cli import main
 from deepvis.errors import DeepvisError
 from deepvis.models import load_model
+from helpers import assert_unchanged, snapshot
 
 # A tiny model for subprocess runs: a conv with fixed weights, ReLU, max-pool, a second conv.
 MODEL_SOURCE = textwrap.dedent(
@@ -85,7 +86,10 @@ def opts(**kw) -> AtlasOptions:
 def test_build_read_and_resume_is_a_no_op(tmp_path, tiny_spec):
     data = make_dataset(tmp_path / "data")
     model = load_model(tiny_spec, device="cpu")
+    model.module.train()  # deepvis must restore the user's flags
+    before_model = snapshot(model.module)
     s = build_atlas(tmp_path / "atlas", model, str(data), opts())
+    assert_unchanged(model.module, before_model)
     assert s.images_mined == 26 and s.units_viewed == 6 and s.units_synthesized == 6 and s.skipped == []
     before = files_of(tmp_path / "atlas")
     again = build_atlas(tmp_path / "atlas", model, str(data), opts())

@@ -10,6 +10,7 @@ and deconv views) and its synthesized image, in a resumable SQLite + PNG store, 
 from .build import AtlasOptions, AtlasSummary, SynthesisOptions, build_atlas, model_hash
 from .engines import ENGINES, Engine, LocalEngine, MiningPlan, MiningProgress, RayEngine, make_engine
 from .mining import ACTIVE_THRESHOLD, ExactSum, LayerMining, StatsAccumulator, TopK, UnitStats, batch_indices, mine, num_batches
+from .show import unit_pane
 from .store import Atlas, AtlasError, AtlasWriter, LayerRecord, SynthImage, TopImage, UnitRecord, open_atlas, unit_dir
 from .tasks import UnitResult, UnitTask, run_task
 
@@ -28,6 +29,7 @@ __all__ = [
     "TopImage",
     "SynthImage",
     "unit_dir",
+    "unit_pane",
     "UnitStats",
     "LayerMining",
     "TopK",
