@@ -323,7 +323,7 @@ def test_a_client_that_never_reads_does_not_slow_another(model):
         flooder.start()
         try:
             with connect(f"ws://127.0.0.1:{srv.port}/ws?token={TOKEN}", max_size=2**24) as b:
-                json.loads(b.recv(timeout=30))
+                b_id = json.loads(b.recv(timeout=30))["session"]
 
                 def round_trips(n: int) -> int:
                     got = 0
@@ -338,7 +338,8 @@ def test_a_client_that_never_reads_does_not_slow_another(model):
 
                 assert round_trips(10) == 10
                 assert _wait(lambda: len(engine.sessions()) == 2, 10)
-                stuck_session = next(s for s in engine.sessions() if s.stats.received > 10)
+                stuck_session = next(s for s in engine.sessions() if s.id != b_id)
+                assert _wait(lambda: stuck_session.stats.received > 10, 30)
                 # wait until the stuck page's socket buffers are full: then it gets no more results
                 assert _settles(lambda: stuck_session.stats.processed, 0.5, 60)
                 done_before = stuck_session.stats.processed

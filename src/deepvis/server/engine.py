@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import os
 import secrets
 import threading
 import time
@@ -54,6 +55,17 @@ def replica(model: Model) -> Model:
     any thread runs on the network (a copy taken during a forward pass would carry its hooks).
     """
     return Model(copy.deepcopy(model.module), model.preprocessing, model.name, model.class_names)
+
+
+def lower_priority(nice: int, what: str) -> None:
+    """Lower the calling thread's CPU priority (Linux: threads are tasks with their own nice value, and
+    the threads PyTorch starts from it inherit it), so background work yields to the live view."""
+    if not hasattr(os, "setpriority"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except OSError as exc:
+        log.warning("%s runs at normal priority (could not lower it: %s)", what, exc)
 
 
 def default_layer(table: list[LayerInfo]) -> str:
@@ -95,8 +107,11 @@ class LatestJobs:
     (:func:`replica`), made when its first job runs.
     """
 
-    def __init__(self, name: str, cond: threading.Condition, runners: Mapping[str, Callable[[Session, Any], Message | None]]) -> None:
+    def __init__(
+        self, name: str, cond: threading.Condition, runners: Mapping[str, Callable[[Session, Any], Message | None]], *, nice: int = 0
+    ) -> None:
         self.name = name
+        self.nice = nice
         self._cond = cond
         self._runners = dict(runners)
         self._jobs: dict[tuple[str, str], tuple[Session, Any]] = {}
@@ -145,6 +160,8 @@ class LatestJobs:
         return None
 
     def _loop(self) -> None:
+        if self.nice > 0:
+            lower_priority(self.nice, self.name)
         while True:
             with self._cond:
                 item = self._pick()
@@ -208,14 +225,19 @@ class Engine:
         self.frames_done = 0
         self._unit_view = unit_view
         self._geometry = geometry
-        runners: dict[str, Callable[[Session, Any], Message | None]] = {}
+        # each worker runs on its own copy of the network, copied now, before any thread runs (a copy
+        # taken during a capture would carry its hooks)
+        self.background: LatestJobs | None = None
+        self.geometry: LatestJobs | None = None
+        self._worker_model: Model | None = None
+        self._geometry_model: Model | None = None
         if unit_view is not None:
-            runners["backprop"] = self._run_unit_view
+            self.background = LatestJobs("deepvis-unit-views", self._cond, {"backprop": self._run_unit_view})
+            self._worker_model = replica(model)
         if geometry is not None:
-            runners["rf"] = self._run_geometry
-        self.background: LatestJobs | None = LatestJobs("deepvis-unit-views", self._cond, runners) if runners else None
-        # copied now, before any thread runs: a copy taken during a capture would carry its hooks
-        self._worker_model: Model | None = replica(model) if runners else None
+            # measuring a layer's receptive fields takes seconds, once per layer: not in the unit-view worker
+            self.geometry = LatestJobs("deepvis-geometry", self._cond, {"rf": self._run_geometry})
+            self._geometry_model = replica(model)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -224,8 +246,9 @@ class Engine:
             self._stop = False
             self._thread = threading.Thread(target=self._loop, name="deepvis-frames", daemon=True)
             self._thread.start()
-        if self.background is not None:
-            self.background.start()
+        for worker in (self.background, self.geometry):
+            if worker is not None:
+                worker.start()
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop every thread (waits for the current frame to finish)."""
@@ -237,8 +260,9 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        if self.background is not None:
-            self.background.close(timeout)
+        for worker in (self.background, self.geometry):
+            if worker is not None:
+                worker.close(timeout)
 
     @property
     def backprop_available(self) -> bool:
@@ -269,8 +293,9 @@ class Engine:
             session.events.clear()
             self._sessions.pop(session.id, None)
             self._cond.notify_all()
-        if self.background is not None:
-            self.background.drop(session)
+        for worker in (self.background, self.geometry):
+            if worker is not None:
+                worker.drop(session)
 
     def sessions(self) -> list[Session]:
         with self._cond:
@@ -329,7 +354,7 @@ class Engine:
                 "sessions": len(self._sessions),
                 "frames": self.frames_done,
                 "fps": round(self._rate.rate(time.monotonic()), 2),
-                "background": self.background.done if self.background else 0,
+                "unit_views": self.background.done if self.background else 0,
             }
 
     # -- the frame loop ---------------------------------------------------------------------------
@@ -384,12 +409,11 @@ class Engine:
                 session.stats.processed += 1
                 session.stats.last_ms = (time.perf_counter() - start) * 1000
                 session.put_latest("frame", msg)
-            if self.background is not None:
-                if settings.backprop != "off" and self._unit_view is not None:
-                    self.background.submit(session, "backprop", (x, settings, frame_done.seq))
-                if self._geometry is not None and settings.layer not in session.geometry_sent:
-                    session.geometry_sent.add(settings.layer)
-                    self.background.submit(session, "rf", settings.layer)
+            if self.background is not None and settings.backprop != "off":
+                self.background.submit(session, "backprop", (x, settings, frame_done.seq))
+            if self.geometry is not None and settings.layer not in session.geometry_sent:
+                session.geometry_sent.add(settings.layer)
+                self.geometry.submit(session, "rf", settings.layer)
 
     def _fail(self, session: Session, seq: int | None, message: str) -> None:
         with self._cond:
@@ -448,7 +472,7 @@ class Engine:
         return pack(header, blobs)
 
     def _run_geometry(self, session: Session, layer: str) -> Message | None:
-        assert self._geometry is not None
+        assert self._geometry is not None and self._geometry_model is not None
         if not self.processor.layer(layer).spatial:
             return None
-        return text("rf", **self._geometry(self._worker(), layer))
+        return text("rf", **self._geometry(self._geometry_model, layer))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -22,6 +21,7 @@ from typing import Any
 from ..capture import Unit
 from ..errors import DeepvisError
 from ..models.model import Model
+from .engine import lower_priority
 from .protocol import text
 from .session import Message, Session
 
@@ -74,7 +74,7 @@ class SynthesisService:
         max_waiting: int = 8,
         max_results: int = 256,
         batch: int = 8,
-        nice: int = 10,
+        nice: int = 5,
     ) -> None:
         self.model = model
         self._post = post
@@ -153,14 +153,6 @@ class SynthesisService:
             for page in job.pages:
                 self._send(page, job.layer, job.unit, state, progress, **extra)
 
-    def _lower_priority(self) -> None:
-        if not hasattr(os, "setpriority") or self.nice <= 0:
-            return
-        try:  # Linux: a thread is a task with its own nice value; threads it starts inherit it
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
-        except OSError as exc:
-            log.warning("synthesis runs at normal priority (could not lower it: %s)", exc)
-
     def _take(self) -> list[SynthesisJob] | None:
         with self._lock:
             while not self._queue:
@@ -177,7 +169,8 @@ class SynthesisService:
             return jobs
 
     def _loop(self) -> None:
-        self._lower_priority()
+        if self.nice > 0:
+            lower_priority(self.nice, "synthesis")
         while True:
             jobs = self._take()
             if jobs is None:

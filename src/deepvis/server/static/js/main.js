@@ -33,7 +33,7 @@ class App {
     this.stats = (window.deepvis = {
       ready: false, frames: 0, liveFrames: 0, backprops: 0, errors: [], fps: 0, p95: NaN,
       latencies: this.latencies, last: null, predictions: [], sessionDropped: 0, skipped: 0,
-      videoEnded: false, inputs: 0,
+      videoEnded: false, inputs: 0, latencyCount: 0, cameraFrames: 0,
     });
 
     this.conn = new Connection(this.token, { onMessage: (m) => this.onMessage(m), onState: (s, r) => this.onConnState(s, r) });
@@ -73,7 +73,10 @@ class App {
     switch (m.type) {
       case 'hello': this.onHello(m); break;
       case 'settings': this.applySettings(m.settings, m.req); break;
-      case 'rf': this.geometry.set(m.layer, m); break;
+      case 'rf':
+        this.geometry.set(m.layer, m);
+        if (this.lastHeader && this.lastHeader.layer === m.layer) this.showRf(this.lastHeader);
+        break;
       case 'error':
         if (m.scope === 'frame') this.sources.onFailed(m.seq);
         this.showError(m.message);
@@ -132,13 +135,14 @@ class App {
     while (this.resultTimes.length && t - this.resultTimes[0] > 2000) this.resultTimes.shift();
     if (latency !== null) {
       this.latencies.push(latency);
+      this.stats.latencyCount++;
       if (this.latencies.length > 300) this.latencies.shift();
     }
     const fps = this.resultTimes.length > 1 ? ((this.resultTimes.length - 1) * 1000) / (t - this.resultTimes[0]) : 0;
     Object.assign(this.stats, {
       frames: this.stats.frames + 1, liveFrames: this.stats.liveFrames + (live ? 1 : 0), fps,
       p95: percentile(this.latencies, 95), last: h, predictions: h.predictions || [],
-      sessionDropped: h.stats.dropped, skipped: this.sources.skipped,
+      sessionDropped: h.stats.dropped, skipped: this.sources.skipped, cameraFrames: this.sources.videoFrames,
     });
     this.showStatus(h, fps);
   }
@@ -150,7 +154,12 @@ class App {
     const drawn = this.pattern ? this.atlas.drawPattern(this.grid, h) : 0;
     if (!drawn) this.grid.draw(h.grid.shape, this.lastBlobs.grid, this.luts[this.colormap]);
     this.stats.patternTiles = drawn || 0;
-    this.grid.highlight(this.settings?.layer === h.layer ? this.settings.unit : h.unit);
+    const unit = this.settings?.layer === h.layer ? this.settings.unit : h.unit;
+    const key = `${unit}/${this.grid.layout.width}x${this.grid.layout.height}/${this.grid.canvas.style.width}`;
+    if (key !== this.highlightKey) {
+      this.highlightKey = key;
+      this.grid.highlight(unit);
+    }
   }
 
   onBackprop(h, blobs) {
@@ -192,7 +201,7 @@ class App {
     $('backprop-mode').value = s.backprop;
     $('backprop-filter').value = s.filter;
     $('backprop-wrap').hidden = s.backprop === 'off';
-    $('unit-input').value = s.unit;
+    if (document.activeElement !== $('unit-input')) $('unit-input').value = s.unit;
     const info = this.layerInfo();
     $('unit-input').max = info ? info.shape[0] - 1 : 0;
     const label = this.unitLabel(s.unit);
@@ -252,6 +261,9 @@ class App {
 
   // -- panes -----------------------------------------------------------------------------------------
   showPredictions(preds) {
+    const key = preds.map((p) => `${p.index}:${(p.probability * 100).toFixed(1)}`).join(' ');
+    if (key === this.predKey) return;
+    this.predKey = key;
     const items = preds.map((p) =>
       el('li', {}, el('span', { className: 'bar', style: { width: `${Math.max(1, p.probability * 100)}%` } }),
         el('span', { className: 'prob' }, `${(p.probability * 100).toFixed(1)}%`), el('span', { className: 'label' }, p.label)),
@@ -260,6 +272,10 @@ class App {
   }
 
   showUnitStats(h) {
+    const now = performance.now();
+    if (now - (this.unitStatsAt || 0) < 100 && h.unit === this.unitStatsUnit) return;
+    this.unitStatsAt = now;
+    this.unitStatsUnit = h.unit;
     const s = h.unit_stats || {};
     const parts = [`max ${fmt(s.max)}`, `mean ${fmt(s.mean)}`];
     if (s.argmax) parts.push(`strongest at ${s.argmax.join(',')}`);
@@ -273,8 +289,12 @@ class App {
     const pos = this.settings?.position;
     if (!pos || !h.unit_shape) {
       pin.hidden = true;
+      this.pinKey = null;
       return;
     }
+    const key = `${pos}/${h.unit_shape}`;
+    if (key === this.pinKey) return;
+    this.pinKey = key;
     const c = $('unit-map');
     const [mh, mw] = h.unit_shape;
     Object.assign(pin.style, {
@@ -299,6 +319,9 @@ class App {
       box.hidden = true;
       return;
     }
+    const key = rf.join(',');
+    if (key === this.rfKey && !box.hidden) return;
+    this.rfKey = key;
     const c = $('input-canvas');
     const [ih, iw] = g.input_size;
     const sx = c.clientWidth / iw, sy = c.clientHeight / ih;
@@ -309,6 +332,9 @@ class App {
   }
 
   showStatus(h, fps) {
+    const now = performance.now();
+    if (now - (this.statusAt || 0) < 250) return;
+    this.statusAt = now;
     const st = h.stats;
     const parts = [`${fmt(fps, 1)} frames/s`];
     if (this.latencies.length) parts.push(`p95 ${fmt(this.stats.p95, 0)} ms`);
@@ -392,7 +418,10 @@ class App {
     $('message-close').addEventListener('click', () => ($('message').hidden = true));
     window.addEventListener('resize', () => {
       this.grid.fit();
-      this.grid.highlight(this.settings?.unit ?? -1);
+      this.highlightKey = null;
+      this.rfKey = null;
+      this.pinKey = null;
+      this.redrawGrid();
     });
   }
 
@@ -454,4 +483,6 @@ class App {
   }
 }
 
-window.addEventListener('DOMContentLoaded', () => new App());
+window.addEventListener('DOMContentLoaded', () => {
+  window.deepvisApp = new App();
+});

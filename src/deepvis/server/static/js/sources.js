@@ -27,6 +27,7 @@ export class Sources {
     this.sentAt = new Map();
     this.skipped = 0;
     this.sent = 0;
+    this.videoFrames = 0; // frames the camera or video presented while we were pumping
     this.pumping = false;
     video.addEventListener('seeked', () => {
       if (this.mode === 'video' && video.paused) this.sendFrame(true);
@@ -175,6 +176,7 @@ export class Sources {
         this.pumping = false;
         return;
       }
+      this.videoFrames++;
       this.sendFrame(false);
       if (v.requestVideoFrameCallback) v.requestVideoFrameCallback(next);
       else requestAnimationFrame(next);
