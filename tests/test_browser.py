@@ -277,3 +277,27 @@ def test_help_overlay_lists_every_binding(page, server):
     assert "previous layer" in page.inner_text("#help-table")
     page.keyboard.press("Escape")
     assert page.is_hidden("#help")
+
+
+def test_a_video_the_browser_cannot_play_is_decoded_by_the_server(page, server, tmp_path):
+    from deepvis.io import VideoWriter
+
+    clip = tmp_path / "clip.avi"  # AVI: a container Chromium does not play
+    rng = np.random.default_rng(1)
+    with VideoWriter(clip, fps=10) as w:
+        for _ in range(8):
+            w.write(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))
+    page.set_input_files("#video-file", str(clip))
+    wait(page, "window.deepvis.videoEnded", timeout=120)
+    assert page.evaluate("window.deepvis.last.source") == "video"
+    assert page.evaluate("window.deepvis.liveFrames") >= 5
+    assert "frame 8/8" in page.inner_text("#input-label")
+    assert page.is_hidden("#message")
+    # a damaged file: neither the browser nor the server can decode it; the page says so and goes on
+    broken = tmp_path / "broken.webm"
+    broken.write_bytes(b"\x1a\x45\xdf\xa3" + bytes(rng.integers(0, 255, 5000, dtype=np.uint8)))
+    page.set_input_files("#video-file", str(broken))
+    wait(page, "!document.getElementById('message').hidden", timeout=120)
+    assert "could not decode" in page.inner_text("#message-text") or "cannot" in page.inner_text("#message-text")
+    page.select_option("#sample-select", "coffee")
+    wait(page, "window.deepvis.last.source === 'sample' && window.deepvis.predictions[0].label === 'espresso'")

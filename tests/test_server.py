@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+import sys
 import struct
 import threading
 import time
@@ -603,3 +604,51 @@ def test_cli_serve_prints_a_url_with_a_token_and_serves(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+# -- videos the browser cannot play -------------------------------------------------------------------------
+def _clip(path, frames=6, size=(96, 64)):
+    from deepvis.io import VideoWriter
+
+    rng = np.random.default_rng(0)
+    with VideoWriter(path, fps=12) as w:
+        for _ in range(frames):
+            w.write(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    return path.read_bytes()
+
+
+def test_server_decodes_a_video_in_a_child_process_and_plays_it_by_frame(client, tmp_path):
+    data = _clip(tmp_path / "clip.avi")
+    with open_ws(client) as ws:
+        sid = json.loads(ws.receive_text())["session"]
+        r = client.post(f"/api/video?token={TOKEN}&session={sid}&name=clip.avi", content=data)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["frames"] == 6 and body["fps"] == pytest.approx(12) and body["warning"] is None
+        ws.send_text(json.dumps({"type": "video_frame", "index": 3, "seq": 41}))
+        (inp, payload), _ = receive_until(ws, is_type("input"))
+        assert inp["index"] == 3 and inp["source"] == "video" and Image.open(io.BytesIO(bytes(payload))).size == (32, 32)
+        (header, _), _ = receive_until(ws, is_frame)
+        assert header["seq"] == 41 and header["source"] == "video"
+        ws.send_text(json.dumps({"type": "video_frame", "index": 6, "seq": 42}))
+        msg, _ = receive_until(ws, is_type("error"))
+        assert "0-5" in msg["message"]
+
+
+def test_a_malformed_video_gives_a_clear_message_and_cannot_take_the_server_down(client, tmp_path, monkeypatch):
+    import deepvis.server.video as video
+
+    with open_ws(client) as ws:
+        sid = json.loads(ws.receive_text())["session"]
+        url = f"/api/video?token={TOKEN}&session={sid}&name=broken.mp4"
+        r = client.post(url, content=b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 500)
+        assert r.status_code == 400
+        msg = r.json()["error"]
+        assert "broken.mp4" in msg and "\n" not in msg and "upload.bin" not in msg  # the user's name, not ours
+        # a decoder that crashes (here: kills itself) is only the child process
+        crash = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"]
+        monkeypatch.setattr(video, "child_command", lambda *a, **k: crash)
+        r = client.post(url, content=_clip(tmp_path / "ok.avi"))
+        assert r.status_code == 400 and "crashed" in r.json()["error"] and "SIGSEGV" in r.json()["error"]
+        assert client.post(f"/api/video?token={TOKEN}&session={sid}&name=e.mp4", content=b"").status_code == 400
+    assert client.get(f"/api/health?token={TOKEN}").json()["ok"] is True

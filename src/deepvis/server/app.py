@@ -11,7 +11,9 @@ import contextlib
 import io
 import json
 import logging
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket
@@ -33,6 +35,7 @@ from .protocol import ProtocolError, ViewSettings, pack, text, unpack
 from .security import Guard, GuardMiddleware, new_token
 from .session import Frame, RawFrame, Session
 from .static_files import StaticFiles
+from .video import ServerVideo, decode_video
 from .synthesis import SynthesisService
 
 __all__ = ["create_app", "Toolbox"]
@@ -114,7 +117,11 @@ class Toolbox:
             "backprop": {"available": self.engine.backprop_available, "filters": list(self.filters)},
             "atlas": self.atlas.info() if self.atlas is not None else {"available": False},
             "synthesis": {"available": self.synthesis is not None},
-            "limits": {"max_upload_bytes": self.config.max_upload_bytes, "max_upload_pixels": self.config.max_upload_pixels},
+            "limits": {
+                "max_upload_bytes": self.config.max_upload_bytes,
+                "max_upload_pixels": self.config.max_upload_pixels,
+                "max_video_bytes": self.config.max_video_bytes,
+            },
         }
 
     def hello(self, session: Session) -> str:
@@ -132,6 +139,14 @@ class Toolbox:
         msg = pack({"type": "input", "source": source, "name": name, "w": fitted.width, "h": fitted.height}, {"jpeg": buf.getvalue()})
         self.engine.post_latest(session, "input", msg)
         self.engine.submit_frame(session, Frame(fitted, source, name=name))
+
+    def submit_video_frame(self, session: Session, video: ServerVideo, index: int, seq: int) -> None:
+        """Make frame ``index`` of a server-decoded video the page's input (already at the model's size)."""
+        jpeg = video.frames[index]
+        image = decode_image(jpeg, self.model.preprocessing.pil_mode, name=f"{video.name} frame {index}")
+        msg = pack({"type": "input", "source": "video", "name": video.name, "index": index, "w": image.width, "h": image.height}, {"jpeg": jpeg})
+        self.engine.post_latest(session, "input", msg)
+        self.engine.submit_frame(session, Frame(image, "video", seq=seq, name=video.name))
 
     def load_sample(self, name: str) -> Image.Image:
         path = self.samples.get(name)
@@ -222,6 +237,14 @@ class Toolbox:
                 raise ProtocolError("synthesize needs a layer name and a unit number")
             self.engine.processor.check(ViewSettings(layer=layer, unit=unit))
             self.synthesis.request(session, layer, unit)
+        elif kind == "video_frame":
+            video = session.video
+            index, seq = msg.get("index"), msg.get("seq")
+            if video is None:
+                raise ProtocolError("no video decoded by the server for this page")
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (index, seq)) or not 0 <= index < len(video.frames):
+                raise ProtocolError(f"video frame index must be 0-{len(video.frames) - 1}")
+            await asyncio.to_thread(self.submit_video_frame, session, video, index, seq)
         elif kind == "ping":
             self.engine.post_event(session, text("pong", t=msg.get("t"), status=self.engine.status()))
         else:
@@ -335,6 +358,35 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         if data is None:
             return _json_error(404, "no such image")
         return Response(data, media_type="image/png", headers={"cache-control": "private, max-age=60"})
+
+    @app.post("/api/video")
+    async def video(request: Request, session: str = "", name: str = "") -> Response:
+        s = toolbox.engine.session(session)
+        if s is None:
+            return _json_error(404, "unknown page session: reload the page")
+        cap = config.max_video_bytes
+        length = request.headers.get("content-length")
+        too_large = f"video too large for the server to decode: the limit is {cap // (1024 * 1024)} MB"
+        if length is not None and (not length.isdigit() or int(length) > cap):
+            return _json_error(413, too_large)
+        label = (name or "video")[:200]
+        with tempfile.TemporaryDirectory(prefix="deepvis-video-") as tmp:
+            src = Path(tmp) / "upload.bin"
+            total = 0
+            with open(src, "wb") as f:  # a fixed name in a private folder: the client's name is only a label
+                async for chunk in request.stream():
+                    total += len(chunk)
+                    if total > cap:
+                        return _json_error(413, too_large)
+                    f.write(chunk)
+            if total == 0:
+                return _json_error(400, f"{label} is empty (0 bytes)")
+            try:
+                decoded = await decode_video(src, label, toolbox.model.preprocessing, max_pixels=config.max_upload_pixels)
+            except InputError as exc:
+                return _json_error(400, str(exc))
+        s.video = decoded
+        return JSONResponse({"ok": True, "name": label, "frames": len(decoded.frames), "fps": decoded.fps, "warning": decoded.warning})
 
     @app.websocket("/ws")
     async def websocket(ws: WebSocket) -> None:

@@ -7,12 +7,14 @@ from dataclasses import dataclass, field
 
 from ..models.model import Model
 
-__all__ = ["ServerConfig", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MAX_UPLOAD_PIXELS"]
+__all__ = ["ServerConfig", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MAX_UPLOAD_PIXELS", "DEFAULT_MAX_VIDEO_BYTES"]
 
 #: uploads larger than this are refused with 413 before they are decoded
 DEFAULT_MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 #: uploaded images with more pixels than this are refused (decompression bombs)
 DEFAULT_MAX_UPLOAD_PIXELS = 40_000_000
+#: video files the browser cannot play are decoded by the server up to this size
+DEFAULT_MAX_VIDEO_BYTES = 256 * 1024 * 1024
 
 
 @dataclass
@@ -39,6 +41,7 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = field(default_factory=tuple)
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_upload_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS
+    max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES
     max_sessions: int = 16
     #: compute the backprop unit view when deepvis.backprop is installed
     backprop: bool = True

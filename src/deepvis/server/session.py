@@ -19,6 +19,7 @@ from PIL import Image
 
 from .frames import DiffState
 from .protocol import ViewSettings
+from .video import ServerVideo
 
 __all__ = ["Session", "Frame", "RawFrame", "SessionStats", "Message"]
 
@@ -96,6 +97,8 @@ class Session:
         self.busy_s = 0.0
         #: layers whose receptive-field geometry has been asked for (touched by the frame loop only)
         self.geometry_sent: set[str] = set()
+        #: a video decoded by the server for this page (touched by the event loop only)
+        self.video: ServerVideo | None = None
 
     # All methods below are called with the engine's lock held.
     def put_latest(self, kind: str, msg: Message) -> None:

@@ -171,7 +171,8 @@ class App {
 
   async onInput(h, blobs) {
     await this.sources.drawStill(blobs.jpeg);
-    $('input-label').textContent = `${h.source}: ${h.name ?? ''}`;
+    const where = h.index !== undefined ? ` · frame ${h.index + 1}/${this.sources.server?.frames ?? '?'}` : '';
+    $('input-label').textContent = `${h.source}: ${h.name ?? ''}${where}`;
     this.stats.inputs++;
   }
 
@@ -361,7 +362,7 @@ class App {
   }
 
   onVideoState() {
-    const v = $('video');
+    const v = this.sources.videoState;
     $('video-play').textContent = v.paused || v.ended ? 'Play' : 'Pause';
     if (v.ended) this.stats.videoEnded = true;
   }

@@ -36,10 +36,7 @@ export class Sources {
     video.addEventListener('pause', () => this.app.onVideoState?.());
     video.addEventListener('play', () => this.app.onVideoState?.());
     video.addEventListener('error', () => {
-      if (this.mode === 'video') {
-        const err = video.error;
-        this.app.showError(`this browser cannot play ${this.name || 'the video'}${err && err.message ? `: ${err.message}` : ''}`);
-      }
+      if (this.mode === 'video' && this.file && !this.server) this.serverVideo(this.file, video.error);
     });
   }
 
@@ -52,6 +49,9 @@ export class Sources {
 
   // -- choosing a source --------------------------------------------------------------------------
   stopLive() {
+    clearTimeout(this.serverTimer);
+    this.server = null;
+    this.file = null;
     if (this.stream) {
       for (const t of this.stream.getTracks()) t.stop();
       this.stream = null;
@@ -86,6 +86,7 @@ export class Sources {
 
   async openVideo(file) {
     this.stopLive();
+    this.file = file;
     this.objectUrl = URL.createObjectURL(file);
     this.setMode('video', file.name);
     this.video.loop = false;
@@ -93,10 +94,72 @@ export class Sources {
     try {
       await this.video.play();
     } catch (e) {
-      this.app.showError(`this browser cannot play ${file.name}: ${e.message || e.name}`);
+      if (!this.server && this.file === file) this.serverVideo(file, e);
       return;
     }
     this.pump();
+  }
+
+  /** The browser cannot play the file: the server decodes it (in a child process) and plays it by frame. */
+  async serverVideo(file, why) {
+    this.stopLive();
+    this.server = { name: file.name, frames: 0, fps: 25, index: 0, playing: false, ended: false, loading: true };
+    this.setMode('video', file.name);
+    this.app.onSourceChange?.('video', `${file.name} (decoding on the server…)`);
+    const q = new URLSearchParams({ token: this.app.token, session: this.app.session(), name: file.name.slice(0, 200) });
+    let res, body;
+    try {
+      res = await fetch(`/api/video?${q}`, { method: 'POST', body: file, headers: { 'content-type': 'application/octet-stream' } });
+      body = await res.json();
+    } catch (e) {
+      body = { error: `upload failed: ${e.message}` };
+    }
+    if (this.server === null || this.server.name !== file.name) return; // another input was chosen meanwhile
+    if (!res || !res.ok) {
+      this.server = null;
+      const reason = why && (why.message || why.name) ? ` (${why.message || why.name})` : '';
+      this.app.showError(`this browser cannot play ${file.name}${reason}, and the server could not decode it either: ${body.error || res.status}`);
+      return;
+    }
+    if (body.warning) this.app.showError(body.warning);
+    Object.assign(this.server, { frames: body.frames, fps: body.fps || 25, loading: false, playing: true });
+    this.app.onSourceChange?.('video', `${file.name} (decoded by the server, ${body.frames} frames)`);
+    this.serverTick();
+  }
+
+  /** Play a server-decoded video: ask for the next frame at its rate, never more than the in-flight cap. */
+  serverTick() {
+    const sv = this.server;
+    if (!sv || !sv.playing || this.frozen || this.mode !== 'video') return;
+    clearTimeout(this.serverTimer);
+    if (sv.index >= sv.frames) {
+      sv.playing = false;
+      sv.ended = true;
+      this.app.onVideoState?.();
+      return;
+    }
+    const now = performance.now();
+    if (this.seq - this.lastResult < MAX_IN_FLIGHT || now - this.lastSendAt > STALL_MS) {
+      this.videoFrames++;
+      this.requestServerFrame(sv.index++);
+    } else this.skipped++;
+    this.serverTimer = setTimeout(() => this.serverTick(), 1000 / sv.fps);
+  }
+
+  requestServerFrame(index) {
+    const seq = ++this.seq;
+    const now = performance.now();
+    this.lastSendAt = now;
+    this.sentAt.set(seq, now);
+    if (this.sentAt.size > 256) this.sentAt.delete(this.sentAt.keys().next().value);
+    this.sent++;
+    this.app.conn.send({ type: 'video_frame', index, seq });
+  }
+
+  /** Video state for the controls: {paused, ended} of the <video> element or of the server's player. */
+  get videoState() {
+    if (this.server) return { paused: !this.server.playing, ended: this.server.ended };
+    return { paused: this.video.paused, ended: this.video.ended };
   }
 
   async uploadImage(file) {
@@ -141,26 +204,51 @@ export class Sources {
 
   toggleFreeze() {
     this.frozen = !this.frozen;
-    if (this.mode === 'video') {
+    if (this.mode === 'video' && this.server) {
+      this.server.playing = !this.frozen && !this.server.ended;
+      this.serverTick();
+    } else if (this.mode === 'video') {
       if (this.frozen) this.video.pause();
       else this.video.play();
     }
     if (!this.frozen) this.pump();
+    this.app.onVideoState?.();
     return this.frozen;
   }
 
   togglePlay() {
     if (this.mode !== 'video') return;
-    if (this.video.paused || this.video.ended) {
+    const sv = this.server;
+    if (sv) {
+      if (sv.loading) return;
+      if (sv.ended) {
+        sv.index = 0;
+        sv.ended = false;
+      }
+      sv.playing = !sv.playing;
+      this.frozen = false;
+      this.serverTick();
+    } else if (this.video.paused || this.video.ended) {
       this.frozen = false;
       this.video.play();
       this.pump();
     } else this.video.pause();
+    this.app.onVideoState?.();
   }
 
   /** One frame forward (the paused video seeks; the frame is sent when the seek lands). */
   step(frames = 1) {
     if (this.mode !== 'video') return;
+    const sv = this.server;
+    if (sv) {
+      if (sv.loading || !sv.frames) return;
+      sv.playing = false;
+      sv.index = Math.max(0, Math.min(sv.frames - 1, sv.index + frames - 1));
+      this.requestServerFrame(sv.index++);
+      sv.ended = sv.index >= sv.frames;
+      this.app.onVideoState?.();
+      return;
+    }
     this.video.pause();
     const d = this.video.duration || 0;
     this.video.currentTime = Math.max(0, Math.min(d, this.video.currentTime + frames / 30));
