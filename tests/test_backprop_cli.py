@@ -1,0 +1,98 @@
+"""``deepvis backprop`` and ``deepvis rf``: main jobs, JSON, and one-line errors with exit 2 and no output."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+from PIL import Image
+
+from deepvis.cli import main
+
+SILU_MODEL = """
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.SiLU(), nn.Conv2d(8, 8, 3, stride=2), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+"""
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_backprop_main_job(tmp_path, capsys):
+    out = tmp_path / "view.png"
+    code, stdout, err = run(["backprop", "sample:coffee", "--unit", "logits:967", "--mode", "guided", "--filter", "norm", "-o", out], capsys)
+    assert code == 0, err
+    assert stdout.startswith("logits:967 (guided): activation")
+    im = np.asarray(Image.open(out))
+    assert im.shape == (224, 224, 3) and im.max() == 255 and im.min() == 0
+    code, stdout, err = run(
+        ["backprop", "sample:chelsea", "--unit", "blocks.3:11", "--at", "max", "--mode", "deconv", "--filter", "normblur", "--overlay", "--json", "-o", tmp_path / "o.jpg"],
+        capsys,
+    )
+    assert code == 0, err
+    data = json.loads(stdout)
+    assert data["position"] == data["argmax"] and data["unit"] == f"blocks.3:11@{data['position'][0]},{data['position'][1]}"
+    assert data["mode"] == "deconv" and data["layer_shape"] == [80, 14, 14] and data["activation"] > 0
+    assert Image.open(tmp_path / "o.jpg").size == (224, 224)
+
+
+def test_backprop_errors_exit_2_without_output(tmp_path, capsys):
+    out = tmp_path / "v.png"
+    for args, text in [
+        (["--unit", "blocks.3:999"], "out of range"),
+        (["--unit", "blocks.3"], "bad unit"),
+        (["--unit", "nolayer:1"], "no layer named"),
+        (["--unit", "blocks.3:1@2,2", "--at", "max"], "not both"),
+        (["--unit", "blocks.3:1", "--percentile", "0"], "percentile"),
+    ]:
+        code, _, err = run(["backprop", "sample:coffee", *args, "-o", out], capsys)
+        assert code == 2 and text in err and err.count("\n") == 1, err
+        assert not out.exists()
+    code, _, err = run(["backprop", tmp_path / "missing.png", "--unit", "blocks.3:1", "-o", out], capsys)
+    assert code == 2 and "not found" in err and not out.exists()
+
+
+def test_backprop_silu_model_needs_allow_plain(tmp_path, capsys):
+    path = tmp_path / "net.py"
+    path.write_text(textwrap.dedent(SILU_MODEL))
+    out = tmp_path / "v.png"
+    base = ["backprop", "sample:coffee", "--model", f"{path}:build", "--input-size", "64", "--unit", "logits:1", "-o", out]
+    code, _, err = run([*base, "--mode", "deconv"], capsys)
+    assert code == 2 and "0 (Sequential" not in err and "1 (SiLU: silu)" in err and "--allow-plain" in err
+    assert not out.exists()
+    code, _, err = run([*base, "--mode", "deconv", "--allow-plain"], capsys)
+    assert code == 0 and "warning" in err and "1 (SiLU" in err and out.exists()
+    code, _, err = run([*base, "--mode", "gradient"], capsys)
+    assert code == 0 and "warning" not in err
+
+
+def test_rf_text_json_and_crop(tmp_path, capsys):
+    small = ["--input-size", "128"]  # the field of blocks.2 is 67 px at any input size; 128 px is quicker
+    code, stdout, err = run(["rf", "--unit", "blocks.2:5@0,15", *small], capsys)
+    assert code == 0, err
+    assert "blocks.2@0,15: input rows 0 to" in stdout and "clipped" in stdout and "16x16 map, field 67x67 px, stride 8x8 px" in stdout
+    code, stdout, err = run(["rf", "--unit", "blocks.2@8,8", "--json", *small], capsys)
+    data = json.loads(stdout)
+    assert data["size"] == [67, 67] and data["clipped"] is False and data["box"] == data["field"]
+    assert data["box"][2] - data["box"][0] == 67 and data["layer_field"]["stride"] == [8.0, 8.0]
+    out = tmp_path / "crop.png"
+    code, stdout, err = run(["rf", "--unit", "blocks.2@0,0", "--image", "sample:coffee", "-o", out, *small], capsys)
+    assert code == 0 and Image.open(out).size == (67, 67)
+    corner = np.asarray(Image.open(out))
+    assert (corner[0, 0] == 0).all() and corner[-1, -1].any()  # padded at the top-left, image at the bottom-right
+    code, _, err = run(["rf", "--unit", "blocks.2@0,0", "--image", "sample:coffee"], capsys)
+    assert code == 2 and "go together" in err
+    code, _, err = run(["rf", "--unit", "blocks.2@99,0", *small], capsys)
+    assert code == 2 and "outside the 16x16" in err
+    code, stdout, _ = run(["rf", "--unit", "logits", *small], capsys)
+    assert code == 0 and "rows 0 to 127, columns 0 to 127" in stdout
