@@ -21,7 +21,6 @@ crop helpers use to pad border crops to a common size.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 

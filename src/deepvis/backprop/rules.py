@@ -50,6 +50,8 @@ __all__ = [
     "RuleReport",
     "relu_rules",
     "plain_nonlinearities",
+    "RELU_FUNCS",
+    "OTHER_FUNCS",
 ]
 
 Mode = Literal["gradient", "deconv", "guided"]
