@@ -24,7 +24,7 @@ from deepvis.server.engine import Engine
 from deepvis.server.frames import FrameProcessor, quantize
 from deepvis.server.protocol import ViewSettings, pack, unpack
 from deepvis.server.security import Guard
-from deepvis.server.session import Frame, RawFrame
+from deepvis.server.session import RawFrame
 
 pytestmark = pytest.mark.timeout(120)
 

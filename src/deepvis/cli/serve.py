@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="NAME",
-        help="also accept this host name in the browser's address (needed with --host 0.0.0.0); repeatable",
+        help="also accept this host name in the browser's address (with --host 0.0.0.0 this machine's own names "
+        "and addresses are accepted already); repeatable",
     )
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for the network (default: PyTorch's choice)")
     p.add_argument("--no-backprop", action="store_true", help="do not offer the backprop view")
@@ -58,6 +59,18 @@ def bind(host: str, port: int):
         raise DeepvisError(f"cannot listen on {host}:{port}: {exc.strerror}{hint}") from None
     sock.set_inheritable(True)
     return sock
+
+
+def machine_names() -> list[str]:
+    """This machine's host names and addresses (accepted in the Host header when listening on all addresses)."""
+    import socket
+
+    names = {socket.gethostname(), socket.getfqdn()}
+    try:
+        names |= {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
+    except socket.gaierror:
+        pass  # no resolvable name: the names above and --allow-host still apply
+    return sorted(n for n in names if n)
 
 
 def url_for(host: str, port: int, token: str) -> str:
@@ -112,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)
     try:
         port = sock.getsockname()[1]
+        allowed = list(args.allow_host)
+        if args.host in ("0.0.0.0", "::", ""):
+            allowed += machine_names()
         config = ServerConfig(
             model=args.model,
             weights=args.weights,
@@ -121,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             atlas=args.atlas,
             host=args.host,
             port=port,
-            allowed_hosts=tuple(args.allow_host),
+            allowed_hosts=tuple(allowed),
             backprop=not args.no_backprop,
         )
         app = create_app(config)

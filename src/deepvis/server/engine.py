@@ -34,7 +34,7 @@ import torch
 from ..capture import LayerInfo
 from ..errors import DeepvisError
 from ..models.model import Model
-from .frames import FrameProcessor, frame_image
+from .frames import FrameProcessor, choose_memory_format, frame_image
 from .protocol import ViewSettings, pack, text
 from .session import Frame, Message, RawFrame, Session
 
@@ -199,7 +199,8 @@ class Engine:
     ``unit_view(model, x, settings) -> (header, blobs)`` computes the backprop view of the selected
     unit for a model input ``x`` (1, C, H, W); ``geometry(model, layer) -> dict`` the receptive fields
     of a layer's positions. Both run in a background worker on a replica of the network; None
-    disables them.
+    disables them. The frame loop runs on its own replica too, converted to ``channels_last`` when
+    that is faster (``tune_memory_format``).
     """
 
     def __init__(
@@ -210,9 +211,13 @@ class Engine:
         geometry: GeometryFn | None = None,
         max_sessions: int = 16,
         max_events: int = 64,
+        tune_memory_format: bool = True,
     ) -> None:
         self.model = model
-        self.processor = FrameProcessor(model)
+        # the frame loop runs on a private copy too: the user's network is never hooked or converted
+        self.frame_model = replica(model)
+        fmt = choose_memory_format(self.frame_model) if tune_memory_format else torch.contiguous_format
+        self.processor = FrameProcessor(self.frame_model, memory_format=fmt)
         self.default_settings = ViewSettings(layer=default_layer(self.processor.table))
         self.max_sessions = max_sessions
         self.max_events = max_events
@@ -227,12 +232,12 @@ class Engine:
         self._geometry = geometry
         # each worker runs on its own copy of the network, copied now, before any thread runs (a copy
         # taken during a capture would carry its hooks)
-        self.background: LatestJobs | None = None
+        self.unit_views: LatestJobs | None = None
         self.geometry: LatestJobs | None = None
         self._worker_model: Model | None = None
         self._geometry_model: Model | None = None
         if unit_view is not None:
-            self.background = LatestJobs("deepvis-unit-views", self._cond, {"backprop": self._run_unit_view})
+            self.unit_views = LatestJobs("deepvis-unit-views", self._cond, {"backprop": self._run_unit_view})
             self._worker_model = replica(model)
         if geometry is not None:
             # measuring a layer's receptive fields takes seconds, once per layer: not in the unit-view worker
@@ -246,7 +251,7 @@ class Engine:
             self._stop = False
             self._thread = threading.Thread(target=self._loop, name="deepvis-frames", daemon=True)
             self._thread.start()
-        for worker in (self.background, self.geometry):
+        for worker in (self.unit_views, self.geometry):
             if worker is not None:
                 worker.start()
 
@@ -260,7 +265,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        for worker in (self.background, self.geometry):
+        for worker in (self.unit_views, self.geometry):
             if worker is not None:
                 worker.close(timeout)
 
@@ -293,7 +298,7 @@ class Engine:
             session.events.clear()
             self._sessions.pop(session.id, None)
             self._cond.notify_all()
-        for worker in (self.background, self.geometry):
+        for worker in (self.unit_views, self.geometry):
             if worker is not None:
                 worker.drop(session)
 
@@ -354,7 +359,7 @@ class Engine:
                 "sessions": len(self._sessions),
                 "frames": self.frames_done,
                 "fps": round(self._rate.rate(time.monotonic()), 2),
-                "unit_views": self.background.done if self.background else 0,
+                "unit_views": self.unit_views.done if self.unit_views else 0,
             }
 
     # -- the frame loop ---------------------------------------------------------------------------
@@ -400,7 +405,6 @@ class Engine:
                 now = time.monotonic()
                 self.frames_done += 1
                 self._rate.tick(now)
-                session.busy_s += time.perf_counter() - start
                 if session.closed:
                     continue
                 session.current = frame_done
@@ -409,8 +413,8 @@ class Engine:
                 session.stats.processed += 1
                 session.stats.last_ms = (time.perf_counter() - start) * 1000
                 session.put_latest("frame", msg)
-            if self.background is not None and settings.backprop != "off":
-                self.background.submit(session, "backprop", (x, settings, frame_done.seq))
+            if self.unit_views is not None and settings.backprop != "off":
+                self.unit_views.submit(session, "backprop", (x, settings, frame_done.seq))
             if self.geometry is not None and settings.layer not in session.geometry_sent:
                 session.geometry_sent.add(settings.layer)
                 self.geometry.submit(session, "rf", settings.layer)

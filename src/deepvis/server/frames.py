@@ -23,7 +23,7 @@ from ..predictions import top_k
 from ..render import normalize_activations
 from .protocol import ViewSettings
 
-__all__ = ["FrameProcessor", "FrameOutput", "DiffState", "MAX_GRID_VALUES", "grid_factor", "quantize", "frame_image"]
+__all__ = ["FrameProcessor", "FrameOutput", "DiffState", "MAX_GRID_VALUES", "grid_factor", "quantize", "frame_image", "choose_memory_format"]
 
 #: a layer's tiles are average-pooled by an integer factor until they hold at most this many values
 MAX_GRID_VALUES = 1 << 19
@@ -73,6 +73,33 @@ def fit_image(im: Image.Image, model: Model) -> Image.Image:
     return model.preprocessing.fit(im)
 
 
+def choose_memory_format(model: Model, *, repeats: int = 3, margin: float = 0.9) -> torch.memory_format:
+    """Convert ``model``'s network to ``channels_last`` when that makes its forward pass faster.
+
+    Times ``repeats`` batch-1 forward passes in each layout (after one warm-up) and keeps
+    ``channels_last`` only when it takes less than ``margin`` times the default layout (for many
+    convnets on the CPU it saves ~20%). The network is converted in place: call it on a private copy.
+    """
+    import time
+
+    from ..capture import eval_mode
+
+    x = torch.zeros(1, *model.preprocessing.input_shape, device=model.device)
+    seconds: dict[torch.memory_format, float] = {}
+    with torch.no_grad(), eval_mode(model.module):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            model.module.to(memory_format=fmt)
+            xx = x.contiguous(memory_format=fmt)
+            model.module(xx)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                model.module(xx)
+            seconds[fmt] = time.perf_counter() - start
+    best = torch.channels_last if seconds[torch.channels_last] < margin * seconds[torch.contiguous_format] else torch.contiguous_format
+    model.module.to(memory_format=best)
+    return best
+
+
 @dataclass
 class DiffState:
     """The running mean of one layer's activations, for the diff view (one per page)."""
@@ -107,9 +134,11 @@ class FrameOutput:
 class FrameProcessor:
     """Computes the live view of frames for one model; holds no per-page state (that is passed in)."""
 
-    def __init__(self, model: Model, *, k: int = 5) -> None:
+    def __init__(self, model: Model, *, k: int = 5, memory_format: torch.memory_format = torch.contiguous_format) -> None:
         self.model = model
         self.k = k
+        #: the layout of model inputs (``torch.channels_last`` when the network was converted to it)
+        self.memory_format = memory_format
         self.table = layer_table(model)
         self._by_name = {info.name: info for info in self.table}
         self.has_logits = LOGITS in self._by_name
@@ -139,7 +168,8 @@ class FrameProcessor:
 
     def to_input(self, image: Image.Image) -> torch.Tensor:
         """A fitted image → model input (1, C, H, W) on the model's device."""
-        return self.model.preprocessing.to_tensor(fit_image(image, self.model), crop=False)[None].to(self.model.device)
+        x = self.model.preprocessing.to_tensor(fit_image(image, self.model), crop=False)[None].to(self.model.device)
+        return x.contiguous(memory_format=self.memory_format)
 
     def process(self, x: torch.Tensor, settings: ViewSettings, diff: DiffState | None = None) -> FrameOutput:
         """Run one frame (1, C, H, W) and build the page's view of it (see module docstring)."""

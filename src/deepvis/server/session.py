@@ -93,8 +93,6 @@ class Session:
         self.max_events = max_events
         self.diff = DiffState()
         self.stats = SessionStats()
-        #: seconds the frame loop spent on this page (for fair round-robin accounting and tests)
-        self.busy_s = 0.0
         #: layers whose receptive-field geometry has been asked for (touched by the frame loop only)
         self.geometry_sent: set[str] = set()
         #: a video decoded by the server for this page (touched by the event loop only)
