@@ -227,7 +227,14 @@ class Atlas:
         rec = self.layer(layer)
         if not 0 <= unit < rec.units:
             raise AtlasError(f"unit {unit} is out of range: layer {layer} has {rec.units} units (0-{rec.units - 1})")
-        st = [s for s in self.stats(layer) if s.unit == unit]
+        st = [
+            UnitStats(layer, *r)
+            for r in self._conn.execute(
+                "SELECT unit, images, positions, sum, sum_sq, sum_max, max, min, active_images, active_positions, zero_positions "
+                "FROM stats WHERE layer=? AND unit=?",
+                (layer, unit),
+            )
+        ]
         rows = self._conn.execute(
             "SELECT rank, value, sample, key, label, y, x, crop, view FROM top WHERE layer=? AND unit=? ORDER BY rank", (layer, unit)
         )
