@@ -301,3 +301,24 @@ def test_a_video_the_browser_cannot_play_is_decoded_by_the_server(page, server, 
     assert "could not decode" in page.inner_text("#message-text") or "cannot" in page.inner_text("#message-text")
     page.select_option("#sample-select", "coffee")
     wait(page, "window.deepvis.last.source === 'sample' && window.deepvis.predictions[0].label === 'espresso'")
+
+
+def test_labels_from_the_model_are_shown_as_text(browser):
+    from test_server_utils import tiny_model
+
+    model = tiny_model(64)
+    model.class_names = [f"<img src=x onerror=\"window.pwned={i}\"> class {i}" for i in range(10)]
+    app = create_app(ServerConfig(model=model, token=TOKEN, backprop=False, synthesis=False))
+    with LiveServer(app, TOKEN) as srv:
+        pg = browser.new_page()
+        try:
+            pg.goto(srv.url("/", layer="fc", unit="3"))
+            wait(pg, "window.deepvis && window.deepvis.ready")
+            pg.select_option("#sample-select", "coffee")
+            wait(pg, "window.deepvis.frames > 0 && window.deepvis.last.layer === 'fc'")
+            assert '<img src=x onerror="window.pwned=' in pg.inner_text("#predictions")
+            assert pg.locator("#predictions img, #unit-title img").count() == 0
+            assert "class 3" in pg.inner_text("#unit-title")  # the class label of a class unit
+            assert pg.evaluate("window.pwned === undefined")
+        finally:
+            pg.close()

@@ -58,7 +58,10 @@ class App {
   onConnState(state, reason) {
     const status = $('status');
     if (state === 'open') status.textContent = 'connected';
-    else if (state === 'refused') status.textContent = `refused${reason ? `: ${reason}` : ''} — reconnecting`;
+    else if (state === 'refused') {
+      status.textContent = `refused${reason ? `: ${reason}` : ''} — retrying`;
+      this.showError('the server refused the connection: it serves too many pages, or it was restarted (then open the new URL it printed)');
+    }
     else status.textContent = 'disconnected — reconnecting';
   }
 
