@@ -77,22 +77,22 @@ def test_backprop_silu_model_needs_allow_plain(tmp_path, capsys):
 
 
 def test_rf_text_json_and_crop(tmp_path, capsys):
-    small = ["--input-size", "128"]  # the field of blocks.2 is 67 px at any input size; 128 px is quicker
-    code, stdout, err = run(["rf", "--unit", "blocks.2:5@0,15", *small], capsys)
-    assert code == 0, err
-    assert "blocks.2@0,15: input rows 0 to" in stdout and "clipped" in stdout and "16x16 map, field 67x67 px, stride 8x8 px" in stdout
-    code, stdout, err = run(["rf", "--unit", "blocks.2@8,8", "--json", *small], capsys)
-    data = json.loads(stdout)
-    assert data["size"] == [67, 67] and data["clipped"] is False and data["box"] == data["field"]
-    assert data["box"][2] - data["box"][0] == 67 and data["layer_field"]["stride"] == [8.0, 8.0]
+    small = ["--input-size", "128"]  # blocks.1's field is 19 px at any input size; 128 px is quicker
     out = tmp_path / "crop.png"
-    code, stdout, err = run(["rf", "--unit", "blocks.2@0,0", "--image", "sample:coffee", "-o", out, *small], capsys)
-    assert code == 0 and Image.open(out).size == (67, 67)
-    corner = np.asarray(Image.open(out))
-    assert (corner[0, 0] == 0).all() and corner[-1, -1].any()  # padded at the top-left, image at the bottom-right
-    code, _, err = run(["rf", "--unit", "blocks.2@0,0", "--image", "sample:coffee"], capsys)
+    code, stdout, err = run(["rf", "--unit", "blocks.1:5@0,0", "--image", "sample:coffee", "-o", out, *small], capsys)
+    assert code == 0, err
+    assert "blocks.1@0,0: input rows 0 to 12, columns 0 to 12 (13x13 px)" in stdout
+    assert "full field rows -6 to 12" in stdout and "32x32 map, field 19x19 px, stride 4x4 px, input 128x128" in stdout
+    crop = np.asarray(Image.open(out))
+    assert crop.shape == (19, 19, 3)
+    assert (crop[:6] == 0).all() and (crop[:, :6] == 0).all() and crop[6:, 6:].any()  # padded at the top-left
+    code, stdout, err = run(["rf", "--unit", "blocks.1@16,16", "--json", *small], capsys)
+    data = json.loads(stdout)
+    assert data["size"] == [19, 19] and data["clipped"] is False and data["box"] == data["field"] == [58, 58, 77, 77]
+    assert data["layer_field"]["stride"] == [4.0, 4.0] and data["layer_field"]["output_size"] == [32, 32]
+    code, _, err = run(["rf", "--unit", "blocks.1@0,0", "--image", "sample:coffee"], capsys)
     assert code == 2 and "go together" in err
-    code, _, err = run(["rf", "--unit", "blocks.2@99,0", *small], capsys)
-    assert code == 2 and "outside the 16x16" in err
+    code, _, err = run(["rf", "--unit", "blocks.1@99,0", *small], capsys)
+    assert code == 2 and "outside the 32x32" in err
     code, stdout, _ = run(["rf", "--unit", "logits", *small], capsys)
     assert code == 0 and "rows 0 to 127, columns 0 to 127" in stdout
