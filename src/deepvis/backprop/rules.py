@@ -139,27 +139,33 @@ def _relu_like(func: object, args: tuple, kwargs: dict) -> tuple[float | None, s
 
 
 class _Rule(torch.autograd.Function):
-    """Runs a ReLU-like function unchanged in the forward pass and applies a deconv/guided rule backward."""
+    """Runs a ReLU-like function unchanged in the forward pass and applies a deconv/guided rule backward.
+
+    The guided mask is read from the output ``y`` (for ReLU, LeakyReLU with slope in [0, 1) and
+    hardtanh(0, M), ``0 < y < M`` exactly when ``0 < x < M``), so in-place calls need no copy of ``x``,
+    and the backward pass is two fused kernels: ``max(g, 0)`` and PyTorch's own ReLU/hardtanh backward.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, run: Callable[[], torch.Tensor], inplace: bool, guided: bool, upper: float | None) -> torch.Tensor:  # type: ignore[override]
-        if guided:  # the forward mask, taken before an in-place call overwrites x
-            mask = x > 0
-            if upper is not None:
-                mask &= x < upper
-            ctx.save_for_backward(mask)
-        ctx.guided = guided
         y = run()
         if inplace:
             ctx.mark_dirty(x)
+        ctx.guided, ctx.upper = guided, upper
+        if guided:
+            ctx.save_for_backward(y)
         return y
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        out = g.clamp(min=0)
-        if ctx.guided:
-            (mask,) = ctx.saved_tensors
-            out = out * mask
+        if not ctx.guided:
+            return g.clamp(min=0), None, None, None, None
+        (y,) = ctx.saved_tensors
+        if ctx.upper is None:
+            out = torch.ops.aten.threshold_backward(g, y, 0.0)  # g where y > 0, else 0 (a new tensor)
+        else:
+            out = torch.ops.aten.hardtanh_backward(g, y, 0.0, ctx.upper)  # g where 0 < y < upper
+        out.clamp_(min=0)
         return out, None, None, None, None
 
 
