@@ -6,6 +6,11 @@ The library (this package) never imports the CLI or the server. The main entry p
 >>> model = deepvis.load_model("default")
 >>> image = deepvis.load_image(deepvis.sample_path("coffee"))
 >>> acts = deepvis.capture(model, model.preprocess(image), ["blocks.3", "logits"])
+>>> views = deepvis.backprop_view(model, model.preprocess(image), "blocks.3:7", mode="guided")
+>>> results = deepvis.visualize(model, ["blocks.3:7", "logits:967"], preset=3)
+
+The heavier parts (``visualize``, ``backprop_view``, ``receptive_field``, ``open_dataset``,
+``build_atlas``, ``open_atlas``, ``summarize``, ``write_report``) are imported on first use.
 """
 
 from __future__ import annotations
@@ -19,8 +24,33 @@ from .models import Model, Preprocessing, load_model, register_model
 from .predictions import Prediction, top_k
 from .render import montage, tile_grid
 
+#: names imported lazily on first access: name -> module
+_LAZY = {
+    "visualize": "deepvis.optimize",
+    "backprop_view": "deepvis.backprop",
+    "backprop_views": "deepvis.backprop",
+    "receptive_field": "deepvis.backprop",
+    "open_dataset": "deepvis.datasets",
+    "build_atlas": "deepvis.atlas",
+    "open_atlas": "deepvis.atlas",
+    "summarize": "deepvis.analysis",
+    "write_report": "deepvis.analysis",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'deepvis' has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
+    *_LAZY,
     "load_model",
     "register_model",
     "Model",
