@@ -4,7 +4,7 @@ Starts ``deepvis serve`` (default model, CPU) as its own process, opens the page
 (/usr/bin/chromium) with Chromium's fake camera, and measures, for the backprop view off and then on:
 
 * frames/s: live grid results drawn by the page per second;
-* latency: from the moment the page grabs a camera frame to the moment its result is drawn (p50, p95);
+* latency: from the moment a camera frame appears in the page to the moment its result is drawn (p50, p95);
 * backprop views/s (backprop on);
 * camera frames/s presented by the fake device, and frames the server dropped as stale.
 
@@ -125,6 +125,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=5.0, help="seconds before measuring (default: %(default)s)")
     ap.add_argument("--model", default="default")
     ap.add_argument("--layer", help="layer to show (default: the page's default layer)")
+    ap.add_argument("--inflight", type=int, help="frames the page keeps on their way (default: the page's, 1)")
     ap.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE", help="environment variable for the server process")
     args = ap.parse_args()
 
@@ -134,6 +135,8 @@ def main() -> None:
     profile = tempfile.mkdtemp(prefix="deepvis-bench-")
     if args.layer:
         url += f"&layer={args.layer}"
+    if args.inflight:
+        url += f"&inflight={args.inflight}"
     results: dict[str, dict[str, float]] = {}
     try:
         with sync_playwright() as p:

@@ -2,8 +2,12 @@
 // are cropped and resized here exactly as the model's preprocessing would (resize the shorter side
 // to size / crop_pct, center-crop) and sent as raw RGBA at the model's input size.
 
-/** At most this many frames on their way (sent, no result yet); newer camera frames are skipped. */
-const MAX_IN_FLIGHT = 2;
+/** At most this many frames on their way (sent, no result yet). Camera frames that appear meanwhile
+ * are skipped except the newest, which is sent the moment a result comes back. One in flight gives
+ * the lowest latency with nearly the same rate as two (measured with benchmarks/bench_live.py on
+ * 2 cores: p95 ~95 ms at ~24 frames/s, against ~125 ms at ~26 frames/s). The URL may set it:
+ * &inflight=1..4. */
+const MAX_IN_FLIGHT = Math.max(1, Math.min(4, Number(new URLSearchParams(location.search).get('inflight')) || 1));
 /** Without any result for this long, send anyway (a lost frame must not stall the camera). */
 const STALL_MS = 1000;
 
@@ -28,6 +32,8 @@ export class Sources {
     this.skipped = 0;
     this.sent = 0;
     this.videoFrames = 0; // frames the camera or video presented while we were pumping
+    this.frameAt = 0; // when the newest presented frame appeared (performance.now() time)
+    this.frameFresh = false; // that frame has not been sent yet
     this.pumping = false;
     video.addEventListener('seeked', () => {
       if (this.mode === 'video' && video.paused) this.sendFrame(true);
@@ -259,12 +265,16 @@ export class Sources {
     if (this.pumping) return;
     this.pumping = true;
     const v = this.video;
-    const next = () => {
+    const next = (now, meta) => {
       if (!this.live || this.frozen || (this.mode === 'video' && (v.paused || v.ended))) {
         this.pumping = false;
         return;
       }
       this.videoFrames++;
+      // a new frame is on screen: remember when it appeared (latency counts from there) and send it,
+      // or, when the cap is reached, keep it for the moment the next result arrives
+      this.frameAt = meta?.presentationTime ?? now ?? performance.now();
+      this.frameFresh = true;
       this.sendFrame(false);
       if (v.requestVideoFrameCallback) v.requestVideoFrameCallback(next);
       else requestAnimationFrame(next);
@@ -292,18 +302,22 @@ export class Sources {
     this.ctx.drawImage(v, left / ratio, top / ratio, w / ratio, h / ratio, 0, 0, w, h);
     const data = this.ctx.getImageData(0, 0, w, h).data;
     const seq = ++this.seq;
+    const born = this.frameFresh && this.frameAt <= now ? this.frameAt : now;
+    this.frameFresh = false;
     if (conn.sendBinary({ type: 'frame', seq, w, h, format: 'rgba', source: this.mode }, data)) {
       this.sent++;
       this.lastSendAt = now;
-      this.sentAt.set(seq, now);
+      this.sentAt.set(seq, born);
       if (this.sentAt.size > 256) this.sentAt.delete(this.sentAt.keys().next().value);
     }
   }
 
-  /** A result for frame seq arrived: returns its latency in ms (send → now), or null. */
+  /** A result for frame seq arrived: returns its latency in ms (frame on screen → now), or null.
+   * A camera frame that appeared while the cap held it back is sent at once. */
   onResult(seq) {
     if (seq === null || seq === undefined) return null;
     if (seq > this.lastResult) this.lastResult = seq;
+    if (this.frameFresh && this.live && !this.frozen && !this.server) this.sendFrame(false);
     const t = this.sentAt.get(seq);
     for (const k of this.sentAt.keys()) {
       if (k > seq) break;
