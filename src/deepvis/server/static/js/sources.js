@@ -148,7 +148,7 @@ export class Sources {
     if (this.seq - this.lastResult < MAX_IN_FLIGHT || now - this.lastSendAt > STALL_MS) {
       this.videoFrames++;
       this.requestServerFrame(sv.index++);
-    } else this.skipped++;
+    }
     this.serverTimer = setTimeout(() => this.serverTick(), 1000 / sv.fps);
   }
 
@@ -273,6 +273,7 @@ export class Sources {
       this.videoFrames++;
       // a new frame is on screen: remember when it appeared (latency counts from there) and send it,
       // or, when the cap is reached, keep it for the moment the next result arrives
+      if (this.frameFresh) this.skipped++; // the previous frame was never sent: replaced by this one
       this.frameAt = meta?.presentationTime ?? now ?? performance.now();
       this.frameFresh = true;
       this.sendFrame(false);
@@ -290,10 +291,7 @@ export class Sources {
     if (!conn.open || !v.videoWidth) return;
     const now = performance.now();
     const inFlight = this.seq - this.lastResult;
-    if (!force && inFlight >= MAX_IN_FLIGHT && now - this.lastSendAt < STALL_MS) {
-      this.skipped++;
-      return;
-    }
+    if (!force && inFlight >= MAX_IN_FLIGHT && now - this.lastSendAt < STALL_MS) return; // sent on the next result
     const [h, w] = this.inputSize;
     const iw = v.videoWidth, ih = v.videoHeight;
     const ratio = Math.max(h, w) / this.cropPct / Math.min(iw, ih);
