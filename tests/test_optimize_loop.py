@@ -98,7 +98,9 @@ def test_batched_equals_one_at_a_time_and_is_deterministic(default_model, preset
     together = visualize(default_model, units, batch_size=3, **kw)
     alone = [visualize(default_model, [u], **kw)[0] for u in units]
     reordered = visualize(default_model, units[::-1], batch_size=2, **kw)[::-1]
-    for a, b, c in zip(together, alone, reordered):
+    micro = visualize(default_model, units, batch_size=3, micro_batch=2, **kw)  # two passes per step
+    for a, b, c, d in zip(together, alone, reordered, micro):
+        assert torch.allclose(a.image, d.image, atol=1e-3) and a.best_step == d.best_step
         assert a.objective == b.objective == c.objective
         assert a.element_seed == b.element_seed
         assert a.best_step == b.best_step == c.best_step
