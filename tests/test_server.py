@@ -652,3 +652,61 @@ def test_a_malformed_video_gives_a_clear_message_and_cannot_take_the_server_down
         assert r.status_code == 400 and "crashed" in r.json()["error"] and "SIGSEGV" in r.json()["error"]
         assert client.post(f"/api/video?token={TOKEN}&session={sid}&name=e.mp4", content=b"").status_code == 400
     assert client.get(f"/api/health?token={TOKEN}").json()["ok"] is True
+
+
+# -- the atlas ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_atlas(tmp_path_factory, model):
+    """An atlas of the tiny model: conv2, units 0-1 with crops, deconv views and synthesized images."""
+    import shutil
+
+    from deepvis.atlas import AtlasOptions, SynthesisOptions, build_atlas
+    from deepvis.io import sample_path
+
+    root = tmp_path_factory.mktemp("tiny-atlas")
+    (root / "photos").mkdir()
+    for name in ("coffee", "chelsea", "rocket", "astronaut"):
+        shutil.copy(sample_path(name), root / "photos" / f"{name}{sample_path(name).suffix}")
+    opts = AtlasOptions(layers=("conv2",), top=3, batch_size=4, units="0-1", synthesis=SynthesisOptions(steps=4, size=32, units_per_batch=2))
+    build_atlas(root / "atlas", model, str(root / "photos"), opts, progress=False)
+    return root / "atlas"
+
+
+def test_atlas_records_and_images_are_served_by_unit(model, tiny_atlas):
+    app = make_app(model, atlas=tiny_atlas, synthesis=False, backprop=False)
+    with TestClient(app) as c:
+        info = c.get(f"/api/info?token={TOKEN}").json()["atlas"]
+        assert info["available"] and info["layers"] == ["conv2"] and info["warning"] is None
+        rec = c.get(f"/api/atlas/unit?token={TOKEN}&layer=conv2&unit=1").json()
+        assert rec["in_atlas"] and rec["synth"]["source"] == "atlas" and len(rec["top"]) == 3
+        assert all(t["crop"] and t["view"] for t in rec["top"]) and rec["top"][0]["value"] >= rec["top"][2]["value"]
+        for kind in ("synth", "synth_raw", "crop", "view"):
+            r = c.get(f"/api/atlas/image?token={TOKEN}&layer=conv2&unit=1&kind={kind}&rank=2")
+            assert r.status_code == 200 and r.headers["content-type"] == "image/png", kind
+            Image.open(io.BytesIO(r.content)).verify()
+        assert c.get(f"/api/atlas/image?token={TOKEN}&layer=conv2&unit=1&kind=crop&rank=3").status_code == 404
+        assert c.get(f"/api/atlas/image?token={TOKEN}&layer=conv2&unit=5&kind=synth").status_code == 404  # not synthesized
+        assert c.get(f"/api/atlas/unit?token={TOKEN}&layer=conv1&unit=0").json()["in_atlas"] is False
+        assert c.get(f"/api/atlas/layer?token={TOKEN}&layer=conv2").json()["synth"] == [0, 1]
+
+
+def test_atlas_paths_outside_the_atlas_are_never_served(model, tiny_atlas, tmp_path):
+    import shutil
+    import sqlite3
+
+    from deepvis.errors import DeepvisError
+
+    atlas = tmp_path / "atlas"
+    shutil.copytree(tiny_atlas, atlas)
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(png_bytes())
+    with sqlite3.connect(atlas / "index.sqlite") as db:  # a tampered index pointing out of the folder
+        db.execute("UPDATE synth SET image=? WHERE unit=1", ("../secret.png",))
+        db.execute("UPDATE synth SET image=? WHERE unit=0", (str(secret),))
+    app = make_app(model, atlas=atlas, synthesis=False, backprop=False)
+    with TestClient(app) as c:
+        for unit in (0, 1):
+            assert c.get(f"/api/atlas/image?token={TOKEN}&layer=conv2&unit={unit}&kind=synth").status_code == 404
+    (atlas / "index.sqlite").write_bytes(b"not a database")
+    with pytest.raises(DeepvisError):
+        make_app(model, atlas=atlas)

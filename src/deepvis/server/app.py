@@ -340,21 +340,30 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
 
     @app.get("/api/atlas/unit")
     async def atlas_unit(layer: str, unit: int) -> Response:
-        rec = await run_in_threadpool(toolbox.atlas_unit, layer, unit)
+        try:
+            rec = await run_in_threadpool(toolbox.atlas_unit, layer, unit)
+        except DeepvisError as exc:  # the atlas cannot be read: say so in the page
+            return _json_error(500, str(exc))
         if rec is None:
             return _json_error(404, "no such unit in the model")
         return JSONResponse(rec, headers={"cache-control": "no-store"})
 
     @app.get("/api/atlas/layer")
     async def atlas_layer(layer: str) -> Response:
-        rec = await run_in_threadpool(toolbox.atlas_layer, layer)
+        try:
+            rec = await run_in_threadpool(toolbox.atlas_layer, layer)
+        except DeepvisError as exc:  # the atlas cannot be read: say so in the page
+            return _json_error(500, str(exc))
         if rec is None:
             return _json_error(404, "no such layer in the model")
         return JSONResponse(rec, headers={"cache-control": "no-store"})
 
     @app.get("/api/atlas/image")
     async def atlas_image(layer: str, unit: int, kind: str, rank: int = 0) -> Response:
-        data = await run_in_threadpool(toolbox.atlas_image, layer, unit, kind, rank)
+        try:
+            data = await run_in_threadpool(toolbox.atlas_image, layer, unit, kind, rank)
+        except DeepvisError as exc:  # the atlas cannot be read: say so in the page
+            return _json_error(500, str(exc))
         if data is None:
             return _json_error(404, "no such image")
         return Response(data, media_type="image/png", headers={"cache-control": "private, max-age=60"})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,15 @@ class AtlasView:
     """Read access to one atlas folder for the server."""
 
     def __init__(self, root: str | os.PathLike[str], model: Model) -> None:
-        from ..atlas import model_hash, open_atlas
+        from ..atlas import AtlasError, model_hash, open_atlas
 
         self.root = Path(root).resolve()
-        with open_atlas(self.root) as atlas:
-            meta = atlas.meta
-            self.layers = {rec.name: rec for rec in atlas.layers()}
+        try:
+            with open_atlas(self.root) as atlas:
+                meta = atlas.meta
+                self.layers = {rec.name: rec for rec in atlas.layers()}
+        except sqlite3.Error as exc:
+            raise AtlasError(f"cannot read the atlas {self.root}: {exc} (was it made by another deepvis version?)") from exc
         self.meta = meta
         self.warning: str | None = None
         want = meta.get("model_hash")
@@ -62,13 +66,22 @@ class AtlasView:
 
         return open_atlas(self.root)
 
+    def _read(self, fn):
+        """Run ``fn(atlas)`` on a freshly opened atlas; unreadable index data becomes a one-line error."""
+        from ..atlas import AtlasError
+
+        try:
+            with self._open() as atlas:
+                return fn(atlas)
+        except sqlite3.Error as exc:
+            raise AtlasError(f"cannot read the atlas {self.root}: {exc} (was it made by another deepvis version?)") from exc
+
     def unit(self, layer: str, unit: int) -> dict[str, Any]:
         """What the atlas holds about a unit (``in_atlas`` False when its layer or unit is missing)."""
         rec = self.layers.get(layer)
         if rec is None or not 0 <= unit < rec.units:
             return {"layer": layer, "unit": unit, "in_atlas": False, "top": [], "synth": None, "stats": None}
-        with self._open() as atlas:
-            r = atlas.unit(layer, unit)
+        r = self._read(lambda atlas: atlas.unit(layer, unit))
         stats = None
         if r.stats is not None:
             s = r.stats
@@ -110,8 +123,7 @@ class AtlasView:
         rec = self.layers.get(layer)
         if rec is None or not 0 <= unit < rec.units:
             return None
-        with self._open() as atlas:
-            r = atlas.unit(layer, unit)
+        r = self._read(lambda atlas: atlas.unit(layer, unit))
         path: Path | None = None
         if kind in ("synth", "synth_raw"):
             if r.synth is not None:

@@ -161,8 +161,10 @@ export class AtlasPane {
     });
   }
 
-  /** Draw the layer's synthesized images as the grid's tiles; returns how many were drawn (0: none). */
-  drawPattern(grid, header) {
+  /** Draw the layer's synthesized images as the grid's tiles (the activation tiles of ``activations``,
+   * an off-screen GridView of the same frame, where a unit has none); returns how many images were
+   * drawn (0: none to show, the caller draws activations). */
+  drawPattern(grid, header, activations) {
     const layer = header.layer;
     const units = this.layerUnits.get(layer);
     if (units === undefined) {
@@ -177,12 +179,20 @@ export class AtlasPane {
     grid.ctx.fillStyle = 'rgb(40,40,40)';
     grid.ctx.fillRect(0, 0, grid.canvas.width, grid.canvas.height);
     let drawn = 0;
+    grid.ctx.imageSmoothingEnabled = true;
     for (let c = 0; c < n; c++) {
-      if (!units.has(c)) continue;
-      const img = this.pattern(layer, c);
+      const img = units.has(c) ? this.pattern(layer, c) : null;
       if (img) {
         grid.drawTileImage(c, img);
         drawn++;
+      } else if (activations) {
+        const src = activations.tileRect(c);
+        const dst = grid.tileRect(c);
+        if (src && dst) {
+          grid.ctx.imageSmoothingEnabled = false;
+          grid.ctx.drawImage(activations.canvas, src.x, src.y, src.w, src.h, dst.x, dst.y, dst.w, dst.h);
+          grid.ctx.imageSmoothingEnabled = true;
+        }
       }
     }
     return Math.max(drawn, 1); // the pattern layout is shown even while images load

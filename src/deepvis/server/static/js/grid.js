@@ -52,8 +52,8 @@ export class GridView {
   /** Scale the canvas to the space it has (whole multiples when enlarging, so tiles stay crisp). */
   fit() {
     const l = this.layout;
-    if (!l) return;
     const wrap = this.canvas.parentElement;
+    if (!l || !wrap) return; // an off-screen grid
     const availW = Math.max(100, wrap.clientWidth);
     const availH = Math.max(240, window.innerHeight - wrap.getBoundingClientRect().top - 16);
     const s = Math.min(availW / l.width, availH / l.height);

@@ -38,6 +38,7 @@ class App {
 
     this.conn = new Connection(this.token, { onMessage: (m) => this.onMessage(m), onState: (s, r) => this.onConnState(s, r) });
     this.grid = new GridView($('grid'), $('grid-cursor'));
+    this.offGrid = new GridView(document.createElement('canvas'), null);
     this.sources = new Sources(this, $('video'), $('input-canvas'));
     this.atlas = new AtlasPane(this, $('atlas-pane'));
     this.bindControls();
@@ -154,7 +155,12 @@ class App {
   redrawGrid() {
     const h = this.lastHeader;
     if (!h) return;
-    const drawn = this.pattern ? this.atlas.drawPattern(this.grid, h) : 0;
+    let drawn = 0;
+    if (this.pattern) {
+      // units without a synthesized image show their activations, drawn off screen first
+      this.offGrid.draw(h.grid.shape, this.lastBlobs.grid, this.luts[this.colormap]);
+      drawn = this.atlas.drawPattern(this.grid, h, this.offGrid);
+    }
     if (!drawn) this.grid.draw(h.grid.shape, this.lastBlobs.grid, this.luts[this.colormap]);
     this.stats.patternTiles = drawn || 0;
     const unit = this.settings?.layer === h.layer ? this.settings.unit : h.unit;
