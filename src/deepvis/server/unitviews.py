@@ -33,7 +33,8 @@ def unit_view(model: Model, x: torch.Tensor, settings: ViewSettings) -> tuple[di
     from ..backprop import backprop_image, backprop_view
 
     unit = Unit(settings.layer, settings.unit, settings.position)
-    result = backprop_view(model, x, unit, settings.backprop)  # type: ignore[arg-type]
+    # the frame loop's input may be channels_last (its own copy of the network is); this copy is not
+    result = backprop_view(model, x.contiguous(), unit, settings.backprop)  # type: ignore[arg-type]
     rgb = backprop_image(result, settings.filter)  # type: ignore[arg-type]
     h, w = rgb.shape[:2]
     header = {
