@@ -281,7 +281,7 @@ def optimize_batch(
             if stop():
                 break
             wp = warp.sample(gens) if warp.active else None
-            parts = [_forward_backward(model, param, warp, p[sl], None if wp is None else wp[sl], bo, layers, size, mean, pixel_scale, low) for sl, bo in zip(chunks, chunk_objs)]
+            parts = [_forward_backward(model, param, warp, p[sl], None if wp is None else wp[sl], bo, layers, size, pixel_scale) for sl, bo in zip(chunks, chunk_objs)]
             v, g_p, g_x, xd = (torch.cat(t_) if len(parts) > 1 else t_[0] for t_ in zip(*parts))
             trace[t] = v
             steps_run = t + 1
@@ -357,16 +357,14 @@ def _forward_backward(
     objective: BatchObjective,
     layers: tuple[str, ...],
     size: tuple[int, int],
-    mean: torch.Tensor,
     pixel_scale: torch.Tensor,
-    low: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward/backward pass of some elements: (values, gradient w.r.t. the parameters, gradient
     w.r.t. the image, the image), all detached."""
     p = p.detach().requires_grad_(True)
     xi = param.to_image(p, size)
     seen = warp(xi, warp_params) if warp_params is not None else xi
-    z = (seen + mean) * pixel_scale + low
+    z = seen * pixel_scale  # = (mean + x)·pixel_scale + low, as mean·pixel_scale = −low
     acts = capture(model, z, layers, grad=True)
     v = objective(acts)
     if param.identity:

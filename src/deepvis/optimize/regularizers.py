@@ -16,7 +16,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "StepInfo",
@@ -105,22 +104,26 @@ def _symmetric_index(n: int, radius: int, device: torch.device) -> torch.Tensor:
     return torch.where(i < n, i, 2 * n - 1 - i)
 
 
+def _blur_axis(x: torch.Tensor, k: list[float], dim: int) -> torch.Tensor:
+    """Correlate ``x`` with the 1-D kernel ``k`` along ``dim`` (2 or 3), mirroring the edges."""
+    r = (len(k) - 1) // 2
+    n = x.shape[dim]
+    xp = x.index_select(dim, _symmetric_index(n, r, x.device))
+    out = xp.narrow(dim, 0, n) * k[0]
+    for j in range(1, len(k)):
+        out.add_(xp.narrow(dim, j, n), alpha=k[j])
+    return out
+
+
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Blur each channel of ``x`` (N, C, H, W) with a Gaussian of ``sigma`` px; edges mirrored (the
     behaviour of ``scipy.ndimage.gaussian_filter(mode="reflect")``, which the paper's code used)."""
     if sigma <= 0:
         return x
-    k = gaussian_kernel(sigma).to(x.device, x.dtype)
-    r = (k.numel() - 1) // 2
-    if r == 0:
+    k = gaussian_kernel(sigma).double().tolist()
+    if len(k) == 1:
         return x
-    n, c, h, w = x.shape
-    flat = x.reshape(n * c, 1, h, w)
-    flat = flat.index_select(3, _symmetric_index(w, r, x.device))
-    flat = F.conv2d(flat, k.view(1, 1, 1, -1))
-    flat = flat.index_select(2, _symmetric_index(h, r, x.device))
-    flat = F.conv2d(flat, k.view(1, 1, -1, 1))
-    return flat.reshape(n, c, h, w)
+    return _blur_axis(_blur_axis(x, k, 3), k, 2)
 
 
 class GaussianBlur(Regularizer):
@@ -155,7 +158,7 @@ class ClipSmallNorm(Regularizer):
     def __call__(self, x: torch.Tensor, info: StepInfo) -> torch.Tensor:
         if self.percentile <= 0:
             return x
-        return _zero_below(x, x.norm(dim=1), self.percentile)
+        return _zero_below(x, x.pow(2).sum(1).sqrt(), self.percentile)  # (x.norm(dim=1) is 100x slower on the CPU)
 
 
 class ClipSmallContribution(Regularizer):

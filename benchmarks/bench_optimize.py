@@ -1,0 +1,214 @@
+"""Activation maximization: throughput vs Lucent, step overhead, and recognizability of class images.
+
+Default model (EfficientNet-Lite0), CPU. Three sections, printed as they finish:
+
+* ``speed`` — seconds per unit (wall clock, and CPU time, which other processes on a shared machine
+  disturb less) for ``--units`` units of ``--layers`` optimized together by deepvis
+  (``--preset``, ``--steps`` steps at ``--size`` px), and for Lucent's ``render_vis`` one unit at a
+  time on the same model (its defaults: 128 px Fourier image upsampled to 224, standard transforms,
+  Adam, the whole network every step; ``--lucent-units`` units timed). Target: deepvis >= 6x.
+* ``ratio`` — one deepvis step (forward, backward, update, regularizers) over a bare forward+backward of
+  the same batch to the same layer, medians of interleaved runs, for presets 1 and 4 (the paper's
+  most expensive regularizers) and ``robust``. Target: <= 1.15.
+* ``recog`` — the fraction of class images that lite2 ranks in its top 5 for the intended class, for
+  each paper preset, unregularized ascent, deepvis's ``robust`` preset and Lucent's defaults (six
+  ImageNet classes; raw images, resized whole to lite2's input).
+
+Lucent is not a deepvis dependency: install it into the venv for this benchmark only
+(``pip install --no-deps torch-lucent decorator kornia kornia_rs ipython traitlets pygments``); without
+it the Lucent rows are skipped with a message. Runs with the allocator settings the deepvis command
+uses. Run: ``python benchmarks/bench_optimize.py [--sections speed,ratio,recog]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from deepvis.allocator import allocator_tuned, ensure_allocator_tuning  # noqa: E402
+
+ensure_allocator_tuning()
+
+from deepvis.capture import capture  # noqa: E402
+from deepvis.models import load_model  # noqa: E402
+from deepvis.optimize import get_preset, optimize_batch, resolve_targets, visualize  # noqa: E402
+
+CLASSES = ("goldfinch", "flamingo", "monarch", "jellyfish", "volcano", "strawberry")
+
+
+def lucent():
+    """Lucent's render pieces, or None with a message when it is not installed."""
+    try:
+        import kornia
+        from kornia.geometry import transform as kt
+        from lucent.optvis import objectives, render, transform
+    except ImportError as exc:
+        print(f"  Lucent not installed ({exc.name}); skipping the Lucent rows. Install it for benchmarks only: "
+              "pip install --no-deps torch-lucent decorator kornia kornia_rs ipython traitlets pygments")
+        return None
+    # Lucent 0.1.8 calls functions that current kornia moved into kornia.geometry.transform
+    for name in ("get_rotation_matrix2d", "warp_affine"):
+        if not hasattr(kornia, name):
+            setattr(kornia, name, getattr(kt, name))
+    return render, objectives, transform
+
+
+def lucent_model():
+    """A separate copy of the default model for Lucent, which hooks every module and never unhooks."""
+    return copy.deepcopy(load_model("default", device="cpu").module).eval()
+
+
+def lucent_render(lib, base, layer: str, unit: int, *, steps: int, normalize_like=None):
+    """One unit by Lucent, on a fresh copy of ``base`` (Lucent adds hooks on every call and never
+    removes them; reusing one module would make every later unit slower)."""
+    render, objectives, transform = lib
+    module = copy.deepcopy(base)
+    kw = {}
+    if normalize_like is not None:  # the model's own normalization instead of Lucent's ImageNet one
+        mean = torch.tensor(normalize_like.mean).view(1, -1, 1, 1)
+        std = torch.tensor(normalize_like.std).view(1, -1, 1, 1)
+        kw = {"preprocess": False, "transforms": [*transform.standard_transforms, lambda x: (x - mean) / std]}
+    imgs = render.render_vis(module, objectives.channel(layer, unit), thresholds=(steps,), show_image=False, progress=False, **kw)
+    return imgs[-1][0]  # (H, W, 3) in 0-1
+
+
+# -- speed ---------------------------------------------------------------------------------------------
+def bench_speed(args, model) -> None:
+    print(f"\n== speed: {args.units} units, {args.steps} steps, {args.size} px, preset {args.preset} ==")
+    lib = lucent()
+    lmod = lucent_model() if lib else None
+    for layer in args.layers:
+        units = [f"{layer}:{i}" for i in range(args.units)]
+        visualize(model, units[:2], preset=args.preset, steps=2, size=args.size)  # warm-up: layer table, first allocations
+        if lib:
+            lucent_render(lib, lmod, layer.replace(".", "_"), 0, steps=2)
+        t, c = time.perf_counter(), time.process_time()
+        visualize(model, units, preset=args.preset, steps=args.steps, size=args.size, batch_size=args.units)
+        dv, dvc = (time.perf_counter() - t) / args.units, (time.process_time() - c) / args.units
+        line = f"{layer:10s} deepvis {dv:6.2f} s/unit (CPU {dvc:6.2f} s)"
+        if lib:
+            t, c = time.perf_counter(), time.process_time()
+            for i in range(args.lucent_units):
+                lucent_render(lib, lmod, layer.replace(".", "_"), i, steps=args.steps)
+            lu, luc = (time.perf_counter() - t) / args.lucent_units, (time.process_time() - c) / args.lucent_units
+            line += (f" | Lucent {lu:6.2f} s/unit (CPU {luc:6.2f} s; {args.lucent_units} units)"
+                     f" | deepvis throughput {lu / dv:5.1f}x wall, {luc / dvc:5.1f}x CPU time (target >= 6)")
+        print(line, flush=True)
+
+
+# -- step overhead ---------------------------------------------------------------------------------------
+def bench_ratio(args, model) -> None:
+    n = args.units
+    print(f"\n== step overhead: batch {n}, {args.size} px (median of interleaved runs) ==")
+    for layer in args.layers:
+        objs = resolve_targets(model, [f"{layer}:{i}" for i in range(n)], size=args.size)
+        hw = (args.size, args.size)
+        x = torch.randn(n, 3, *hw, requires_grad=True)
+        ch = torch.arange(n)
+
+        def bare():
+            a = capture(model, x, [layer], grad=True)[layer]
+            v = a[torch.arange(n), ch, a.shape[2] // 2, a.shape[3] // 2]
+            torch.autograd.grad(v.sum(), [x])
+
+        bare()
+        for preset in ("1", "4", "robust"):
+            settings = get_preset(preset).replace(steps=args.ratio_steps + 1)
+            optimize_batch(model, objs, settings.replace(steps=2), size=hw)  # warm-up
+            bare_t: list[float] = []
+            step_t: list[float] = []
+            for _ in range(args.ratio_rounds):
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    bare()
+                    bare_t.append(time.perf_counter() - t0)
+                stamps: list[float] = []
+                optimize_batch(model, objs, settings, size=hw, on_step=lambda t: stamps.append(time.perf_counter()))
+                step_t += [b - a for a, b in zip(stamps, stamps[1:])]  # full steps (the last one is measure-only)
+            b, s = statistics.median(bare_t), statistics.median(step_t)
+            print(f"{layer:10s} preset {preset:6s} bare fwd+bwd {b:6.3f} s | deepvis step {s:6.3f} s | ratio {s / b:5.2f} (target <= 1.15)", flush=True)
+
+
+# -- recognizability --------------------------------------------------------------------------------------
+def bench_recog(args, model) -> None:
+    from PIL import Image
+
+    judge = load_model("lite2", device="cpu")
+    idx = [model.class_index(c) for c in args.classes]
+    units = [f"logits:{i}" for i in idx]
+    print(f"\n== recognizability: {len(idx)} classes ({', '.join(args.classes)}), judged by lite2 top-5 on raw images; "
+          f"deepvis at {args.recog_size} px, {'the preset' + chr(39) + 's own' if args.recog_steps == 0 else args.recog_steps} steps ==")
+
+    def judge_images(images: list[Image.Image]) -> tuple[int, list[int]]:
+        xb = torch.stack([judge.preprocessing.to_tensor(im.convert("RGB"), crop=False) for im in images])
+        with torch.no_grad():
+            lg = judge.module(xb)
+        ranks = [int((lg[i] > lg[i, j]).sum()) for i, j in enumerate(idx)]
+        return sum(r < 5 for r in ranks), ranks
+
+    out_dir = Path(args.save) if args.save else None
+    rows = []
+    for preset in args.recog_presets:
+        t = time.perf_counter()
+        steps = args.recog_steps or None
+        res = visualize(model, units, preset=preset, steps=steps, size=args.recog_size, batch_size=len(units), seed=args.seed)
+        hits, ranks = judge_images([r.raw_image() for r in res])
+        rows.append((f"deepvis {preset}", hits, ranks, time.perf_counter() - t, res[0].steps_run))
+        print(f"deepvis preset {preset:7s} {hits}/{len(idx)} in top-5  (lite2 ranks {ranks}; {res[0].steps_run} steps, {rows[-1][3]:.0f} s)", flush=True)
+        if out_dir:
+            from deepvis.render import montage
+
+            out_dir.mkdir(parents=True, exist_ok=True)
+            montage([r.raw_image() for r in res], labels=list(args.classes), cols=len(res)).save(out_dir / f"recog_{preset}.png")
+    lib = lucent()
+    if lib:
+        lmod = lucent_model()
+        for label, norm in (("Lucent defaults", None), ("Lucent + model norm", model.preprocessing)):
+            t = time.perf_counter()
+            arrs = [lucent_render(lib, lmod, "labels", i, steps=args.lucent_steps, normalize_like=norm) for i in idx]
+            ims = [Image.fromarray((a.clip(0, 1) * 255).round().astype("uint8")) for a in arrs]
+            hits, ranks = judge_images(ims)
+            print(f"{label:22s} {hits}/{len(idx)} in top-5  (lite2 ranks {ranks}; {args.lucent_steps} steps at 128 px, {time.perf_counter() - t:.0f} s)", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sections", default="speed,ratio,recog")
+    ap.add_argument("--layers", default="blocks.3,blocks.5", type=lambda s: s.split(","))
+    ap.add_argument("--units", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=256)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--preset", default="1", help="preset for the speed section (default: %(default)s)")
+    ap.add_argument("--lucent-units", type=int, default=4)
+    ap.add_argument("--ratio-steps", type=int, default=4)
+    ap.add_argument("--ratio-rounds", type=int, default=3)
+    ap.add_argument("--classes", default=",".join(CLASSES), type=lambda s: s.split(","))
+    ap.add_argument("--recog-presets", default="1,2,3,4,none,robust", type=lambda s: s.split(","))
+    ap.add_argument("--recog-size", type=int, default=224)
+    ap.add_argument("--recog-steps", type=int, default=256, help="steps for every preset (0: each preset's own)")
+    ap.add_argument("--lucent-steps", type=int, default=512, help="Lucent's steps for the recognizability rows (its default)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save", metavar="DIR", help="save the class images here")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    print(f"torch threads: {torch.get_num_threads()}, allocator tuned: {allocator_tuned()}, device: cpu")
+    model = load_model("default", device="cpu")
+    sections = args.sections.split(",")
+    if "speed" in sections:
+        bench_speed(args, model)
+    if "ratio" in sections:
+        bench_ratio(args, model)
+    if "recog" in sections:
+        bench_recog(args, model)
+
+
+if __name__ == "__main__":
+    main()
