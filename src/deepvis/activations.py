@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from .capture.hooks import capture
-from .capture.layers import LayerInfo, get_layer
-from .capture.units import LOGITS
+from .capture.layers import LayerInfo, check_unit, get_layer
+from .capture.units import LOGITS, Unit
 from .models.model import Model
 from .predictions import Prediction, top_k
 from .render.grid import Normalize, tile_grid
@@ -58,11 +58,7 @@ def activation_views(
     Predictions come from the same forward pass (the pass runs to the logits only when ``k > 0`` and
     the model has an output layer; otherwise it stops at ``layer``).
     """
-    info = get_layer(model, layer)
-    if highlight is not None and not 0 <= highlight < info.units:
-        from .errors import UnitError
-
-        raise UnitError(f"unit {highlight} is out of range: layer {layer} has {info.units} units (0-{info.units - 1})")
+    info = get_layer(model, layer) if highlight is None else check_unit(model, Unit(layer, highlight))
     want_logits = k > 0 and any(i.name == LOGITS for i in _table(model))
     s = auto_scale(info) if scale is None else scale
     batch: list[Image.Image] = []

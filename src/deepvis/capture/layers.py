@@ -128,9 +128,10 @@ def layer_table(model: Model | nn.Module, input_shape: tuple[int, ...] | None = 
     return rows
 
 
-def get_layer(model: Model, name: str) -> LayerInfo:
-    """The :class:`LayerInfo` of layer ``name``, or a clear error naming close matches."""
-    table = layer_table(model)
+def get_layer(model: Model, name: str, input_shape: tuple[int, ...] | None = None) -> LayerInfo:
+    """The :class:`LayerInfo` of layer ``name`` (at ``input_shape``, default the model's input), or a
+    clear error naming close matches."""
+    table = layer_table(model, input_shape)
     for info in table:
         if info.name == name:
             return info
@@ -138,10 +139,11 @@ def get_layer(model: Model, name: str) -> LayerInfo:
     raise LayerError(f"layer {name!r} does not output a (N,C,H,W) or (N,C) tensor; see `deepvis layers` for usable layers")
 
 
-def check_unit(model: Model, unit: Unit) -> LayerInfo:
-    """Validate a unit against its layer: channel in range, position inside the map."""
-    info = get_layer(model, unit.layer)
-    if unit.channel >= info.units:
+def check_unit(model: Model, unit: Unit, input_shape: tuple[int, ...] | None = None) -> LayerInfo:
+    """Validate a unit against its layer: the layer exists, the channel is in range, the position lies
+    inside the map (at ``input_shape``, default the model's input). Returns the layer's info."""
+    info = get_layer(model, unit.layer, input_shape)
+    if not 0 <= unit.channel < info.units:
         raise UnitError(f"unit {unit} is out of range: layer {info.name} has {info.units} units (0-{info.units - 1})")
     if unit.position is not None:
         if not info.spatial:
@@ -149,5 +151,6 @@ def check_unit(model: Model, unit: Unit) -> LayerInfo:
         h, w = info.shape[1:]
         y, x = unit.position
         if not (0 <= y < h and 0 <= x < w):
-            raise UnitError(f"unit {unit}: position is outside the {h}x{w} map of {info.name}")
+            at = f" at {input_shape[-2]}x{input_shape[-1]} px" if input_shape is not None else ""
+            raise UnitError(f"unit {unit}: position is outside the {h}x{w} map of {info.name}{at}")
     return info

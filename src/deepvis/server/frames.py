@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..capture import LOGITS, LayerInfo, capture, get_layer, layer_table
-from ..errors import InputError, UnitError
+from ..capture import LOGITS, LayerInfo, Unit, capture, check_unit, get_layer, layer_table
+from ..errors import InputError
 from ..models.model import Model
 from ..predictions import top_k
 from ..render import normalize_activations
@@ -151,16 +151,7 @@ class FrameProcessor:
 
     def check(self, settings: ViewSettings) -> LayerInfo:
         """Validate the settings' layer, unit and position against the model."""
-        info = self.layer(settings.layer)
-        if settings.unit >= info.units:
-            raise UnitError(f"unit {settings.unit} is out of range: layer {info.name} has {info.units} units (0-{info.units - 1})")
-        if settings.position is not None:
-            if not info.spatial:
-                raise UnitError(f"layer {info.name} has no spatial map, so a position does not apply")
-            h, w = info.shape[1:]
-            if not (settings.position[0] < h and settings.position[1] < w):
-                raise UnitError(f"position {settings.position} is outside the {h}x{w} map of {info.name}")
-        return info
+        return check_unit(self.model, Unit(settings.layer, settings.unit, settings.position))
 
     def is_class_layer(self, name: str) -> bool:
         """True when the layer's units are the model's classes (so they have labels)."""
