@@ -22,10 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["ACTIVE_THRESHOLD", "TopInput", "LayerActivity", "ActivityAccumulator", "activity_from_unit_stats"]
+from ..atlas.mining import ACTIVE_THRESHOLD  # one definition of "active", shared with the atlas statistics
 
-#: an activation is "active" when above this
-ACTIVE_THRESHOLD = 0.0
+__all__ = ["ACTIVE_THRESHOLD", "TopInput", "LayerActivity", "ActivityAccumulator", "activity_from_unit_stats"]
 
 
 @dataclass(frozen=True)
