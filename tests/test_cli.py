@@ -137,3 +137,20 @@ def test_atomic_outputs_get_normal_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_one_restart_sets_allocator_and_start_only_variables():
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "DEEPVIS_REEXECED", "LD_PRELOAD", "OMP_WAIT_POLICY")}
+    code = (
+        "import os\n"
+        "from deepvis.allocator import ensure_allocator_tuning\n"
+        "print('start', flush=True)\n"
+        "ensure_allocator_tuning({'OMP_WAIT_POLICY': 'PASSIVE'})\n"
+        "print(os.environ['GLIBC_TUNABLES'][:20], os.environ['OMP_WAIT_POLICY'])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:3] == ["start", "start", "glibc.malloc.hugetlb PASSIVE"]  # ran twice, then settled
+    env["OMP_WAIT_POLICY"] = "ACTIVE"  # the user's own choice is kept
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert r.stdout.strip().splitlines()[-1].endswith("ACTIVE")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from collections.abc import Mapping
 
 __all__ = ["ALLOCATOR_TUNABLES", "allocator_env", "allocator_tuned", "ensure_allocator_tuning"]
 
@@ -43,19 +44,24 @@ def allocator_tuned() -> bool:
     return "GLIBC_TUNABLES" in os.environ or "LD_PRELOAD" in os.environ
 
 
-def ensure_allocator_tuning() -> None:
+def ensure_allocator_tuning(extra_env: Mapping[str, str] | None = None) -> None:
     """Restart the current process once with :data:`ALLOCATOR_TUNABLES` (Linux/glibc only).
 
     Call it first thing in a script that runs batched backward passes on the CPU (the ``deepvis``
     command does). It does nothing when the settings (or the user's own ``GLIBC_TUNABLES`` /
     ``LD_PRELOAD``) are already in place, when ``DEEPVIS_NO_ALLOCATOR_TUNING`` is set, or when the
     process cannot be re-executed; the restart keeps the interpreter, its flags and the arguments.
+    ``extra_env`` holds other variables that only act at process start (e.g. ``OMP_WAIT_POLICY``) to
+    set in the same single restart; variables the user already set are left alone.
     """
     if os.environ.get("DEEPVIS_REEXECED"):
         return
+    extra = {k: v for k, v in (extra_env or {}).items() if k not in os.environ}
     env = allocator_env()
-    if env is None:
+    if env is None and not extra:
         return
+    env = dict(os.environ) if env is None else env
+    env.update(extra)
     env["DEEPVIS_REEXECED"] = "1"
     argv = list(getattr(sys, "orig_argv", [])) or [sys.executable, *sys.argv]
     try:
@@ -63,4 +69,4 @@ def ensure_allocator_tuning() -> None:
         sys.stderr.flush()
         os.execve(sys.executable, argv, env)
     except OSError:
-        return  # keep running untuned
+        return  # keep running as we are

@@ -18,6 +18,10 @@ __all__ = ["main", "build_parser", "COMMAND_MODULES"]
 COMMAND_MODULES = ("info", "models", "layers", "predict", "activations", "backprop", "rf", "optimize", "atlas", "atlas_show", "report", "serve")
 
 
+#: environment each sub-command wants set before the process starts (see :func:`main`)
+START_ENV: dict[str, dict[str, str]] = {"serve": {"OMP_WAIT_POLICY": "PASSIVE"}}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
@@ -38,7 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:  # a real command-line run, not a call from Python
         from ..allocator import ensure_allocator_tuning
 
-        ensure_allocator_tuning()  # batched CPU backward passes 3-5x faster (see deepvis.allocator)
+        # one restart with the settings that only act at process start: the allocator tunables
+        # (batched CPU backward passes 3-5x faster) and, for the live server, passive OpenMP waiting
+        # (spinning threads starve the browser and the background workers on small machines)
+        ensure_allocator_tuning(START_ENV.get(sys.argv[1] if len(sys.argv) > 1 else "", {}))
     args_list = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args_list
     parser = build_parser()

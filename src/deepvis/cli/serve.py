@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from .common import add_model_options
@@ -81,31 +80,7 @@ def url_for(host: str, port: int, token: str) -> str:
     return f"http://{shown}:{port}/?token={token}"
 
 
-def _reexec_with_passive_openmp() -> None:
-    """Restart ``deepvis serve`` once with ``OMP_WAIT_POLICY=PASSIVE`` (unless the user chose a policy).
-
-    By default the OpenMP threads behind PyTorch's CPU kernels spin after every parallel region; on a
-    small machine shared with the browser drawing the page (and with the background worker) that
-    spinning takes the cores the others need: measured on 2 cores, a forward pass went from ~25 ms
-    to 120-300 ms under load. The policy is read once when the OpenMP runtime loads, so it cannot be
-    changed from inside the process. Only a real ``deepvis`` command line is restarted.
-    """
-    if "OMP_WAIT_POLICY" in os.environ or os.environ.get("DEEPVIS_SERVE_REEXECED"):
-        return
-    main = sys.argv[0].replace("\\", "/")
-    if not (main.endswith("deepvis/__main__.py") or os.path.basename(main) == "deepvis"):
-        return  # called from Python (tests, notebooks): leave the process alone
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", DEEPVIS_SERVE_REEXECED="1")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-        os.execve(sys.executable, [sys.executable, "-m", "deepvis", *sys.argv[1:]], env)
-    except OSError as exc:
-        print(f"deepvis serve: running without OMP_WAIT_POLICY=PASSIVE ({exc})", file=sys.stderr)
-
-
 def run(args: argparse.Namespace) -> int:
-    _reexec_with_passive_openmp()
     import uvicorn
 
     from ..errors import DeepvisError
