@@ -147,22 +147,22 @@ def bench_recog(args, model) -> None:
     print(f"\n== recognizability: {len(idx)} classes ({', '.join(args.classes)}), judged by lite2 top-5 on raw images; "
           f"deepvis at {args.recog_size} px, {'the preset' + chr(39) + 's own' if args.recog_steps == 0 else args.recog_steps} steps ==")
 
-    def judge_images(images: list[Image.Image]) -> tuple[int, list[int]]:
+    def judge_images(images: list[Image.Image]) -> tuple[int, list[int], float]:
+        """(images in lite2's top 5, lite2's rank of the intended class per image, its mean probability)"""
         xb = torch.stack([judge.preprocessing.to_tensor(im.convert("RGB"), crop=False) for im in images])
         with torch.no_grad():
             lg = judge.module(xb)
         ranks = [int((lg[i] > lg[i, j]).sum()) for i, j in enumerate(idx)]
-        return sum(r < 5 for r in ranks), ranks
+        prob = float(torch.stack([lg[i].softmax(0)[j] for i, j in enumerate(idx)]).mean())
+        return sum(r < 5 for r in ranks), ranks, prob
 
     out_dir = Path(args.save) if args.save else None
-    rows = []
     for preset in args.recog_presets:
         t = time.perf_counter()
         steps = args.recog_steps or None
         res = visualize(model, units, preset=preset, steps=steps, size=args.recog_size, batch_size=len(units), seed=args.seed)
-        hits, ranks = judge_images([r.raw_image() for r in res])
-        rows.append((f"deepvis {preset}", hits, ranks, time.perf_counter() - t, res[0].steps_run))
-        print(f"deepvis preset {preset:7s} {hits}/{len(idx)} in top-5  (lite2 ranks {ranks}; {res[0].steps_run} steps, {rows[-1][3]:.0f} s)", flush=True)
+        hits, ranks, prob = judge_images([r.raw_image() for r in res])
+        print(f"deepvis preset {preset:7s} {hits}/{len(idx)} in top-5  (lite2 ranks {ranks}, mean p {prob:.2f}; {res[0].steps_run} steps, {time.perf_counter() - t:.0f} s)", flush=True)
         if out_dir:
             from deepvis.render import montage
 
@@ -175,8 +175,8 @@ def bench_recog(args, model) -> None:
             t = time.perf_counter()
             arrs = [lucent_render(lib, lmod, "labels", i, steps=args.lucent_steps, normalize_like=norm) for i in idx]
             ims = [Image.fromarray((a.clip(0, 1) * 255).round().astype("uint8")) for a in arrs]
-            hits, ranks = judge_images(ims)
-            print(f"{label:22s} {hits}/{len(idx)} in top-5  (lite2 ranks {ranks}; {args.lucent_steps} steps at 128 px, {time.perf_counter() - t:.0f} s)", flush=True)
+            hits, ranks, prob = judge_images(ims)
+            print(f"{label:22s} {hits}/{len(idx)} in top-5  (lite2 ranks {ranks}, mean p {prob:.2f}; {args.lucent_steps} steps at 128 px, {time.perf_counter() - t:.0f} s)", flush=True)
 
 
 def main() -> None:

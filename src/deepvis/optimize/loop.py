@@ -31,7 +31,7 @@ from ..capture.units import LOGITS, Unit, parse_unit
 from ..errors import DeepvisError, LayerError, UnitError
 from ..models.model import Model
 from .images import display_image, raw_image
-from .objectives import BatchObjective, Neuron, Objective, objective_for_unit
+from .objectives import OBJECTIVE_KINDS, BatchObjective, Neuron, Objective, objective_for_unit
 from .param import ImageParam
 from .presets import PAPER_SIZE, Settings, get_preset
 from .regularizers import ClipRange, ClipSmallContribution, ClipSmallNorm, GaussianBlur, L2Decay, Regularizer, StepInfo
@@ -166,6 +166,8 @@ def resolve_targets(model: Model, targets: Sequence[Target], *, kind: str = "neu
     (``kind="neuron"``) or the channel's mean (``kind="channel"``)."""
     if not targets:
         raise UnitError("no units to optimize")
+    if kind not in OBJECTIVE_KINDS:
+        raise DeepvisError(f"objective kind must be one of {', '.join(OBJECTIVE_KINDS)}, not {kind!r}")
     hw = canvas_size(model, size)
     table = _table(model, hw)
     out: list[Objective] = []
