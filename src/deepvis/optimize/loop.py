@@ -25,10 +25,10 @@ import torch
 from PIL import Image
 
 from ..capture.hooks import capture
-from ..capture.layers import LayerInfo, layer_table
+from ..capture.layers import check_unit, get_layer
 from ..capture.state import frozen
 from ..capture.units import LOGITS, Unit, parse_unit
-from ..errors import DeepvisError, LayerError, UnitError
+from ..errors import DeepvisError, UnitError
 from ..models.model import Model
 from .images import display_image, raw_image
 from .objectives import OBJECTIVE_KINDS, BatchObjective, Neuron, Objective, objective_for_unit
@@ -155,10 +155,6 @@ def build_regularizers(settings: Settings, scale: float) -> list[Regularizer]:
     return regs
 
 
-def _table(model: Model, size: tuple[int, int]) -> dict[str, LayerInfo]:
-    return {i.name: i for i in layer_table(model, (model.preprocessing.channels, *size))}
-
-
 def resolve_targets(model: Model, targets: Sequence[Target], *, kind: str = "neuron", size: int | tuple[int, int] | None = None) -> list[Objective]:
     """Objectives for ``targets`` — :class:`Unit` s, unit strings (``blocks.3:7``, ``logits:281``) or
     objectives — checked against the model at the canvas ``size``: the layer exists, the channel and
@@ -169,39 +165,22 @@ def resolve_targets(model: Model, targets: Sequence[Target], *, kind: str = "neu
     if kind not in OBJECTIVE_KINDS:
         raise DeepvisError(f"objective kind must be one of {', '.join(OBJECTIVE_KINDS)}, not {kind!r}")
     hw = canvas_size(model, size)
-    table = _table(model, hw)
+    shape = (model.preprocessing.channels, *hw)
     out: list[Objective] = []
     for t in targets:
         if isinstance(t, str):
             t = parse_unit(t)
         if isinstance(t, Unit):
-            info = _check(model, table, t.layer)
-            if t.channel >= info.units:
-                raise UnitError(f"unit {t} is out of range: layer {info.name} has {info.units} units (0-{info.units - 1})")
-            if t.position is not None:
-                if not info.spatial:
-                    raise UnitError(f"unit {t}: layer {info.name} has no spatial map, so @Y,X does not apply")
-                h, w = info.shape[1:]
-                if not (0 <= t.position[0] < h and 0 <= t.position[1] < w):
-                    raise UnitError(f"unit {t}: position is outside the {h}x{w} map of {info.name} at {hw[0]}x{hw[1]} px")
+            check_unit(model, t, shape)
             label = model.short_label(t.channel) if t.layer == LOGITS and model.class_names else None
             out.append(objective_for_unit(t, kind, label))
         elif isinstance(t, Objective):
             for layer in t.layers:
-                _check(model, table, layer)
+                get_layer(model, layer, shape)
             out.append(t)
         else:
             raise TypeError(f"a target is a Unit, a unit string or an Objective, not {type(t).__name__}")
     return out
-
-
-def _check(model: Model, table: dict[str, LayerInfo], layer: str) -> LayerInfo:
-    if layer in table:
-        return table[layer]
-    from ..capture.layers import get_layer
-
-    get_layer(model, layer)  # raises with suggestions
-    raise LayerError(f"layer {layer!r} cannot be optimized")
 
 
 def _unit_of(o: Objective) -> tuple[str | None, str | None]:
