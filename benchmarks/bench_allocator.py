@@ -35,7 +35,9 @@ print(json.dumps(statistics.median(times[2:])))
 def run(env_extra: dict[str, str] | None, batch: int, steps: int) -> float:
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
     env.update(env_extra or {})
-    out = subprocess.run([sys.executable, "-c", CHILD.format(batch=batch, steps=steps)], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD.format(batch=batch, steps=steps)], env=env, capture_output=True, text=True, check=True
+    )
     return float(json.loads(out.stdout.strip().splitlines()[-1]))
 
 

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from deepvis.allocator import allocator_tuned, ensure_allocator_tuning  # noqa: E402
+from deepvis.allocator import allocator_tuned, ensure_allocator_tuning
 
 ensure_allocator_tuning()
 
@@ -107,8 +107,10 @@ def main() -> None:
             tm += time.perf_counter() - t1
         return n / tb, n / tm
 
-    print(f"deepvis atlas mining benchmark: default model, {n} demo images, batch {bs}, device {device}, "
-          f"{torch.get_num_threads()} threads, allocator tuned: {allocator_tuned()}")
+    print(
+        f"deepvis atlas mining benchmark: default model, {n} demo images, batch {bs}, device {device}, "
+        f"{torch.get_num_threads()} threads, allocator tuned: {allocator_tuned()}"
+    )
     # warm up every path once (kernel selection, caches)
     bare_stream()
     for layers in LAYER_SETS.values():
@@ -124,6 +126,7 @@ def main() -> None:
         b_, m_ = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
         ratio = statistics.median(p[1] / p[0] for p in pairs)
         print(f"  {label:<10} compute only  bare {b_:8.1f} img/s   mining {m_:8.1f} img/s   ratio {ratio:.3f}   (target >= 0.85)")
+
 
 if __name__ == "__main__":
     main()

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
 import torch
 
-from deepvis.allocator import allocator_tuned, ensure_allocator_tuning  # noqa: E402
+from deepvis.allocator import allocator_tuned, ensure_allocator_tuning
 
 ensure_allocator_tuning()
 
@@ -110,7 +109,10 @@ def main() -> None:
         print(_line(f"backprop view, logits:967, {k}", t[k], t["bare"], "(target <= 1.5)"))
     print(_line("backprop view, blocks.3:5 at max, guided", t["mid guided"], t["bare"], "(stops at blocks.3)"))
     print(_line("batch of 8 guided views (vs bare batch)", tb["batch8"], tb["bare8"]))
-    print(f"receptive fields of blocks.2 ({geo.output_size[0]}x{geo.output_size[1]} positions): {rf_s:.2f} s once, {cached_s * 1e6:.0f} us cached")
+    print(
+        f"receptive fields of blocks.2 ({geo.output_size[0]}x{geo.output_size[1]} positions): {rf_s:.2f} s once, {cached_s * 1e6:.0f} us cached"
+    )
+
 
 if __name__ == "__main__":
     main()

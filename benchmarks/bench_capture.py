@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved  # noqa: E402
-
-from deepvis.allocator import allocator_tuned, ensure_allocator_tuning  # noqa: E402
+from _timing import interleaved
+from deepvis.allocator import allocator_tuned, ensure_allocator_tuning
 
 ensure_allocator_tuning()
 

@@ -161,7 +161,9 @@ def main() -> None:
         proc.wait(30)
 
     print(f"deepvis serve, model {args.model}, layer {layer}, fake camera 30 fps, {args.seconds:.0f} s per condition")
-    print(f"{'condition':<24}{'frames/s':>9}{'p50 ms':>8}{'p95 ms':>8}{'bp/s':>6}{'cam/s':>7}{'srv ms':>8}{'dropped':>8}{'skipped':>8}{'cpu ms/frame srv+browser':>26}")
+    print(
+        f"{'condition':<24}{'frames/s':>9}{'p50 ms':>8}{'p95 ms':>8}{'bp/s':>6}{'cam/s':>7}{'srv ms':>8}{'dropped':>8}{'skipped':>8}{'cpu ms/frame srv+browser':>26}"
+    )
     for name, r in results.items():
         print(
             f"{name:<24}{r['fps']:>9.1f}{r['p50']:>8.0f}{r['p95']:>8.0f}{r['backprop_fps']:>6.1f}{r['camera_fps']:>7.1f}"

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from deepvis.allocator import allocator_tuned, ensure_allocator_tuning  # noqa: E402
+from deepvis.allocator import allocator_tuned, ensure_allocator_tuning
 
 ensure_allocator_tuning()
 
@@ -51,8 +51,10 @@ def lucent():
         from kornia.geometry import transform as kt
         from lucent.optvis import objectives, render, transform
     except ImportError as exc:
-        print(f"  Lucent not installed ({exc.name}); skipping the Lucent rows. Install it for benchmarks only: "
-              "pip install --no-deps torch-lucent decorator kornia kornia_rs ipython traitlets pygments")
+        print(
+            f"  Lucent not installed ({exc.name}); skipping the Lucent rows. Install it for benchmarks only: "
+            "pip install --no-deps torch-lucent decorator kornia kornia_rs ipython traitlets pygments"
+        )
         return None
     # Lucent 0.1.8 calls functions that current kornia moved into kornia.geometry.transform
     for name in ("get_rotation_matrix2d", "warp_affine"):
@@ -99,8 +101,10 @@ def bench_speed(args, model) -> None:
             for i in range(args.lucent_units):
                 lucent_render(lib, lmod, layer.replace(".", "_"), i, steps=args.steps)
             lu, luc = (time.perf_counter() - t) / args.lucent_units, (time.process_time() - c) / args.lucent_units
-            line += (f" | Lucent {lu:6.2f} s/unit (CPU {luc:6.2f} s; {args.lucent_units} units)"
-                     f" | deepvis throughput {lu / dv:5.1f}x wall, {luc / dvc:5.1f}x CPU time (target >= 6)")
+            line += (
+                f" | Lucent {lu:6.2f} s/unit (CPU {luc:6.2f} s; {args.lucent_units} units)"
+                f" | deepvis throughput {lu / dv:5.1f}x wall, {luc / dvc:5.1f}x CPU time (target >= 6)"
+            )
         print(line, flush=True)
 
 
@@ -114,7 +118,7 @@ def bench_ratio(args, model) -> None:
         x = torch.randn(n, 3, *hw, requires_grad=True)
         ch = torch.arange(n)
 
-        def bare():
+        def bare(x=x, layer=layer, ch=ch):
             a = capture(model, x, [layer], grad=True)[layer]
             v = a[torch.arange(n), ch, a.shape[2] // 2, a.shape[3] // 2]
             torch.autograd.grad(v.sum(), [x])
@@ -131,10 +135,13 @@ def bench_ratio(args, model) -> None:
                     bare()
                     bare_t.append(time.perf_counter() - t0)
                 stamps: list[float] = []
-                optimize_batch(model, objs, settings, size=hw, on_step=lambda t: stamps.append(time.perf_counter()))
+                optimize_batch(model, objs, settings, size=hw, on_step=lambda t, stamps=stamps: stamps.append(time.perf_counter()))
                 step_t += [b - a for a, b in zip(stamps, stamps[1:])]  # full steps (the last one is measure-only)
             b, s = statistics.median(bare_t), statistics.median(step_t)
-            print(f"{layer:10s} preset {preset:6s} bare fwd+bwd {b:6.3f} s | deepvis step {s:6.3f} s | ratio {s / b:5.2f} (target <= 1.15)", flush=True)
+            print(
+                f"{layer:10s} preset {preset:6s} bare fwd+bwd {b:6.3f} s | deepvis step {s:6.3f} s | ratio {s / b:5.2f} (target <= 1.15)",
+                flush=True,
+            )
 
 
 # -- recognizability --------------------------------------------------------------------------------------
@@ -144,8 +151,10 @@ def bench_recog(args, model) -> None:
     judge = load_model("lite2", device="cpu")
     idx = [model.class_index(c) for c in args.classes]
     units = [f"logits:{i}" for i in idx]
-    print(f"\n== recognizability: {len(idx)} classes ({', '.join(args.classes)}), judged by lite2 top-5 on raw images; "
-          f"deepvis at {args.recog_size} px, {'the preset' + chr(39) + 's own' if args.recog_steps == 0 else args.recog_steps} steps ==")
+    print(
+        f"\n== recognizability: {len(idx)} classes ({', '.join(args.classes)}), judged by lite2 top-5 on raw images; "
+        f"deepvis at {args.recog_size} px, {'the preset' + chr(39) + 's own' if args.recog_steps == 0 else args.recog_steps} steps =="
+    )
 
     def judge_images(images: list[Image.Image]) -> tuple[int, list[int], float]:
         """(images in lite2's top 5, lite2's rank of the intended class per image, its mean probability)"""
@@ -162,7 +171,10 @@ def bench_recog(args, model) -> None:
         steps = args.recog_steps or None
         res = visualize(model, units, preset=preset, steps=steps, size=args.recog_size, batch_size=len(units), seed=args.seed)
         hits, ranks, prob = judge_images([r.raw_image() for r in res])
-        print(f"deepvis preset {preset:7s} {hits}/{len(idx)} in top-5  (lite2 ranks {ranks}, mean p {prob:.2f}; {res[0].steps_run} steps, {time.perf_counter() - t:.0f} s)", flush=True)
+        print(
+            f"deepvis preset {preset:7s} {hits}/{len(idx)} in top-5  (lite2 ranks {ranks}, mean p {prob:.2f}; {res[0].steps_run} steps, {time.perf_counter() - t:.0f} s)",
+            flush=True,
+        )
         if out_dir:
             from deepvis.render import montage
 
@@ -176,7 +188,10 @@ def bench_recog(args, model) -> None:
             arrs = [lucent_render(lib, lmod, "labels", i, steps=args.lucent_steps, normalize_like=norm) for i in idx]
             ims = [Image.fromarray((a.clip(0, 1) * 255).round().astype("uint8")) for a in arrs]
             hits, ranks, prob = judge_images(ims)
-            print(f"{label:22s} {hits}/{len(idx)} in top-5  (lite2 ranks {ranks}, mean p {prob:.2f}; {args.lucent_steps} steps at 128 px, {time.perf_counter() - t:.0f} s)", flush=True)
+            print(
+                f"{label:22s} {hits}/{len(idx)} in top-5  (lite2 ranks {ranks}, mean p {prob:.2f}; {args.lucent_steps} steps at 128 px, {time.perf_counter() - t:.0f} s)",
+                flush=True,
+            )
 
 
 def main() -> None:

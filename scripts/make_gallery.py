@@ -61,7 +61,12 @@ def run(model, targets, names, size: int, args, record: dict) -> Image.Image:
         res = visualize(model, targets, preset=preset, steps=steps, size=size, seed=args.seed, batch_size=len(targets))
         print(f"  {preset:7s} {res[0].steps_run} steps, {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
         columns.append([r.display_image() for r in res])
-        record[preset] = {"settings": res[0].settings.to_dict(), "size": size, "seed": args.seed, "values": {n: r.value for n, r in zip(names, res)}}
+        record[preset] = {
+            "settings": res[0].settings.to_dict(),
+            "size": size,
+            "seed": args.seed,
+            "values": {n: r.value for n, r in zip(names, res)},
+        }
     rows = [[col[i] for col in columns] for i in range(len(targets))]
     labels = ["none (plain)" if c == "none" else ("robust" if c == "robust" else f"preset {c}") for c in COLUMNS]
     return grid(rows, list(names), labels, args.tile)
@@ -77,7 +82,12 @@ def main() -> None:
     args = ap.parse_args()
     model = load_model("default", device="cpu")
     out = Path(args.out)
-    record: dict = {"model": model.name, "command": "python scripts/make_gallery.py" + (f" --steps {args.steps}" if args.steps else ""), "classes": {}, "units": {}}
+    record: dict = {
+        "model": model.name,
+        "command": "python scripts/make_gallery.py" + (f" --steps {args.steps}" if args.steps else ""),
+        "classes": {},
+        "units": {},
+    }
     print("classes:", file=sys.stderr)
     idx = [model.class_index(c) for c in CLASSES]
     classes = run(model, [f"logits:{i}" for i in idx], list(CLASSES), model.preprocessing.input_size[0], args, record["classes"])

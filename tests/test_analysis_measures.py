@@ -219,7 +219,9 @@ def test_sensitivity_gives_the_known_layer_ratios_and_flips():
     assert res.flip_rate("adversarial").tolist() == [0.0, 0.0, 1.0, 1.0]
     assert res.flip_rate("random").tolist() == [0.0, 0.0, 0.0, 0.0]  # random signs average out
     # results do not depend on how inputs are batched
-    again = measure_sensitivity(model, x[:2], ["l1", "l2"], eps, samples=[0, 1]).merge(measure_sensitivity(model, x[2:], ["l1", "l2"], eps, samples=[2, 3]))
+    again = measure_sensitivity(model, x[:2], ["l1", "l2"], eps, samples=[0, 1]).merge(
+        measure_sensitivity(model, x[2:], ["l1", "l2"], eps, samples=[2, 3])
+    )
     assert np.allclose(again.change["random"], res.change["random"]) and np.allclose(again.change["adversarial"], res.change["adversarial"])
     with pytest.raises(DeepvisError):
         measure_sensitivity(model, x, ["l1"], [0.0])

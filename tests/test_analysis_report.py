@@ -56,7 +56,19 @@ def tiny_summary(tmp_path_factory):
     model.module.train()
     before = snapshot(model.module)
     ds = open_dataset(_dataset(tmp_path_factory.mktemp("data")))
-    summary = summarize(model, ds, ["relu2", "conv1", "relu1", "fc"], epsilons=(1, 4), sensitivity_images=6, cluster_k=3, probe_folds=3, batch_size=4, workers=0, embedding="pca", progress=False)
+    summary = summarize(
+        model,
+        ds,
+        ["relu2", "conv1", "relu1", "fc"],
+        epsilons=(1, 4),
+        sensitivity_images=6,
+        cluster_k=3,
+        probe_folds=3,
+        batch_size=4,
+        workers=0,
+        embedding="pca",
+        progress=False,
+    )
     assert_unchanged(model.module, before)
     return summary
 
@@ -209,12 +221,38 @@ def test_default_layers_are_the_stage_outputs(default_model):
 
 def test_cli_report_on_demo_with_the_default_model(tmp_path, capsys):
     out = tmp_path / "rep" / "demo.html"
-    args = ["report", "demo", "-o", out, "--max-images", "46", "--epsilons", "2", "--sensitivity-images", "4", "--clusters", "4", "--folds", "2", "--map", "pca", "--json", "--no-progress"]
+    args = [
+        "report",
+        "demo",
+        "-o",
+        out,
+        "--max-images",
+        "46",
+        "--epsilons",
+        "2",
+        "--sensitivity-images",
+        "4",
+        "--clusters",
+        "4",
+        "--folds",
+        "2",
+        "--map",
+        "pca",
+        "--json",
+        "--no-progress",
+    ]
     code = main([str(a) for a in args])
     stdout, err = capsys.readouterr()
     assert code == 0, err
     printed = json.loads(stdout)
-    assert printed["images"] == 46 and [r["layer"] for r in printed["layers"]] == ["blocks.0", "blocks.1", "blocks.2", "blocks.4", "bn2", "logits"]
+    assert printed["images"] == 46 and [r["layer"] for r in printed["layers"]] == [
+        "blocks.0",
+        "blocks.1",
+        "blocks.2",
+        "blocks.4",
+        "bn2",
+        "logits",
+    ]
     data = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
     assert out.stat().st_size > 50_000
     loc = data["figures"]["locality-depth"]["series"][0]["y"]
@@ -253,7 +291,13 @@ def test_atlas_statistics_are_reused(tmp_path):
 
     model = _tiny_model()
     ds = open_dataset(_dataset(tmp_path / "data"))
-    build_atlas(tmp_path / "atlas", model, ds, AtlasOptions(layers=("relu1",), top=4, batch_size=4, views=False, synthesis=None, decode_threads=0), progress=False)
+    build_atlas(
+        tmp_path / "atlas",
+        model,
+        ds,
+        AtlasOptions(layers=("relu1",), top=4, batch_size=4, views=False, synthesis=None, decode_threads=0),
+        progress=False,
+    )
     opts = dict(epsilons=(), cluster_layers=(), workers=0, thumbnails=False, progress=False)
     plain = summarize(model, ds, ["relu1", "relu2"], **opts)
     reused = summarize(model, ds, ["relu1", "relu2"], atlas=tmp_path / "atlas", **opts)

@@ -22,7 +22,7 @@ from helpers import assert_unchanged, snapshot
 
 # A tiny model for subprocess runs: a conv with fixed weights, ReLU, max-pool, a second conv.
 MODEL_SOURCE = textwrap.dedent(
-    '''
+    """
     import torch
     from torch import nn
     from deepvis.models import Model, Preprocessing
@@ -46,7 +46,7 @@ MODEL_SOURCE = textwrap.dedent(
     def tiny():
         pre = Preprocessing((24, 24), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear", crop_pct=1.0)
         return Model(Tiny(), pre, name="tiny")
-    '''
+    """
 )
 
 
@@ -74,11 +74,22 @@ def make_dataset(root: Path, n: int = 26, bad: tuple[int, ...] = ()) -> Path:
 
 
 def files_of(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith(("index.sqlite", ".lock"))}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.startswith(("index.sqlite", ".lock"))
+    }
 
 
 def opts(**kw) -> AtlasOptions:
-    base = dict(layers=("conv", "conv2"), top=4, batch_size=4, units="0-2", synthesis=SynthesisOptions(steps=3, size=24, units_per_batch=2), checkpoint_seconds=0.0)
+    base = dict(
+        layers=("conv", "conv2"),
+        top=4,
+        batch_size=4,
+        units="0-2",
+        synthesis=SynthesisOptions(steps=3, size=24, units_per_batch=2),
+        checkpoint_seconds=0.0,
+    )
     base.update(kw)
     return AtlasOptions(**base)
 
@@ -154,9 +165,8 @@ def test_writer_lock_foreign_folder_and_stale_temp_files(tmp_path):
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     with pytest.raises(AtlasError, match="not an atlas"):
         AtlasWriter(tmp_path / "foreign", meta)
-    with AtlasWriter(tmp_path / "a", meta):
-        with pytest.raises(AtlasError, match="another process"):
-            AtlasWriter(tmp_path / "a", meta)
+    with AtlasWriter(tmp_path / "a", meta), pytest.raises(AtlasError, match="another process"):
+        AtlasWriter(tmp_path / "a", meta)
     stale = tmp_path / "a" / "conv" / "0001" / ".top00_crop.png.abc123.tmp.png"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"partial")
@@ -173,7 +183,26 @@ def test_writer_lock_foreign_folder_and_stale_temp_files(tmp_path):
 
 def test_cli_skips_and_lists_bad_files(tmp_path, tiny_spec, capsys):
     data = make_dataset(tmp_path / "data", n=10, bad=(3, 7))
-    rc = main(["atlas", str(data), "--model", tiny_spec, "--layers", "conv2", "-o", str(tmp_path / "atlas"), "--top", "3", "--batch-size", "4", "--no-synthesis", "--units", "0", "--json"])
+    rc = main(
+        [
+            "atlas",
+            str(data),
+            "--model",
+            tiny_spec,
+            "--layers",
+            "conv2",
+            "-o",
+            str(tmp_path / "atlas"),
+            "--top",
+            "3",
+            "--batch-size",
+            "4",
+            "--no-synthesis",
+            "--units",
+            "0",
+            "--json",
+        ]
+    )
     out = capsys.readouterr()
     assert rc == 0
     assert "skipped 2 unreadable input(s)" in out.err and "a/img003.png" in out.err and "a/img007.png" in out.err
@@ -205,7 +234,7 @@ def test_cli_skips_and_lists_bad_files(tmp_path, tiny_spec, capsys):
 # -- kill -9 and resume ---------------------------------------------------------------------------------
 
 DRIVER = textwrap.dedent(
-    '''
+    """
     import contextlib, os, signal, sys
     from deepvis.atlas import store
 
@@ -253,14 +282,36 @@ DRIVER = textwrap.dedent(
 
     from deepvis.cli import main
     sys.exit(main(sys.argv[1:]))
-    '''
+    """
 )
 
 
 def test_kill_9_at_several_points_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_spec):
     data = make_dataset(tmp_path / "data", n=26, bad=(5,))
-    args = ["atlas", str(data), "--model", tiny_spec, "--layers", "conv,conv2", "--top", "4", "--batch-size", "4", "--units", "0-2",
-            "--steps", "3", "--size", "24", "--synth-batch", "2", "--checkpoint-seconds", "0", "--decode-threads", "2"]
+    args = [
+        "atlas",
+        str(data),
+        "--model",
+        tiny_spec,
+        "--layers",
+        "conv,conv2",
+        "--top",
+        "4",
+        "--batch-size",
+        "4",
+        "--units",
+        "0-2",
+        "--steps",
+        "3",
+        "--size",
+        "24",
+        "--synth-batch",
+        "2",
+        "--checkpoint-seconds",
+        "0",
+        "--decode-threads",
+        "2",
+    ]
     ref = tmp_path / "ref"
     assert main([*args, "-o", str(ref)]) == 0
 
@@ -274,13 +325,17 @@ def test_kill_9_at_several_points_then_resume_equals_an_uninterrupted_run(tmp_pa
     # unit's synthesized files, before its row; halfway through writing a synthesized PNG.
     kills = ["checkpoint:2", "uncommitted:3", "file:5", "views:2", "synth:2", "file:2"]
     for kill in kills:
-        proc = subprocess.run([sys.executable, str(driver), *args, "-o", str(out)], env={**env, "KILL_AT": kill}, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, str(driver), *args, "-o", str(out)], env={**env, "KILL_AT": kill}, capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == -signal.SIGKILL, (kill, proc.returncode, proc.stderr[-2000:])
         con = sqlite3.connect(out / "index.sqlite")  # the index is sound after every kill
         assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         con.close()
     assert any(p.name.endswith(".tmp.png") for p in out.rglob(".*")), "a kill mid-file should leave a temp file"
-    proc = subprocess.run([sys.executable, str(driver), *args, "-o", str(out)], env={**env, "KILL_AT": "none:0"}, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(driver), *args, "-o", str(out)], env={**env, "KILL_AT": "none:0"}, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
 
     assert files_of(out) == files_of(ref)

@@ -25,7 +25,6 @@ from deepvis.backprop import (
 from deepvis.capture import Unit
 from deepvis.errors import DeepvisError, LayerError, UnitError
 from deepvis.models import Model, Preprocessing
-
 from helpers import assert_unchanged, hooks_left, snapshot
 
 
@@ -188,7 +187,7 @@ def test_guided_matches_a_module_swapping_reference(default_model, sample_images
     m = default_model
     x = m.preprocess(sample_images["chelsea"])
     ref = copy.deepcopy(m.module).eval()
-    for name, mod in list(ref.named_modules()):
+    for _name, mod in list(ref.named_modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, nn.ReLU6):
                 setattr(mod, child_name, _SwappedReLU6())

@@ -30,13 +30,30 @@ def run(args, capsys):
 
 def test_backprop_main_job(tmp_path, capsys):
     out = tmp_path / "view.png"
-    code, stdout, err = run(["backprop", "sample:coffee", "--unit", "logits:967", "--mode", "guided", "--filter", "norm", "-o", out], capsys)
+    code, stdout, err = run(
+        ["backprop", "sample:coffee", "--unit", "logits:967", "--mode", "guided", "--filter", "norm", "-o", out], capsys
+    )
     assert code == 0, err
     assert stdout.startswith("logits:967 (guided): activation")
     im = np.asarray(Image.open(out))
     assert im.shape == (224, 224, 3) and im.max() == 255 and im.min() == 0
     code, stdout, err = run(
-        ["backprop", "sample:chelsea", "--unit", "blocks.3:11", "--at", "max", "--mode", "deconv", "--filter", "normblur", "--overlay", "--json", "-o", tmp_path / "o.jpg"],
+        [
+            "backprop",
+            "sample:chelsea",
+            "--unit",
+            "blocks.3:11",
+            "--at",
+            "max",
+            "--mode",
+            "deconv",
+            "--filter",
+            "normblur",
+            "--overlay",
+            "--json",
+            "-o",
+            tmp_path / "o.jpg",
+        ],
         capsys,
     )
     assert code == 0, err

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from test_server_utils import LiveServer
 
 CHROMIUM = "/usr/bin/chromium"
@@ -51,7 +52,14 @@ def atlas_dir(tmp_path_factory, default_model):
     for name in ("coffee", "chelsea", "rocket", "astronaut"):
         p = sample_path(name)
         shutil.copy(p, data / f"{name}{p.suffix}")
-    opts = AtlasOptions(layers=(ATLAS_LAYER,), top=3, batch_size=4, units="0-1", views=False, synthesis=SynthesisOptions(steps=6, size=64, units_per_batch=2))
+    opts = AtlasOptions(
+        layers=(ATLAS_LAYER,),
+        top=3,
+        batch_size=4,
+        units="0-1",
+        views=False,
+        synthesis=SynthesisOptions(steps=6, size=64, units_per_batch=2),
+    )
     build_atlas(root / "atlas", default_model, str(data), opts, progress=False)
     return root / "atlas"
 
@@ -86,7 +94,10 @@ def page(browser, server):
     pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
     pg.on("console", lambda m: m.type == "error" and problems.append(f"console error: {m.text}"))
     pg.goto(server.url("/"))
-    wait(pg, "window.deepvis && window.deepvis.ready && window.deepvis.frames === 0 && document.getElementById('layer-select').options.length > 0")
+    wait(
+        pg,
+        "window.deepvis && window.deepvis.ready && window.deepvis.frames === 0 && document.getElementById('layer-select').options.length > 0",
+    )
     yield pg
     pg.close()
     # refused uploads are logged by the browser as failed requests: those are expected
@@ -182,10 +193,13 @@ def test_cycle_the_backprop_mode_and_filter(page, server):
     page.keyboard.press("m")
     wait(page, f"window.deepvis.lastBackprop.filter !== {first!r}")
     # the view is drawn and is not blank
-    assert page.evaluate(
-        "(() => { const c = document.getElementById('backprop'); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
-        " let n = 0; for (let i = 0; i < d.length; i += 4) n += (d[i] + d[i + 1] + d[i + 2]) > 30; return n; })()"
-    ) > 100
+    assert (
+        page.evaluate(
+            "(() => { const c = document.getElementById('backprop'); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+            " let n = 0; for (let i = 0; i < d.length; i += 4) n += (d[i] + d[i + 1] + d[i + 2]) > 30; return n; })()"
+        )
+        > 100
+    )
     page.keyboard.press("b")  # back to off
     wait(page, "document.getElementById('backprop-wrap').hidden")
     # the receptive field of the unit's strongest position is boxed on the input
@@ -307,7 +321,7 @@ def test_labels_from_the_model_are_shown_as_text(browser):
     from test_server_utils import tiny_model
 
     model = tiny_model(64)
-    model.class_names = [f"<img src=x onerror=\"window.pwned={i}\"> class {i}" for i in range(10)]
+    model.class_names = [f'<img src=x onerror="window.pwned={i}"> class {i}' for i in range(10)]
     app = create_app(ServerConfig(model=model, token=TOKEN, backprop=False, synthesis=False))
     with LiveServer(app, TOKEN) as srv:
         pg = browser.new_page()

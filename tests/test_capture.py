@@ -7,10 +7,9 @@ import torch
 import torchvision
 from torch import nn
 
-from deepvis.capture import capture, check_unit, get_layer, layer_table, parse_unit, parse_unit_set, Unit
+from deepvis.capture import Unit, capture, check_unit, get_layer, layer_table, parse_unit, parse_unit_set
 from deepvis.errors import LayerError, UnitError
 from deepvis.models import Model, Preprocessing
-
 from helpers import assert_unchanged, hooks_left, snapshot
 
 

@@ -31,7 +31,21 @@ def test_activations_main_job(tmp_path, capsys):
     assert "espresso" in stdout
     im = Image.open(out)
     assert im.width > 300 and im.height > 200
-    code, stdout, _ = run(["activations", "sample:chelsea", "--layer", "global_pool", "-o", tmp_path / "fc.png", "--grid-only", "--json", "--colormap", "viridis"], capsys)
+    code, stdout, _ = run(
+        [
+            "activations",
+            "sample:chelsea",
+            "--layer",
+            "global_pool",
+            "-o",
+            tmp_path / "fc.png",
+            "--grid-only",
+            "--json",
+            "--colormap",
+            "viridis",
+        ],
+        capsys,
+    )
     assert code == 0
     data = json.loads(stdout)
     assert data["inputs"][0]["predictions"][0]["index"] in {281, 282, 283, 284, 285}
@@ -84,7 +98,10 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "unknown model": (["activations", str(good), "--layer", "blocks.3", "--model", "resnet9000", *o], "unknown model"),
         "unknown layer": (["activations", str(good), "--layer", "blocks.33", *o], "no layer named 'blocks.33'"),
         "unit out of range": (["activations", str(good), "--layer", "blocks.3", "--unit", "80", *o], "out of range"),
-        "checkpoint mismatch": (["activations", str(good), "--layer", "blocks.3", "--weights", str(tmp_path / "wrong.pt"), *o], "does not fit the model"),
+        "checkpoint mismatch": (
+            ["activations", str(good), "--layer", "blocks.3", "--weights", str(tmp_path / "wrong.pt"), *o],
+            "does not fit the model",
+        ),
         "bad output type": (["activations", str(good), "--layer", "blocks.3", "-o", str(tmp_path / "out.txt")], "should be a .png"),
         "bad sample": (["predict", "sample:unicorn"], "no sample photo"),
     }
@@ -103,16 +120,14 @@ def test_every_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "result.png"
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_bytes(b"half")
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("crash mid-write")
     assert list(tmp_path.iterdir()) == []
     target.write_bytes(b"old")
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_bytes(b"new")
-            raise RuntimeError("crash")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"new")
+        raise RuntimeError("crash")
     assert target.read_bytes() == b"old"
 
 

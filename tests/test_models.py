@@ -99,7 +99,7 @@ def test_unknown_models_suggest_close_names():
         load_model("nosuch")
 
 
-USER_FILE = '''
+USER_FILE = """
 import torch
 from torch import nn
 
@@ -123,7 +123,7 @@ def rgb96():
 
 def broken():
     raise RuntimeError("no")
-'''
+"""
 
 
 @pytest.fixture()

@@ -20,7 +20,30 @@ def run(args, capsys):
 
 def test_optimize_writes_raw_display_record_and_montage(tmp_path, capsys):
     out = tmp_path / "opt"
-    args = ["optimize", "--layer", "blocks.3", "--units", "0-1", "--class", "espresso", "--class", "967", "--preset", "1", "--steps", "3", "--size", "48", "--decay", "0.01", "--seed", "3", "-o", out, "--json"]
+    args = [
+        "optimize",
+        "--layer",
+        "blocks.3",
+        "--units",
+        "0-1",
+        "--class",
+        "espresso",
+        "--class",
+        "967",
+        "--preset",
+        "1",
+        "--steps",
+        "3",
+        "--size",
+        "48",
+        "--decay",
+        "0.01",
+        "--seed",
+        "3",
+        "-o",
+        out,
+        "--json",
+    ]
     code, stdout, err = run(args, capsys)
     assert code == 0, err
     summary = json.loads(stdout)
@@ -42,7 +65,31 @@ def test_optimize_writes_raw_display_record_and_montage(tmp_path, capsys):
 
 
 def test_optimize_text_output_and_options(tmp_path, capsys):
-    code, stdout, err = run(["optimize", "--layer", "blocks.2", "--units", "4", "--at", "1,1", "--objective", "channel", "--steps", "2", "--size", "32", "--preset", "robust", "--no-fourier", "--scale", "0.95,1.05", "-o", tmp_path / "o"], capsys)
+    code, stdout, err = run(
+        [
+            "optimize",
+            "--layer",
+            "blocks.2",
+            "--units",
+            "4",
+            "--at",
+            "1,1",
+            "--objective",
+            "channel",
+            "--steps",
+            "2",
+            "--size",
+            "32",
+            "--preset",
+            "robust",
+            "--no-fourier",
+            "--scale",
+            "0.95,1.05",
+            "-o",
+            tmp_path / "o",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert stdout.startswith("blocks.2:4@1,1: ")
     assert (tmp_path / "o" / "blocks.2-4-y1x1.png").exists()
@@ -68,7 +115,12 @@ def test_optimize_text_output_and_options(tmp_path, capsys):
 )
 def test_optimize_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "never"
-    code, stdout, err = run(["optimize", *args, "--size", "32", "--steps", "2", "-o", out] if "--steps" not in args else ["optimize", *args, "--size", "32", "-o", out], capsys)
+    code, stdout, err = run(
+        ["optimize", *args, "--size", "32", "--steps", "2", "-o", out]
+        if "--steps" not in args
+        else ["optimize", *args, "--size", "32", "-o", out],
+        capsys,
+    )
     assert code == 2
     assert err.startswith("deepvis: error: ") and message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()

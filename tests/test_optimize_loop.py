@@ -7,7 +7,6 @@ import threading
 
 import pytest
 import torch
-from helpers import assert_unchanged, hooks_left, snapshot
 from torch import nn
 
 from deepvis.capture import Unit, capture
@@ -20,12 +19,12 @@ from deepvis.optimize import (
     Settings,
     StepInfo,
     channel,
-    get_preset,
     neuron,
     optimize_batch,
     resolve_targets,
     visualize,
 )
+from helpers import assert_unchanged, hooks_left, snapshot
 
 
 class Tiny(nn.Module):
@@ -175,7 +174,15 @@ def test_channel_objective_and_kind(default_model):
 
 def test_progress_and_cancellation(default_model):
     calls: list[tuple[int, int]] = []
-    res = visualize(default_model, ["blocks.1:0", "blocks.1:1", "blocks.1:2"], preset="1", steps=3, size=32, batch_size=2, progress=lambda d, t: calls.append((d, t)))
+    res = visualize(
+        default_model,
+        ["blocks.1:0", "blocks.1:1", "blocks.1:2"],
+        preset="1",
+        steps=3,
+        size=32,
+        batch_size=2,
+        progress=lambda d, t: calls.append((d, t)),
+    )
     assert calls == [(i, 6) for i in range(1, 7)] and len(res) == 3
     stop = threading.Event()
 
@@ -183,7 +190,16 @@ def test_progress_and_cancellation(default_model):
         if done == 2:
             stop.set()
 
-    res = visualize(default_model, ["blocks.1:0", "blocks.1:1", "blocks.1:2"], preset="1", steps=5, size=32, batch_size=2, progress=progress, should_stop=stop)
+    res = visualize(
+        default_model,
+        ["blocks.1:0", "blocks.1:1", "blocks.1:2"],
+        preset="1",
+        steps=5,
+        size=32,
+        batch_size=2,
+        progress=progress,
+        should_stop=stop,
+    )
     assert len(res) == 2 and all(r.stopped and r.steps_run == 2 and len(r.trace) == 2 for r in res)
     res = visualize(default_model, ["blocks.1:0"], preset="1", steps=5, size=32, should_stop=lambda: True)
     assert res[0].stopped and res[0].steps_run == 0

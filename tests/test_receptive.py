@@ -16,7 +16,6 @@ from deepvis.backprop import crop, crop_image, layer_field, receptive_field
 from deepvis.capture import capture
 from deepvis.errors import DeepvisError, LayerError, UnitError
 from deepvis.models import Model, Preprocessing, load_model
-
 from helpers import assert_unchanged, snapshot
 
 
@@ -89,7 +88,12 @@ def test_conv_pool_stacks_match_the_analytic_fields(name):
             rf = geo.at((i, h - 1 - i))
             (t, b), (le, r) = spans[idx][i], spans[idx][h - 1 - i]
             assert rf.box == (t, le, b + 1, r + 1)
-            assert rf.field == (jump * i + offset, jump * (h - 1 - i) + offset, jump * i + offset + size, jump * (h - 1 - i) + offset + size)
+            assert rf.field == (
+                jump * i + offset,
+                jump * (h - 1 - i) + offset,
+                jump * i + offset + size,
+                jump * (h - 1 - i) + offset + size,
+            )
     assert_unchanged(net, before)
     assert not torch._C._is_torch_function_mode_enabled()
 

@@ -11,7 +11,9 @@ from deepvis.render import apply_colormap, grid_shape, montage, normalize_activa
 from deepvis.render.grid import HIGHLIGHT_COLOR, PAD_COLOR
 
 
-@pytest.mark.parametrize("n, shape", [(1, (1, 1)), (2, (1, 2)), (4, (2, 2)), (5, (2, 3)), (10, (3, 4)), (80, (9, 9)), (96, (10, 10)), (1000, (32, 32))])
+@pytest.mark.parametrize(
+    "n, shape", [(1, (1, 1)), (2, (1, 2)), (4, (2, 2)), (5, (2, 3)), (10, (3, 4)), (80, (9, 9)), (96, (10, 10)), (1000, (32, 32))]
+)
 def test_grid_shape(n, shape):
     assert grid_shape(n) == shape
 

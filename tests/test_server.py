@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import json
 import socket
-import sys
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -14,10 +14,8 @@ import zlib
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from helpers import assert_unchanged, hooks_left, snapshot
 from PIL import Image
 from starlette.websockets import WebSocketDisconnect
-from test_server_utils import TOKEN, LiveServer, frame_message, is_frame, is_type, receive_until, tiny_model
 
 from deepvis.server import ServerConfig, create_app
 from deepvis.server.engine import Engine
@@ -25,6 +23,8 @@ from deepvis.server.frames import FrameProcessor, quantize
 from deepvis.server.protocol import ViewSettings, pack, unpack
 from deepvis.server.security import Guard
 from deepvis.server.session import RawFrame
+from helpers import assert_unchanged, hooks_left, snapshot
+from test_server_utils import TOKEN, LiveServer, frame_message, is_frame, is_type, receive_until, tiny_model
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -95,18 +95,16 @@ def test_the_token_opens_the_page_and_its_files(client):
 def test_websocket_without_token_is_refused_before_accept(client):
     engine = client.app.state.toolbox.engine
     for url in ("/ws", "/ws?token=", f"/ws?token={TOKEN[:-1]}x"):
-        with pytest.raises(WebSocketDisconnect) as err:
-            with client.websocket_connect(url):
-                pass
+        with pytest.raises(WebSocketDisconnect) as err, client.websocket_connect(url):
+            pass
         assert err.value.code == 1008
     assert engine.sessions() == []  # no session was ever opened
 
 
 def test_websocket_from_a_foreign_origin_is_refused(client):
     for origin in ("http://evil.example", "http://testserver.evil.example", "null", "http://127.0.0.1:1"):
-        with pytest.raises(WebSocketDisconnect) as err:
-            with open_ws(client, origin=origin):
-                pass
+        with pytest.raises(WebSocketDisconnect) as err, open_ws(client, origin=origin):
+            pass
         assert err.value.code == 1008, origin
     with open_ws(client, origin="http://testserver") as ws:  # the page's own origin
         hello = json.loads(ws.receive_text())
@@ -303,7 +301,11 @@ def test_a_client_that_never_reads_does_not_slow_another(model):
         def ws_frame(payload: bytes) -> bytes:  # a masked binary WebSocket frame (client to server)
             mask = b"\x01\x02\x03\x04"
             n = len(payload)
-            head = b"\x82" + (bytes([0x80 | n]) if n < 126 else (bytes([0x80 | 126]) + struct.pack(">H", n) if n < 65536 else bytes([0x80 | 127]) + struct.pack(">Q", n)))
+            head = b"\x82" + (
+                bytes([0x80 | n])
+                if n < 126
+                else (bytes([0x80 | 126]) + struct.pack(">H", n) if n < 65536 else bytes([0x80 | 127]) + struct.pack(">Q", n))
+            )
             body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
             return head + mask + body
 
@@ -474,9 +476,8 @@ def test_too_many_pages_are_refused(model):
     app = make_app(model, max_sessions=1, synthesis=False)
     with TestClient(app) as c, open_ws(c) as first:
         json.loads(first.receive_text())
-        with pytest.raises(WebSocketDisconnect) as err:
-            with open_ws(c):
-                pass
+        with pytest.raises(WebSocketDisconnect) as err, open_ws(c):
+            pass
         assert err.value.code == 1013
 
 
@@ -587,7 +588,10 @@ def test_cli_serve_prints_a_url_with_a_token_and_serves(tmp_path):
     )
     try:
         line = proc.stdout.readline()
-        assert line.startswith("deepvis serve: open http://127.0.0.1:") and "?token=" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        assert line.startswith("deepvis serve: open http://127.0.0.1:") and "?token=" in line, (
+            line,
+            proc.stderr.read() if proc.poll() is not None else "",
+        )
         url = line.split("open ", 1)[1].strip()
         token = url.split("token=", 1)[1]
         assert len(token) >= 40
@@ -667,7 +671,9 @@ def tiny_atlas(tmp_path_factory, model):
     (root / "photos").mkdir()
     for name in ("coffee", "chelsea", "rocket", "astronaut"):
         shutil.copy(sample_path(name), root / "photos" / f"{name}{sample_path(name).suffix}")
-    opts = AtlasOptions(layers=("conv2",), top=3, batch_size=4, units="0-1", synthesis=SynthesisOptions(steps=4, size=32, units_per_batch=2))
+    opts = AtlasOptions(
+        layers=("conv2",), top=3, batch_size=4, units="0-1", synthesis=SynthesisOptions(steps=4, size=32, units_per_batch=2)
+    )
     build_atlas(root / "atlas", model, str(root / "photos"), opts, progress=False)
     return root / "atlas"
 

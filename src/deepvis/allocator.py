@@ -17,9 +17,7 @@ from collections.abc import Mapping
 __all__ = ["ALLOCATOR_TUNABLES", "allocator_env", "allocator_tuned", "ensure_allocator_tuning"]
 
 #: huge pages for the heap, buffers served by mmap only above 32 MiB, never trimmed back mid-run.
-ALLOCATOR_TUNABLES = (
-    "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
-)
+ALLOCATOR_TUNABLES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
 
 
 def allocator_env(environ: dict[str, str] | None = None) -> dict[str, str] | None:

@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 import torch
 from PIL import Image, ImageOps
@@ -245,7 +244,7 @@ def _listing(path: Path) -> ImageDataset:
 
 # -- batches -------------------------------------------------------------------------------------------
 
-Preprocess = Union[Model, Callable[[list[Image.Image]], torch.Tensor]]
+Preprocess = Model | Callable[[list[Image.Image]], torch.Tensor]
 
 
 @dataclass

@@ -194,7 +194,13 @@ class ActivityAccumulator:
         )
 
 
-def activity_from_unit_stats(layer: str, shape: Sequence[int], stats: Sequence[object], top: Sequence[Sequence[tuple[int, float, tuple[int, int] | None]]] | None = None, k: int = 4) -> LayerActivity:
+def activity_from_unit_stats(
+    layer: str,
+    shape: Sequence[int],
+    stats: Sequence[object],
+    top: Sequence[Sequence[tuple[int, float, tuple[int, int] | None]]] | None = None,
+    k: int = 4,
+) -> LayerActivity:
     """A :class:`LayerActivity` from per-unit statistics kept elsewhere (the atlas's ``UnitStats``).
 
     Each element of ``stats`` needs ``unit``, ``images``, ``mean``, ``mean_max``, ``max``, ``min``,
@@ -206,7 +212,7 @@ def activity_from_unit_stats(layer: str, shape: Sequence[int], stats: Sequence[o
     rows = sorted(stats, key=lambda s: s.unit)  # type: ignore[attr-defined]
     if len(rows) != units or [s.unit for s in rows] != list(range(units)):  # type: ignore[attr-defined]
         raise ValueError(f"statistics for layer {layer} do not cover its {units} units")
-    col = lambda name: np.array([float(getattr(s, name)) for s in rows], dtype=np.float64)  # noqa: E731
+    col = lambda name: np.array([float(getattr(s, name)) for s in rows], dtype=np.float64)
     samples = np.full((units, k), -1, dtype=np.int64)
     values = np.full((units, k), -np.inf)
     positions = np.full((units, k), -1, dtype=np.int64)

@@ -23,8 +23,18 @@ __all__ = ["PALETTE", "ClusterResult", "cluster_features", "cluster_map", "umap_
 
 #: cluster colours (RGB), cycled when there are more clusters
 PALETTE = (
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-    (227, 119, 194), (188, 189, 34), (23, 190, 207), (127, 127, 127), (174, 199, 232), (255, 187, 120),
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (188, 189, 34),
+    (23, 190, 207),
+    (127, 127, 127),
+    (174, 199, 232),
+    (255, 187, 120),
 )
 
 
@@ -148,7 +158,9 @@ def cluster_features(
                 if len(members):
                     hits += int(np.bincount(members).max())
             purity = hits / int(known.sum())
-    return ClusterResult(layer, k, [int(s) for s in samples], assign, reps, np.asarray(coords, dtype=np.float64), method, explained, ari, purity)
+    return ClusterResult(
+        layer, k, [int(s) for s in samples], assign, reps, np.asarray(coords, dtype=np.float64), method, explained, ari, purity
+    )
 
 
 def cluster_map(

@@ -149,7 +149,9 @@ class LayerLocality:
 class LocalityAccumulator:
     """Streaming per-unit locality of one layer: feed (B, U, H, W) batches with :meth:`update`."""
 
-    def __init__(self, layer: str, units: int, map_size: tuple[int, int], radius: float = DEFAULT_RADIUS, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, layer: str, units: int, map_size: tuple[int, int], radius: float = DEFAULT_RADIUS, device: torch.device | str = "cpu"
+    ) -> None:
         self.layer = layer
         self.map_size = (int(map_size[0]), int(map_size[1]))
         self.radius = radius

@@ -74,7 +74,16 @@ def _finite(v: object) -> bool:
     return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def histogram(fig_id: str, title: str, values: Sequence[float] | np.ndarray, *, x_label: str, bins: int = 20, lo: float | None = None, hi: float | None = None) -> Figure:
+def histogram(
+    fig_id: str,
+    title: str,
+    values: Sequence[float] | np.ndarray,
+    *,
+    x_label: str,
+    bins: int = 20,
+    lo: float | None = None,
+    hi: float | None = None,
+) -> Figure:
     """A histogram figure of the finite ``values`` (``bins`` equal bins over [lo, hi], default their range)."""
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
@@ -165,7 +174,9 @@ def render_svg(fig: Figure, *, width: int = 560, height: int = 280) -> str:
     out.append(f'<text transform="translate(14,{top + ph / 2:.1f}) rotate(-90)" class="al" text-anchor="middle">{esc(fig.y_label)}</text>')
     for k, (name, y) in enumerate(fig.hlines):
         if _finite(y):
-            out.append(f'<line x1="{left}" x2="{left + pw}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" class="hl" data-hline="{k}"><title>{esc(name)}: {esc(_fmt(y))}</title></line>')
+            out.append(
+                f'<line x1="{left}" x2="{left + pw}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" class="hl" data-hline="{k}"><title>{esc(name)}: {esc(_fmt(y))}</title></line>'
+            )
             out.append(f'<text x="{left + pw - 4}" y="{sy(y) - 4:.1f}" class="tk" text-anchor="end">{esc(name)}</text>')
     for k, s in enumerate(fig.series):
         color = COLORS[k % len(COLORS)]
@@ -193,7 +204,9 @@ def render_svg(fig: Figure, *, width: int = 560, height: int = 280) -> str:
             out.append(f'<polyline data-series="{k}" points="{pts}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
             for x, y in run:
                 label = fig.categories[int(x)] if fig.categories and 0 <= int(x) < len(fig.categories) else _fmt(x)
-                out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"><title>{esc(s.name)} · {esc(label)}: {esc(_fmt(y))}</title></circle>')
+                out.append(
+                    f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"><title>{esc(s.name)} · {esc(label)}: {esc(_fmt(y))}</title></circle>'
+                )
     if fig.kind == "line" and len(fig.series) > 1:
         lx, ly = left + 8, top + 6
         for k, s in enumerate(fig.series):

@@ -117,7 +117,9 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, *, folds: int = 5, 
         # one BLAS/OpenMP thread: beside torch's thread pool, more threads made these small fits ~10x slower (measured)
         with warnings.catch_warnings(), threadpool_limits(1):
             warnings.simplefilter("ignore", ConvergenceWarning)  # the score is still meaningful; max_iter bounds the time
-            warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")  # many classes, few examples: expected here
+            warnings.filterwarnings(
+                "ignore", message="The number of unique classes is greater than 50%"
+            )  # many classes, few examples: expected here
             clf.fit(X[train], y[train])
         scores.append(float(np.mean(clf.predict(X[test]) == y[test])))
     chance = float(counts.max() / counts.sum())

@@ -65,7 +65,9 @@ def build_figures(summary: DatasetSummary) -> list[Figure]:
             [
                 Series("sparsity (fraction not active)", idx, [a.layer_sparsity for a in acts]),
                 Series("dead units (fraction of units)", idx, [len(a.dead_units) / a.units if a.units else None for a in acts]),
-                Series("units active on < 10% of inputs", idx, [float(np.mean(a.frac_inputs_active < 0.1)) if a.units else None for a in acts]),
+                Series(
+                    "units active on < 10% of inputs", idx, [float(np.mean(a.frac_inputs_active < 0.1)) if a.units else None for a in acts]
+                ),
             ],
             categories=cats,
             y_min=0.0,
@@ -74,7 +76,16 @@ def build_figures(summary: DatasetSummary) -> list[Figure]:
     )
     for i, a in enumerate(acts):
         figs.append(histogram(f"activity-{i}-mean", f"{a.layer}: mean activation per unit", a.mean, x_label="mean activation"))
-        figs.append(histogram(f"activity-{i}-sparsity", f"{a.layer}: sparsity per unit", a.sparsity, x_label="fraction of activations not active", lo=0.0, hi=1.0))
+        figs.append(
+            histogram(
+                f"activity-{i}-sparsity",
+                f"{a.layer}: sparsity per unit",
+                a.sparsity,
+                x_label="fraction of activations not active",
+                lo=0.0,
+                hi=1.0,
+            )
+        )
     loc_names = [n for n in names if n in summary.locality]
     if loc_names:
         li = list(range(len(loc_names)))
@@ -87,17 +98,17 @@ def build_figures(summary: DatasetSummary) -> list[Figure]:
                 "layer (input → output)",
                 "locality (1 = a point, 0 = uniform)",
                 [
-                    Series("median", li, [_q(l.locality, 0.5) for l in locs]),
-                    Series("25th percentile", li, [_q(l.locality, 0.25) for l in locs], dashed=True),
-                    Series("75th percentile", li, [_q(l.locality, 0.75) for l in locs], dashed=True),
-                    Series("median entropy locality", li, [_q(l.entropy_locality, 0.5) for l in locs]),
+                    Series("median", li, [_q(loc.locality, 0.5) for loc in locs]),
+                    Series("25th percentile", li, [_q(loc.locality, 0.25) for loc in locs], dashed=True),
+                    Series("75th percentile", li, [_q(loc.locality, 0.75) for loc in locs], dashed=True),
+                    Series("median entropy locality", li, [_q(loc.entropy_locality, 0.5) for loc in locs]),
                 ],
                 categories=loc_names,
             )
         )
-        for n, l in zip(loc_names, locs):
+        for n, loc in zip(loc_names, locs):
             i = names.index(n)
-            figs.append(histogram(f"locality-{i}", f"{n}: locality per unit", l.locality, x_label="locality", hi=1.0))
+            figs.append(histogram(f"locality-{i}", f"{n}: locality per unit", loc.locality, x_label="locality", hi=1.0))
     s = summary.sensitivity
     if s is not None:
         series = []
@@ -224,7 +235,9 @@ class _Page:
     def add(self, text: str) -> None:
         self.parts.append(text)
 
-    def thumb(self, sample: int, value: float | None = None, position: tuple[int, int] | None = None, map_size: tuple[int, int] | None = None) -> str:
+    def thumb(
+        self, sample: int, value: float | None = None, position: tuple[int, int] | None = None, map_size: tuple[int, int] | None = None
+    ) -> str:
         key = self.s.keys.get(sample, str(sample))
         label = self.s.label_of(sample)
         tip = key + (f" ({label})" if label else "") + (f" · {_num(value)}" if value is not None else "")
@@ -253,7 +266,9 @@ def _figure(fig: Figure) -> str:
 def _unit_row(page: _Page, layer: str, unit: int, text: str, marker: bool = False) -> str:
     act = page.s.activity[layer]
     map_size = tuple(act.shape[1:3]) if len(act.shape) == 3 else None
-    thumbs = "".join(page.thumb(t.sample, t.value, t.position if marker else None, map_size if marker else None) for t in act.top_inputs(unit))  # type: ignore[arg-type]
+    thumbs = "".join(
+        page.thumb(t.sample, t.value, t.position if marker else None, map_size if marker else None) for t in act.top_inputs(unit)
+    )  # type: ignore[arg-type]
     return f'<div class="unit"><span class="lab"><b>{_esc(layer)}:{unit}</b> {text}</span>{thumbs}</div>'
 
 
@@ -264,9 +279,9 @@ def render_html(summary: DatasetSummary, figures: Sequence[Figure] | None = None
     names = s.layer_names
     page = _Page(s)
     add = page.add
-    add('<header><h1>deepvis report</h1>')
+    add("<header><h1>deepvis report</h1>")
     add(
-        f'<p>Model <b>{_esc(s.model)}</b> on dataset <b>{_esc(s.dataset)}</b>: {len(s.samples)} inputs analysed'
+        f"<p>Model <b>{_esc(s.model)}</b> on dataset <b>{_esc(s.dataset)}</b>: {len(s.samples)} inputs analysed"
         + (f", {len(s.skipped)} unreadable and skipped" if s.skipped else "")
         + (f", {len(s.classes)} classes" if s.classes else ", no labels")
         + f". Layers: {_esc(', '.join(names))}.</p>"
@@ -276,14 +291,18 @@ def render_html(summary: DatasetSummary, figures: Sequence[Figure] | None = None
         add(f'<p class="note">Classes: {_esc(shown)}</p>')
     for note in s.notes:
         add(f'<p class="note">{_esc(note)}</p>')
-    add('<nav><a href="#activity">Unit activity</a><a href="#locality">Locality</a><a href="#sensitivity">Sensitivity</a>'
-        '<a href="#transfer">Transferability</a><a href="#clusters">Clusters</a></nav></header><main>')
+    add(
+        '<nav><a href="#activity">Unit activity</a><a href="#locality">Locality</a><a href="#sensitivity">Sensitivity</a>'
+        '<a href="#transfer">Transferability</a><a href="#clusters">Clusters</a></nav></header><main>'
+    )
 
     # 1. activity
     add('<section id="activity"><h2>1. Unit activity</h2>')
-    add('<p class="note">A unit is <em>active</em> where its activation is above 0. Sparsity: the fraction of a unit\'s '
-        'activations (over all inputs and positions) that are not active. Dead: never active on any input. '
-        'Thumbnails: each unit\'s top inputs by the maximum of its map, as the model saw them.</p>')
+    add(
+        '<p class="note">A unit is <em>active</em> where its activation is above 0. Sparsity: the fraction of a unit\'s '
+        "activations (over all inputs and positions) that are not active. Dead: never active on any input. "
+        "Thumbnails: each unit's top inputs by the maximum of its map, as the model saw them.</p>"
+    )
     add("<table><tr><th>layer</th><th>shape</th><th>units</th><th>dead</th><th>sparsity</th><th>exact zeros</th><th>source</th></tr>")
     for n in names:
         a = s.activity[n]
@@ -312,18 +331,28 @@ def render_html(summary: DatasetSummary, figures: Sequence[Figure] | None = None
     loc_names = [n for n in names if n in s.locality]
     if loc_names:
         r = s.settings.get("locality_radius")
-        add(f'<p class="note">Locality of a unit on an input: the share of its positive activation within {_esc(r)} × the map side '
+        add(
+            f'<p class="note">Locality of a unit on an input: the share of its positive activation within {_esc(r)} × the map side '
             "of the peak, rescaled so that a uniform map scores 0 and a single point 1; averaged per unit over inputs, weighted "
             "by the input's peak activation. Entropy locality: 1 − spatial entropy / log(positions). The paper's claim: later "
-            "layers hold more local detectors. The ring marks each top input's peak (map cell centre).</p>")
+            "layers hold more local detectors. The ring marks each top input's peak (map cell centre).</p>"
+        )
         add(_figure(figs["locality-depth"]))
         for n in loc_names:
-            l = s.locality[n]
-            add(f"<details><summary>{_esc(n)} — median locality {_num(_q(l.locality, 0.5))}</summary>")
+            loc = s.locality[n]
+            add(f"<details><summary>{_esc(n)} — median locality {_num(_q(loc.locality, 0.5))}</summary>")
             add(_figure(figs[f"locality-{names.index(n)}"]))
             add("<h3>Most local units</h3>")
-            for u in l.most_local(_UNITS_SHOWN):
-                add(_unit_row(page, n, u, f"locality {_num(l.locality[u])} · entropy locality {_num(l.entropy_locality[u])} · on {int(l.inputs[u])} inputs", marker=True))
+            for u in loc.most_local(_UNITS_SHOWN):
+                add(
+                    _unit_row(
+                        page,
+                        n,
+                        u,
+                        f"locality {_num(loc.locality[u])} · entropy locality {_num(loc.entropy_locality[u])} · on {int(loc.inputs[u])} inputs",
+                        marker=True,
+                    )
+                )
             add("</details>")
     else:
         add('<p class="note">None of the layers has a spatial map.</p>')
@@ -333,9 +362,11 @@ def render_html(summary: DatasetSummary, figures: Sequence[Figure] | None = None
     add('<section id="sensitivity"><h2>3. Sensitivity to small input changes</h2>')
     sens = s.sensitivity
     if sens is not None:
-        add(f'<p class="note">Each input value is moved by ε steps of the 0–255 pixel scale: in a random sign direction (dashed) or '
+        add(
+            f'<p class="note">Each input value is moved by ε steps of the 0–255 pixel scale: in a random sign direction (dashed) or '
             f"against the predicted class's gradient (FGSM, solid), clipped to valid pixels. Relative change ‖a(x′) − a(x)‖ / ‖a(x)‖ "
-            f"per layer, mean over {sens.inputs} inputs. The paper's claim: the last layers are sensitive, the first ones robust.</p>")
+            f"per layer, mean over {sens.inputs} inputs. The paper's claim: the last layers are sensitive, the first ones robust.</p>"
+        )
         add(_figure(figs["sensitivity-depth"]) + _figure(figs["sensitivity-flips"]))
         add("<table><tr><th>perturbation</th>" + "".join(f"<th>ε={e:g}</th>" for e in sens.epsilons) + "</tr>")
         for kind in sens.kinds:
@@ -348,9 +379,11 @@ def render_html(summary: DatasetSummary, figures: Sequence[Figure] | None = None
     # 4. transfer
     add('<section id="transfer"><h2>4. Transferability: linear probes</h2>')
     if s.probes:
-        add('<p class="note">A logistic-regression probe on each layer\'s spatially averaged activations, standardized; '
+        add(
+            '<p class="note">A logistic-regression probe on each layer\'s spatially averaged activations, standardized; '
             "stratified k-fold cross-validated accuracy. High accuracy early in the network means those layers already "
-            "separate the classes — candidates to transfer.</p>")
+            "separate the classes — candidates to transfer.</p>"
+        )
         if "probe-depth" in figs:
             add(_figure(figs["probe-depth"]))
         add("<table><tr><th>layer</th><th>accuracy</th><th>± std</th><th>chance</th><th>examples</th><th>classes</th><th>folds</th></tr>")
@@ -361,7 +394,9 @@ def render_html(summary: DatasetSummary, figures: Sequence[Figure] | None = None
             if p.skipped:
                 add(f"<tr><td>{_esc(n)}</td><td colspan=6>not run: {_esc(p.skipped)}</td></tr>")
                 continue
-            add(f"<tr><td>{_esc(n)}</td><td>{_num(p.accuracy)}</td><td>{_num(p.std)}</td><td>{_num(p.chance)}</td><td>{p.examples}</td><td>{p.classes}</td><td>{p.folds}</td></tr>")
+            add(
+                f"<tr><td>{_esc(n)}</td><td>{_num(p.accuracy)}</td><td>{_num(p.std)}</td><td>{_num(p.chance)}</td><td>{p.examples}</td><td>{p.classes}</td><td>{p.folds}</td></tr>"
+            )
         add("</table>")
     else:
         add('<p class="note">Not run: the dataset has no labels.</p>')
@@ -370,8 +405,10 @@ def render_html(summary: DatasetSummary, figures: Sequence[Figure] | None = None
     # 5. clusters
     add('<section id="clusters"><h2>5. Clusters</h2>')
     if s.clusters:
-        add('<p class="note">k-means on each layer\'s standardized, spatially averaged activations; each row shows a cluster\'s '
-            "most central inputs. The map is a 2-D projection with a dot per input, coloured by cluster.</p>")
+        add(
+            "<p class=\"note\">k-means on each layer's standardized, spatially averaged activations; each row shows a cluster's "
+            "most central inputs. The map is a 2-D projection with a dot per input, coloured by cluster.</p>"
+        )
         if "clusters-agreement" in figs:
             add(_figure(figs["clusters-agreement"]))
         for n in names:
@@ -384,17 +421,21 @@ def render_html(summary: DatasetSummary, figures: Sequence[Figure] | None = None
             for k, (reps, size) in enumerate(zip(c.representatives, c.sizes)):
                 r, g, b = PALETTE[k % len(PALETTE)]
                 thumbs = "".join(page.thumb(x) for x in reps)
-                add(f'<div class="cl"><span class="sw" style="background:rgb({r},{g},{b})"></span><span class="lab">cluster {k} · {size} inputs</span>{thumbs}</div>')
+                add(
+                    f'<div class="cl"><span class="sw" style="background:rgb({r},{g},{b})"></span><span class="lab">cluster {k} · {size} inputs</span>{thumbs}</div>'
+                )
             add("</details>")
     else:
         add('<p class="note">Not run.</p>')
     add("</section>")
     timing = ", ".join(f"{k} {v:.1f} s" for k, v in s.timings.items())
-    add(f'<footer><p class="note">deepvis · {_esc(timing)} · every plotted number is in the JSON file beside this report.</p></footer></main>')
+    add(
+        f'<footer><p class="note">deepvis · {_esc(timing)} · every plotted number is in the JSON file beside this report.</p></footer></main>'
+    )
     body = "".join(page.parts)
     title = f"deepvis report — {s.model} on {s.dataset}"
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_esc(title)}</title><style>{_CSS}\n{page.thumb_css()}</style></head><body>{body}</body></html>\n"

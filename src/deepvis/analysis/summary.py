@@ -159,14 +159,18 @@ def scan(
             for n in names:
                 a = out[n]
                 if tuple(a.shape[1:]) != acts_acc[n].shape:
-                    raise LayerError(f"layer {n} gave shape {tuple(a.shape[1:])}, expected {acts_acc[n].shape}: all inputs must have the model's input size")
+                    raise LayerError(
+                        f"layer {n} gave shape {tuple(a.shape[1:])}, expected {acts_acc[n].shape}: all inputs must have the model's input size"
+                    )
                 acts_acc[n].update(a, ids)
                 if n in loc_acc:
                     loc_acc[n].update(a)
                 feats[n].append(pool_features(a))
             samples += batch.indices
             if thumbnails:
-                small = F.interpolate(batch.x.float(), size=(thumbnail_size, thumbnail_size), mode="bilinear", antialias=True, align_corners=False)
+                small = F.interpolate(
+                    batch.x.float(), size=(thumbnail_size, thumbnail_size), mode="bilinear", antialias=True, align_corners=False
+                )
                 for i, row in zip(batch.indices, small.cpu()):
                     thumbs[i] = model.preprocessing.to_image(row).convert("RGB")
         if on_batch is not None:
@@ -361,11 +365,15 @@ def _atlas_activity(
         meta = atlas.meta
         where = os.fspath(atlas_path)
         if meta.get("dataset_hash") != dataset.fingerprint():
-            raise InputError(f"atlas {where} was made on dataset {meta.get('dataset')!r}, not on this one: give the same dataset or drop --atlas")
+            raise InputError(
+                f"atlas {where} was made on dataset {meta.get('dataset')!r}, not on this one: give the same dataset or drop --atlas"
+            )
         if meta.get("model_hash") != model_hash(model):
             raise InputError(f"atlas {where} was made with other model weights ({meta.get('model')!r}): use the same model or drop --atlas")
         if list(meta.get("input_size") or []) != list(model.preprocessing.input_size):
-            raise InputError(f"atlas {where} was made at input size {meta.get('input_size')}, not {list(model.preprocessing.input_size)}: use the same size or drop --atlas")
+            raise InputError(
+                f"atlas {where} was made at input size {meta.get('input_size')}, not {list(model.preprocessing.input_size)}: use the same size or drop --atlas"
+            )
         mined = {r.name: r for r in atlas.layers() if r.mined}
         for info in infos:
             rec = mined.get(info.name)

@@ -93,7 +93,6 @@ def model_hash(model: Model) -> str:
     return h.hexdigest()[:16]
 
 
-
 def build_atlas(
     output: str | os.PathLike[str],
     model: Model,
@@ -156,14 +155,18 @@ def build_atlas(
             if options.views:
                 tasks = _view_tasks(writer, infos, unit_sets, options)
                 if tasks:
-                    eng = eng or make_engine(engine, model, ds, ray_address=ray_address, workers=workers, decode_threads=options.decode_threads)
+                    eng = eng or make_engine(
+                        engine, model, ds, ray_address=ray_address, workers=workers, decode_threads=options.decode_threads
+                    )
                     t0 = time.perf_counter()
                     summary.units_viewed = _run_views(writer, eng, ds, tasks, progress)
                     summary.seconds["views"] = time.perf_counter() - t0
             if options.synthesis is not None:
                 tasks = _synth_tasks(writer, infos, unit_sets, options.synthesis)
                 if tasks:
-                    eng = eng or make_engine(engine, model, ds, ray_address=ray_address, workers=workers, decode_threads=options.decode_threads)
+                    eng = eng or make_engine(
+                        engine, model, ds, ray_address=ray_address, workers=workers, decode_threads=options.decode_threads
+                    )
                     t0 = time.perf_counter()
                     summary.units_synthesized = _run_synth(writer, eng, tasks, progress)
                     summary.seconds["synthesis"] = time.perf_counter() - t0
@@ -265,4 +268,3 @@ def _run_synth(writer: AtlasWriter, eng: Engine, tasks: list[UnitTask], progress
     finally:
         bar.close()
     return n
-

@@ -70,7 +70,7 @@ class Engine(ABC):
     def run_units(self, tasks: Sequence[UnitTask]) -> Iterator[list[UnitResult]]:
         """Run unit tasks; yield each task's results as it finishes (in any order)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook: engines without workers have nothing to release)
         """Release workers."""
 
     def __enter__(self) -> Engine:

@@ -263,7 +263,18 @@ class StatsAccumulator:
         zp = self.zero_positions.cpu().numpy()
         return [
             UnitStats(
-                layer, u, self.images, self.positions, float(s[u]), float(sq[u]), float(sm[u]), float(mx[u]), float(mn[u]), int(ai[u]), int(ap[u]), int(zp[u])
+                layer,
+                u,
+                self.images,
+                self.positions,
+                float(s[u]),
+                float(sq[u]),
+                float(sm[u]),
+                float(mx[u]),
+                float(mn[u]),
+                int(ai[u]),
+                int(ap[u]),
+                int(zp[u]),
             )
             for u in range(len(s))
         ]
@@ -364,7 +375,7 @@ class LayerMining:
         units, k = a["values"].shape
         ms = tuple(int(v) for v in a["map_size"])
         out = cls(layer, units, k, None if ms[0] < 0 else (ms[0], ms[1]), device)
-        t = lambda name: torch.from_numpy(a[name].copy()).to(device)  # noqa: E731
+        t = lambda name: torch.from_numpy(a[name].copy()).to(device)
         out.topk.values, out.topk.samples, out.topk.positions = t("values"), t("samples"), t("positions")
         st = out.stats
         st.sum.whole, st.sum.frac = t("sum_whole"), t("sum_frac")
@@ -442,4 +453,3 @@ def _expect(batch: Batch, b: int, batch_size: int, n: int) -> None:
     got = set(batch.indices) | {i for i, _ in batch.skipped}
     if got != want:  # a programming error, not bad input
         raise RuntimeError(f"batch {b} holds samples {sorted(got)[:4]}..., expected {sorted(want)[:4]}...")
-

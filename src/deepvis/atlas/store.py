@@ -238,11 +238,8 @@ class Atlas:
         rows = self._conn.execute(
             "SELECT rank, value, sample, key, label, y, x, crop, view FROM top WHERE layer=? AND unit=? ORDER BY rank", (layer, unit)
         )
-        path = lambda p: None if p is None else self.root / p  # noqa: E731
-        top = [
-            TopImage(r[0], r[1], r[2], r[3], r[4], None if r[5] is None else (r[5], r[6]), path(r[7]), path(r[8]))
-            for r in rows
-        ]
+        path = lambda p: None if p is None else self.root / p
+        top = [TopImage(r[0], r[1], r[2], r[3], r[4], None if r[5] is None else (r[5], r[6]), path(r[7]), path(r[8])) for r in rows]
         s = self._conn.execute("SELECT image, raw, value, info FROM synth WHERE layer=? AND unit=?", (layer, unit)).fetchone()
         synth = SynthImage(self.root / s[0], self.root / s[1], s[2], json.loads(s[3])) if s else None
         return UnitRecord(layer, unit, st[0] if st else None, top, synth)
@@ -436,9 +433,26 @@ class AtlasWriter:
                 c.executemany(
                     "INSERT INTO stats VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [
-                        (s.layer, s.unit, s.images, s.positions, s.sum, s.sum_sq, s.sum_max, _finite(s.max), _finite(s.min),
-                         s.active_images, s.active_positions, s.zero_positions, _finite(s.mean), _finite(s.std), _finite(s.mean_max),
-                         _finite(s.frac_active), _finite(s.frac_positions_active), _finite(s.frac_zero))
+                        (
+                            s.layer,
+                            s.unit,
+                            s.images,
+                            s.positions,
+                            s.sum,
+                            s.sum_sq,
+                            s.sum_max,
+                            _finite(s.max),
+                            _finite(s.min),
+                            s.active_images,
+                            s.active_positions,
+                            s.zero_positions,
+                            _finite(s.mean),
+                            _finite(s.std),
+                            _finite(s.mean_max),
+                            _finite(s.frac_active),
+                            _finite(s.frac_positions_active),
+                            _finite(s.frac_zero),
+                        )
                         for s in st.unit_stats()
                     ],
                 )
@@ -447,7 +461,9 @@ class AtlasWriter:
                     for rank, (value, sample, pos) in enumerate(st.top(u)):
                         smp = samples[sample]
                         rows.append((st.layer, u, rank, value, sample, smp.key, smp.label, *(pos if pos else (None, None))))
-                c.executemany("INSERT INTO top(layer, unit, rank, value, sample, key, label, y, x) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                c.executemany(
+                    "INSERT INTO top(layer, unit, rank, value, sample, key, label, y, x) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
+                )
                 c.execute("UPDATE layers SET mined=1 WHERE layer=?", (st.layer,))
                 c.execute("DELETE FROM checkpoints WHERE layer=?", (st.layer,))
 
@@ -473,7 +489,10 @@ class AtlasWriter:
             vp = self._write(f"{d}/top{rank:02d}_view.png", view)
             paths.append((cp, vp))
         with self._tx() as c:
-            c.executemany("UPDATE top SET crop=?, view=? WHERE layer=? AND unit=? AND rank=?", [(cp, vp, layer, unit, r) for r, (cp, vp) in enumerate(paths)])
+            c.executemany(
+                "UPDATE top SET crop=?, view=? WHERE layer=? AND unit=? AND rank=?",
+                [(cp, vp, layer, unit, r) for r, (cp, vp) in enumerate(paths)],
+            )
             c.execute("INSERT OR REPLACE INTO views(layer, unit) VALUES (?, ?)", (layer, unit))
 
     # -- synthesis -----------------------------------------------------------------------------------
@@ -521,4 +540,3 @@ def _check_params(root: Path, layer: str, old: dict[str, Any], new: dict[str, An
     if diff:
         parts = ", ".join(f"{k} {old.get(k)!r} (now {new.get(k)!r})" for k in diff)
         raise AtlasError(f"layer {layer} of atlas {root} was made with {parts}; rerun with the same options or use another output folder")
-

@@ -164,8 +164,29 @@ class _Through(torch.autograd.Function):
         return g, None, None
 
 
-_INPLACE_METHODS = {torch.relu_, torch.Tensor.relu_, F.hardtanh_, F.leaky_relu_, F.elu_, torch.sigmoid_, torch.Tensor.sigmoid_, torch.tanh_, torch.Tensor.tanh_, torch.Tensor.clamp_, torch.clamp_}
-_MASKING = {torch.clamp, torch.Tensor.clamp, torch.clamp_, torch.Tensor.clamp_, torch.clamp_min, torch.Tensor.clamp_min, torch.clamp_max, torch.Tensor.clamp_max}
+_INPLACE_METHODS = {
+    torch.relu_,
+    torch.Tensor.relu_,
+    F.hardtanh_,
+    F.leaky_relu_,
+    F.elu_,
+    torch.sigmoid_,
+    torch.Tensor.sigmoid_,
+    torch.tanh_,
+    torch.Tensor.tanh_,
+    torch.Tensor.clamp_,
+    torch.clamp_,
+}
+_MASKING = {
+    torch.clamp,
+    torch.Tensor.clamp,
+    torch.clamp_,
+    torch.Tensor.clamp_,
+    torch.clamp_min,
+    torch.Tensor.clamp_min,
+    torch.clamp_max,
+    torch.Tensor.clamp_max,
+}
 
 
 def _window_sum(x: torch.Tensor, y: torch.Tensor, kernel: Any, stride: Any, padding: Any, dilation: Any) -> torch.Tensor | None:
@@ -197,9 +218,13 @@ class _ProbeMode(TorchFunctionMode):
         x = args[0] if args else None
         if isinstance(x, torch.Tensor) and x.requires_grad:
             if func in RELU_FUNCS or (func in OTHER_FUNCS and OTHER_FUNCS[func] not in ("glu", "prelu")) or func in _MASKING:
-                inplace = func in _INPLACE_METHODS or bool(kwargs.get("inplace", False)) or (
-                    func in (F.relu, F.relu6) and len(args) > 1 and bool(args[1])
-                ) or (func is F.leaky_relu and len(args) > 2 and bool(args[2])) or (func is F.hardtanh and len(args) > 3 and bool(args[3]))
+                inplace = (
+                    func in _INPLACE_METHODS
+                    or bool(kwargs.get("inplace", False))
+                    or (func in (F.relu, F.relu6) and len(args) > 1 and bool(args[1]))
+                    or (func is F.leaky_relu and len(args) > 2 and bool(args[2]))
+                    or (func is F.hardtanh and len(args) > 3 and bool(args[3]))
+                )
                 return _Through.apply(x, lambda: func(*args, **kwargs), inplace)
             if func is F.max_pool2d and not kwargs.get("return_indices", False) and not (len(args) > 6 and args[6]):
                 y = func(*args, **kwargs)
@@ -290,7 +315,9 @@ def _decode(mask: torch.Tensor, rows: tuple[int, ...], centre: float, stride: fl
     return out
 
 
-def _axis_spans(model: Model, layer: str, x0: torch.Tensor, h: int, w: int, batch: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+def _axis_spans(
+    model: Model, layer: str, x0: torch.Tensor, h: int, w: int, batch: int
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """The clipped span of every output row and column, with as few backward passes as it safely can.
 
     Three rows and three columns are probed alone; they give the field size and the stride. Rows far

@@ -147,7 +147,9 @@ class _Rule(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, run: Callable[[], torch.Tensor], inplace: bool, guided: bool, upper: float | None) -> torch.Tensor:  # type: ignore[override]
+    def forward(
+        ctx: Any, x: torch.Tensor, run: Callable[[], torch.Tensor], inplace: bool, guided: bool, upper: float | None
+    ) -> torch.Tensor:  # type: ignore[override]
         y = run()
         if inplace:
             ctx.mark_dirty(x)

@@ -15,7 +15,20 @@ from collections.abc import Sequence
 __all__ = ["main", "build_parser", "COMMAND_MODULES"]
 
 #: sub-command modules, in the order ``--help`` lists them
-COMMAND_MODULES = ("info", "models", "layers", "predict", "activations", "backprop", "rf", "optimize", "atlas", "atlas_show", "report", "serve")
+COMMAND_MODULES = (
+    "info",
+    "models",
+    "layers",
+    "predict",
+    "activations",
+    "backprop",
+    "rf",
+    "optimize",
+    "atlas",
+    "atlas_show",
+    "report",
+    "serve",
+)
 
 
 #: environment each sub-command wants set before the process starts (see :func:`main`)

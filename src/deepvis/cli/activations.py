@@ -22,7 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", metavar="INPUT", help="image or video file, or sample:NAME (see `deepvis samples`)")
     p.add_argument("--layer", required=True, help="layer name (see `deepvis layers`)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output PNG (image input) or video file / folder (video input)")
-    p.add_argument("--normalize", choices=("layer", "channel", "none"), default="layer", help="one scale per layer or per channel (default: %(default)s)")
+    p.add_argument(
+        "--normalize",
+        choices=("layer", "channel", "none"),
+        default="layer",
+        help="one scale per layer or per channel (default: %(default)s)",
+    )
     p.add_argument("--colormap", default="gray", help=f"colormap: {', '.join(COLORMAPS)} or any matplotlib name (default: %(default)s)")
     p.add_argument("--unit", type=int, metavar="N", help="highlight channel N")
     p.add_argument("--scale", type=int, metavar="K", help="enlarge each tile K times (default: automatic)")
@@ -70,7 +75,9 @@ def _fmt(path: Path) -> str:
 
 def _report(args: argparse.Namespace, rows, output: str) -> None:
     if args.json:
-        print_json({"output": output, "layer": args.layer, "inputs": [{"input": i, "predictions": [p.to_dict() for p in ps]} for i, ps in rows]})
+        print_json(
+            {"output": output, "layer": args.layer, "inputs": [{"input": i, "predictions": [p.to_dict() for p in ps]} for i, ps in rows]}
+        )
         return
     for name, preds in rows:
         if preds:
@@ -99,13 +106,12 @@ def _video(args, model, src: Path, out: Path, opts, render) -> int:
     last_preds = []
     n = 0
     if out.suffix.lower() in VIDEO_SUFFIXES:
-        with atomic_path(out) as tmp:
-            with VideoWriter(tmp, fps=fps / args.every) as writer:
-                for view in views:
-                    writer.write(as_image(render(view)))
-                    last_preds = view.predictions
-                    n += 1
-                    bar.update()
+        with atomic_path(out) as tmp, VideoWriter(tmp, fps=fps / args.every) as writer:
+            for view in views:
+                writer.write(as_image(render(view)))
+                last_preds = view.predictions
+                n += 1
+                bar.update()
     else:
         if out.exists() and not out.is_dir():
             from ..errors import DeepvisError

@@ -26,11 +26,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", required=True, help="comma-separated layer names (see `deepvis layers`)")
     p.add_argument("-o", "--output", required=True, metavar="ATLAS", help="atlas folder (created, or continued when it exists)")
     p.add_argument("-k", "--top", type=int, default=9, help="top inputs kept per unit (default: %(default)s)")
-    p.add_argument("--units", metavar="SPEC", help="units of each layer that get views and synthesized images: 7, 0-15, 3,9,12 or all (default: all; mining always covers every unit)")
+    p.add_argument(
+        "--units",
+        metavar="SPEC",
+        help="units of each layer that get views and synthesized images: 7, 0-15, 3,9,12 or all (default: all; mining always covers every unit)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass (default: %(default)s)")
     p.add_argument("--decode-threads", type=int, default=4, metavar="N", help="image decoding threads per process (default: %(default)s)")
     g = p.add_argument_group("views and synthesis")
-    g.add_argument("--view-mode", choices=("deconv", "guided", "gradient"), default="deconv", help="backprop view of each top input (default: %(default)s)")
+    g.add_argument(
+        "--view-mode",
+        choices=("deconv", "guided", "gradient"),
+        default="deconv",
+        help="backprop view of each top input (default: %(default)s)",
+    )
     g.add_argument("--no-views", action="store_true", help="skip the crops and backprop views")
     g.add_argument("--no-synthesis", action="store_true", help="skip the synthesized images")
     g.add_argument("--preset", default="3", help="synthesis preset of the deep-visualization paper (1-4; default: %(default)s)")
@@ -39,10 +48,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int, default=0, help="synthesis seed (default: %(default)s)")
     g.add_argument("--synth-batch", type=int, default=16, metavar="N", help="units optimized together (default: %(default)s)")
     e = p.add_argument_group("engine")
-    e.add_argument("--engine", choices=("local", "ray"), default="local", help="local: this process; ray: Ray workers (default: %(default)s)")
-    e.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (e.g. ray://head:10001 or auto); default: start Ray locally")
+    e.add_argument(
+        "--engine", choices=("local", "ray"), default="local", help="local: this process; ray: Ray workers (default: %(default)s)"
+    )
+    e.add_argument(
+        "--ray-address", metavar="ADDR", help="join this Ray cluster (e.g. ray://head:10001 or auto); default: start Ray locally"
+    )
     e.add_argument("--workers", type=int, metavar="N", help="Ray workers (default: one per GPU, else 2)")
-    p.add_argument("--checkpoint-seconds", type=float, default=30.0, metavar="S", help="save mining progress this often (default: %(default)s)")
+    p.add_argument(
+        "--checkpoint-seconds", type=float, default=30.0, metavar="S", help="save mining progress this often (default: %(default)s)"
+    )
     p.add_argument("--json", action="store_true", help="print a JSON summary (with every skipped file)")
     add_model_options(p)
     p.set_defaults(func=run)
@@ -67,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
     model = model_from_args(args)
     synthesis = None
     if not args.no_synthesis:
-        synthesis = SynthesisOptions(preset=str(args.preset), steps=args.steps, size=args.size, seed=args.seed, units_per_batch=args.synth_batch)
+        synthesis = SynthesisOptions(
+            preset=str(args.preset), steps=args.steps, size=args.size, seed=args.seed, units_per_batch=args.synth_batch
+        )
     options = AtlasOptions(
         layers=layers,
         top=args.top,

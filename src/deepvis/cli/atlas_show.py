@@ -77,7 +77,9 @@ def _unit_json(rec) -> dict:
             }
             for t in rec.top
         ],
-        "synth": None if rec.synth is None else {"image": str(rec.synth.image), "raw": str(rec.synth.raw), "value": rec.synth.value, "info": rec.synth.info},
+        "synth": None
+        if rec.synth is None
+        else {"image": str(rec.synth.image), "raw": str(rec.synth.raw), "value": rec.synth.value, "info": rec.synth.info},
     }
 
 
@@ -88,7 +90,14 @@ def _list(atlas, args: argparse.Namespace) -> int:
             {
                 "meta": atlas.meta,
                 "layers": [
-                    {"name": r.name, "units": r.units, "shape": list(r.shape), "mined": r.mined, "params": r.params, "synth_params": r.synth_params}
+                    {
+                        "name": r.name,
+                        "units": r.units,
+                        "shape": list(r.shape),
+                        "mined": r.mined,
+                        "params": r.params,
+                        "synth_params": r.synth_params,
+                    }
                     for r in layers
                 ],
                 "skipped": [{"sample": i, "key": k, "reason": why} for i, k, why in atlas.skipped()],

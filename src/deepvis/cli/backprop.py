@@ -28,11 +28,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--at", choices=("max",), help="start at the position where the channel map peaks")
     p.add_argument("--filter", choices=FILTERS, default="raw", help="display filter (default: %(default)s)")
     p.add_argument("--colormap", default="gray", help=f"colormap for gray/norm/normblur: {', '.join(COLORMAPS)} or any matplotlib name")
-    p.add_argument("--percentile", type=float, default=99.5, help="scale by this percentile of the magnitudes (100: the maximum; default: %(default)s)")
+    p.add_argument(
+        "--percentile", type=float, default=99.5, help="scale by this percentile of the magnitudes (100: the maximum; default: %(default)s)"
+    )
     p.add_argument("--overlay", action="store_true", help="blend the view over the input image")
     p.add_argument("--alpha", type=float, default=0.6, help="weight of the view in --overlay (default: %(default)s)")
-    p.add_argument("--seed", choices=("activation", "one"), default="activation", help="seed of the backward pass: the unit's activation (default) or 1")
-    p.add_argument("--allow-plain", action="store_true", help="deconv/guided on models with SiLU, GELU, ...: keep their plain gradient (warns) instead of stopping")
+    p.add_argument(
+        "--seed",
+        choices=("activation", "one"),
+        default="activation",
+        help="seed of the backward pass: the unit's activation (default) or 1",
+    )
+    p.add_argument(
+        "--allow-plain",
+        action="store_true",
+        help="deconv/guided on models with SiLU, GELU, ...: keep their plain gradient (warns) instead of stopping",
+    )
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output picture (.png, .jpg or .webp)")
     p.add_argument("--json", action="store_true", help="print the unit, position, activation and output as JSON")
     add_model_options(p)

@@ -10,7 +10,11 @@ from .common import add_common_options, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="show versions, devices and allocator settings", description="Show the versions, compute devices and memory-allocator settings deepvis runs with.")
+    p = sub.add_parser(
+        "info",
+        help="show versions, devices and allocator settings",
+        description="Show the versions, compute devices and memory-allocator settings deepvis runs with.",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     add_common_options(p)
     p.set_defaults(func=run)

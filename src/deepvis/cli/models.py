@@ -8,7 +8,11 @@ from .common import add_common_options, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list built-in models and how to name others", description="List the built-in models and the other ways to name a model.")
+    p = sub.add_parser(
+        "models",
+        help="list built-in models and how to name others",
+        description="List the built-in models and the other ways to name a model.",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     add_common_options(p)
     p.set_defaults(func=run)

@@ -46,8 +46,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--layer", help="layer of the units (see `deepvis layers`)")
     t.add_argument("--units", metavar="SPEC", help="channels of --layer: 7, 0-15, 3,9,12 or all")
     t.add_argument("--at", type=_position, metavar="Y,X", help="position in the layer's map (default: its center)")
-    t.add_argument("--class", dest="classes", action="append", default=[], metavar="NAME", help="a class logit by name or index (repeatable)")
-    t.add_argument("--objective", choices=("neuron", "channel"), default="neuron", help="a unit at one position (the paper's choice) or the channel's mean (default: %(default)s)")
+    t.add_argument(
+        "--class", dest="classes", action="append", default=[], metavar="NAME", help="a class logit by name or index (repeatable)"
+    )
+    t.add_argument(
+        "--objective",
+        choices=("neuron", "channel"),
+        default="neuron",
+        help="a unit at one position (the paper's choice) or the channel's mean (default: %(default)s)",
+    )
     s = p.add_argument_group("settings (override the preset)")
     s.add_argument("--preset", default="3", help=f"one of {', '.join(PRESETS)} (default: %(default)s)")
     s.add_argument("--steps", type=int, help="number of steps")
@@ -156,7 +163,16 @@ def run(args: argparse.Namespace) -> int:
         bar.update(done - bar.n)
 
     try:
-        results = visualize(model, units, preset=settings, size=args.size, seed=args.seed, batch_size=args.batch_size, kind=args.objective, progress=on_progress)
+        results = visualize(
+            model,
+            units,
+            preset=settings,
+            size=args.size,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            kind=args.objective,
+            progress=on_progress,
+        )
     finally:
         bar.close()
     import json
@@ -173,7 +189,19 @@ def run(args: argparse.Namespace) -> int:
         record["files"] = {k: Path(v).name for k, v in files.items()}
         with atomic_path(files["record"]) as tmp:
             tmp.write_text(json.dumps(record, indent=1) + "\n")
-        rows.append({"unit": res.unit, "label": res.label, "objective": res.objective, "value": res.value, "start_value": res.start_value, "best_step": res.best_step, "dead": res.dead, "dead_step": res.dead_step, "files": files})
+        rows.append(
+            {
+                "unit": res.unit,
+                "label": res.label,
+                "objective": res.objective,
+                "value": res.value,
+                "start_value": res.start_value,
+                "best_step": res.best_step,
+                "dead": res.dead,
+                "dead_step": res.dead_step,
+                "files": files,
+            }
+        )
         if res.dead:
             print(f"{res.unit}: dead unit (gradient exactly 0 at step {res.dead_step})", file=sys.stderr)
     labels = [(f"{r.label or ''}" if r.label else (r.unit or r.objective)) for r in results]
@@ -181,7 +209,17 @@ def run(args: argparse.Namespace) -> int:
     with atomic_path(mont) as tmp:
         montage([r.display_image() for r in results], labels=labels, tile=min(160, max(results[0].size))).save(tmp, format="PNG")
     if args.json:
-        print_json({"output": str(out), "montage": str(mont), "model": model.name, "settings": settings.to_dict(), "size": list(results[0].size), "seed": args.seed, "units": rows})
+        print_json(
+            {
+                "output": str(out),
+                "montage": str(mont),
+                "model": model.name,
+                "settings": settings.to_dict(),
+                "size": list(results[0].size),
+                "seed": args.seed,
+                "units": rows,
+            }
+        )
     else:
         for row in rows:
             name = row["unit"] + (f" ({row['label']})" if row["label"] else "")

@@ -8,7 +8,11 @@ from .common import add_model_options, model_from_args, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="print the top-k classes of images", description="Print the top-k classes of one or more images (sample:NAME for a bundled photo).")
+    p = sub.add_parser(
+        "predict",
+        help="print the top-k classes of images",
+        description="Print the top-k classes of one or more images (sample:NAME for a bundled photo).",
+    )
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("-k", "--top", type=int, default=5, help="how many classes (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON")

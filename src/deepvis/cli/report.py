@@ -14,7 +14,9 @@ def _floats(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise DeepvisError(f"--epsilons {text!r}: give comma-separated numbers of 0-255 pixel steps, e.g. 1,2,4,8 (or 0 for none)") from None
+        raise DeepvisError(
+            f"--epsilons {text!r}: give comma-separated numbers of 0-255 pixel steps, e.g. 1,2,4,8 (or 0 for none)"
+        ) from None
     if any(v < 0 or v != v or v == float("inf") for v in values):
         raise DeepvisError(f"--epsilons {text!r}: sizes must be positive numbers of 0-255 pixel steps")
     return [v for v in values if v > 0]
@@ -33,18 +35,46 @@ def register(sub: argparse._SubParsersAction) -> None:
         "resolution stage and the logits are used (see docs/report.md).",
     )
     p.add_argument("dataset", metavar="DATASET", help=DATASET_SPEC_HELP)
-    p.add_argument("-o", "--output", required=True, metavar="REPORT", help="REPORT.html (the JSON goes beside it as REPORT.json) or a folder for report.html and report.json")
-    p.add_argument("--layers", metavar="L1,L2", help="comma-separated layers (see `deepvis layers`); default: each stage's output and logits")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="REPORT",
+        help="REPORT.html (the JSON goes beside it as REPORT.json) or a folder for report.html and report.json",
+    )
+    p.add_argument(
+        "--layers", metavar="L1,L2", help="comma-separated layers (see `deepvis layers`); default: each stage's output and logits"
+    )
     p.add_argument("--max-images", type=int, metavar="N", help="use N inputs spread evenly over the dataset (default: all)")
-    p.add_argument("--epsilons", default="1,2,4,8", metavar="E1,E2", help="perturbation sizes in 0-255 pixel steps; 0 for no sensitivity analysis (default: %(default)s)")
-    p.add_argument("--sensitivity-images", type=int, default=32, metavar="N", help="inputs perturbed for the sensitivity analysis (default: %(default)s)")
+    p.add_argument(
+        "--epsilons",
+        default="1,2,4,8",
+        metavar="E1,E2",
+        help="perturbation sizes in 0-255 pixel steps; 0 for no sensitivity analysis (default: %(default)s)",
+    )
+    p.add_argument(
+        "--sensitivity-images",
+        type=int,
+        default=32,
+        metavar="N",
+        help="inputs perturbed for the sensitivity analysis (default: %(default)s)",
+    )
     p.add_argument("--clusters", type=int, default=8, metavar="K", help="k-means clusters per layer (default: %(default)s)")
     p.add_argument("--cluster-layers", metavar="L1,L2", help="layers to cluster (default: every summarized layer)")
-    p.add_argument("--map", choices=("auto", "pca", "umap"), default="auto", help="2-D map of the clusters: UMAP when installed (auto), or PCA (default: %(default)s)")
+    p.add_argument(
+        "--map",
+        choices=("auto", "pca", "umap"),
+        default="auto",
+        help="2-D map of the clusters: UMAP when installed (auto), or PCA (default: %(default)s)",
+    )
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds of the linear probes (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=4, metavar="K", help="top inputs kept per unit (default: %(default)s)")
-    p.add_argument("--radius", type=float, default=0.15, help="locality neighbourhood radius as a fraction of the map side (default: %(default)s)")
-    p.add_argument("--atlas", metavar="ATLAS", help="reuse the per-unit statistics of an atlas of the same model and dataset (`deepvis atlas`)")
+    p.add_argument(
+        "--radius", type=float, default=0.15, help="locality neighbourhood radius as a fraction of the map side (default: %(default)s)"
+    )
+    p.add_argument(
+        "--atlas", metavar="ATLAS", help="reuse the per-unit statistics of an atlas of the same model and dataset (`deepvis atlas`)"
+    )
     p.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass (default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="image decoding threads (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random perturbations, folds and k-means (default: %(default)s)")
@@ -115,7 +145,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"{'layer':<24} {'units':>6} {'dead':>5} {'sparsity':>9} {'locality':>9} {'probe acc':>9}")
         for r in rows:
-            print(f"{r['layer']:<24} {r['units']:>6} {r['dead']:>5} {_f(r['sparsity']):>9} {_f(r['median_locality']):>9} {_f(r['probe_accuracy']):>9}")
+            print(
+                f"{r['layer']:<24} {r['units']:>6} {r['dead']:>5} {_f(r['sparsity']):>9} {_f(r['median_locality']):>9} {_f(r['probe_accuracy']):>9}"
+            )
         print(f"wrote {html_path} and {json_path}", file=sys.stderr)
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from .common import add_model_options
@@ -29,7 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for the network (default: PyTorch's choice)")
     p.add_argument("--no-backprop", action="store_true", help="do not offer the backprop view")
-    p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"), help="server log level (default: %(default)s)")
+    p.add_argument(
+        "--log-level",
+        default="warning",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="server log level (default: %(default)s)",
+    )
     add_model_options(p)
     p.set_defaults(func=run)
 
@@ -65,10 +71,8 @@ def machine_names() -> list[str]:
     import socket
 
     names = {socket.gethostname(), socket.getfqdn()}
-    try:
+    with contextlib.suppress(socket.gaierror):  # no resolvable name: the names above and --allow-host still apply
         names |= {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
-    except socket.gaierror:
-        pass  # no resolvable name: the names above and --allow-host still apply
     return sorted(n for n in names if n)
 
 
@@ -118,11 +122,15 @@ def run(args: argparse.Namespace) -> int:
         app = create_app(config)
         token = app.state.toolbox.token
         if args.host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"deepvis serve: listening on {args.host}: anyone who can reach this machine and has the token can use it", file=sys.stderr)
+            print(
+                f"deepvis serve: listening on {args.host}: anyone who can reach this machine and has the token can use it", file=sys.stderr
+            )
         print(f"deepvis serve: open {url_for(args.host, port, token)}", flush=True)
         print("(Ctrl-C to stop)", file=sys.stderr, flush=True)
         server = uvicorn.Server(
-            uvicorn.Config(app, log_level=args.log_level, ws_max_size=8 * 1024 * 1024, ws_ping_interval=20.0, ws_ping_timeout=20.0, lifespan="on")
+            uvicorn.Config(
+                app, log_level=args.log_level, ws_max_size=8 * 1024 * 1024, ws_ping_interval=20.0, ws_ping_timeout=20.0, lifespan="on"
+            )
         )
         server.run(sockets=[sock])
     finally:

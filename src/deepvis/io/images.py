@@ -62,7 +62,9 @@ def decode_image(data: bytes, mode: str = "RGB", *, max_pixels: int = DEFAULT_MA
             im = Image.open(io.BytesIO(data))
             w, h = im.size
             if w * h > max_pixels:
-                raise InputError(f"{name} is {w}x{h} = {w * h / 1e6:.0f} megapixels, over the {max_pixels / 1e6:.0f} MP limit (decompression bomb?)")
+                raise InputError(
+                    f"{name} is {w}x{h} = {w * h / 1e6:.0f} megapixels, over the {max_pixels / 1e6:.0f} MP limit (decompression bomb?)"
+                )
             if getattr(im, "n_frames", 1) > 1:
                 im.seek(0)
             im.load()
@@ -85,9 +87,8 @@ def _stretch(arr: np.ndarray, mode: str) -> np.ndarray:
     elif mode == "I":
         if arr.size and (arr.min() < 0 or arr.max() > 255):
             arr = arr / 257.0
-    elif mode == "F":
-        if arr.size and arr.min() >= 0 and arr.max() <= 1:
-            arr = arr * 255.0
+    elif mode == "F" and arr.size and arr.min() >= 0 and arr.max() <= 1:
+        arr = arr * 255.0
     return np.clip(arr + 0.5, 0, 255).astype(np.uint8)
 
 

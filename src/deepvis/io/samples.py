@@ -81,5 +81,5 @@ def resolve_input(spec: str | os.PathLike[str]) -> Path:
     """A path, or ``sample:NAME`` for a bundled sample photo."""
     s = os.fspath(spec)
     if s.startswith(SAMPLE_PREFIX):
-        return sample_path(s[len(SAMPLE_PREFIX):])
+        return sample_path(s[len(SAMPLE_PREFIX) :])
     return Path(s)

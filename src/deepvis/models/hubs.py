@@ -76,7 +76,14 @@ def build_torchvision(name: str, weights: str | os.PathLike[str] | None = None) 
         crop = int(t.crop_size[0])
         resize = int(t.resize_size[0]) if t.resize_size else crop
         interp = getattr(t.interpolation, "value", str(t.interpolation))
-        prep = Preprocessing((crop, crop), tuple(t.mean), tuple(t.std), interp if interp in ("bilinear", "bicubic", "nearest") else "bilinear", min(1.0, crop / resize), 3)
+        prep = Preprocessing(
+            (crop, crop),
+            tuple(t.mean),
+            tuple(t.std),
+            interp if interp in ("bilinear", "bicubic", "nearest") else "bilinear",
+            min(1.0, crop / resize),
+            3,
+        )
         cats = default.meta.get("categories")
         out = _num_outputs(module)
         if cats and (out is None or out == len(cats)):
@@ -106,7 +113,9 @@ def build_timm(name: str, weights: str | os.PathLike[str] | None = None) -> Mode
     module.eval()
     cfg = timm.data.resolve_data_config({}, model=module)
     c, h, w = cfg["input_size"]
-    prep = Preprocessing((h, w), tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("interpolation", "bicubic"), float(cfg.get("crop_pct", 0.875)), c)
+    prep = Preprocessing(
+        (h, w), tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("interpolation", "bicubic"), float(cfg.get("crop_pct", 0.875)), c
+    )
     names = imagenet_class_names() if _num_outputs(module) == 1000 else None
     return Model(module, prep, name=f"timm:{name}", class_names=names)
 
@@ -142,5 +151,3 @@ def default_preprocessing_for(module: nn.Module) -> Preprocessing:
     if channels == 1:
         return Preprocessing(channels=1, mean=(0.5,), std=(0.5,))
     return Preprocessing()
-
-

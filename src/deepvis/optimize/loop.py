@@ -155,7 +155,9 @@ def build_regularizers(settings: Settings, scale: float) -> list[Regularizer]:
     return regs
 
 
-def resolve_targets(model: Model, targets: Sequence[Target], *, kind: str = "neuron", size: int | tuple[int, int] | None = None) -> list[Objective]:
+def resolve_targets(
+    model: Model, targets: Sequence[Target], *, kind: str = "neuron", size: int | tuple[int, int] | None = None
+) -> list[Objective]:
     """Objectives for ``targets`` — :class:`Unit` s, unit strings (``blocks.3:7``, ``logits:281``) or
     objectives — checked against the model at the canvas ``size``: the layer exists, the channel and
     position are in range. A unit without a position becomes the neuron at the map's center
@@ -262,7 +264,10 @@ def optimize_batch(
             if stop():
                 break
             wp = warp.sample(gens) if warp.active else None
-            parts = [_forward_backward(model, param, warp, p[sl], None if wp is None else wp[sl], bo, layers, size, pixel_scale) for sl, bo in zip(chunks, chunk_objs)]
+            parts = [
+                _forward_backward(model, param, warp, p[sl], None if wp is None else wp[sl], bo, layers, size, pixel_scale)
+                for sl, bo in zip(chunks, chunk_objs)
+            ]
             v, g_p, g_x, xd = (torch.cat(t_) if len(parts) > 1 else t_[0] for t_ in zip(*parts))
             trace[t] = v
             steps_run = t + 1

@@ -127,9 +127,13 @@ _PAPER = "Yosinski et al. 2015, Table 1"
 PRESETS: Mapping[str, Settings] = MappingProxyType(
     {
         "1": Settings("1", 0.0, 0.5, 4, 50, 0, "progress", 100.0, 2.0, 500, description=f"{_PAPER}, row 1: blur + small-norm clipping"),
-        "2": Settings("2", 0.3, 0.0, 0, 20, 0, "constant", 100.0, 2.0, 750, description=f"{_PAPER}, row 2: strong decay + small-norm clipping"),
+        "2": Settings(
+            "2", 0.3, 0.0, 0, 20, 0, "constant", 100.0, 2.0, 750, description=f"{_PAPER}, row 2: strong decay + small-norm clipping"
+        ),
         "3": Settings("3", 0.0001, 1.0, 4, 0, 0, "constant", 100.0, 2.0, 1000, description=f"{_PAPER}, row 3: weak decay + blur"),
-        "4": Settings("4", 0.0, 0.5, 4, 0, 90, "progress", 1e8, 2.0, 1000, description=f"{_PAPER}, row 4: blur + small-contribution clipping"),
+        "4": Settings(
+            "4", 0.0, 0.5, 4, 0, 90, "progress", 1e8, 2.0, 1000, description=f"{_PAPER}, row 4: blur + small-contribution clipping"
+        ),
         "none": Settings("none", lr_policy="constant", lr=100.0, steps=500, description="unregularized gradient ascent (for contrast)"),
         "robust": Settings(
             "robust",

@@ -23,7 +23,12 @@ def as_image(img: Image.Image | np.ndarray) -> Image.Image:
 
 
 def montage(
-    images: Sequence[Image.Image | np.ndarray], *, cols: int | None = None, tile: int | None = None, pad: int = 2, labels: Sequence[str] | None = None
+    images: Sequence[Image.Image | np.ndarray],
+    *,
+    cols: int | None = None,
+    tile: int | None = None,
+    pad: int = 2,
+    labels: Sequence[str] | None = None,
 ) -> Image.Image:
     """Arrange images in a grid (near-square unless ``cols``), each resized to ``tile`` px (default: the first's size)."""
     if not images:

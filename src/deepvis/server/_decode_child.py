@@ -38,12 +38,11 @@ def _child(spec: dict) -> int:
             raise
         warning = f"only the first {len(jpegs)} frames could be decoded: {exc}"
     meta = json.dumps({"fps": fps / step, "lengths": [len(j) for j in jpegs], "warning": warning}).encode()
-    with atomic_path(out) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<I", len(meta)))
-            f.write(meta)
-            for j in jpegs:
-                f.write(j)
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<I", len(meta)))
+        f.write(meta)
+        for j in jpegs:
+            f.write(j)
     return 0
 
 

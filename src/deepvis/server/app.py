@@ -27,16 +27,16 @@ from ..errors import DeepvisError, InputError
 from ..io import decode_image, load_image, sample_photos, to_mode
 from ..models.model import Model
 from ..render import COLORMAPS, colormap_lut
-from .config import ServerConfig
 from .atlas_view import IMAGE_KINDS, AtlasView
+from .config import ServerConfig
 from .engine import Engine, TooManySessions, replica
 from .frames import fit_image
 from .protocol import ProtocolError, ViewSettings, pack, text, unpack
 from .security import Guard, GuardMiddleware, new_token
 from .session import Frame, RawFrame, Session
 from .static_files import StaticFiles
-from .video import ServerVideo, decode_video
 from .synthesis import SynthesisService
+from .video import ServerVideo, decode_video
 
 __all__ = ["create_app", "Toolbox"]
 
@@ -108,7 +108,13 @@ class Toolbox:
                 "num_classes": m.num_classes,
             },
             "layers": [
-                {"name": i.name, "type": i.type, "shape": list(i.shape), "same_as": i.same_as, "classes": self.engine.processor.is_class_layer(i.name)}
+                {
+                    "name": i.name,
+                    "type": i.type,
+                    "shape": list(i.shape),
+                    "same_as": i.same_as,
+                    "classes": self.engine.processor.is_class_layer(i.name),
+                }
                 for i in self.engine.processor.table
             ],
             "default_settings": self.engine.default_settings.to_dict(),
@@ -144,7 +150,9 @@ class Toolbox:
         """Make frame ``index`` of a server-decoded video the page's input (already at the model's size)."""
         jpeg = video.frames[index]
         image = decode_image(jpeg, self.model.preprocessing.pil_mode, name=f"{video.name} frame {index}")
-        msg = pack({"type": "input", "source": "video", "name": video.name, "index": index, "w": image.width, "h": image.height}, {"jpeg": jpeg})
+        msg = pack(
+            {"type": "input", "source": "video", "name": video.name, "index": index, "w": image.width, "h": image.height}, {"jpeg": jpeg}
+        )
         self.engine.post_latest(session, "input", msg)
         self.engine.submit_frame(session, Frame(image, "video", seq=seq, name=video.name))
 
@@ -166,7 +174,11 @@ class Toolbox:
         """The atlas record of a unit merged with this server's own synthesized image (None: no such unit)."""
         if not self._known_unit(layer, unit):
             return None
-        rec = self.atlas.unit(layer, unit) if self.atlas is not None else {"layer": layer, "unit": unit, "in_atlas": False, "top": [], "synth": None, "stats": None}
+        rec = (
+            self.atlas.unit(layer, unit)
+            if self.atlas is not None
+            else {"layer": layer, "unit": unit, "in_atlas": False, "top": [], "synth": None, "stats": None}
+        )
         live = self.synthesis.result(layer, unit) if self.synthesis is not None else None
         if rec["synth"] is None and live is not None:
             rec["synth"] = {"value": live.value, "source": "live", "version": live.version}
@@ -421,7 +433,9 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
                     toolbox.engine.post_event(session, text("error", scope="message", message=str(exc)))
                 except Exception as exc:  # a bug: log it, tell the page, keep the connection
                     log.exception("message handling failed")
-                    toolbox.engine.post_event(session, text("error", scope="message", message=f"internal error: {type(exc).__name__}: {exc}"))
+                    toolbox.engine.post_event(
+                        session, text("error", scope="message", message=f"internal error: {type(exc).__name__}: {exc}")
+                    )
         finally:
             toolbox.engine.close_session(session)
             sender.cancel()

@@ -425,7 +425,9 @@ class Engine:
             if not session.closed:
                 session.put_event(text("error", scope="frame", seq=seq, message=message))
 
-    def _process(self, session: Session, frame: RawFrame | Frame, settings: ViewSettings, started: float) -> tuple[bytes, Frame, torch.Tensor]:
+    def _process(
+        self, session: Session, frame: RawFrame | Frame, settings: ViewSettings, started: float
+    ) -> tuple[bytes, Frame, torch.Tensor]:
         if isinstance(frame, RawFrame):
             image = frame_image(frame.pixels, frame.width, frame.height, frame.fmt, self.model)
             frame = Frame(image, frame.source, frame.seq, received=frame.received)

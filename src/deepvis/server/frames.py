@@ -23,7 +23,16 @@ from ..predictions import top_k
 from ..render import normalize_activations
 from .protocol import ViewSettings
 
-__all__ = ["FrameProcessor", "FrameOutput", "DiffState", "MAX_GRID_VALUES", "grid_factor", "quantize", "frame_image", "choose_memory_format"]
+__all__ = [
+    "FrameProcessor",
+    "FrameOutput",
+    "DiffState",
+    "MAX_GRID_VALUES",
+    "grid_factor",
+    "quantize",
+    "frame_image",
+    "choose_memory_format",
+]
 
 #: a layer's tiles are average-pooled by an integer factor until they hold at most this many values
 MAX_GRID_VALUES = 1 << 19

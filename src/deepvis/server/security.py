@@ -119,9 +119,9 @@ class Guard:
         host = headers.get(b"host")
         if not self.host_ok(host):
             return "unknown Host header (open the URL that deepvis serve printed)"
-        if scope["type"] == "websocket" or scope.get("method", "GET").upper() in _UNSAFE_METHODS:
-            if not self.origin_ok(headers.get(b"origin"), host):
-                return "cross-origin request refused"
+        unsafe = scope["type"] == "websocket" or scope.get("method", "GET").upper() in _UNSAFE_METHODS
+        if unsafe and not self.origin_ok(headers.get(b"origin"), host):
+            return "cross-origin request refused"
         if not self.token_ok(self.supplied_token(scope)):
             return "missing or wrong token: open the URL that deepvis serve printed (it ends with ?token=...)"
         return None

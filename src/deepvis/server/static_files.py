@@ -61,11 +61,7 @@ class StaticFiles:
         q = "?token=" + token
         imports = {f"/static/{n}": f"/static/{n}{q}" for n in sorted(self.assets) if n.endswith(".js")}
         importmap = json.dumps({"imports": imports}).replace("<", "\\u003c")
-        page = (
-            self._template.replace("%%NONCE%%", html.escape(nonce))
-            .replace("%%IMPORTMAP%%", importmap)
-            .replace("%%Q%%", html.escape(q))
-        )
+        page = self._template.replace("%%NONCE%%", html.escape(nonce)).replace("%%IMPORTMAP%%", importmap).replace("%%Q%%", html.escape(q))
         ws = html.escape(host, quote=True).replace(";", "").replace(" ", "")
         csp = (
             "default-src 'none'; "

@@ -61,7 +61,9 @@ def _limit_cpu() -> None:  # runs in the child before it starts
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
 
 
-async def decode_video(src: Path, name: str, pre: Preprocessing, *, max_frames: int = MAX_VIDEO_FRAMES, max_pixels: int = 40_000_000) -> ServerVideo:
+async def decode_video(
+    src: Path, name: str, pre: Preprocessing, *, max_frames: int = MAX_VIDEO_FRAMES, max_pixels: int = 40_000_000
+) -> ServerVideo:
     """Decode ``src`` in a child process; raises :class:`~deepvis.errors.InputError` with a one-line reason."""
     out = src.with_suffix(".frames")
     cmd = child_command(src, out, pre, max_frames, max_pixels)
