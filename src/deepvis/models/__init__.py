@@ -5,6 +5,7 @@
 """
 
 from .efficientnet_lite import build_efficientnet_lite
+from .identity import IDENTITY_KEYS, check_identity, identity_mismatch, model_hash, model_identity
 from .labels import imagenet_class_names, read_labels
 from .model import Model
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
@@ -27,4 +28,9 @@ __all__ = [
     "read_labels",
     "load_weights",
     "read_state_dict",
+    "IDENTITY_KEYS",
+    "model_hash",
+    "model_identity",
+    "identity_mismatch",
+    "check_identity",
 ]
