@@ -40,6 +40,7 @@ ensure_allocator_tuning()
 from deepvis.capture import capture  # noqa: E402
 from deepvis.models import load_model  # noqa: E402
 from deepvis.optimize import get_preset, optimize_batch, resolve_targets, visualize  # noqa: E402
+from deepvis.pixels import to_uint8  # noqa: E402
 
 CLASSES = ("goldfinch", "flamingo", "monarch", "jellyfish", "volcano", "strawberry")
 
@@ -186,7 +187,7 @@ def bench_recog(args, model) -> None:
         for label, norm in (("Lucent defaults", None), ("Lucent + model norm", model.preprocessing)):
             t = time.perf_counter()
             arrs = [lucent_render(lib, lmod, "labels", i, steps=args.lucent_steps, normalize_like=norm) for i in idx]
-            ims = [Image.fromarray((a.clip(0, 1) * 255).round().astype("uint8")) for a in arrs]
+            ims = [Image.fromarray(to_uint8(a)) for a in arrs]
             hits, ranks, prob = judge_images(ims)
             print(
                 f"{label:22s} {hits}/{len(idx)} in top-5  (lite2 ranks {ranks}, mean p {prob:.2f}; {args.lucent_steps} steps at 128 px, {time.perf_counter() - t:.0f} s)",

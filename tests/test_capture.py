@@ -8,6 +8,8 @@ import torchvision
 from torch import nn
 
 from deepvis.capture import Unit, capture, check_unit, get_layer, layer_table, parse_unit, parse_unit_set
+from deepvis.capture.hooks import ALL_MODULES, INPLACE_OUTPUTS, RESOLVED_MODULES
+from deepvis.capture.layers import LAYER_TABLES
 from deepvis.errors import LayerError, UnitError
 from deepvis.models import Model, Preprocessing
 from helpers import assert_unchanged, hooks_left, snapshot
@@ -83,7 +85,7 @@ def test_inplace_modified_output_is_the_module_output(alexnet):
     x = torch.randn(1, 3, 224, 224)
     got = capture(alexnet, x, ["features.0", "features.2"])
     assert (got["features.0"] < 0).any()  # the conv output before the in-place ReLU
-    assert "features.0" in alexnet.cache["inplace_outputs"]
+    assert "features.0" in alexnet.cache.entries(alexnet.module).get(INPLACE_OUTPUTS, None)
 
 
 class Tripwire(nn.Module):
@@ -198,3 +200,48 @@ def test_aliased_layers_equal_their_own_outputs(default_model, sample_images):
     for n in names:
         assert torch.equal(via_model[n], via_module[n]), n
     assert (via_model["bn1.drop"] < 0).any() and (via_model["bn1.act"] >= 0).all()
+
+
+def test_cache_is_dropped_when_the_structure_changes():
+    """Layer tables and resolved modules are structural facts: kept while the weights change in place,
+    recomputed after a submodule is replaced, the model is cast or a module is added."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    model = _wrap(net, size=16)
+    x = torch.randn(1, 3, 16, 16)
+    first = layer_table(model)
+    capture(model, x, ["2"])
+    entries = model.cache.entries(net)
+    assert entries.get(LAYER_TABLES, (3, 16, 16)) is first and entries.get(RESOLVED_MODULES, "2") is net[2]
+    with torch.no_grad():
+        net[0].weight.mul_(2)  # new values, same structure: kept
+    assert layer_table(model) is first
+    net[2] = nn.Conv2d(4, 5, 3)  # replaced: a new table with the new shape, the new module hooked
+    assert layer_table(model) is not first and get_layer(model, "2").shape == (5, 12, 12)
+    assert capture(model, x, ["2"])["2"].shape == (1, 5, 12, 12)
+    assert model.cache.entries(net).get(RESOLVED_MODULES, "2") is net[2]
+    net[1] = nn.Identity()  # no parameters: the module list still changes
+    assert model.cache.entries(net).get(ALL_MODULES, None) is None
+    capture(model, x, ["1"])
+    assert model.cache.entries(net).get(ALL_MODULES, None) == list(net.modules())
+    before = layer_table(model)
+    net.double()  # cast: dtype changed
+    assert model.cache.entries(net).get(LAYER_TABLES, (3, 16, 16)) is None
+    net.float()
+    net.add_module("3", nn.ReLU())  # a module added
+    assert layer_table(model) is not before and "3" in [r.name for r in layer_table(model)]
+    model.cache.clear()
+    assert len(model.cache) == 0
+    layer_table(model)
+    model.to("meta")  # moved to another device (meta: no CUDA needed to see the device change)
+    assert model.cache.entries(net).get(LAYER_TABLES, (3, 16, 16)) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cache_is_dropped_when_the_model_moves():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    model = _wrap(net, size=16)
+    first = layer_table(model)
+    model.to("cuda")
+    assert model.cache.entries(net).get(LAYER_TABLES, (3, 16, 16)) is None
+    assert layer_table(model) is not first
+    assert capture(model, torch.randn(1, 3, 16, 16), ["1"])["1"].device.type == "cuda"

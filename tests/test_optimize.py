@@ -23,7 +23,7 @@ from deepvis.optimize import (
     channel,
     class_logit,
     custom,
-    gaussian_blur,
+    gaussian_blur_symmetric,
     get_preset,
     neuron,
     row_percentile,
@@ -48,11 +48,11 @@ def test_blur_matches_scipy_and_mirrors_edges():
 
     x = torch.randn(2, 3, 9, 13, dtype=torch.float64)
     for sigma in (0.5, 1.0, 2.3, 5.0):  # 5.0: the kernel is wider than the image
-        got = gaussian_blur(x, sigma).numpy()
+        got = gaussian_blur_symmetric(x, sigma).numpy()
         want = np.stack([[gaussian_filter(x[n, c].numpy(), sigma, mode="reflect") for c in range(3)] for n in range(2)])
         np.testing.assert_allclose(got, want, atol=1e-6)
     flat = torch.full((1, 3, 6, 6), 7.0)
-    assert torch.allclose(gaussian_blur(flat, 1.0), flat)
+    assert torch.allclose(gaussian_blur_symmetric(flat, 1.0), flat)
 
 
 def test_blur_happens_exactly_every_kth_step():
@@ -226,6 +226,8 @@ def test_presets_are_the_papers_table_1():
         assert not p.beyond_paper
     assert get_preset(3) is PRESETS["3"]
     assert get_preset("robust").beyond_paper
+    # the JSON record says it too (derived, for readers of stored images)
+    assert get_preset("robust").to_dict()["beyond_paper"] is True and get_preset("1").to_dict()["beyond_paper"] is False
     with pytest.raises(DeepvisError, match="unknown preset"):
         get_preset("7")
 

@@ -29,3 +29,8 @@ def test_input_is_not_modified():
     to_uint8(x, scale=1.0)
     to_uint8(x)
     assert x.tolist() == [0.25, 0.75]
+
+
+def test_float64_values_keep_their_precision():
+    assert to_uint8(np.array([189.49999]), scale=1.0).tolist() == [189]
+    assert to_uint8(np.array([189.49999 / 255])).tolist() == [189]

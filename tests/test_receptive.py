@@ -203,6 +203,45 @@ def test_fields_are_cached_per_layer_and_input_size(default_model):
     assert other.size == first.size
 
 
+def test_fields_are_recomputed_when_a_module_is_replaced():
+    net = nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3)).eval()
+    m = Model(net, Preprocessing((24, 24)))
+    first = layer_field(m, "2")
+    assert first.size == (5, 5) and layer_field(m, "2") is first
+    net[2] = nn.Conv2d(2, 2, 5, stride=2)  # a stale cache would still say 5x5, stride 1
+    geo = layer_field(m, "2")
+    assert geo.size == (7, 7) and geo.stride == (2.0, 2.0) and geo.output_size == (9, 9)
+
+
+class _HeadFor32(nn.Module):
+    """Convs that run at any size, then a head that only fits a 32x32 input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3)
+        self.head = nn.Linear(2 * 30 * 30, 4)
+
+    def forward(self, x):
+        return self.head(self.conv(x).flatten(1))
+
+
+def test_probe_batch_falls_back_only_when_the_network_fails_past_the_layer(monkeypatch):
+    from deepvis.backprop import receptive
+    from deepvis.errors import ModelError
+
+    m = Model(_HeadFor32().eval(), Preprocessing((32, 32)))
+    geo = layer_field(m, "conv", (20, 20))  # the head fails at 20x20; the conv's field does not need it
+    assert geo.size == (3, 3) and geo.output_size == (18, 18)
+    assert receptive._probe_batch(m, "conv", (3, 20, 20)) == receptive._PROBE_FALLBACK_BATCH
+
+    def broken(*_a, **_k):
+        raise ModelError("not a size problem")
+
+    monkeypatch.setattr(receptive, "layer_table", broken)
+    with pytest.raises(ModelError, match="not a size problem"):  # any other error is not turned into a batch size
+        layer_field(m, "conv", (24, 24))
+
+
 def test_bad_layers_and_positions(default_model):
     with pytest.raises(LayerError, match="did you mean"):
         layer_field(default_model, "blocks.33")

@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 from .capture.hooks import capture
-from .capture.layers import LayerInfo, check_unit, get_layer
+from .capture.layers import LayerInfo, check_unit, get_layer, layer_table
 from .capture.units import LOGITS, Unit
 from .models.model import Model
 from .predictions import Prediction, top_k
-from .render.grid import Normalize, tile_grid
+from .render.grid import Normalize, grid_shape, tile_grid
 from .render.montage import caption, hstack
 
 __all__ = ["ActivationView", "activation_views", "compose_view", "auto_scale"]
@@ -35,8 +35,6 @@ def auto_scale(info: LayerInfo, target: int = 640) -> int:
     """The integer enlargement that brings a layer's grid close to ``target`` px wide (1–16)."""
     if not info.spatial:
         return 1
-    from .render.grid import grid_shape
-
     _, cols = grid_shape(info.units)
     return int(max(1, min(16, target // max(1, cols * (info.shape[2] + 1)))))
 
@@ -59,7 +57,7 @@ def activation_views(
     the model has an output layer; otherwise it stops at ``layer``).
     """
     info = get_layer(model, layer) if highlight is None else check_unit(model, Unit(layer, highlight))
-    want_logits = k > 0 and any(i.name == LOGITS for i in _table(model))
+    want_logits = k > 0 and any(i.name == LOGITS for i in layer_table(model))
     s = auto_scale(info) if scale is None else scale
     batch: list[Image.Image] = []
 
@@ -80,12 +78,6 @@ def activation_views(
             batch = []
     if batch:
         yield from flush()
-
-
-def _table(model: Model) -> list[LayerInfo]:
-    from .capture.layers import layer_table
-
-    return layer_table(model)
 
 
 def compose_view(view: ActivationView, *, title: str | None = None) -> Image.Image:

@@ -31,7 +31,8 @@ def to_uint8(x: np.ndarray | torch.Tensor, *, scale: float = 255.0) -> np.ndarra
     arr = np.asarray(x)
     if arr.dtype == np.uint8 and scale == 1.0:
         return arr
-    out = arr * scale if scale != 1.0 else arr.astype(np.float32, copy=True)
+    # float64 stays float64 (a value like 189.49999 must not round up through a float32 cast)
+    out = arr * scale if scale != 1.0 else arr.astype(np.result_type(arr.dtype, np.float32), copy=True)
     out += 0.5
     np.clip(out, 0, 255, out=out)
     return out.astype(np.uint8)

@@ -1,15 +1,16 @@
 """Unit views on an input (gradient, deconvnet, guided backprop), receptive fields and crops."""
 
-from .filters import FILTERS, Filter, backprop_image, filter_map, gaussian_blur, overlay
+from .filters import FILTERS, Filter, backprop_image, filter_map, gaussian_blur_reflect, overlay
 from .receptive import AxisField, LayerField, ReceptiveField, crop, crop_image, layer_field, receptive_field
 from .rules import MODES, Mode, NonlinearityError, RuleReport, plain_nonlinearities, relu_rules
-from .views import At, BackpropResult, PlainGradientWarning, Seed, backprop_view, backprop_views
+from .views import SEEDS, At, BackpropResult, PlainGradientWarning, Seed, backprop_view, backprop_views
 
 __all__ = [
     "MODES",
     "Mode",
     "At",
     "Seed",
+    "SEEDS",
     "NonlinearityError",
     "PlainGradientWarning",
     "RuleReport",
@@ -30,5 +31,5 @@ __all__ = [
     "filter_map",
     "backprop_image",
     "overlay",
-    "gaussian_blur",
+    "gaussian_blur_reflect",
 ]

@@ -12,22 +12,19 @@ magnitude (or a percentile of it; so a dead unit's all-zero view is black, or mi
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..choices import BACKPROP_FILTERS as FILTERS
+from ..choices import BackpropFilter as Filter
 from ..errors import DeepvisError
+from ..pixels import to_uint8
 from ..render.colormap import apply_colormap
 from .views import BackpropResult
 
-__all__ = ["FILTERS", "Filter", "filter_map", "backprop_image", "overlay", "gaussian_blur"]
-
-Filter = Literal["raw", "rgb", "gray", "norm", "normblur"]
-#: the display filters, in the order the CLI lists them
-FILTERS: tuple[str, ...] = ("raw", "gray", "norm", "normblur", "rgb")
+__all__ = ["FILTERS", "Filter", "filter_map", "backprop_image", "overlay", "gaussian_blur_reflect"]
 
 
 def _grad(g: BackpropResult | torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -41,8 +38,13 @@ def _grad(g: BackpropResult | torch.Tensor | np.ndarray) -> torch.Tensor:
     return t
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Blur a (H, W) map with a separable Gaussian of ``sigma`` pixels (reflected borders)."""
+def gaussian_blur_reflect(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Blur a (H, W) map with a separable Gaussian of ``sigma`` px (radius ``3σ``, at least 1), edges
+    reflected about the edge pixel, which is not repeated (``d c b | a b c d``: PyTorch's and NumPy's
+    ``reflect`` pad, scipy's ``mirror``); a map narrower than the kernel pads as far as it can, a map
+    one pixel wide repeats it. Returns the blurred (H, W) map; ``x`` itself when ``sigma <= 0``.
+
+    (:func:`deepvis.optimize.gaussian_blur_symmetric`, the paper's regularizer, repeats the edge pixel.)"""
     if sigma <= 0:
         return x
     radius = max(1, int(3 * sigma + 0.5))
@@ -87,7 +89,7 @@ def filter_map(
         n = g.norm(dim=0)
         if filter == "normblur":
             sigma = 4.0 * max(g.shape[1:]) / 224.0 if blur_sigma is None else blur_sigma
-            n = gaussian_blur(n, sigma)
+            n = gaussian_blur_reflect(n, sigma)
         return _scaled(n, percentile).numpy()
     raise DeepvisError(f"unknown filter {filter!r}: use one of {', '.join(FILTERS)}")
 
@@ -107,12 +109,12 @@ def backprop_image(
         out = np.zeros((*v.shape, 3), dtype=np.float32)
         out[..., 0] = np.clip(-v, 0, 1)
         out[..., 1] = np.clip(v, 0, 1)
-        return (out * 255 + 0.5).astype(np.uint8)
+        return to_uint8(out)
     if filter == "rgb":
         rgb = 0.5 + 0.5 * v
         if rgb.shape[2] == 1:
             rgb = np.repeat(rgb, 3, axis=2)
-        return (np.clip(rgb[..., :3], 0, 1) * 255 + 0.5).astype(np.uint8)
+        return to_uint8(rgb[..., :3])
     if filter == "gray":
         return apply_colormap(0.5 + 0.5 * v, colormap)
     return apply_colormap(v, colormap)
@@ -128,4 +130,4 @@ def overlay(image: Image.Image | np.ndarray, view: np.ndarray, *, alpha: float =
     if not 0.0 <= alpha <= 1.0:
         raise DeepvisError(f"overlay alpha must be in [0, 1], got {alpha}")
     out = (1.0 - alpha) * img[..., :3].astype(np.float32) + alpha * view.astype(np.float32)
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    return to_uint8(out, scale=1.0)

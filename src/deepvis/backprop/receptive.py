@@ -13,16 +13,18 @@ the whole image) are all handled:
   (and likewise for columns). The field of (y, x) is the box rows(y) × cols(x).
 
 The field of a layer is the union over its channels (channels of a concatenation may see less).
-Results are cached on ``model.cache`` per (layer, input size). Near the borders the field is clipped
-by the image; :attr:`ReceptiveField.field` is the unclipped box of the full field size, which the
-crop helpers use to pad border crops to a common size.
+Results are cached on ``model.cache`` per (layer, input size) (:data:`LAYER_FIELDS`; dropped when the
+module's structure changes). Near the borders the field is clipped by the image;
+:attr:`ReceptiveField.field` is the unclipped box of the full field size, which the crop helpers use
+to pad border crops to a common size.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -34,7 +36,8 @@ from ..capture.hooks import capture
 from ..capture.layers import get_layer, layer_table
 from ..capture.state import frozen
 from ..capture.units import Unit, parse_unit
-from ..errors import DeepvisError, UnitError
+from ..errors import DeepvisError, LayerError, UnitError
+from ..models.cache import CacheSlot
 from ..models.model import Model
 from .rules import OTHER_FUNCS, RELU_FUNCS
 
@@ -46,6 +49,7 @@ __all__ = [
     "receptive_field",
     "crop",
     "crop_image",
+    "LAYER_FIELDS",
 ]
 
 Box = tuple[int, int, int, int]  # (top, left, bottom, right), half-open, in input pixels
@@ -53,6 +57,8 @@ Box = tuple[int, int, int, int]  # (top, left, bottom, right), half-open, in inp
 #: memory budget for the stored activations of one batch of probes
 _PROBE_BYTES = 384 * 2**20
 _PROBE_MAX_BATCH = 64
+#: probes per batch when the layer table (the activation sizes) is not available at the input size
+_PROBE_FALLBACK_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -148,19 +154,23 @@ class LayerField:
         }
 
 
+#: a Model's receptive-field geometry per (layer, input size (H, W))
+LAYER_FIELDS: CacheSlot[tuple[str, tuple[int, int]], LayerField] = CacheSlot("layer_fields")
+
+
 # -- the probe ---------------------------------------------------------------------------------------
 class _Through(torch.autograd.Function):
     """Forward: the function unchanged (in place when it is); backward: the gradient passes unchanged."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, run: Any, inplace: bool) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, run: Any, inplace: bool) -> torch.Tensor:
         y = run()
         if inplace:
             ctx.mark_dirty(x)
         return y
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         return g, None, None
 
 
@@ -213,7 +223,9 @@ def _window_sum(x: torch.Tensor, y: torch.Tensor, kernel: Any, stride: Any, padd
 class _ProbeMode(TorchFunctionMode):
     """Structural gradients: nonlinearities and clamps pass gradients through; max pools spread them."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         x = args[0] if args else None
         if isinstance(x, torch.Tensor) and x.requires_grad:
@@ -243,11 +255,17 @@ class _ProbeMode(TorchFunctionMode):
 
 
 def _probe_batch(model: Model, layer: str, input_shape: tuple[int, int, int]) -> int:
-    """Probes per batch, from the size of the activations stored up to ``layer`` (one example)."""
+    """Probes per batch, from the size of the activations stored up to ``layer`` (one example).
+
+    The sizes come from the layer table at ``input_shape``, which runs the whole network. A model may
+    reach ``layer`` at this input size and still fail further on (a classifier head made for another
+    size): :func:`layer_table` then raises :class:`LayerError`, and a small fixed batch is used. Any
+    other error goes through.
+    """
     try:
         table = layer_table(model, input_shape)
-    except DeepvisError:
-        return 8
+    except LayerError:  # the network fails at this input size past ``layer`` (see above)
+        return _PROBE_FALLBACK_BATCH
     order = {i.name: i.order for i in table}
     upto = order.get(layer, len(table))
     stored = sum(math.prod(i.shape) for i in table if i.order <= upto and i.same_as is None) * 4
@@ -305,7 +323,7 @@ def _decode(mask: torch.Tensor, rows: tuple[int, ...], centre: float, stride: fl
         while k < len(bounds) and i > bounds[k]:
             k += 1
         spans[k].append(i)
-    out = []
+    out: list[tuple[int, int]] = []
     for k, sp in enumerate(spans):
         if not sp or sp[-1] - sp[0] + 1 > size:
             return None
@@ -327,7 +345,7 @@ def _axis_spans(
     """
     result: dict[str, dict[int, tuple[int, int]]] = {"row": {}, "col": {}}
     lengths = {"row": h, "col": w}
-    first = []
+    first: list[tuple[str, tuple[int, ...]]] = []
     for axis, n in lengths.items():
         mid = n // 2
         step = max(1, n // 4)
@@ -412,12 +430,23 @@ def _span(mask: torch.Tensor) -> tuple[int, int]:
 
 
 def layer_field(model: Model, layer: str, input_size: tuple[int, int] | None = None) -> LayerField:
-    """The receptive-field geometry of every position of ``layer`` (cached per layer and input size)."""
-    hw = tuple(input_size) if input_size is not None else tuple(model.preprocessing.input_size)
-    key = ("receptive_field", layer, hw)
-    cached = model.cache.get(key)
+    """The receptive-field geometry of every position of ``layer``.
+
+    Args:
+        model: the network (left as it was found).
+        layer: a layer name (see :func:`deepvis.capture.layer_table`).
+        input_size: the input (H, W) in pixels; default: the model's input size.
+
+    Returns:
+        A :class:`LayerField` (fields in input pixels), cached in :data:`LAYER_FIELDS` per layer and
+        input size until the module's structure changes.
+    """
+    size = input_size if input_size is not None else model.preprocessing.input_size
+    hw = (int(size[0]), int(size[1]))
+    entries = model.cache.entries(model.module)
+    cached = entries.get(LAYER_FIELDS, (layer, hw))
     if cached is not None:
-        return cached  # type: ignore[return-value]
+        return cached
     get_layer(model, layer)  # a clear error for an unknown layer
     shape = (model.preprocessing.channels, int(hw[0]), int(hw[1]))
     dtype = next((p.dtype for p in model.module.parameters() if p.is_floating_point()), torch.float32)
@@ -435,9 +464,10 @@ def layer_field(model: Model, layer: str, input_size: tuple[int, int] | None = N
         rows, cols = [_span(rmask)], [_span(cmask)]
     if any(hi < lo for lo, hi in (*rows, *cols)):
         raise DeepvisError(f"layer {layer} does not depend on the input: it has no receptive field")
-    geo = LayerField(layer, hw, (h, w) if out.ndim == 4 else None, _axis(*zip(*rows), shape[1]), _axis(*zip(*cols), shape[2]))  # type: ignore[arg-type]
-    model.cache[key] = geo
-    return geo
+    row_field = _axis([lo for lo, _ in rows], [hi for _, hi in rows], shape[1])
+    col_field = _axis([lo for lo, _ in cols], [hi for _, hi in cols], shape[2])
+    geo = LayerField(layer, hw, (h, w) if out.ndim == 4 else None, row_field, col_field)
+    return entries.put(LAYER_FIELDS, (layer, hw), geo)
 
 
 def receptive_field(
@@ -464,21 +494,30 @@ def receptive_field(
 
 
 # -- crops -------------------------------------------------------------------------------------------
+@overload
+def crop(array: np.ndarray, rf: ReceptiveField, *, fill: float | tuple[float, ...] = 0) -> np.ndarray: ...
+@overload
+def crop(array: torch.Tensor, rf: ReceptiveField, *, fill: float | tuple[float, ...] = 0) -> torch.Tensor: ...
 def crop(array: np.ndarray | torch.Tensor, rf: ReceptiveField, *, fill: float | tuple[float, ...] = 0) -> np.ndarray | torch.Tensor:
     """The full field of ``rf`` cut from ``array`` and padded with ``fill`` where it runs past the input.
 
-    ``array`` is an image (H, W) or (H, W, C) numpy array, or a tensor (C, H, W) such as a backprop
-    gradient, of the input size the field was computed for. The result always has the full field size.
+    Args:
+        array: an image (H, W) or (H, W, C) numpy array, or a tensor (C, H, W) such as a backprop
+            gradient, of the input size (H, W) the field was computed for.
+        rf: the field (:func:`receptive_field`).
+        fill: the value (or one value per channel) outside the input.
+
+    Returns:
+        The crop, the same kind as ``array``, of the full field size: (fh, fw[, C]) or (C, fh, fw).
     """
-    is_tensor = isinstance(array, torch.Tensor)
     H, W = rf.input_size
-    hw = tuple(array.shape[-2:]) if is_tensor else tuple(array.shape[:2])
+    hw = tuple(array.shape[-2:]) if isinstance(array, torch.Tensor) else tuple(array.shape[:2])
     if hw != (H, W):
         raise DeepvisError(f"cannot crop: the array is {hw[0]}x{hw[1]} but the field is for a {H}x{W} input")
     top, left, bottom, right = rf.field
     t0, l0, b0, r0 = max(top, 0), max(left, 0), min(bottom, H), min(right, W)
     fh, fw = bottom - top, right - left
-    if is_tensor:
+    if isinstance(array, torch.Tensor):
         out_t = torch.empty((*array.shape[:-2], fh, fw), dtype=array.dtype, device=array.device)
         fill_t = torch.as_tensor(fill, dtype=array.dtype, device=array.device)
         out_t[...] = fill_t.view(-1, 1, 1) if fill_t.ndim == 1 else fill_t
@@ -493,4 +532,4 @@ def crop(array: np.ndarray | torch.Tensor, rf: ReceptiveField, *, fill: float | 
 def crop_image(image: Image.Image, rf: ReceptiveField, *, fill: int | tuple[int, ...] = 0) -> Image.Image:
     """The receptive-field crop of a Pillow image (as the model sees it), padded at the borders."""
     arr = np.asarray(image)
-    return Image.fromarray(crop(arr, rf, fill=fill), image.mode)  # type: ignore[arg-type]
+    return Image.fromarray(crop(arr, rf, fill=fill), image.mode)

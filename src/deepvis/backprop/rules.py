@@ -34,13 +34,15 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..choices import BACKPROP_MODES as MODES
+from ..choices import BackpropMode as Mode
 from ..errors import DeepvisError
 
 __all__ = [
@@ -53,10 +55,6 @@ __all__ = [
     "RELU_FUNCS",
     "OTHER_FUNCS",
 ]
-
-Mode = Literal["gradient", "deconv", "guided"]
-#: the backward modes, in the order the CLI lists them
-MODES: tuple[str, ...] = ("gradient", "deconv", "guided")
 
 
 class NonlinearityError(DeepvisError):
@@ -149,7 +147,7 @@ class _Rule(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, x: torch.Tensor, run: Callable[[], torch.Tensor], inplace: bool, guided: bool, upper: float | None
-    ) -> torch.Tensor:  # type: ignore[override]
+    ) -> torch.Tensor:
         y = run()
         if inplace:
             ctx.mark_dirty(x)
@@ -159,7 +157,7 @@ class _Rule(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if not ctx.guided:
             return g.clamp(min=0), None, None, None, None
         (y,) = ctx.saved_tensors
@@ -187,7 +185,9 @@ class _RuleMode(TorchFunctionMode):
         self.report = report
         self.guided = guided
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         spec = _RELU_FUNCS.get(func)
         if spec is not None:
@@ -232,7 +232,9 @@ class _Recorder(TorchFunctionMode):
         self.stack = stack
         self.found = found
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         name = None
         if func in _RELU_FUNCS:

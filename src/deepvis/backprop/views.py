@@ -11,7 +11,7 @@ restored, no hooks left).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -22,15 +22,20 @@ from ..capture.hooks import capture
 from ..capture.layers import get_layer
 from ..capture.state import frozen
 from ..capture.units import Unit, parse_unit
+from ..choices import BACKPROP_SEEDS as SEEDS
+from ..choices import BackpropSeed as Seed
 from ..errors import DeepvisError, UnitError
+from ..models.cache import CacheSlot
 from ..models.model import Model
 from .rules import MODES, Mode, NonlinearityError, plain_nonlinearities, relu_rules
 
-__all__ = ["BackpropResult", "PlainGradientWarning", "backprop_view", "backprop_views", "At", "Seed"]
+__all__ = ["BackpropResult", "PlainGradientWarning", "backprop_view", "backprop_views", "At", "Seed", "SEEDS", "PLAIN_NONLINEARITIES"]
 
 #: where in the channel map the backward pass starts: the whole map (None), its peak ("max"), or (y, x)
 At = None | Literal["max"] | tuple[int, int]
-Seed = Literal["activation", "one"]
+
+#: the modules that call nonlinearities without a rule, per (sorted layer names, input shape (C, H, W))
+PLAIN_NONLINEARITIES: CacheSlot[tuple[tuple[str, ...], tuple[int, ...]], tuple[str, ...]] = CacheSlot("backprop_plain")
 
 
 class PlainGradientWarning(UserWarning):
@@ -118,8 +123,8 @@ def backprop_views(
     """
     if mode not in MODES:
         raise DeepvisError(f"unknown backprop mode {mode!r}: use one of {', '.join(MODES)}")
-    if seed not in ("activation", "one"):
-        raise DeepvisError(f"unknown seed {seed!r}: use activation or one")
+    if seed not in SEEDS:
+        raise DeepvisError(f"unknown seed {seed!r}: use one of {', '.join(SEEDS)}")
     xb = _as_batch(model, x)
     ulist = [parse_unit(u) if isinstance(u, str) else u for u in ([units] if isinstance(units, (Unit, str)) else list(units))]
     if not ulist:
@@ -189,7 +194,7 @@ def backprop_views(
 
 def _as_batch(model: Model, x: torch.Tensor | Image.Image | Sequence[Image.Image]) -> torch.Tensor:
     if isinstance(x, Image.Image) or (isinstance(x, Sequence) and x and all(isinstance(i, Image.Image) for i in x)):
-        return model.preprocess(x)  # type: ignore[arg-type]
+        return model.preprocess(x)
     if not isinstance(x, torch.Tensor):
         raise DeepvisError(f"expected a model input tensor or Pillow images, got {type(x).__name__}")
     if x.ndim == 3:
@@ -228,19 +233,19 @@ def _check_unit_shape(u: Unit, a: torch.Tensor) -> None:
 
 def _plain_names(model: Model, x_in: torch.Tensor, layers: list[str]) -> tuple[str, ...]:
     """The modules that call nonlinearities without a rule (diagnosed once per layer set, then cached)."""
-    key = ("backprop_plain", tuple(sorted(layers)), tuple(x_in.shape[1:]))
-    names = model.cache.get(key)
-    if names is None:
-        probe = x_in.detach()[:1]
-        names = tuple(plain_nonlinearities(model.module, lambda: capture(model, probe, layers)))
-        model.cache[key] = names
-    return names  # type: ignore[return-value]
+    probe = x_in.detach()[:1]
+
+    def diagnose() -> tuple[str, ...]:
+        return tuple(plain_nonlinearities(model.module, lambda: capture(model, probe, layers)))
+
+    key = (tuple(sorted(layers)), tuple(x_in.shape[1:]))
+    return model.cache.entries(model.module).get_or_compute(PLAIN_NONLINEARITIES, key, diagnose)
 
 
-def _complain(mode: str, names: tuple[str, ...], calls: object, strict: bool) -> None:
+def _complain(mode: str, names: tuple[str, ...], calls: Mapping[str, int], strict: bool) -> None:
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     if not shown:
-        shown = ", ".join(sorted(calls))  # type: ignore[arg-type]
+        shown = ", ".join(sorted(calls))
     what = "deconvnet" if mode == "deconv" else "guided backprop"
     if strict:
         raise NonlinearityError(

@@ -9,33 +9,39 @@ recaptured as copies, so what is returned is always the module's output as it wa
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from ..errors import LayerError
+from ..models.cache import CacheEntries, CacheSlot
 from ..models.model import Model
 from .layers import layer_table, resolve_module
 from .state import eval_mode
 
-__all__ = ["capture", "forward_with_logits"]
+__all__ = ["capture", "forward_with_logits", "CAPTURE_FACTS", "RESOLVED_MODULES", "ALL_MODULES", "INPLACE_OUTPUTS"]
+
+#: (call count per layer, layer -> the earlier layer it is an alias of), from the layer table at the
+#: model's input size
+CAPTURE_FACTS: CacheSlot[None, tuple[dict[str, int], dict[str, str]]] = CacheSlot("capture_facts")
+#: the module each layer name resolves to
+RESOLVED_MODULES: CacheSlot[str, nn.Module] = CacheSlot("resolved_modules")
+#: every module of the network, in ``module.modules()`` order (for the training-flag context)
+ALL_MODULES: CacheSlot[None, list[nn.Module]] = CacheSlot("all_modules")
+#: the layers whose output the network later modifies in place (captured as copies); grows as found
+INPLACE_OUTPUTS: CacheSlot[None, set[str]] = CacheSlot("inplace_outputs")
 
 
 class _StopForward(Exception):
     """Raised inside a hook once every requested layer has been captured."""
 
 
-def _table_facts(model: Model | nn.Module) -> tuple[dict[str, int], dict[str, str]]:
+def _table_facts(model: Model) -> tuple[dict[str, int], dict[str, str]]:
     """(call count per layer, layer -> the earlier layer it is an alias of) from a Model's layer table."""
-    if not isinstance(model, Model):
-        return {}, {}
-    facts = model.cache.get("capture_facts")
-    if facts is None:
-        table = layer_table(model)
-        facts = ({i.name: i.calls for i in table}, {i.name: i.same_as for i in table if i.same_as})
-        model.cache["capture_facts"] = facts
-    return facts  # type: ignore[return-value]
+    table = layer_table(model)
+    return {i.name: i.calls for i in table}, {i.name: i.same_as for i in table if i.same_as}
 
 
 def capture(
@@ -46,37 +52,47 @@ def capture(
     stop_early: bool = True,
     grad: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Run ``x`` (N, C, H, W) through the model and return ``{layer: output}`` for each requested layer.
+    """Run ``x`` through the model and return each requested layer's output.
 
-    With ``stop_early`` the forward pass ends as soon as every requested layer has produced its output
-    (its last call, for a module that runs several times; a bare ``nn.Module`` is assumed to run each
-    module once). With ``grad`` the outputs stay attached to the autograd graph (for gradients to the
-    input); otherwise nothing is recorded for autograd. ``logits`` names the model's output.
+    Args:
+        model: a :class:`Model` (its layer table tells how often each module runs and which layers
+            share an output) or a bare ``nn.Module`` (each module assumed to run once).
+        x: the model input (N, C, H, W), moved to the model's device when needed.
+        layers: layer names (module paths; ``logits`` names the model's output).
+        stop_early: end the forward pass as soon as every requested layer has produced its output
+            (its last call, for a module that runs several times).
+        grad: keep the outputs attached to the autograd graph (for gradients to the input); otherwise
+            nothing is recorded for autograd.
+
+    Returns:
+        ``{layer: output}``: (N, C, H, W) or (N, C) tensors, each the module's output as it was
+        produced (copied when the network later modifies it in place).
     """
     module = model.module if isinstance(model, Model) else model
     wanted = list(dict.fromkeys(layers))
     if not wanted:
         raise LayerError("no layer asked for")
-    counts, alias = _table_facts(model)
-    names = list(dict.fromkeys(alias.get(n, n) for n in wanted))  # hook each distinct output once
-    resolved: dict[str, nn.Module] = model.cache.setdefault("modules", {}) if isinstance(model, Model) else {}  # type: ignore[assignment]
-    targets = {}
-    for n in names:
-        if n not in resolved:
-            resolved[n] = resolve_module(module, n)
-        targets[n] = resolved[n]
-    expected = {n: counts.get(n, 1) for n in names}
-    all_modules = None
+    # a Model remembers its layer facts, resolved modules and in-place outputs (checked once per call)
+    entries: CacheEntries | None = None
+    counts: dict[str, int] = {}
+    alias: dict[str, str] = {}
     if isinstance(model, Model):
-        all_modules = model.cache.get("all_modules")  # type: ignore[assignment]
-        if all_modules is None:
-            all_modules = model.cache["all_modules"] = list(module.modules())
+        entries, of = model.cache.entries(module), model
+        counts, alias = entries.get_or_compute(CAPTURE_FACTS, None, lambda: _table_facts(of))
+    names = list(dict.fromkeys(alias.get(n, n) for n in wanted))  # hook each distinct output once
+    if entries is not None:
+        targets = {n: entries.get_or_compute(RESOLVED_MODULES, n, functools.partial(resolve_module, module, n)) for n in names}
+        all_modules = entries.get_or_compute(ALL_MODULES, None, lambda: list(module.modules()))
+    else:
+        targets = {n: resolve_module(module, n) for n in names}
+        all_modules = None
+    expected = {n: counts.get(n, 1) for n in names}
     device = next((p.device for p in module.parameters()), x.device)
     if x.device != device:
         x = x.to(device)
     # layers whose output the network later modifies in place are captured as copies; a Model
     # remembers them, so only the first capture of such a layer runs the forward pass twice
-    known: set[str] = model.cache.setdefault("inplace_outputs", set()) if isinstance(model, Model) else set()  # type: ignore[assignment]
+    known: set[str] = entries.get_or_compute(INPLACE_OUTPUTS, None, set) if entries is not None else set()
     copy = {n for n in names if n in known}
     for _attempt in range(2):
         out, versions = _run(module, x, targets, expected, copy, stop_early=stop_early, grad=grad, all_modules=all_modules)
@@ -143,7 +159,11 @@ def _run(
 def forward_with_logits(
     model: Model, x: torch.Tensor, layers: Iterable[str], *, grad: bool = False
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Capture ``layers`` and the logits in one full forward pass: ``(activations, logits)``."""
+    """Capture ``layers`` and the logits in one full forward pass.
+
+    Returns:
+        ``(activations, logits)``: ``{layer: (N, ...)}`` without ``logits``, and the output (N, classes).
+    """
     names = [n for n in dict.fromkeys(layers) if n != "logits"]
     acts = capture(model, x, [*names, "logits"], stop_early=False, grad=grad)
     logits = acts.pop("logits")

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from ..errors import LayerError, UnitError
+from ..models.cache import CacheSlot
 from ..models.model import Model
 from .state import eval_mode
 from .units import LOGITS, Unit
 
-__all__ = ["LayerInfo", "layer_table", "get_layer", "resolve_module", "check_unit"]
+__all__ = ["LayerInfo", "layer_table", "get_layer", "resolve_module", "check_unit", "LAYER_TABLES"]
 
 
 @dataclass(frozen=True)
@@ -50,8 +52,13 @@ class LayerInfo:
         return d
 
 
+#: a Model's layer table per input shape (C, H, W)
+LAYER_TABLES: CacheSlot[tuple[int, ...], list[LayerInfo]] = CacheSlot("layer_table")
+
+
 def resolve_module(module: nn.Module, name: str) -> nn.Module:
-    """The submodule at path ``name`` (``logits`` or ``""``: the whole model)."""
+    """The submodule at path ``name`` (``logits`` or ``""``: the whole model); a :class:`LayerError`
+    naming close matches when there is none."""
     if name in ("", LOGITS):
         try:
             return module.get_submodule(name) if name else module
@@ -67,15 +74,26 @@ def resolve_module(module: nn.Module, name: str) -> nn.Module:
 
 
 def layer_table(model: Model | nn.Module, input_shape: tuple[int, ...] | None = None) -> list[LayerInfo]:
-    """List the model's capturable layers by running one probe forward pass (cached per input shape on a Model)."""
+    """List the model's capturable layers by running one probe forward pass.
+
+    Args:
+        model: a :class:`Model`, or a bare ``nn.Module`` (then ``input_shape`` is needed).
+        input_shape: one example's input shape (C, H, W); default: the model's input size.
+
+    Returns:
+        One :class:`LayerInfo` per layer, in execution order; on a :class:`Model` cached per input
+        shape in :data:`LAYER_TABLES` (dropped when the module's structure changes).
+    """
     module = model.module if isinstance(model, Model) else model
     if input_shape is None:
         if not isinstance(model, Model):
             raise ValueError("input_shape is needed for a bare nn.Module")
         input_shape = model.preprocessing.input_shape
-    key = ("layer_table", tuple(input_shape))
-    if isinstance(model, Model) and key in model.cache:
-        return model.cache[key]  # type: ignore[return-value]
+    key = tuple(input_shape)
+    entries = model.cache.entries(module) if isinstance(model, Model) else None
+    found = entries.get(LAYER_TABLES, key) if entries is not None else None
+    if found is not None:
+        return found
     named = list(module.named_modules())
     calls: dict[str, int] = {}
     shapes: dict[str, tuple[int, ...] | None] = {}
@@ -86,18 +104,18 @@ def layer_table(model: Model | nn.Module, input_shape: tuple[int, ...] | None = 
     keep: list[torch.Tensor] = []  # keeps outputs alive so that tensor ids stay unique during the probe
     handles = []
 
-    def make(name: str, m: nn.Module):
+    def make(name: str, m: nn.Module) -> Callable[[nn.Module, object, object], None]:
         def hook(_m: nn.Module, _inp: object, out: object) -> None:
             calls[name] = calls.get(name, 0) + 1
-            ok = isinstance(out, torch.Tensor) and out.ndim in (2, 4)
-            shapes[name] = tuple(out.shape[1:]) if ok else None  # type: ignore[union-attr]
             types[name] = type(m).__name__
             order.setdefault(name, len(order))
-            if not ok:
+            if not (isinstance(out, torch.Tensor) and out.ndim in (2, 4)):
+                shapes[name] = None
                 order.pop(name)
                 return
-            keep.append(out)  # type: ignore[arg-type]
-            sig = (id(out), out._version)  # type: ignore[union-attr]
+            shapes[name] = tuple(out.shape[1:])
+            keep.append(out)
+            sig = (id(out), out._version)
             first = producer.setdefault(sig, name)
             same_as[name] = first if first != name and calls[name] == 1 else None
 
@@ -114,7 +132,7 @@ def layer_table(model: Model | nn.Module, input_shape: tuple[int, ...] | None = 
     finally:
         for h in handles:
             h.remove()
-    rows = []
+    rows: list[LayerInfo] = []
     for name in sorted(order, key=order.__getitem__):
         shape = shapes.get(name)
         if shape is None or (name == LOGITS and len(shape) != 1):
@@ -123,8 +141,8 @@ def layer_table(model: Model | nn.Module, input_shape: tuple[int, ...] | None = 
         if src is not None and (calls.get(src) != 1 or src == LOGITS):
             src = None
         rows.append(LayerInfo(name, types[name], shape, calls[name], len(rows), src))
-    if isinstance(model, Model):
-        model.cache[key] = rows
+    if entries is not None:
+        entries.put(LAYER_TABLES, key, rows)
     return rows
 
 

@@ -29,6 +29,7 @@ class Unit:
 
     @property
     def is_class(self) -> bool:
+        """True for a class score: a unit of the model output (:data:`LOGITS`, e.g. ``logits:281``)."""
         return self.layer == LOGITS
 
 

@@ -10,6 +10,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import UnitError
+from .cache import ModelCache
 from .preprocessing import Preprocessing
 
 __all__ = ["Model"]
@@ -28,8 +29,10 @@ class Model:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     name: str = "custom"
     class_names: list[str] | None = None
-    #: per-instance caches (layer tables per input shape); not part of the model's identity
-    cache: dict[object, object] = field(default_factory=dict, repr=False)
+    #: facts derived from the module's structure (layer tables, resolved modules, receptive fields),
+    #: dropped when the structure changes (moved, cast, a submodule replaced; see :mod:`.cache`);
+    #: not part of the model's identity
+    cache: ModelCache = field(default_factory=ModelCache, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -52,6 +55,7 @@ class Model:
 
     @property
     def num_classes(self) -> int | None:
+        """How many class names the model has (one per output logit), or None when they are unknown."""
         return len(self.class_names) if self.class_names is not None else None
 
     def label(self, index: int) -> str:

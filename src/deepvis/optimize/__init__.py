@@ -46,7 +46,7 @@ from .regularizers import (
     L2Decay,
     Regularizer,
     StepInfo,
-    gaussian_blur,
+    gaussian_blur_symmetric,
     gaussian_kernel,
     row_percentile,
 )
@@ -89,7 +89,7 @@ __all__ = [
     "ClipSmallNorm",
     "ClipSmallContribution",
     "ClipRange",
-    "gaussian_blur",
+    "gaussian_blur_symmetric",
     "gaussian_kernel",
     "row_percentile",
     "ImageParam",

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..pixels import to_uint8
+
 __all__ = ["raw_image", "display_image", "DISPLAY_PERCENTILE"]
 
 #: the display version maps this percentile of |x − mean| to full contrast (a few extreme pixels saturate)
@@ -15,7 +17,8 @@ DISPLAY_PERCENTILE = 99.5
 
 
 def _to_pil(arr: np.ndarray) -> Image.Image:
-    arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    """(C, H, W) values on the 0–255 scale → a Pillow image (``L`` or ``RGB``), rounded to whole levels."""
+    arr = to_uint8(arr, scale=1.0)
     if arr.shape[0] == 1:
         return Image.fromarray(arr[0], "L")
     return Image.fromarray(np.ascontiguousarray(arr.transpose(1, 2, 0)), "RGB")

@@ -9,7 +9,13 @@ image seen (highest objective) is returned, not the last.
 A batch of units is optimized together, but nothing couples the elements: every element has its own
 random stream (seeded from the run's seed and its objective's name), its own percentiles, learning
 rate and best-image tracking. So a unit's result does not depend on what else is in the batch or on
-its position in it (up to float rounding: batched convolutions may sum in another order).
+its position in it (up to float rounding: batched convolutions may sum in another order, and a large
+constant lr or Adam's nearly sign-like first steps can amplify that rounding; in float64 batched and
+single runs agree to ~1e-13 px).
+
+The loop is made of small pieces: :class:`_PixelSpace` (where the image lives), :class:`_Passes` (the
+micro-batched forward and backward passes), :class:`_Ascent` (SGD or Adam), :func:`_regularize` (r_θ),
+:class:`_BestImages` (the bookkeeping of best images) and :class:`_DeadUnits` (the stopping rule).
 """
 
 from __future__ import annotations
@@ -27,11 +33,11 @@ from PIL import Image
 from ..capture.hooks import capture
 from ..capture.layers import check_unit, get_layer
 from ..capture.state import frozen
-from ..capture.units import LOGITS, Unit, parse_unit
+from ..capture.units import Unit, parse_unit
 from ..errors import DeepvisError, UnitError
 from ..models.model import Model
 from .images import display_image, raw_image
-from .objectives import OBJECTIVE_KINDS, BatchObjective, Neuron, Objective, objective_for_unit
+from .objectives import OBJECTIVE_KINDS, BatchObjective, Channel, Neuron, Objective, objective_for_unit
 from .param import ImageParam
 from .presets import PAPER_SIZE, Settings, get_preset
 from .regularizers import ClipRange, ClipSmallContribution, ClipSmallNorm, GaussianBlur, L2Decay, Regularizer, StepInfo
@@ -174,7 +180,7 @@ def resolve_targets(
             t = parse_unit(t)
         if isinstance(t, Unit):
             check_unit(model, t, shape)
-            label = model.short_label(t.channel) if t.layer == LOGITS and model.class_names else None
+            label = model.short_label(t.channel) if t.is_class and model.class_names else None
             out.append(objective_for_unit(t, kind, label))
         elif isinstance(t, Objective):
             for layer in t.layers:
@@ -188,8 +194,6 @@ def resolve_targets(
 def _unit_of(o: Objective) -> tuple[str | None, str | None]:
     if isinstance(o, Neuron):
         return str(Unit(o.layer, o.channel, o.position)), o.label
-    from .objectives import Channel
-
     if isinstance(o, Channel):
         return str(Unit(o.layer, o.channel)), None
     return None, None
@@ -217,87 +221,225 @@ def optimize_batch(
 ) -> list[Result]:
     """Optimize one batch: element ``i`` maximizes ``objectives[i]``; one :class:`Result` per element.
 
-    ``settings`` gives every θ; ``regularizers`` replaces the paper's operators built from it (the
-    valid-range clip always runs last); ``on_step(t)`` is called after each step; ``should_stop`` (a
-    callable or ``threading.Event``) cancels between steps; ``micro_batch``: elements per forward and
-    backward pass (None: :func:`auto_micro_batch`). Objectives are not re-validated here (see
-    :func:`resolve_targets`).
+    Args:
+        model: the network; left as it was found (training flags, ``requires_grad``, no hooks).
+        objectives: one per element, already checked (see :func:`resolve_targets`).
+        settings: every θ (see :class:`Settings`).
+        size: the canvas (H, W) in pixels.
+        seed: the run's seed; each element's own random stream is :func:`element_seed` of it.
+        regularizers: replaces the paper's operators built from ``settings`` (the valid-range clip
+            always runs last).
+        on_step: called with the 0-based step after each step.
+        should_stop: a callable or ``threading.Event``; cancels between steps.
+        micro_batch: elements per forward and backward pass (None: :func:`auto_micro_batch`).
+
+    Returns:
+        One :class:`Result` per element, in the order of ``objectives``.
     """
     stop = _stop_fn(should_stop)
-    prep = model.preprocessing
-    device = model.device
-    n, c = len(objectives), prep.channels
-    h, w = size
+    space = _PixelSpace.of(model)
     scale = spatial_scale(model)
-    pixel_scale = prep.pixel_scale().to(device, torch.float32).view(1, c, 1, 1)
-    low = prep.valid_range()[0].to(device, torch.float32).view(1, c, 1, 1)
-    mean = -low / pixel_scale  # the mean image in 0–255 pixels, per channel
-    clip = ClipRange(-mean.flatten(), 255.0 - mean.flatten())
     regs = list(build_regularizers(settings, scale) if regularizers is None else regularizers)
     param = ImageParam(fourier=settings.fourier, decorrelate=settings.decorrelate, decay_power=settings.decay_power)
     warp = RandomAffine(settings.jitter * scale, settings.scale, settings.rotate)
-    mb = micro_batch or auto_micro_batch(device, size)
+    mb = micro_batch or auto_micro_batch(model.device, size)
     if mb < 1:
         raise DeepvisError(f"micro batch must be at least 1, not {mb}")
-    chunks = [slice(i, min(i + mb, n)) for i in range(0, n, mb)]
-    chunk_objs = [BatchObjective(objectives[sl]) for sl in chunks]
-    layers = chunk_objs[0].layers if len(chunks) == 1 else BatchObjective(objectives).layers
+    passes = _Passes(model, objectives, mb, param, warp, size, space.pixel_scale)
     seeds = [element_seed(seed, o.name) for o in objectives]
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    x0 = torch.stack([torch.randn(c, h, w, generator=g) for g in gens]) * settings.start_std
-    x = clip(x0.to(device))
-
-    best_v = torch.full((n,), -math.inf, device=device)
-    best_x = x.clone()
-    best_step = torch.zeros(n, dtype=torch.long, device=device)
-    active = torch.ones(n, dtype=torch.bool, device=device)
-    dead_step = torch.full((n,), -1, dtype=torch.long, device=device)
-    trace = torch.zeros(settings.steps, n, device=device)
-    adam = settings.optimizer == "adam"
+    x = space.clip(_start_images(gens, model.preprocessing.channels, size, settings.start_std).to(model.device))
+    best = _BestImages(x, settings.steps)
+    alive = _DeadUnits(len(objectives), x.device)
     p = param.from_image(x)
-    m1 = torch.zeros_like(p) if adam else None
-    m2 = torch.zeros_like(p) if adam else None
-    steps_run = 0
-    module = model.module
-    with frozen(module), torch.enable_grad():
+    ascent = _Ascent(settings, p)
+    with frozen(model.module), torch.enable_grad():
         for t in range(settings.steps):
             if stop():
                 break
-            wp = warp.sample(gens) if warp.active else None
-            parts = [
-                _forward_backward(model, param, warp, p[sl], None if wp is None else wp[sl], bo, layers, size, pixel_scale)
-                for sl, bo in zip(chunks, chunk_objs)
-            ]
-            v, g_p, g_x, xd = (torch.cat(t_) if len(parts) > 1 else t_[0] for t_ in zip(*parts))
-            trace[t] = v
-            steps_run = t + 1
-            better = active & (v > best_v)
-            best_v = torch.where(better, v, best_v)
-            best_step = torch.where(better, t, best_step)
-            best_x = torch.where(better.view(-1, 1, 1, 1), xd, best_x)
-            newly_dead = active & (g_x.flatten(1).abs().amax(1) == 0)
-            dead_step = torch.where(newly_dead, t, dead_step)
-            active = active & ~newly_dead
-            if t < settings.steps - 1:
+            v, g_p, g_x, xd = passes.run(p, warp.sample(gens) if warp.active else None)
+            best.record(t, v, xd, alive.active)
+            alive.record(t, g_x)
+            if t < settings.steps - 1:  # the last step is only measured
                 with torch.no_grad():
-                    p = _update(p.detach(), g_p, settings, t, m1, m2)
-                    x_new = param.to_image(p, size)
-                    info = StepInfo(t, g_x)
-                    for r in regs:
-                        x_new = r(x_new, info)
-                    x_new = torch.where(active.view(-1, 1, 1, 1), clip(x_new), xd)
-                    p = param.from_image(x_new)
+                    x_new = _regularize(param.to_image(ascent(p.detach(), g_p, t), size), regs, StepInfo(t, g_x))
+                    p = param.from_image(torch.where(alive.active.view(-1, 1, 1, 1), space.clip(x_new), xd))
             if on_step is not None:
                 on_step(t)
-    trace_cpu = trace[:steps_run].T.cpu()
-    vals, bsteps, dsteps = best_v.cpu().tolist(), best_step.cpu().tolist(), dead_step.cpu().tolist()
-    images = (best_x + mean).clamp(0, 255).cpu()
-    mean_t = tuple(float(m) for m in mean.flatten().cpu())
+    return _results(model, objectives, settings, best, alive, space, seed, seeds, scale, size)
+
+
+def auto_micro_batch(device: torch.device, size: tuple[int, int]) -> int:
+    """Elements per forward/backward pass: all of them on an accelerator; on the CPU at most 32 at
+    224 px or less, fewer for larger images. Measured on 2-core machines with the glibc settings of
+    :mod:`deepvis.allocator`: a pass over 64 images of 128 px costs 2.5-3.5x more per image than two
+    passes over 32 (large activation buffers fall out of the heap), while 16-32 cost the same."""
+    if device.type != "cpu":
+        return 1 << 30
+    return int(max(1, min(32, 32 * 224 * 224 // (size[0] * size[1]))))
+
+
+# -- the pieces of optimize_batch: where the image lives, how a step is taken, what is kept ----------
+@dataclass(frozen=True)
+class _PixelSpace:
+    """Where the optimized image lives: 0–255 pixels measured from the mean image, fed to the model as
+    ``x · pixel_scale`` (= ``(mean + x)·pixel_scale + low``, as ``mean·pixel_scale = −low``)."""
+
+    pixel_scale: torch.Tensor  # (1, C, 1, 1)
+    mean: torch.Tensor  # (1, C, 1, 1): the mean image in 0–255 pixels
+    clip: ClipRange  # the valid pixels 0–255, from the mean
+
+    @classmethod
+    def of(cls, model: Model) -> _PixelSpace:
+        prep, c = model.preprocessing, model.preprocessing.channels
+        pixel_scale = prep.pixel_scale().to(model.device, torch.float32).view(1, c, 1, 1)
+        low = prep.valid_range()[0].to(model.device, torch.float32).view(1, c, 1, 1)
+        mean = -low / pixel_scale
+        return cls(pixel_scale, mean, ClipRange(-mean.flatten(), 255.0 - mean.flatten()))
+
+
+def _start_images(gens: Sequence[torch.Generator], channels: int, size: tuple[int, int], std: float) -> torch.Tensor:
+    """The start (N, C, H, W): the mean image plus N(0, std²) noise, each element from its own stream."""
+    return torch.stack([torch.randn(channels, *size, generator=g) for g in gens]) * std
+
+
+class _Passes:
+    """One step's forward and backward passes, in micro-batches: each pass reads the layers the whole
+    batch needs and evaluates its own elements' objectives."""
+
+    def __init__(
+        self,
+        model: Model,
+        objectives: Sequence[Objective],
+        micro_batch: int,
+        param: ImageParam,
+        warp: RandomAffine,
+        size: tuple[int, int],
+        pixel_scale: torch.Tensor,
+    ) -> None:
+        n = len(objectives)
+        self.chunks = [slice(i, min(i + micro_batch, n)) for i in range(0, n, micro_batch)]
+        self.objectives = [BatchObjective(objectives[sl]) for sl in self.chunks]
+        self.layers = self.objectives[0].layers if len(self.chunks) == 1 else BatchObjective(objectives).layers
+        self.model, self.param, self.warp, self.size, self.pixel_scale = model, param, warp, size, pixel_scale
+
+    def run(self, p: torch.Tensor, warp_params: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(values (N,), gradient w.r.t. the parameters, gradient w.r.t. the image, the image), detached."""
+        parts = [
+            self._one(p[sl], None if warp_params is None else warp_params[sl], objective)
+            for sl, objective in zip(self.chunks, self.objectives)
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        v, g_p, g_x, xd = (torch.cat(t) for t in zip(*parts))
+        return v, g_p, g_x, xd
+
+    def _one(
+        self, p: torch.Tensor, warp_params: torch.Tensor | None, objective: BatchObjective
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        p = p.detach().requires_grad_(True)
+        xi = self.param.to_image(p, self.size)
+        seen = self.warp(xi, warp_params) if warp_params is not None else xi
+        v = objective(capture(self.model, seen * self.pixel_scale, self.layers, grad=True))
+        if self.param.identity:
+            (g_p,) = torch.autograd.grad(v.sum(), [p])
+            g_x = g_p
+        else:
+            g_p, g_x = torch.autograd.grad(v.sum(), [p, xi])
+        return v.detach(), g_p, g_x, xi.detach()
+
+
+class _Ascent:
+    """One ascent step on the parameters, per element: SGD (constant or progress lr) or Adam (with
+    its moment estimates)."""
+
+    def __init__(self, settings: Settings, p: torch.Tensor) -> None:
+        self.s = settings
+        self.adam = settings.optimizer == "adam"
+        self.m1 = torch.zeros_like(p) if self.adam else None
+        self.m2 = torch.zeros_like(p) if self.adam else None
+
+    def __call__(self, p: torch.Tensor, g: torch.Tensor, t: int) -> torch.Tensor:
+        s = self.s
+        if self.m1 is not None and self.m2 is not None:
+            b1, b2, eps = 0.9, 0.999, 1e-8
+            self.m1.mul_(b1).add_(g, alpha=1 - b1)
+            self.m2.mul_(b2).addcmul_(g, g, value=1 - b2)
+            mhat = self.m1 / (1 - b1 ** (t + 1))
+            vhat = self.m2 / (1 - b2 ** (t + 1))
+            return p + s.lr * mhat / (vhat.sqrt() + eps)
+        if s.lr_policy == "progress":
+            g2 = g.flatten(1).pow(2).sum(1)
+            lr = torch.where(g2 > 0, s.desired_prog / g2, torch.full_like(g2, s.lr)).clamp_max(s.lr)
+            return p + lr.view(-1, *([1] * (g.ndim - 1))) * g
+        return p + s.lr * g
+
+
+def _regularize(x: torch.Tensor, regs: Sequence[Regularizer], info: StepInfo) -> torch.Tensor:
+    """The regularization operator r_θ: each regularizer in turn (the paper's order)."""
+    for r in regs:
+        x = r(x, info)
+    return x
+
+
+class _BestImages:
+    """Per element: the objective at every step, and the best value, step and image seen so far."""
+
+    def __init__(self, x: torch.Tensor, steps: int) -> None:
+        n = x.shape[0]
+        self.value = torch.full((n,), -math.inf, device=x.device)
+        self.image = x.clone()
+        self.step = torch.zeros(n, dtype=torch.long, device=x.device)
+        self.trace = torch.zeros(steps, n, device=x.device)
+        self.steps_run = 0
+
+    def record(self, t: int, v: torch.Tensor, x: torch.Tensor, active: torch.Tensor) -> None:
+        """Step ``t`` measured ``v`` (N,) on images ``x``; only ``active`` elements can improve."""
+        self.trace[t] = v
+        self.steps_run = t + 1
+        better = active & (v > self.value)
+        self.value = torch.where(better, v, self.value)
+        self.step = torch.where(better, t, self.step)
+        self.image = torch.where(better.view(-1, 1, 1, 1), x, self.image)
+
+
+class _DeadUnits:
+    """The stopping rule per element: an element whose image gradient is exactly 0 is dead from that
+    step on (its image is kept, it can no longer improve)."""
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        self.active = torch.ones(n, dtype=torch.bool, device=device)
+        self.dead_step = torch.full((n,), -1, dtype=torch.long, device=device)
+
+    def record(self, t: int, g_x: torch.Tensor) -> None:
+        newly_dead = self.active & (g_x.flatten(1).abs().amax(1) == 0)
+        self.dead_step = torch.where(newly_dead, t, self.dead_step)
+        self.active = self.active & ~newly_dead
+
+
+def _results(
+    model: Model,
+    objectives: Sequence[Objective],
+    settings: Settings,
+    best: _BestImages,
+    alive: _DeadUnits,
+    space: _PixelSpace,
+    seed: int,
+    seeds: Sequence[int],
+    scale: float,
+    size: tuple[int, int],
+) -> list[Result]:
+    """One :class:`Result` per element from what the loop kept (copied to the CPU)."""
+    steps_run = best.steps_run
+    trace = best.trace[:steps_run].T.cpu()
+    vals, bsteps, dsteps = best.value.cpu().tolist(), best.step.cpu().tolist(), alive.dead_step.cpu().tolist()
+    images = (best.image + space.mean).clamp(0, 255).cpu()
+    mean = tuple(float(m) for m in space.mean.flatten().cpu())
     mapping = {"spatial_scale": scale, "blur_sigma_px": settings.blur_width * scale, "jitter_px": settings.jitter * scale}
     results = []
     for i, o in enumerate(objectives):
         unit, label = _unit_of(o)
-        tr = trace_cpu[i].tolist()
+        tr = trace[i].tolist()
         results.append(
             Result(
                 objective=o.name,
@@ -315,67 +457,13 @@ def optimize_batch(
                 seed=int(seed),
                 element_seed=seeds[i],
                 settings=settings,
-                size=(h, w),
+                size=(size[0], size[1]),
                 model=model.name,
-                mean=mean_t,
+                mean=mean,
                 mapping=dict(mapping),
             )
         )
     return results
-
-
-def auto_micro_batch(device: torch.device, size: tuple[int, int]) -> int:
-    """Elements per forward/backward pass: all of them on an accelerator; on the CPU at most 32 at
-    224 px or less, fewer for larger images. Measured on 2-core machines with the glibc settings of
-    :mod:`deepvis.allocator`: a pass over 64 images of 128 px costs 2.5-3.5x more per image than two
-    passes over 32 (large activation buffers fall out of the heap), while 16-32 cost the same."""
-    if device.type != "cpu":
-        return 1 << 30
-    return int(max(1, min(32, 32 * 224 * 224 // (size[0] * size[1]))))
-
-
-def _forward_backward(
-    model: Model,
-    param: ImageParam,
-    warp: RandomAffine,
-    p: torch.Tensor,
-    warp_params: torch.Tensor | None,
-    objective: BatchObjective,
-    layers: tuple[str, ...],
-    size: tuple[int, int],
-    pixel_scale: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One forward/backward pass of some elements: (values, gradient w.r.t. the parameters, gradient
-    w.r.t. the image, the image), all detached."""
-    p = p.detach().requires_grad_(True)
-    xi = param.to_image(p, size)
-    seen = warp(xi, warp_params) if warp_params is not None else xi
-    z = seen * pixel_scale  # = (mean + x)·pixel_scale + low, as mean·pixel_scale = −low
-    acts = capture(model, z, layers, grad=True)
-    v = objective(acts)
-    if param.identity:
-        (g_p,) = torch.autograd.grad(v.sum(), [p])
-        g_x = g_p
-    else:
-        g_p, g_x = torch.autograd.grad(v.sum(), [p, xi])
-    return v.detach(), g_p, g_x, xi.detach()
-
-
-def _update(p: torch.Tensor, g: torch.Tensor, s: Settings, t: int, m1: torch.Tensor | None, m2: torch.Tensor | None) -> torch.Tensor:
-    """One ascent step on the parameters, per element: SGD (constant or progress lr) or Adam."""
-    if s.optimizer == "adam":
-        assert m1 is not None and m2 is not None
-        b1, b2, eps = 0.9, 0.999, 1e-8
-        m1.mul_(b1).add_(g, alpha=1 - b1)
-        m2.mul_(b2).addcmul_(g, g, value=1 - b2)
-        mhat = m1 / (1 - b1 ** (t + 1))
-        vhat = m2 / (1 - b2 ** (t + 1))
-        return p + s.lr * mhat / (vhat.sqrt() + eps)
-    if s.lr_policy == "progress":
-        g2 = g.flatten(1).pow(2).sum(1)
-        lr = torch.where(g2 > 0, s.desired_prog / g2, torch.full_like(g2, s.lr)).clamp_max(s.lr)
-        return p + lr.view(-1, *([1] * (g.ndim - 1))) * g
-    return p + s.lr * g
 
 
 def visualize(

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..capture.units import LOGITS, Unit
+from ..choices import OBJECTIVE_KINDS
 
 __all__ = [
     "Objective",
@@ -37,8 +38,6 @@ __all__ = [
     "OBJECTIVE_KINDS",
 ]
 
-#: how a unit without an explicit position on a spatial layer becomes an objective
-OBJECTIVE_KINDS = ("neuron", "channel")
 
 Shapes = Mapping[str, tuple[int, ...]]
 
@@ -132,7 +131,8 @@ class Neuron(Objective):
 
     def __call__(self, acts: Mapping[str, torch.Tensor]) -> torch.Tensor:
         a = acts[self.layer]
-        return a[(slice(None), *self._where(tuple(a.shape[1:])))]
+        index: tuple[slice | int, ...] = (slice(None), *self._where(tuple(a.shape[1:])))
+        return a[index]
 
     def linear_weights(self, shapes: Shapes) -> dict[str, torch.Tensor]:
         shape = shapes[self.layer]
@@ -258,7 +258,7 @@ def objective_for_unit(unit: Unit, kind: str = "neuron", label: str | None = Non
     channel mean (``kind="channel"``; only for units without a position)."""
     if kind not in OBJECTIVE_KINDS:
         raise ValueError(f"kind must be one of {OBJECTIVE_KINDS}, not {kind!r}")
-    if unit.layer == LOGITS:
+    if unit.is_class:
         return class_logit(unit.channel, label)
     if kind == "channel" and unit.position is None:
         return channel(unit.layer, unit.channel)

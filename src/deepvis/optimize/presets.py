@@ -29,14 +29,13 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from ..choices import LR_POLICIES, OPTIMIZERS
 from ..errors import DeepvisError
 
 __all__ = ["Settings", "PRESETS", "get_preset", "preset_names", "PAPER_SIZE", "LR_POLICIES", "OPTIMIZERS"]
 
 #: the input side (px) the paper's θ were chosen for
 PAPER_SIZE = 227
-LR_POLICIES = ("constant", "progress")
-OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass(frozen=True)
@@ -112,13 +111,17 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready record of every θ, plus ``beyond_paper`` (derived: see :attr:`beyond_paper`), so a
+        stored image says whether it was made by the paper's method alone."""
         d = dataclasses.asdict(self)
         d["scale"] = list(self.scale)
+        d["beyond_paper"] = self.beyond_paper
         return d
 
     @property
     def beyond_paper(self) -> bool:
-        """True when any option outside the paper's method is on."""
+        """True when any option outside the paper's method is on: Adam, a Fourier or decorrelated
+        parameterization, or transformation robustness (jitter, scale, rotation)."""
         return self.optimizer != "sgd" or self.fourier or self.decorrelate or self.jitter > 0 or self.scale != (1.0, 1.0) or self.rotate > 0
 
 

@@ -26,7 +26,7 @@ __all__ = [
     "ClipSmallContribution",
     "ClipRange",
     "gaussian_kernel",
-    "gaussian_blur",
+    "gaussian_blur_symmetric",
     "row_percentile",
 ]
 
@@ -52,10 +52,16 @@ class Regularizer:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
 
-def row_percentile(v: torch.Tensor, pct: float) -> torch.Tensor:
-    """The ``pct``-th percentile (0–100) of each row of ``v`` (N, M), NumPy's linear interpolation: (N,)."""
+def _checked_percentile(pct: float) -> float:
+    """``pct`` as a float, or a ValueError when it is not a percentile in [0, 100]."""
     if not 0 <= pct <= 100:
         raise ValueError(f"percentile must be in [0, 100], not {pct}")
+    return float(pct)
+
+
+def row_percentile(v: torch.Tensor, pct: float) -> torch.Tensor:
+    """The ``pct``-th percentile (0–100) of each row of ``v`` (N, M), NumPy's linear interpolation: (N,)."""
+    pct = _checked_percentile(pct)
     m = v.shape[1]
     pos = pct / 100.0 * (m - 1)
     lo = math.floor(pos)
@@ -115,9 +121,13 @@ def _blur_axis(x: torch.Tensor, k: list[float], dim: int) -> torch.Tensor:
     return out
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Blur each channel of ``x`` (N, C, H, W) with a Gaussian of ``sigma`` px; edges mirrored (the
-    behaviour of ``scipy.ndimage.gaussian_filter(mode="reflect")``, which the paper's code used)."""
+def gaussian_blur_symmetric(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Blur each channel of ``x`` (N, C, H, W) with a Gaussian of ``sigma`` px (radius ``4σ``), edges
+    extended symmetrically, the edge pixel repeated (``d c b a | a b c d``: NumPy's ``symmetric`` pad,
+    ``scipy.ndimage.gaussian_filter(mode="reflect")``, which the paper's code used). Returns the
+    blurred batch, same shape; ``x`` itself when ``sigma <= 0``.
+
+    (:func:`deepvis.backprop.gaussian_blur_reflect`, for display maps, does not repeat the edge pixel.)"""
     if sigma <= 0:
         return x
     k = gaussian_kernel(sigma).double().tolist()
@@ -142,7 +152,7 @@ class GaussianBlur(Regularizer):
         return self.every > 0 and self.sigma > 0 and step % self.every == 0
 
     def __call__(self, x: torch.Tensor, info: StepInfo) -> torch.Tensor:
-        return gaussian_blur(x, self.sigma) if self.due(info.step) else x
+        return gaussian_blur_symmetric(x, self.sigma) if self.due(info.step) else x
 
 
 class ClipSmallNorm(Regularizer):
@@ -151,9 +161,7 @@ class ClipSmallNorm(Regularizer):
     name = "norm_clip"
 
     def __init__(self, percentile: float) -> None:
-        if not 0 <= percentile <= 100:
-            raise ValueError("percentile must be in [0, 100]")
-        self.percentile = float(percentile)
+        self.percentile = _checked_percentile(percentile)
 
     def __call__(self, x: torch.Tensor, info: StepInfo) -> torch.Tensor:
         if self.percentile <= 0:
@@ -169,9 +177,7 @@ class ClipSmallContribution(Regularizer):
     name = "contribution_clip"
 
     def __init__(self, percentile: float) -> None:
-        if not 0 <= percentile <= 100:
-            raise ValueError("percentile must be in [0, 100]")
-        self.percentile = float(percentile)
+        self.percentile = _checked_percentile(percentile)
 
     def __call__(self, x: torch.Tensor, info: StepInfo) -> torch.Tensor:
         if self.percentile <= 0:

@@ -6,12 +6,11 @@ import functools
 
 import numpy as np
 
+from ..choices import COLORMAPS
 from ..errors import DeepvisError
+from ..pixels import to_uint8
 
 __all__ = ["colormap_lut", "apply_colormap", "COLORMAPS"]
-
-#: the colormaps offered by the CLI and the UI ("gray" needs no matplotlib)
-COLORMAPS = ("gray", "viridis", "magma", "inferno", "plasma", "jet", "coolwarm")
 
 
 @functools.lru_cache(maxsize=16)
@@ -19,14 +18,14 @@ def _lut(name: str) -> bytes:
     if name == "gray":
         ramp = np.arange(256, dtype=np.uint8)
         return np.stack([ramp] * 3, axis=1).tobytes()
-    import matplotlib
+    import matplotlib  # lazy: heavy, and only the non-gray colormaps need it
 
     try:
         cmap = matplotlib.colormaps[name]
     except KeyError:
         raise DeepvisError(f"unknown colormap {name!r}; try one of {', '.join(COLORMAPS)}") from None
     rgba = cmap(np.linspace(0, 1, 256))
-    return (rgba[:, :3] * 255 + 0.5).astype(np.uint8).tobytes()
+    return to_uint8(rgba[:, :3]).tobytes()
 
 
 def colormap_lut(name: str) -> np.ndarray:
@@ -36,5 +35,5 @@ def colormap_lut(name: str) -> np.ndarray:
 
 def apply_colormap(x01: np.ndarray, name: str = "gray") -> np.ndarray:
     """Map values in [0, 1] (any shape) to RGB uint8 (shape + (3,)); values outside are clipped."""
-    idx = np.clip(np.nan_to_num(x01) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    idx = to_uint8(np.nan_to_num(x01))
     return colormap_lut(name)[idx]

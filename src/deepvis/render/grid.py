@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import numpy as np
 import torch
 
+from ..choices import NORMALIZATIONS
+from ..choices import Normalization as Normalize
 from ..errors import DeepvisError
 from .colormap import apply_colormap
 
-__all__ = ["grid_shape", "normalize_activations", "tile_grid", "tile_origin", "Normalize"]
-
-Normalize = Literal["layer", "channel", "none"]
+__all__ = ["grid_shape", "normalize_activations", "tile_grid", "tile_origin", "Normalize", "NORMALIZATIONS"]
 
 #: RGB of the padding between tiles and of the highlight frame
 PAD_COLOR = (40, 40, 40)
@@ -39,8 +38,8 @@ def normalize_activations(acts: torch.Tensor | np.ndarray, mode: Normalize = "la
     a = a.astype(np.float32, copy=False)
     if mode == "none":
         return np.clip(a, 0, 1)
-    if mode not in ("layer", "channel"):
-        raise DeepvisError(f"unknown normalization {mode!r}: use layer, channel or none")
+    if mode not in NORMALIZATIONS:
+        raise DeepvisError(f"unknown normalization {mode!r}: use one of {', '.join(NORMALIZATIONS)}")
     axes = tuple(range(1, a.ndim)) if (mode == "channel" and a.ndim > 1) else None
     lo = a.min(axis=axes, keepdims=True) if axes else np.array(a.min())
     hi = a.max(axis=axes, keepdims=True) if axes else np.array(a.max())

@@ -7,18 +7,18 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..pixels import to_uint8
 from .grid import PAD_COLOR, grid_shape
 
 __all__ = ["montage", "as_image", "caption", "hstack"]
 
 
 def as_image(img: Image.Image | np.ndarray) -> Image.Image:
-    """A Pillow RGB image from a Pillow image or an (H, W[, 3]) uint8 array."""
+    """A Pillow RGB image from a Pillow image or an (H, W[, 3]) array of 0–255 values (uint8 as is;
+    other types rounded to whole levels and clipped)."""
     if isinstance(img, Image.Image):
         return img.convert("RGB")
-    arr = np.asarray(img)
-    if arr.dtype != np.uint8:
-        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    arr = to_uint8(np.asarray(img), scale=1.0)
     return Image.fromarray(arr).convert("RGB")
 
 
