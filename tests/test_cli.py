@@ -169,3 +169,89 @@ def test_one_restart_sets_allocator_and_start_only_variables():
     env["OMP_WAIT_POLICY"] = "ACTIVE"  # the user's own choice is kept
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert r.stdout.strip().splitlines()[-1].endswith("ACTIVE")
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    drop = ("GLIBC_TUNABLES", "DEEPVIS_REEXECED", "LD_PRELOAD", "OMP_WAIT_POLICY", "DEEPVIS_NO_ALLOCATOR_TUNING")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
+
+
+def _subcommands() -> list[str]:
+    from deepvis.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return sorted(sub.choices)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["--version"],
+        ["layers", "--help"],
+        *[[name, "--help"] for name in _subcommands()],
+        ["backprop", "x.png", "--unit", "logits:1", "-o", "out.png", "--mode", "bogus"],  # a bad choice
+        ["predict"],  # a missing argument
+        ["layers", "--no-such-option"],
+        ["no-such-command"],
+    ],
+    ids=lambda a: " ".join(a),
+)
+def test_help_and_argument_errors_import_no_torch(args, tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "deepvis", *args],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert r.returncode == (0 if args[-1] in ("--help", "--version") else 2), r.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "deepvis.cli" in imported and "torch" not in imported and "numpy" not in imported
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_only_model_commands_restart_and_only_once(tmp_path):
+    """Each interpreter start appends a line to a log (a sitecustomize on PYTHONPATH); exec keeps the pid."""
+    log = tmp_path / "starts.log"
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os\n"
+        f"with open({str(log)!r}, 'a') as f:\n"
+        "    f.write(f\"{os.getpid()} {os.environ.get('DEEPVIS_REEXECED', '-')} {'GLIBC_TUNABLES' in os.environ} "
+        "{os.environ.get('OMP_WAIT_POLICY', '-')}\\n\")\n"
+    )
+    env = _clean_env(PYTHONPATH=str(tmp_path))
+    exe = Path(sys.executable).with_name("deepvis")
+
+    def starts(*args: str) -> list[list[str]]:
+        log.unlink(missing_ok=True)
+        subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+        return [line.split() for line in log.read_text().splitlines()]
+
+    for args in (["--help"], ["layers", "--help"], ["layers", "--bogus"], ["models"], ["info", "--json"]):
+        assert [s[1:] for s in starts(*args)] == [["-", "False", "-"]], args  # no restart
+    first, second = starts("layers", "--model", "nosuch")  # a model command: exactly one restart, same process
+    assert first[0] == second[0] and first[1:] == ["-", "False", "-"] and second[1:] == ["1", "True", "-"]
+    _, second = starts("serve", "--model", "nosuch", "--port", "99999")
+    assert second[1:] == ["1", "True", "PASSIVE"]  # serve's start-only setting rides on the same restart
+    assert len(starts("layers", "--model", "nosuch")) == 2
+    env["DEEPVIS_NO_ALLOCATOR_TUNING"] = "1"  # opted out: no restart at all
+    assert len(starts("layers", "--model", "nosuch")) == 1
+
+
+def test_choices_come_from_the_library_lists():
+    from deepvis import choices
+    from deepvis.backprop import FILTERS, MODES
+    from deepvis.cli import build_parser
+    from deepvis.optimize import LR_POLICIES, OBJECTIVE_KINDS, OPTIMIZERS, PRESETS
+    from deepvis.render import COLORMAPS
+
+    assert MODES is choices.BACKPROP_MODES and FILTERS is choices.BACKPROP_FILTERS and COLORMAPS is choices.COLORMAPS
+    assert LR_POLICIES is choices.LR_POLICIES and OPTIMIZERS is choices.OPTIMIZERS and OBJECTIVE_KINDS is choices.OBJECTIVE_KINDS
+    assert tuple(PRESETS) == choices.PRESET_NAMES  # the settings live with the optimizer; their names here, for --help
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    opts = {name: {a.dest: a for a in p._actions} for name, p in sub.choices.items()}
+    assert opts["backprop"]["mode"].choices is MODES and opts["backprop"]["filter"].choices is FILTERS
+    assert opts["activations"]["normalize"].choices is choices.NORMALIZATIONS
+    assert opts["optimize"]["lr_policy"].choices is LR_POLICIES and opts["optimize"]["objective"].choices is OBJECTIVE_KINDS

@@ -5,6 +5,7 @@ from __future__ import annotations
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -69,19 +70,34 @@ def test_torchvision_with_a_weights_file(tmp_path):
         assert torch.allclose(model.module(x), src.eval()(x))
 
 
-def test_torchvision_pretrained_offline_is_one_clear_error(monkeypatch):
+@pytest.fixture()
+def empty_offline_hubs(tmp_path, monkeypatch):
+    """No network and empty weight caches, whatever the user's own caches (~/.cache/torch, ~/.cache/huggingface) hold."""
+    import huggingface_hub.constants
+
     def offline(*a, **k):
         raise urllib.error.URLError("Name or service not known")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    home = tmp_path / "empty_cache"
+    home.mkdir()
+    for var, sub in (("TORCH_HOME", "torch"), ("HF_HOME", "huggingface"), ("HF_HUB_CACHE", "huggingface/hub")):
+        monkeypatch.setenv(var, str(home / sub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads its environment once, at import: set what it read
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "huggingface/hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)  # torch.hub reads $TORCH_HOME on each call
+    return home
+
+
+def test_torchvision_pretrained_offline_is_one_clear_error(empty_offline_hubs):
     with pytest.raises(ModelError, match=r"cannot fetch pretrained weights for torchvision:resnet18.*--weights FILE"):
         load_model("torchvision:resnet18")
 
 
-def test_timm_offline_error_and_weights_file(tmp_path, monkeypatch):
+def test_timm_offline_error_and_weights_file(tmp_path, empty_offline_hubs):
     import timm
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match=r"timm:resnet18.*--weights FILE"):
         load_model("timm:resnet18")
     src = timm.create_model("resnet18", pretrained=False, num_classes=7)
@@ -204,4 +220,16 @@ def test_default_weights_can_be_given_in_either_naming(tmp_path, default_model):
     with torch.no_grad():
         assert torch.allclose(model.module(x), default_model.module(x))
     torch.save(default_model.module.state_dict(), tmp_path / "timm_names.pth")
-    load_model("default", weights=tmp_path / "timm_names.pth", device="cpu")
+    again = load_model("default", weights=tmp_path / "timm_names.pth", device="cpu")  # timm names
+    with torch.no_grad():
+        assert torch.equal(again.module(x), default_model.module(x))
+
+
+def test_to_image_rounds_half_up_and_clips():
+    prep = Preprocessing((1, 5), (0.5,), (0.5,), channels=1)
+    pixels01 = torch.tensor([0.0, 0.5, 1.0, 1.2, -0.1]).view(1, 1, 5)  # 0.5 -> 127.5 -> 128
+    image = prep.to_image(prep.normalize(pixels01))
+    assert image.mode == "L" and np.asarray(image).tolist() == [[0, 128, 255, 255, 0]]
+    rgb = Preprocessing((2, 2))
+    x = rgb.normalize(torch.full((3, 2, 2), 10 / 255))
+    assert (np.asarray(rgb.to_image(x)) == 10).all()

@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 __all__ = ["progress_bar"]
 
 
-def progress_bar(iterable: Iterable[Any] | None = None, *, enabled: bool | None = None, **kwargs: Any):
+def progress_bar(iterable: Iterable[Any] | None = None, *, enabled: bool | None = None, **kwargs: Any) -> tqdm[Any]:
     """A tqdm bar on stderr showing rate and ETA.
 
     ``enabled=None`` shows it when stderr is a terminal or ``DEEPVIS_PROGRESS=1``; ``False`` hides it.

@@ -4,7 +4,8 @@ Measured on 2-core machines (docs/performance.md): with glibc's default malloc, 
 forward+backward pass spends most of its time in page faults, because every step frees and
 re-allocates large activation buffers through mmap. These settings keep those buffers in the heap.
 They only take effect when set before the process starts, so the ``deepvis`` command re-executes
-itself once with them (see :func:`deepvis.cli.main`). This module imports nothing heavy.
+itself once with them, for the commands that run a model (see :mod:`deepvis.cli`); the environment
+variable ``DEEPVIS_REEXECED`` marks the restarted process. This module imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -37,16 +38,17 @@ def allocator_env(environ: dict[str, str] | None = None) -> dict[str, str] | Non
     return env
 
 
-def allocator_tuned() -> bool:
-    """True when this process runs with deepvis's allocator settings (or the user's own)."""
-    return "GLIBC_TUNABLES" in os.environ or "LD_PRELOAD" in os.environ
+def allocator_tuned(environ: Mapping[str, str] | None = None) -> bool:
+    """True when ``environ`` (default: this process's) holds deepvis's allocator settings (or the user's own)."""
+    env = os.environ if environ is None else environ
+    return "GLIBC_TUNABLES" in env or "LD_PRELOAD" in env
 
 
 def ensure_allocator_tuning(extra_env: Mapping[str, str] | None = None) -> None:
     """Restart the current process once with :data:`ALLOCATOR_TUNABLES` (Linux/glibc only).
 
-    Call it first thing in a script that runs batched backward passes on the CPU (the ``deepvis``
-    command does). It does nothing when the settings (or the user's own ``GLIBC_TUNABLES`` /
+    Call it first thing in a script that runs batched backward passes on the CPU, before torch is
+    imported (the ``deepvis`` command does, for the commands that run a model, once their arguments parse). It does nothing when the settings (or the user's own ``GLIBC_TUNABLES`` /
     ``LD_PRELOAD``) are already in place, when ``DEEPVIS_NO_ALLOCATOR_TUNING`` is set, or when the
     process cannot be re-executed; the restart keeps the interpreter, its flags and the arguments.
     ``extra_env`` holds other variables that only act at process start (e.g. ``OMP_WAIT_POLICY``) to

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
+from .choices import DATASET_SPEC_HELP
 from .errors import InputError
 from .io import IMAGE_SUFFIXES, load_image, sample_photos
 from .models.model import Model
@@ -45,7 +46,6 @@ __all__ = [
 
 #: the name of the built-in offline dataset
 DEMO = "demo"
-DATASET_SPEC_HELP = "a folder of images (recursive; class subfolders give labels), a .txt file listing image paths, or 'demo'"
 
 
 @dataclass(frozen=True, slots=True)

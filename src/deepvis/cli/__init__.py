@@ -3,6 +3,18 @@
 Each sub-command lives in its own module under ``deepvis.cli`` and exposes ``register(subparsers)``.
 Errors a user can cause print one line on stderr and exit with status 2 (``--debug`` shows the
 traceback); anything else is reported as an internal error with status 1.
+
+**The command answers at once.** ``--help``, ``--version`` and argument errors never import torch
+(about 2 s): the modules of this package import only argparse-level things at their top (argparse,
+:mod:`deepvis.choices` for the lists of choices, :mod:`deepvis.errors`, :mod:`deepvis.allocator`,
+:mod:`.common`), and ``register`` builds the parser from them alone; the library is imported inside
+each command's ``run``, when the command runs. ``import deepvis`` itself imports nothing heavy.
+tests/test_cli.py checks this for every sub-command's ``--help``.
+
+**One restart, for model commands only.** After the arguments parse, a command that runs a model
+(its parser has :func:`.common.add_model_options`) restarts the process once, before torch is
+imported, with the settings that only act at process start (:mod:`deepvis.allocator`; plus
+:data:`START_ENV` for its command); other commands, ``--help`` and errors run as they are.
 """
 
 from __future__ import annotations
@@ -10,7 +22,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+
+from .. import __version__
+from ..allocator import ensure_allocator_tuning
+from ..errors import DeepvisError
 
 __all__ = ["main", "build_parser", "COMMAND_MODULES"]
 
@@ -31,13 +48,12 @@ COMMAND_MODULES = (
 )
 
 
-#: environment each sub-command wants set before the process starts (see :func:`main`)
-START_ENV: dict[str, dict[str, str]] = {"serve": {"OMP_WAIT_POLICY": "PASSIVE"}}
+#: environment a model command wants set before the process starts, besides the allocator's (see :func:`main`)
+START_ENV: Mapping[str, Mapping[str, str]] = MappingProxyType({"serve": MappingProxyType({"OMP_WAIT_POLICY": "PASSIVE"})})
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
-
+    """The ``deepvis`` parser with every sub-command of :data:`COMMAND_MODULES` (imports no torch)."""
     parser = argparse.ArgumentParser(
         prog="deepvis",
         description="Deep Visualization Toolbox for PyTorch convnets: activations, unit views, "
@@ -51,23 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``deepvis`` command; returns the exit status."""
-    if argv is None:  # a real command-line run, not a call from Python
-        from ..allocator import ensure_allocator_tuning
+    """Entry point of the ``deepvis`` command; returns the exit status.
 
-        # one restart with the settings that only act at process start: the allocator tunables
-        # (batched CPU backward passes 3-5x faster) and, for the live server, passive OpenMP waiting
-        # (spinning threads starve the browser and the background workers on small machines)
-        ensure_allocator_tuning(START_ENV.get(sys.argv[1] if len(sys.argv) > 1 else "", {}))
+    ``argv`` None: a real command-line run (``sys.argv``), which may restart the process once (see the
+    module docstring); a list: a call from Python (tests), which never restarts.
+    """
     args_list = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args_list
     parser = build_parser()
-    args = parser.parse_args(args_list)
+    args = parser.parse_args(args_list)  # --help, --version and bad arguments exit here, torch not imported
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from ..errors import DeepvisError
-
+    if argv is None and getattr(args, "runs_model", False):
+        # one restart with the settings that only act at process start: the allocator tunables
+        # (batched CPU backward passes 3-5x faster) and, for the live server, passive OpenMP waiting
+        # (spinning threads starve the browser and the background workers on small machines)
+        ensure_allocator_tuning(START_ENV.get(args.command, {}))
     try:
         return int(args.func(args) or 0)
     except DeepvisError as exc:

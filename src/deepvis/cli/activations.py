@@ -3,15 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from .common import add_model_options, model_from_args, print_json, progress
+from ..choices import NORMALIZATIONS
+from ..errors import DeepvisError
+from .common import (
+    SAMPLE_HELP,
+    add_colormap_option,
+    add_json_option,
+    add_model_options,
+    add_output_option,
+    existing_input,
+    image_format,
+    model_from_args,
+    print_json,
+    progress,
+)
+
+if TYPE_CHECKING:
+    from ..activations import ActivationView
+    from ..models import Model
+    from ..predictions import Prediction
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..render import COLORMAPS
-
     p = sub.add_parser(
         "activations",
         help="tile every channel of a layer for an image or video",
@@ -19,23 +39,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         "with the top-k predictions, and print the predictions. For a video, OUT is a video file (.mp4, .webm, ...) "
         "or a folder (one PNG per frame).",
     )
-    p.add_argument("input", metavar="INPUT", help="image or video file, or sample:NAME (see `deepvis samples`)")
+    p.add_argument("input", metavar="INPUT", help=f"image or video file, or {SAMPLE_HELP}")
     p.add_argument("--layer", required=True, help="layer name (see `deepvis layers`)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output PNG (image input) or video file / folder (video input)")
+    add_output_option(p, metavar="OUT", help="output PNG (image input) or video file / folder (video input)")
     p.add_argument(
         "--normalize",
-        choices=("layer", "channel", "none"),
+        choices=NORMALIZATIONS,
         default="layer",
         help="one scale per layer or per channel (default: %(default)s)",
     )
-    p.add_argument("--colormap", default="gray", help=f"colormap: {', '.join(COLORMAPS)} or any matplotlib name (default: %(default)s)")
+    add_colormap_option(p)
     p.add_argument("--unit", type=int, metavar="N", help="highlight channel N")
     p.add_argument("--scale", type=int, metavar="K", help="enlarge each tile K times (default: automatic)")
     p.add_argument("-k", "--top", type=int, default=5, help="predictions to show (0: none; default: %(default)s)")
     p.add_argument("--grid-only", action="store_true", help="write the grid alone, without the input and the predictions")
     p.add_argument("--every", type=int, default=1, metavar="N", help="video: use every N-th frame (default: %(default)s)")
     p.add_argument("--max-frames", type=int, metavar="N", help="video: stop after N frames")
-    p.add_argument("--json", action="store_true", help="print the predictions (and outputs) as JSON")
+    add_json_option(p, "print the predictions (and outputs) as JSON")
     add_model_options(p)
     p.set_defaults(func=run)
 
@@ -43,37 +63,28 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from .._fs import atomic_path
     from ..activations import activation_views, compose_view
-    from ..errors import DeepvisError, InputError
-    from ..io import is_video, load_image, resolve_input
+    from ..io import is_video, load_image
+    from ..render import as_image
 
     if args.every < 1 or (args.max_frames is not None and args.max_frames < 1) or args.top < 0:
         raise DeepvisError("--every and --max-frames must be at least 1, --top at least 0")
-    src = resolve_input(args.input)
-    if not src.exists():
-        raise InputError(f"input not found: {src}")
+    src = existing_input(args.input)
     model = model_from_args(args)
     opts = dict(normalize=args.normalize, colormap=args.colormap, highlight=args.unit, scale=args.scale, k=args.top)
     render = (lambda v: v.grid) if args.grid_only else (lambda v: compose_view(v))
     out = Path(args.output)
     if is_video(src):
         return _video(args, model, src, out, opts, render)
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-        raise DeepvisError(f"output {out} should be a .png (or .jpg/.webp) file")
+    fmt = image_format(out)
     image = load_image(src, model.preprocessing.pil_mode)
     view = next(activation_views(model, [image], args.layer, **opts))
-    from ..render import as_image
-
     with atomic_path(out) as tmp:
-        as_image(render(view)).save(tmp, format=_fmt(out))
+        as_image(render(view)).save(tmp, format=fmt)
     _report(args, [(str(args.input), view.predictions)], str(out))
     return 0
 
 
-def _fmt(path: Path) -> str:
-    return {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}[path.suffix.lower()]
-
-
-def _report(args: argparse.Namespace, rows, output: str) -> None:
+def _report(args: argparse.Namespace, rows: list[tuple[str, list[Prediction]]], output: str) -> None:
     if args.json:
         print_json(
             {"output": output, "layer": args.layer, "inputs": [{"input": i, "predictions": [p.to_dict() for p in ps]} for i, ps in rows]}
@@ -85,10 +96,9 @@ def _report(args: argparse.Namespace, rows, output: str) -> None:
     print(f"wrote {output}", file=sys.stderr)
 
 
-def _video(args, model, src: Path, out: Path, opts, render) -> int:
-    import shutil
-    import tempfile
-
+def _video(
+    args: argparse.Namespace, model: Model, src: Path, out: Path, opts: dict[str, Any], render: Callable[[ActivationView], Any]
+) -> int:
     from .._fs import atomic_path
     from ..activations import activation_views
     from ..io import VIDEO_SUFFIXES, VideoWriter, read_frames, video_info
@@ -103,7 +113,7 @@ def _video(args, model, src: Path, out: Path, opts, render) -> int:
     frames = (im for _, im in read_frames(src, step=args.every, max_frames=args.max_frames))
     views = activation_views(model, frames, args.layer, **opts)
     bar = progress(total=count, desc="frames", unit="frame")
-    last_preds = []
+    last_preds: list[Prediction] = []
     n = 0
     if out.suffix.lower() in VIDEO_SUFFIXES:
         with atomic_path(out) as tmp, VideoWriter(tmp, fps=fps / args.every) as writer:
@@ -114,8 +124,6 @@ def _video(args, model, src: Path, out: Path, opts, render) -> int:
                 bar.update()
     else:
         if out.exists() and not out.is_dir():
-            from ..errors import DeepvisError
-
             raise DeepvisError(f"{out} exists and is not a folder: give a video file name or a folder for the frames")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

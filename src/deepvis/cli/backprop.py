@@ -6,15 +6,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import add_model_options, model_from_args, print_json
-
-_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+from ..choices import BACKPROP_AT, BACKPROP_FILTERS, BACKPROP_MODES, BACKPROP_SEEDS
+from ..errors import DeepvisError
+from .common import (
+    SAMPLE_HELP,
+    add_colormap_option,
+    add_json_option,
+    add_model_options,
+    add_output_option,
+    existing_input,
+    image_format,
+    model_from_args,
+    print_json,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..backprop import FILTERS, MODES
-    from ..render import COLORMAPS
-
     p = sub.add_parser(
         "backprop",
         help="show which input pixels drive a unit (gradient, deconv, guided backprop)",
@@ -22,12 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "at the unit's activation: its whole channel map, one position (LAYER:C@Y,X), or the map's peak (--at max). "
         "Class scores are units of the layer `logits` (e.g. logits:967).",
     )
-    p.add_argument("input", metavar="IMAGE", help="image file, or sample:NAME (see `deepvis samples`)")
+    p.add_argument("input", metavar="IMAGE", help=f"image file, or {SAMPLE_HELP}")
     p.add_argument("--unit", required=True, metavar="LAYER:C[@Y,X]", help="the unit, e.g. blocks.3:17, blocks.3:17@5,5 or logits:967")
-    p.add_argument("--mode", choices=MODES, default="guided", help="backward rule at ReLU-like units (default: %(default)s)")
-    p.add_argument("--at", choices=("max",), help="start at the position where the channel map peaks")
-    p.add_argument("--filter", choices=FILTERS, default="raw", help="display filter (default: %(default)s)")
-    p.add_argument("--colormap", default="gray", help=f"colormap for gray/norm/normblur: {', '.join(COLORMAPS)} or any matplotlib name")
+    p.add_argument("--mode", choices=BACKPROP_MODES, default="guided", help="backward rule at ReLU-like units (default: %(default)s)")
+    p.add_argument("--at", choices=BACKPROP_AT, help="start at the position where the channel map peaks")
+    p.add_argument("--filter", choices=BACKPROP_FILTERS, default="raw", help="display filter (default: %(default)s)")
+    add_colormap_option(p, "colormap for gray/norm/normblur")
     p.add_argument(
         "--percentile", type=float, default=99.5, help="scale by this percentile of the magnitudes (100: the maximum; default: %(default)s)"
     )
@@ -35,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, default=0.6, help="weight of the view in --overlay (default: %(default)s)")
     p.add_argument(
         "--seed",
-        choices=("activation", "one"),
+        choices=BACKPROP_SEEDS,
         default="activation",
         help="seed of the backward pass: the unit's activation (default) or 1",
     )
@@ -44,8 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="deconv/guided on models with SiLU, GELU, ...: keep their plain gradient (warns) instead of stopping",
     )
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output picture (.png, .jpg or .webp)")
-    p.add_argument("--json", action="store_true", help="print the unit, position, activation and output as JSON")
+    add_output_option(p, metavar="OUT", help="output picture (.png, .jpg or .webp)")
+    add_json_option(p, "print the unit, position, activation and output as JSON")
     add_model_options(p)
     p.set_defaults(func=run)
 
@@ -58,20 +65,16 @@ def run(args: argparse.Namespace) -> int:
     from .._fs import atomic_path
     from ..backprop import PlainGradientWarning, backprop_image, backprop_view, overlay
     from ..capture import parse_unit
-    from ..errors import DeepvisError, InputError
-    from ..io import load_image, resolve_input
+    from ..io import load_image
 
     out = Path(args.output)
-    if out.suffix.lower() not in _FORMATS:
-        raise DeepvisError(f"output {out} should be a .png, .jpg or .webp file")
+    fmt = image_format(out)
     if not 0 <= args.alpha <= 1:
         raise DeepvisError("--alpha must be between 0 and 1")
     if not 0 < args.percentile <= 100:
         raise DeepvisError("--percentile must be in (0, 100]")
     unit = parse_unit(args.unit)
-    src = resolve_input(args.input)
-    if not src.exists():
-        raise InputError(f"input not found: {src}")
+    src = existing_input(args.input)
     model = model_from_args(args)
     image = load_image(src, model.preprocessing.pil_mode)
     with warnings.catch_warnings(record=True) as caught:
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if args.overlay:
         view = overlay(model.preprocessing.fit(image), view, alpha=args.alpha)
     with atomic_path(out) as tmp:
-        Image.fromarray(view).save(tmp, format=_FORMATS[out.suffix.lower()])
+        Image.fromarray(view).save(tmp, format=fmt)
     if args.json:
         print_json({"output": str(out), "input": str(args.input), "filter": args.filter, "overlay": args.overlay, **result.to_dict()})
     else:

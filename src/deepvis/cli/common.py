@@ -1,46 +1,159 @@
-"""Options shared by the sub-commands, and their use."""
+"""Options shared by the sub-commands (one declaration per option group), and their use.
+
+Like every module of :mod:`deepvis.cli`, this one imports only argparse-level things at its top (the
+lists of choices come from :mod:`deepvis.choices`, which imports nothing heavy); the library is imported
+when a command runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import Any
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ..models.registry import MODEL_SPEC_HELP
+from .._progress import progress_bar
+from ..choices import COLORMAPS, ENGINES, MODEL_SPEC_HELP, PRESET_NAMES
+from ..errors import DeepvisError, InputError
 
-__all__ = ["add_model_options", "add_common_options", "model_from_args", "print_json", "progress"]
+if TYPE_CHECKING:
+    from ..models import Model
+
+__all__ = [
+    "add_common_options",
+    "add_model_options",
+    "add_json_option",
+    "add_output_option",
+    "add_colormap_option",
+    "add_synthesis_options",
+    "add_engine_options",
+    "engine_from_args",
+    "image_format",
+    "existing_input",
+    "model_from_args",
+    "print_json",
+    "progress",
+    "IMAGE_FORMATS",
+    "SAMPLE_HELP",
+]
+
+#: how the help texts name the bundled sample photos (``sample:NAME``; an unknown name lists them all)
+SAMPLE_HELP = "sample:NAME for a bundled photo (e.g. sample:coffee; a wrong name lists them)"
+
+#: output picture suffixes -> Pillow format names
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 
 def add_common_options(p: argparse.ArgumentParser) -> None:
+    """``--debug``: every command has it."""
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    """--model, --weights, --labels, --input-size, --device (and --debug)."""
+    """--model, --weights, --labels, --input-size, --device (and --debug).
+
+    Marks the command as one that runs a model: :func:`deepvis.cli.main` restarts the process once with
+    the allocator settings before it runs (see :mod:`deepvis.allocator`).
+    """
     g = p.add_argument_group("model")
     g.add_argument("--model", default="default", help=f"the model: {MODEL_SPEC_HELP} (default: %(default)s)")
     g.add_argument("--weights", metavar="FILE", help="checkpoint to load: .safetensors or a PyTorch state dict (never unpickles code)")
     g.add_argument("--labels", metavar="FILE", help="class names, one per line (or a JSON list)")
     g.add_argument("--input-size", type=int, metavar="PX", help="override the model's input size (square)")
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default: %(default)s)")
+    p.set_defaults(runs_model=True)
     add_common_options(p)
 
 
-def model_from_args(args: argparse.Namespace):
-    """Load the model the options name."""
-    from ..models import load_model
+def add_json_option(p: argparse._ActionsContainer, help: str = "print JSON") -> None:
+    """``--json``: machine-readable output on stdout."""
+    p.add_argument("--json", action="store_true", help=help)
+
+
+def add_output_option(p: argparse._ActionsContainer, *, metavar: str, help: str, required: bool = True) -> None:
+    """``-o/--output``: where the command writes its result."""
+    p.add_argument("-o", "--output", required=required, metavar=metavar, help=help)
+
+
+def add_colormap_option(p: argparse._ActionsContainer, what: str = "colormap") -> None:
+    """``--colormap``: a built-in colormap (:data:`deepvis.choices.COLORMAPS`) or any matplotlib name."""
+    p.add_argument("--colormap", default="gray", help=f"{what}: {', '.join(COLORMAPS)} or any matplotlib name (default: %(default)s)")
+
+
+def add_synthesis_options(p: argparse._ActionsContainer, *, what: str = "", size_default: str = "the model's input size") -> None:
+    """--preset, --steps, --size, --seed: the activation-maximization settings ``optimize`` and ``atlas`` share.
+
+    ``what`` prefixes each help text (e.g. ``"synthesis "``); ``size_default`` says what ``--size`` falls back to.
+    """
+    p.add_argument(
+        "--preset",
+        default="3",
+        help=f"{what}preset: one of {', '.join(PRESET_NAMES)}; 1-4 are the paper's Table 1 (default: %(default)s)",
+    )
+    p.add_argument("--steps", type=int, metavar="N", help=f"{what}steps (default: the preset's)")
+    p.add_argument("--size", type=int, metavar="PX", help=f"{what}image size in px (default: {size_default})")
+    p.add_argument("--seed", type=int, default=0, help=f"{what}random seed (default: %(default)s)")
+
+
+def image_format(path: Path) -> str:
+    """The Pillow format of an output picture from its suffix (.png, .jpg or .webp); a one-line error otherwise."""
+    fmt = IMAGE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DeepvisError(f"output {path} should be a .png, .jpg or .webp file")
+    return fmt
+
+
+def existing_input(text: str) -> Path:
+    """The file an input argument names (a path or ``sample:NAME``); a one-line error when it does not exist."""
+    from ..io import resolve_input  # Pillow and numpy are imported when a command runs, never at --help
+
+    path = resolve_input(text)
+    if not path.exists():
+        raise InputError(f"input not found: {path}")
+    return path
+
+
+def model_from_args(args: argparse.Namespace) -> Model:
+    """Load the model that the options of :func:`add_model_options` name."""
+    from ..models import load_model  # the library (torch) is imported when a command runs, never at --help
 
     return load_model(args.model, weights=args.weights, labels=args.labels, device=args.device, input_size=args.input_size)
 
 
 def print_json(obj: Any) -> None:
+    """Write ``obj`` to stdout as indented JSON."""
     json.dump(obj, sys.stdout, indent=2)
     sys.stdout.write("\n")
 
 
-def progress(iterable=None, **kwargs):
+def progress(iterable: Iterable[Any] | None = None, **kwargs: Any) -> Any:
     """A progress bar on stderr (see :func:`deepvis._progress.progress_bar`)."""
-    from .._progress import progress_bar
-
     return progress_bar(iterable, **kwargs)
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """--engine, --ray-address, --workers: where a command's pass over a dataset runs (``atlas``, ``report``);
+    read them back with :func:`engine_from_args`."""
+    g = p.add_argument_group("engine")
+    g.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="local",
+        help="local: this process; ray: Ray workers, local or on a cluster (default: %(default)s)",
+    )
+    g.add_argument(
+        "--ray-address", metavar="ADDR", help="join this Ray cluster (e.g. ray://head:10001 or auto); default: start Ray locally"
+    )
+    g.add_argument("--workers", type=int, metavar="N", help="Ray workers (default: one per GPU, else 2)")
+
+
+def engine_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``engine``, ``ray_address`` and ``workers`` keywords (of ``build_atlas``, ``summarize``) that the
+    options of :func:`add_engine_options` give, checked (one-line errors)."""
+    if args.ray_address and args.engine != "ray":
+        raise DeepvisError("--ray-address needs --engine ray")
+    if args.workers is not None and args.workers < 1:
+        raise DeepvisError("--workers must be at least 1")
+    return {"engine": args.engine, "ray_address": args.ray_address, "workers": args.workers}

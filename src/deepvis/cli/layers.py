@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_options, model_from_args, print_json
+from .common import add_json_option, add_model_options, model_from_args, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(the module path; 'logits' is the model output), type, output shape and number of units. "
         "Address a unit as LAYER:CHANNEL or LAYER:CHANNEL@Y,X.",
     )
-    p.add_argument("--json", action="store_true", help="print JSON")
+    add_json_option(p)
     p.add_argument("--filter", metavar="TEXT", help="only layers whose name contains TEXT")
     add_model_options(p)
     p.set_defaults(func=run)

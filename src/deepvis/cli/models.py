@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_common_options, print_json
+from ..choices import MODEL_SPEC_HELP
+from .common import add_common_options, add_json_option, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,13 +14,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="list built-in models and how to name others",
         description="List the built-in models and the other ways to name a model.",
     )
-    p.add_argument("--json", action="store_true", help="print JSON")
+    add_json_option(p)
     add_common_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import MODEL_SPEC_HELP, registry
+    from ..models import registry
 
     rows = [{"name": e.name, "description": e.description} for e in registry]
     if args.json:

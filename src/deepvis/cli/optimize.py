@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from .common import add_model_options, model_from_args, print_json, progress
+from ..choices import LR_POLICIES, OBJECTIVE_KINDS, OPTIMIZERS
+from ..errors import DeepvisError, LayerError
+from .common import add_json_option, add_model_options, add_output_option, add_synthesis_options, model_from_args, print_json, progress
+
+if TYPE_CHECKING:
+    from ..capture import Unit
+    from ..models import Model
 
 
 def _scale_range(text: str) -> tuple[float, float]:
@@ -20,7 +28,7 @@ def _scale_range(text: str) -> tuple[float, float]:
         vals = (vals[0], vals[0])
     if len(vals) != 2:
         raise argparse.ArgumentTypeError(f"bad scale range {text!r}: write LOW,HIGH, e.g. 0.9,1.1")
-    return vals  # type: ignore[return-value]
+    return vals[0], vals[1]
 
 
 def _position(text: str) -> tuple[int, int]:
@@ -31,8 +39,6 @@ def _position(text: str) -> tuple[int, int]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..optimize.presets import LR_POLICIES, OPTIMIZERS, PRESETS
-
     p = sub.add_parser(
         "optimize",
         help="synthesize the image that maximizes a unit or a class (activation maximization)",
@@ -51,13 +57,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument(
         "--objective",
-        choices=("neuron", "channel"),
+        choices=OBJECTIVE_KINDS,
         default="neuron",
         help="a unit at one position (the paper's choice) or the channel's mean (default: %(default)s)",
     )
     s = p.add_argument_group("settings (override the preset)")
-    s.add_argument("--preset", default="3", help=f"one of {', '.join(PRESETS)} (default: %(default)s)")
-    s.add_argument("--steps", type=int, help="number of steps")
+    add_synthesis_options(s)
     s.add_argument("--decay", type=float, help="θ_decay: L2 decay toward the mean image per step")
     s.add_argument("--blur-width", type=float, help="θ_b_width: Gaussian blur σ in px at 227 px")
     s.add_argument("--blur-every", type=int, help="θ_b_every: blur every N steps (0: never)")
@@ -75,11 +80,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--scale", type=_scale_range, metavar="LOW,HIGH", help="random scale factor range before each step")
     s.add_argument("--rotate", type=float, metavar="DEG", help="random rotation up to DEG degrees before each step")
     r = p.add_argument_group("run")
-    r.add_argument("--size", type=int, metavar="PX", help="image size in px (default: the model's input size)")
-    r.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     r.add_argument("--batch-size", type=int, default=32, help="units optimized together (default: %(default)s)")
-    r.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
-    r.add_argument("--json", action="store_true", help="print a JSON summary")
+    add_output_option(r, metavar="DIR", help="output folder")
+    add_json_option(r, "print a JSON summary")
     add_model_options(p)
     p.set_defaults(func=run)
 
@@ -95,11 +98,9 @@ def unit_slug(unit: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", slug)
 
 
-def _targets(args: argparse.Namespace, model) -> list:
-    from ..capture.layers import layer_table
-    from ..capture.units import LOGITS, Unit, parse_unit_set
-    from ..errors import DeepvisError, LayerError
-    from ..optimize.loop import canvas_size
+def _targets(args: argparse.Namespace, model: Model) -> list[Unit]:
+    from ..capture import LOGITS, Unit, get_layer, layer_table, parse_unit_set
+    from ..optimize import canvas_size
 
     units: list[Unit] = []
     if args.layer is not None:
@@ -108,8 +109,6 @@ def _targets(args: argparse.Namespace, model) -> list:
         hw = canvas_size(model, args.size)
         table = {i.name: i for i in layer_table(model, (model.preprocessing.channels, *hw))}
         if args.layer not in table:
-            from ..capture.layers import get_layer
-
             get_layer(model, args.layer)  # raises with suggestions
             raise LayerError(f"layer {args.layer!r} cannot be optimized")
         info = table[args.layer]
@@ -125,9 +124,7 @@ def _targets(args: argparse.Namespace, model) -> list:
 
 def run(args: argparse.Namespace) -> int:
     from .._fs import atomic_path
-    from ..errors import DeepvisError
-    from ..optimize.loop import visualize
-    from ..optimize.presets import get_preset
+    from ..optimize import get_preset, visualize
     from ..render import montage
 
     out = Path(args.output)
@@ -175,9 +172,7 @@ def run(args: argparse.Namespace) -> int:
         )
     finally:
         bar.close()
-    import json
-
-    rows = []
+    rows: list[dict[str, Any]] = []
     for res in results:
         slug = unit_slug(res.unit or res.objective)
         files = {"raw": str(out / f"{slug}_raw.png"), "display": str(out / f"{slug}.png"), "record": str(out / f"{slug}.json")}

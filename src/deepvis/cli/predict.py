@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_options, model_from_args, print_json
+from ..errors import DeepvisError
+from .common import SAMPLE_HELP, add_json_option, add_model_options, model_from_args, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,16 +14,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="print the top-k classes of images",
         description="Print the top-k classes of one or more images (sample:NAME for a bundled photo).",
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help=f"image files, or {SAMPLE_HELP}")
     p.add_argument("-k", "--top", type=int, default=5, help="how many classes (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    add_json_option(p)
     add_model_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..capture import capture
-    from ..errors import DeepvisError
     from ..io import load_image, resolve_input
     from ..predictions import top_k
 

@@ -6,9 +6,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import add_model_options, model_from_args, print_json
-
-_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+from ..errors import DeepvisError, UnitError
+from .common import (
+    SAMPLE_HELP,
+    add_json_option,
+    add_model_options,
+    add_output_option,
+    existing_input,
+    image_format,
+    model_from_args,
+    print_json,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,16 +29,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the field's crop of that image (as the model sees it), padded at the borders to the full field size.",
     )
     p.add_argument("--unit", required=True, metavar="LAYER[:C][@Y,X]", help="e.g. blocks.3@5,5, blocks.3:17@5,5 or blocks.3")
-    p.add_argument("--image", metavar="IMAGE", help="an image (or sample:NAME) to crop")
-    p.add_argument("-o", "--output", metavar="OUT", help="where to write the crop (.png, .jpg or .webp); needs --image")
-    p.add_argument("--json", action="store_true", help="print the field as JSON")
+    p.add_argument("--image", metavar="IMAGE", help=f"an image to crop, or {SAMPLE_HELP}")
+    add_output_option(p, metavar="OUT", help="where to write the crop (.png, .jpg or .webp); needs --image", required=False)
+    add_json_option(p, "print the field as JSON")
     add_model_options(p)
     p.set_defaults(func=run)
 
 
 def _parse(text: str) -> tuple[str, tuple[int, int] | None]:
     from ..capture import parse_unit
-    from ..errors import UnitError
 
     text = text.strip()
     if ":" in text:
@@ -51,27 +58,21 @@ def _parse(text: str) -> tuple[str, tuple[int, int] | None]:
 def run(args: argparse.Namespace) -> int:
     from .._fs import atomic_path
     from ..backprop import crop_image, layer_field
-    from ..errors import DeepvisError, InputError
-    from ..io import load_image, resolve_input
+    from ..io import load_image
 
     layer, pos = _parse(args.unit)
     out = Path(args.output) if args.output else None
     if (out is None) != (args.image is None):
         raise DeepvisError("--image and -o go together: give both to write a crop, or neither")
-    if out is not None and out.suffix.lower() not in _FORMATS:
-        raise DeepvisError(f"output {out} should be a .png, .jpg or .webp file")
-    src = None
-    if args.image:
-        src = resolve_input(args.image)
-        if not src.exists():
-            raise InputError(f"input not found: {src}")
+    fmt = image_format(out) if out is not None else None
+    src = existing_input(args.image) if args.image else None
     model = model_from_args(args)
     geo = layer_field(model, layer)
     rf = geo.at(pos)
     if out is not None and src is not None:
         image = model.preprocessing.fit(load_image(src, model.preprocessing.pil_mode))
         with atomic_path(out) as tmp:
-            crop_image(image, rf).save(tmp, format=_FORMATS[out.suffix.lower()])
+            crop_image(image, rf).save(tmp, format=fmt)
     if args.json:
         print_json({**rf.to_dict(), "layer_field": geo.to_dict(), "output": str(out) if out else None})
         return 0

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
+from ..pixels import to_uint8
 
 __all__ = ["load_image", "decode_image", "to_mode", "DEFAULT_MAX_PIXELS", "IMAGE_SUFFIXES"]
 
@@ -35,9 +36,11 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".ti
 
 
 def load_image(path: str | os.PathLike[str], mode: str = "RGB", *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Read an image file into a Pillow image in ``mode`` (``"RGB"`` or ``"L"``).
+    """Read an image file into a Pillow image in ``mode`` (``"RGB"`` or ``"L"``), at its own size.
 
-    Raises :class:`~deepvis.errors.InputError` with a one-line message for a missing, empty,
+    Every Pillow mode is converted by one policy (:func:`to_mode`: 16-bit and float images scaled to
+    0-255, transparency composited over white), EXIF orientation applied. ``max_pixels`` bounds
+    width × height (decompression bombs). Raises :class:`~deepvis.errors.InputError` with a one-line message for a missing, empty,
     truncated, non-image or over-large file. Animated images give their first frame.
     """
     path = Path(path)
@@ -59,7 +62,7 @@ def decode_image(data: bytes, mode: str = "RGB", *, max_pixels: int = DEFAULT_MA
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im: Image.Image = Image.open(io.BytesIO(data))
             w, h = im.size
             if w * h > max_pixels:
                 raise InputError(
@@ -89,7 +92,7 @@ def _stretch(arr: np.ndarray, mode: str) -> np.ndarray:
             arr = arr / 257.0
     elif mode == "F" and arr.size and arr.min() >= 0 and arr.max() <= 1:
         arr = arr * 255.0
-    return np.clip(arr + 0.5, 0, 255).astype(np.uint8)
+    return to_uint8(arr, scale=1.0)
 
 
 def to_mode(im: Image.Image, mode: str = "RGB") -> Image.Image:

@@ -6,11 +6,15 @@ import os
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 from PIL import Image
 
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    import av
 
 __all__ = ["VIDEO_SUFFIXES", "is_video", "video_info", "read_frames", "VideoWriter"]
 
@@ -22,7 +26,7 @@ def is_video(path: str | os.PathLike[str]) -> bool:
     return Path(path).suffix.lower() in VIDEO_SUFFIXES
 
 
-def _open(path: Path):
+def _open(path: Path) -> av.container.InputContainer:
     import av
 
     if not path.is_file():
@@ -52,6 +56,9 @@ def read_frames(
 ) -> Iterator[tuple[int, Image.Image]]:
     """Yield (frame index, RGB image) for every ``step``-th frame, at most ``max_frames`` of them.
 
+    ``path`` is a video file PyAV can read; ``step`` >= 1; the frame index counts every decoded frame
+    from 0 (the skipped ones too); a video whose frames have more than ``max_pixels`` pixels (width ×
+    height) is refused.
     A damaged stream raises :class:`~deepvis.errors.InputError` after the frames decoded so far.
     """
     import av
@@ -85,7 +92,8 @@ class VideoWriter:
         self.path = Path(path)
         self._container = av.open(str(self.path), mode="w", format=_format_for(self.path))
         codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-        self._stream = self._container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        # a video codec's stream (add_stream is typed for every kind of codec)
+        self._stream = cast("av.VideoStream", self._container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001)))
         self._stream.pix_fmt = "yuv420p"
         self._opened = False
 

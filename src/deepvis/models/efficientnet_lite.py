@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+from collections.abc import Callable
 
 from ..errors import ModelError
 from .labels import imagenet_class_names
@@ -39,7 +40,7 @@ _OTHER_BLOCKS = {
 _BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.(\w+)\.(.+)$")
 
 
-def lite_checkpoint_renamer(stages: tuple[int, ...]):
+def lite_checkpoint_renamer(stages: tuple[int, ...]) -> Callable[[str], str]:
     """A function mapping the packages' key names to timm's for a model with ``stages`` blocks per stage."""
     flat = [(s, b) for s, n in enumerate(stages) for b in range(n)]
 

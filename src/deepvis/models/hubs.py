@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from typing import Any
 
 from torch import nn
 
@@ -42,7 +43,7 @@ def build_torchvision(name: str, weights: str | os.PathLike[str] | None = None) 
         raise _unknown("torchvision", name, known)
     try:
         enum = tvm.get_model_weights(name)
-        default = enum.DEFAULT  # type: ignore[attr-defined]
+        default = enum.DEFAULT
     except (ValueError, AttributeError):
         default = None
     if weights is None:
@@ -104,7 +105,7 @@ def build_timm(name: str, weights: str | os.PathLike[str] | None = None) -> Mode
             raise ModelError(f"cannot fetch pretrained weights for timm:{name} ({_short(exc)}): {OFFLINE_HINT}") from exc
     else:
         sd = read_state_dict(weights)
-        kwargs: dict[str, object] = {}
+        kwargs: dict[str, Any] = {}
         head = getattr(timm.create_model(name, pretrained=False), "default_cfg", {}).get("classifier")
         if isinstance(head, str) and f"{head}.weight" in sd:
             kwargs["num_classes"] = int(sd[f"{head}.weight"].shape[0])

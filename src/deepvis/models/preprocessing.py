@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
+
+from ..pixels import to_uint8
 
 __all__ = ["Preprocessing", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -62,7 +63,7 @@ class Preprocessing:
 
     def with_size(self, size: int | tuple[int, int]) -> Preprocessing:
         """The same preprocessing at another input size (square when given one number)."""
-        hw = (size, size) if isinstance(size, int) else tuple(size)
+        hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
         return Preprocessing(hw, self.mean, self.std, self.interpolation, self.crop_pct, self.channels)
 
     # -- images <-> tensors -------------------------------------------------------------------------
@@ -107,8 +108,7 @@ class Preprocessing:
 
     def to_image(self, x: torch.Tensor) -> Image.Image:
         """Model input (C, H, W) → Pillow image, clipped to the valid pixel range."""
-        x01 = self.denormalize(x.detach().float().cpu()).clamp(0, 1)
-        arr = (x01.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+        arr = to_uint8(self.denormalize(x.detach().float().cpu()).permute(1, 2, 0))
         return Image.fromarray(arr[:, :, 0] if self.channels == 1 else arr, self.pil_mode)
 
     # -- pixel-unit conversions used by the optimizer and the analyses ------------------------------
@@ -120,7 +120,3 @@ class Preprocessing:
         """Per-channel (low, high) of model input that correspond to pixels 0 and 255."""
         mean, std = torch.tensor(self.mean), torch.tensor(self.std)
         return (0 - mean) / std, (1 - mean) / std
-
-    @property
-    def num_pixels(self) -> int:
-        return math.prod(self.input_size)

