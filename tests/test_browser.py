@@ -2,6 +2,8 @@
 
 The page runs under its own Content-Security-Policy (no bypass): conditions are polled with
 ``page.evaluate``, which CSP does not restrict, and any CSP violation or script error fails the test.
+Pages are opened with ``&test=1``, which gives them the read-only probe ``window.deepvis`` (the page's
+live figures: static/js/probe.js); a page opened without it has no such global.
 """
 
 from __future__ import annotations
@@ -13,30 +15,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from chromium import CHROMIUM, launch
 from test_server_utils import LiveServer
 
-CHROMIUM = "/usr/bin/chromium"
 if not Path(CHROMIUM).exists():
     pytest.skip(f"Debian's Chromium is not installed at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
 
-from playwright.sync_api import Page, sync_playwright  # noqa: E402
+from playwright.sync_api import Page, sync_playwright
 
-from deepvis.io import sample_path  # noqa: E402
-from deepvis.server import ServerConfig, create_app  # noqa: E402
+from deepvis.io import sample_path
+from deepvis.server import ServerConfig, create_app
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--use-fake-device-for-media-stream",
-    "--use-fake-ui-for-media-stream",
-]
 TOKEN = "b" * 43
 ATLAS_LAYER = "blocks.2"
 
@@ -74,13 +65,7 @@ def server(default_model, atlas_dir):
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     with sync_playwright() as p:
-        ctx = p.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")),
-            executable_path=CHROMIUM,
-            headless=True,
-            args=FLAGS,
-            viewport={"width": 1400, "height": 900},
-        )
+        ctx = launch(p, tmp_path_factory.mktemp("chromium-profile"))
         try:
             yield ctx
         finally:
@@ -93,7 +78,7 @@ def page(browser, server):
     problems: list[str] = []
     pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
     pg.on("console", lambda m: m.type == "error" and problems.append(f"console error: {m.text}"))
-    pg.goto(server.url("/"))
+    pg.goto(server.url("/", test="1"))
     wait(
         pg,
         "window.deepvis && window.deepvis.ready && window.deepvis.frames === 0 && document.getElementById('layer-select').options.length > 0",
@@ -112,9 +97,23 @@ def wait(page: Page, expr: str, timeout: float = 60.0):
         if value:
             return value
         if time.monotonic() > deadline:
-            state = page.evaluate("JSON.stringify({...window.deepvis, latencies: undefined, last: undefined})")
+            state = page.evaluate("JSON.stringify({...window.deepvis, latencies: undefined, last: undefined, lastGrid: undefined})")
             raise AssertionError(f"timed out waiting for {expr}; page state: {state}")
         page.wait_for_timeout(50)
+
+
+def test_only_a_page_opened_for_tests_has_the_probe(browser, server):
+    pg = browser.new_page()
+    try:
+        pg.goto(server.url("/"))
+        wait(pg, "document.getElementById('layer-select').options.length > 0 && document.getElementById('normalize').options.length > 0")
+        assert pg.evaluate("Object.keys(window).filter((k) => k.toLowerCase().includes('deepvis'))") == []
+        # the controls are built from the server's lists
+        values = "(id) => [...document.getElementById(id).options].map((o) => o.value)"
+        assert pg.evaluate(f"({values})('backprop-mode')") == ["off", "gradient", "deconv", "guided"]
+        assert pg.evaluate(f"({values})('normalize')") == ["layer", "channel", "none"]
+    finally:
+        pg.close()
 
 
 def test_upload_a_photo_see_the_grid_and_predictions(page, server):
@@ -170,7 +169,7 @@ def test_select_units_by_click_and_keyboard_and_the_url_follows(page, server):
 def test_the_url_reopens_a_view(browser, server):
     pg = browser.new_page()
     try:
-        pg.goto(server.url("/", layer="blocks.4.1", unit="17"))
+        pg.goto(server.url("/", layer="blocks.4.1", unit="17", test="1"))
         wait(pg, "window.deepvis && window.deepvis.ready")
         pg.select_option("#sample-select", "rocket")
         wait(pg, "window.deepvis.frames > 0 && window.deepvis.last.layer === 'blocks.4.1' && window.deepvis.last.unit === 17")
@@ -182,6 +181,12 @@ def test_the_url_reopens_a_view(browser, server):
 def test_cycle_the_backprop_mode_and_filter(page, server):
     page.select_option("#sample-select", "coffee")
     wait(page, "window.deepvis.frames > 0")
+    # unit 3, not 0: unit 0 of the default layer is constant (1.97 on every photo), its guided view is
+    # exactly zero, and the default filter (norm) draws zero as black
+    page.fill("#unit-input", "3")
+    page.press("#unit-input", "Enter")
+    wait(page, "window.deepvis.last.unit === 3")
+    page.focus("#grid")  # keys typed into the unit field are not shortcuts
     assert page.evaluate("window.deepvis.backprops") == 0
     page.keyboard.press("b")
     wait(page, "window.deepvis.backprops > 0 && window.deepvis.lastBackprop.mode === 'gradient'")
@@ -225,6 +230,69 @@ def test_the_atlas_pane_and_on_demand_synthesis(page, server):
     # pattern mode: the tiles show the synthesized images
     page.keyboard.press("s")
     wait(page, "document.getElementById('pattern').checked && window.deepvis.patternTiles >= 3")
+
+
+def grid_reference(values: np.ndarray, shape: list[int], colormap: str) -> np.ndarray:
+    """The grid as the page drew it before its index-map drawing path, computed here from the same frame
+    data: tiles in rows of ceil(sqrt(C)) columns, 1-pixel padding of (40, 40, 40), a vector's units as
+    8x8 cells, each value through the colormap's 256 RGB triples (as sent in hello). (H, W, 4) uint8."""
+    from deepvis.render.colormap import colormap_lut
+
+    n = shape[0]
+    th, tw = (shape[1], shape[2]) if len(shape) == 3 else (8, 8)
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    out = np.empty((1 + rows * (th + 1), 1 + cols * (tw + 1), 4), np.uint8)
+    out[...] = (40, 40, 40, 255)
+    lut = np.asarray(colormap_lut(colormap), np.uint8).reshape(256, 3)
+    tiles = values.reshape(n, th, tw) if len(shape) == 3 else np.repeat(np.repeat(values.reshape(n, 1, 1), th, 1), tw, 2)
+    for c in range(n):
+        y, x = 1 + (c // cols) * (th + 1), 1 + (c % cols) * (tw + 1)
+        out[y : y + th, x : x + tw, :3] = lut[tiles[c]]
+    return out
+
+
+def canvas_pixels(page: Page, canvas_id: str) -> np.ndarray:
+    w, h, data = page.evaluate(
+        f"(() => {{ const c = document.getElementById('{canvas_id}'); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height);"
+        " return [c.width, c.height, Array.from(d.data)]; })()"
+    )
+    return np.asarray(data, np.uint8).reshape(h, w, 4)
+
+
+@pytest.mark.parametrize("layer, colormap", [("blocks.3.2.bn2.act", "gray"), ("blocks.1", "jet"), ("logits", "viridis")])
+def test_the_grid_drawing_gives_the_same_pixels_as_the_tile_layout(page, server, layer, colormap):
+    page.select_option("#sample-select", "chelsea")
+    page.select_option("#layer-select", layer)
+    page.select_option("#colormap", colormap)
+    wait(page, f"window.deepvis.last && window.deepvis.last.layer === '{layer}' && window.deepvis.lastGrid")
+    shape, values = page.evaluate("[window.deepvis.last.grid.shape, Array.from(window.deepvis.lastGrid)]")
+    want = grid_reference(np.asarray(values, np.uint8), shape, colormap)
+    assert np.array_equal(canvas_pixels(page, "grid"), want)
+
+
+def test_the_backprop_view_is_readable_by_default_and_the_raw_view_is_one_key_away(page, server):
+    page.select_option("#sample-select", "chelsea")
+    page.fill("#unit-input", "66")  # a unit the cat excites (unit 0 is constant: its guided view is zero)
+    page.press("#unit-input", "Enter")
+    wait(page, "window.deepvis.frames > 0 && window.deepvis.last.unit === 66")
+    page.focus("#grid")
+    for _ in range(3):
+        page.keyboard.press("b")  # off -> gradient -> deconv -> guided
+    wait(page, "window.deepvis.lastBackprop && window.deepvis.lastBackprop.mode === 'guided'")
+    bp = page.evaluate("window.deepvis.lastBackprop")
+    assert (bp["filter"], bp["percentile"]) == ("norm", 99.0)
+    lit = "(() => { const p = document.getElementById('backprop').getContext('2d').getImageData(0, 0, 224, 224).data; let n = 0; for (let i = 0; i < p.length; i += 4) n += (p[i] + p[i + 1] + p[i + 2]) > 60; return n / (p.length / 4); })()"
+    wait(page, f"{lit} > 0")
+    readable = page.evaluate(lit)
+    page.keyboard.press("v")
+    wait(page, "window.deepvis.lastBackprop.filter === 'raw' && window.deepvis.lastBackprop.percentile === 100")
+    assert page.is_checked("#backprop-raw")
+    raw = page.evaluate(lit)
+    assert readable > 0.01 and readable > 3 * raw  # the max-scaled raw view of a photo is nearly black
+    page.keyboard.press("v")
+    wait(page, "window.deepvis.lastBackprop.filter === 'norm' && window.deepvis.lastBackprop.percentile === 99")
+    assert not page.is_checked("#backprop-raw")
 
 
 def test_fake_camera_gives_live_updates(page, server):
@@ -326,7 +394,7 @@ def test_labels_from_the_model_are_shown_as_text(browser):
     with LiveServer(app, TOKEN) as srv:
         pg = browser.new_page()
         try:
-            pg.goto(srv.url("/", layer="fc", unit="3"))
+            pg.goto(srv.url("/", layer="fc", unit="3", test="1"))
             wait(pg, "window.deepvis && window.deepvis.ready")
             pg.select_option("#sample-select", "coffee")
             wait(pg, "window.deepvis.frames > 0 && window.deepvis.last.layer === 'fc'")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import socket
 import struct
 import sys
@@ -13,14 +14,15 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 from starlette.websockets import WebSocketDisconnect
 
 from deepvis.server import ServerConfig, create_app
-from deepvis.server.engine import Engine
+from deepvis.server.engine import LiveEngine
 from deepvis.server.frames import FrameProcessor, quantize
-from deepvis.server.protocol import ViewSettings, pack, unpack
+from deepvis.server.protocol import ProtocolError, ViewSettings, pack, unpack
 from deepvis.server.security import Guard
 from deepvis.server.session import RawFrame
 from helpers import assert_unchanged, hooks_left, snapshot
@@ -266,6 +268,146 @@ def test_frames_settings_and_bad_messages(client, model):
         assert header["layer"] == "conv2"
 
 
+def test_hello_carries_the_librarys_lists_and_the_page_has_none_of_its_own(client):
+    from deepvis.backprop import FILTERS, MODES
+    from deepvis.server.static_files import StaticFiles
+
+    with open_ws(client) as ws:
+        hello = json.loads(ws.receive_text())
+    assert hello["backprop"]["modes"] == ["off", *MODES] and hello["backprop"]["filters"] == list(FILTERS)
+    assert hello["normalizations"] == ["layer", "channel", "none"]
+    # the page builds its mode, filter and normalization controls from hello: no copy of the lists in it
+    files = StaticFiles()
+    page = files.index(TOKEN, "testserver")[0] + "".join(a.body.decode() for n, a in files.assets.items() if n.endswith(".js"))
+    for words in (["'gradient'", "'deconv'", "'guided'"], ["'channel'", "'none'"], ["<option>gradient"], ["<option>channel"]):
+        assert not all(w in page for w in words), words
+
+
+def test_a_server_without_backprop_says_why(model):
+    app = make_app(model, synthesis=False, backprop=False)
+    with TestClient(app) as c, open_ws(c) as ws:
+        hello = json.loads(ws.receive_text())
+        assert hello["backprop"]["available"] is False and hello["backprop"]["filters"] == ["raw"]
+        ws.send_text(json.dumps({"type": "settings", "backprop": "gradient", "req": 1}))
+        msg, _ = receive_until(ws, is_type("error"))
+        assert msg["message"] == "the backprop view is off on this server (deepvis serve --no-backprop)"
+
+
+def test_pages_open_on_a_readable_backprop_view_and_the_raw_one_is_offered(client, model):
+    from deepvis.server.protocol import RAW_BACKPROP, READABLE_BACKPROP
+
+    with open_ws(client) as ws:
+        hello = json.loads(ws.receive_text())
+    assert hello["backprop"]["readable"] == {"filter": "norm", "percentile": 99.0} == READABLE_BACKPROP.to_dict()
+    assert hello["backprop"]["raw"] == {"filter": "raw", "percentile": 100.0} == RAW_BACKPROP.to_dict()
+    assert (hello["default_settings"]["filter"], hello["default_settings"]["percentile"]) == ("norm", 99.0)
+    # a server without the view keeps the raw filter (the only one it offers) and accepts settings
+    engine = LiveEngine(model)
+    assert (engine.default_settings.filter, engine.default_settings.percentile) == ("raw", 100.0)
+    base = ViewSettings(layer="conv2", filter="norm", percentile=99.0)
+    assert ViewSettings.parse({"unit": 1}, base, ("raw",)).filter == "raw"
+    assert ViewSettings.parse({"percentile": 99.5}, base, ("raw", "norm")).percentile == 99.5
+    for bad in (49.0, 100.5, "99", None, True):
+        with pytest.raises(ProtocolError):
+            ViewSettings.parse({"percentile": bad}, base, ("raw", "norm"))
+
+
+def test_the_unit_view_scales_by_the_settings_percentile(model):
+    from deepvis.backprop import backprop_image, backprop_view
+    from deepvis.capture import Unit
+    from deepvis.server.unitviews import unit_view
+
+    x = torch.randn(1, *model.preprocessing.input_shape, generator=torch.Generator().manual_seed(0))
+    views = {}
+    for pct in (100.0, 90.0):
+        _, blobs = unit_view(model, x, ViewSettings(layer="conv2", unit=1, backprop="guided", filter="norm", percentile=pct))
+        want = backprop_image(backprop_view(model, x, Unit("conv2", 1), "guided"), "norm", percentile=pct)
+        assert blobs["rgb"] == want.tobytes()
+        views[pct] = np.frombuffer(blobs["rgb"], np.uint8)
+    assert views[90.0].mean() > views[100.0].mean()  # the strongest values saturate: brighter
+
+
+def test_the_frame_processor_checks_a_unit_once_and_still_refuses_bad_ones(model):
+    from deepvis.errors import UnitError
+
+    proc = FrameProcessor(model)
+    s = ViewSettings(layer="conv2", unit=1)
+    assert proc.check(s) is proc.check(s)
+    with pytest.raises(UnitError):
+        proc.check(ViewSettings(layer="conv2", unit=10_000))
+    assert proc.check(s).name == "conv2"
+
+
+def test_a_bug_in_the_frame_pipeline_is_logged_and_shown_not_swallowed(model, caplog):
+    app = make_app(model, synthesis=False, backprop=False)
+    engine = app.state.toolbox.engine
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug in the frame pipeline")
+
+    with TestClient(app) as c, open_ws(c) as ws:
+        json.loads(ws.receive_text())
+        engine.processor.process = broken  # the engine's own processor: only this app is affected
+        with caplog.at_level(logging.ERROR, logger="deepvis.server"):
+            ws.send_bytes(frame_message(7, 32, 32))
+            msg, _ = receive_until(ws, is_type("error"))
+        assert msg["scope"] == "frame" and msg["seq"] == 7
+        assert msg["message"] == "internal error in the frame loop: ValueError: a bug in the frame pipeline"
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and errors[0].exc_info is not None and "a bug in the frame pipeline" in str(errors[0].exc_info[1])
+        # the loop goes on: once the bug is gone, frames are served again
+        del engine.processor.process
+        ws.send_bytes(frame_message(8, 32, 32))
+        (header, _), _ = receive_until(ws, is_frame)
+        assert header["seq"] == 8
+
+
+def test_a_bug_in_the_sender_is_logged_and_shown_and_the_page_reconnects(model, caplog):
+    app = make_app(model, synthesis=False, backprop=False)
+    engine = app.state.toolbox.engine
+    take = engine.take
+    calls = {"n": 0}
+
+    def take_once_broken(session):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first call sends hello; the second one fails
+            raise RuntimeError("a bug while sending")
+        return take(session)
+
+    with TestClient(app) as c:
+        with caplog.at_level(logging.DEBUG, logger="deepvis.server"), open_ws(c) as ws:  # a page that comes and goes: no error
+            json.loads(ws.receive_text())
+        assert _wait(lambda: engine.sessions() == [], 10)
+        assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+        engine.take = take_once_broken
+        with caplog.at_level(logging.ERROR, logger="deepvis.server"), open_ws(c) as ws:
+            json.loads(ws.receive_text())
+            ws.send_text(json.dumps({"type": "ping", "t": 1}))
+            msg = json.loads(ws.receive_text())
+            assert msg["type"] == "error" and msg["scope"] == "connection"
+            assert msg["message"] == "internal error while sending: RuntimeError: a bug while sending"
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_text()
+            assert closed.value.code == 1011  # the page's connection reconnects to a fresh session
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and errors[0].exc_info is not None
+
+
+def test_only_a_closed_socket_counts_as_the_page_gone():
+    from types import SimpleNamespace
+
+    from starlette.websockets import WebSocketState
+
+    from deepvis.server.app import _gone
+
+    closed = SimpleNamespace(application_state=WebSocketState.DISCONNECTED)
+    open_ = SimpleNamespace(application_state=WebSocketState.CONNECTED)
+    assert _gone(open_, WebSocketDisconnect(1006))  # a stand-in: only its state is read
+    assert _gone(closed, RuntimeError('Cannot call "send" once a close message has been sent.'))
+    assert not _gone(open_, RuntimeError("a bug"))
+    assert not _gone(closed, ValueError("a bug"))
+
+
 def test_sample_photo_and_diff_view(client):
     with open_ws(client) as ws:
         json.loads(ws.receive_text())
@@ -401,7 +543,7 @@ def _raw(model, seq, seed=0):
 
 
 def test_engine_processes_the_newest_frame_and_counts_the_dropped(model):
-    engine = Engine(model)
+    engine = LiveEngine(model)
     s = engine.open_session(_Loop())  # type: ignore[arg-type]
     for seq in range(1, 6):  # five frames arrive before the loop runs: only the newest is kept
         engine.submit_frame(s, _raw(model, seq, seed=seq))
@@ -425,6 +567,39 @@ def test_engine_processes_the_newest_frame_and_counts_the_dropped(model):
         engine.close()
 
 
+def test_a_unit_switch_is_redrawn_from_the_last_forward_pass_before_the_next_frame(model, monkeypatch):
+    import deepvis.server.frames as frames
+
+    passes = []
+    real = frames.capture
+    monkeypatch.setattr(frames, "capture", lambda *a, **kw: passes.append(1) or real(*a, **kw))
+    engine = LiveEngine(model, tune_memory_format=False)
+    s = engine.open_session(_Loop())  # type: ignore[arg-type]
+    engine.update_settings(s, {"layer": "conv2", "unit": 0}, ("raw",))
+    engine.start()
+    try:
+        engine.submit_frame(s, _raw(model, 1))
+        assert _wait(lambda: "frame" in s.latest, 30)
+        first = [h for h, _ in map(unpack, filter(lambda m: isinstance(m, bytes), engine.take(s))) if h["type"] == "frame"][-1]
+        assert first["unit"] == 0 and len(passes) == 1
+        # a new frame waits while the unit changes: the unit is redrawn first, from frame 1's pass
+        with engine._cond:  # hold the loop so both arrive before it picks
+            engine.submit_frame(s, _raw(model, 2, seed=1))
+            engine.update_settings(s, {"unit": 3}, ("raw",))
+        assert _wait(lambda: "frame" in s.latest, 30)
+        header, payload = unpack(engine.take(s)[-1])
+        assert (header["seq"], header["unit"], len(passes)) == (1, 3, 1)
+        want = FrameProcessor(model).process(
+            engine.processor.to_input(frames.frame_image(_raw(model, 1).pixels, 32, 32, "rgba", model)), ViewSettings(layer="conv2", unit=3)
+        )
+        assert bytes(payload) == b"".join(want.blobs.values()) and header["unit_stats"] == want.header["unit_stats"]
+        assert _wait(lambda: "frame" in s.latest, 30)
+        header, _ = unpack(engine.take(s)[-1])
+        assert (header["seq"], header["unit"], len(passes)) == (2, 3, 3)  # then the new frame: one more pass (and the reference's)
+    finally:
+        engine.close()
+
+
 def test_heavy_unit_views_never_block_the_frame_loop(model):
     """A deliberately slow backprop view runs in the background; frames keep flowing meanwhile."""
     release = threading.Event()
@@ -435,7 +610,7 @@ def test_heavy_unit_views_never_block_the_frame_loop(model):
         release.wait(30)
         return {"h": 1, "w": 1}, {"rgb": b"\0\0\0"}
 
-    engine = Engine(model, unit_view=slow_view)
+    engine = LiveEngine(model, unit_view=slow_view)
     s = engine.open_session(_Loop())  # type: ignore[arg-type]
     engine.update_settings(s, {"layer": "conv2", "backprop": "gradient"}, ("raw",))
     engine.start()
@@ -458,7 +633,7 @@ def test_heavy_unit_views_never_block_the_frame_loop(model):
 
 
 def test_a_page_closing_mid_frame_is_forgotten_and_others_go_on(model):
-    engine = Engine(model)
+    engine = LiveEngine(model)
     a = engine.open_session(_Loop())  # type: ignore[arg-type]
     b = engine.open_session(_Loop())  # type: ignore[arg-type]
     engine.start()
@@ -682,7 +857,7 @@ def test_atlas_records_and_images_are_served_by_unit(model, tiny_atlas):
     app = make_app(model, atlas=tiny_atlas, synthesis=False, backprop=False)
     with TestClient(app) as c:
         info = c.get(f"/api/info?token={TOKEN}").json()["atlas"]
-        assert info["available"] and info["layers"] == ["conv2"] and info["warning"] is None
+        assert info["available"] and info["layers"] == ["conv2"]
         rec = c.get(f"/api/atlas/unit?token={TOKEN}&layer=conv2&unit=1").json()
         assert rec["in_atlas"] and rec["synth"]["source"] == "atlas" and len(rec["top"]) == 3
         assert all(t["crop"] and t["view"] for t in rec["top"]) and rec["top"][0]["value"] >= rec["top"][2]["value"]
@@ -694,6 +869,39 @@ def test_atlas_records_and_images_are_served_by_unit(model, tiny_atlas):
         assert c.get(f"/api/atlas/image?token={TOKEN}&layer=conv2&unit=5&kind=synth").status_code == 404  # not synthesized
         assert c.get(f"/api/atlas/unit?token={TOKEN}&layer=conv1&unit=0").json()["in_atlas"] is False
         assert c.get(f"/api/atlas/layer?token={TOKEN}&layer=conv2").json()["synth"] == [0, 1]
+
+
+def test_an_atlas_of_other_weights_or_another_input_size_is_refused(model, tiny_atlas, tmp_path):
+    from deepvis.errors import ModelError
+
+    other = tiny_model()
+    with torch.no_grad():
+        other.module.conv1.bias.add_(1.0)  # other weights, same layers
+    with pytest.raises(ModelError) as err:
+        make_app(other, atlas=tiny_atlas)
+    assert str(err.value) == (
+        f"atlas {tiny_atlas.resolve()} was made with other weights (model 'tiny'): serve the model it was made with "
+        "(same weights and --input-size), build an atlas of this model, or drop --atlas"
+    )
+    with pytest.raises(ModelError, match=r"was made at input size \[32, 32\], not \[48, 48\]"):
+        make_app(tiny_model(48), atlas=tiny_atlas)
+
+
+def test_cli_serve_refuses_an_atlas_of_another_model_with_status_2(tiny_atlas, tmp_path):
+    import subprocess
+
+    factory = tmp_path / "tinynet.py"
+    factory.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})\n"
+        "from test_server_utils import tiny_model\n"
+        "def build():\n    return tiny_model().module\n"
+    )
+    command = ["serve", "--port", "0", "--model", f"{factory}:build", "--input-size", "40", "--atlas", str(tiny_atlas)]
+    proc = subprocess.run([sys.executable, "-m", "deepvis", *command], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"deepvis: error: atlas {tiny_atlas.resolve()} was made at input size [32, 32], not [40, 40]: "), last
 
 
 def test_atlas_paths_outside_the_atlas_are_never_served(model, tiny_atlas, tmp_path):

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import socket
 import sys
+from pathlib import Path
 
+from ..errors import DeepvisError
 from .common import add_model_options
 
 
@@ -40,12 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def bind(host: str, port: int):
+def bind(host: str, port: int) -> socket.socket:
     """A listening socket on ``host:port`` (port 0: a free one), or a clear error."""
-    import socket
-
-    from ..errors import DeepvisError
-
     if not 0 <= port <= 65535:
         raise DeepvisError(f"--port must be between 0 and 65535, not {port}")
     try:
@@ -68,11 +67,9 @@ def bind(host: str, port: int):
 
 def machine_names() -> list[str]:
     """This machine's host names and addresses (accepted in the Host header when listening on all addresses)."""
-    import socket
-
     names = {socket.gethostname(), socket.getfqdn()}
     with contextlib.suppress(socket.gaierror):  # no resolvable name: the names above and --allow-host still apply
-        names |= {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
+        names |= {str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None)}
     return sorted(n for n in names if n)
 
 
@@ -85,22 +82,19 @@ def url_for(host: str, port: int, token: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Serve until Ctrl-C; a model that cannot be loaded or an atlas of another model is a one-line error."""
+    # imported here, not at the top: they import torch and the web stack, and `deepvis --help` must not
+    import torch
     import uvicorn
 
-    from ..errors import DeepvisError
     from ..server import ServerConfig, create_app
 
     if args.threads is not None:
         if args.threads < 1:
             raise DeepvisError("--threads must be at least 1")
-        import torch
-
         torch.set_num_threads(args.threads)
-    if args.atlas is not None:
-        from pathlib import Path
-
-        if not Path(args.atlas).is_dir():
-            raise DeepvisError(f"atlas folder not found: {args.atlas}")
+    if args.atlas is not None and not Path(args.atlas).is_dir():
+        raise DeepvisError(f"atlas folder not found: {args.atlas}")
     sock = bind(args.host, args.port)
     try:
         port = sock.getsockname()[1]

@@ -9,7 +9,7 @@ The library never imports this package.
 
 from .app import Toolbox, create_app
 from .config import ServerConfig
-from .engine import Engine
+from .engine import LiveEngine
 from .protocol import ViewSettings
 
-__all__ = ["create_app", "ServerConfig", "Toolbox", "Engine", "ViewSettings"]
+__all__ = ["create_app", "ServerConfig", "Toolbox", "LiveEngine", "ViewSettings"]

@@ -1,4 +1,4 @@
-"""The video-decoding child process of :mod:`deepvis.server.video` (run as ``python -m``; imports little).
+"""The video-decoding child process of :mod:`deepvis.server.video` (run as ``python -m``).
 
 Reads the video with :func:`deepvis.io.read_frames`, fits every frame to the model's input, writes
 ``[u32 header length][header JSON][JPEG frames]`` to the output path, and exits; errors a file can
@@ -13,17 +13,18 @@ import os
 import struct
 import sys
 from pathlib import Path
+from typing import Any
+
+from .._fs import atomic_path
+from ..errors import DeepvisError, InputError
+from ..io import read_frames, video_info
+from ..models.preprocessing import Preprocessing
 
 
-def _child(spec: dict) -> int:
+def _child(spec: dict[str, Any]) -> int:
     """Decode in this (child) process: frames fitted to the model input, JPEG, one output file."""
-    from .._fs import atomic_path
-    from ..errors import InputError
-    from ..io import read_frames, video_info
-    from ..models.preprocessing import Preprocessing
-
     src, out = Path(spec["src"]), Path(spec["out"])
-    pre = Preprocessing(tuple(spec["input_size"]), (0.5,) * 3, (0.5,) * 3, spec["interpolation"], spec["crop_pct"], 3)  # type: ignore[arg-type]
+    pre = Preprocessing(tuple(spec["input_size"]), (0.5,) * 3, (0.5,) * 3, spec["interpolation"], spec["crop_pct"], 3)
     total, fps = video_info(src)
     step = max(1, -(-total // spec["max_frames"])) if total else 1
     jpegs: list[bytes] = []
@@ -47,8 +48,6 @@ def _child(spec: dict) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from ..errors import DeepvisError
-
     try:
         return _child(json.loads(argv[0]))
     except DeepvisError as exc:

@@ -14,28 +14,30 @@ import logging
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
-from starlette.websockets import WebSocketDisconnect
+from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from ..capture import LOGITS
 from ..errors import DeepvisError, InputError
 from ..io import decode_image, load_image, sample_photos, to_mode
+from ..models import load_model
 from ..models.model import Model
-from ..render import COLORMAPS, colormap_lut
+from ..render import COLORMAPS, NORMALIZATIONS, colormap_lut
 from .atlas_view import IMAGE_KINDS, AtlasView
 from .config import ServerConfig
-from .engine import Engine, TooManySessions, replica
+from .engine import LiveEngine, TooManySessions, error_message, replica
 from .frames import fit_image
-from .protocol import ProtocolError, ViewSettings, pack, text, unpack
+from .protocol import BACKPROP_MODES, RAW_BACKPROP, READABLE_BACKPROP, ProtocolError, ViewSettings, pack, text, unpack
 from .security import Guard, GuardMiddleware, new_token
 from .session import Frame, RawFrame, Session
 from .static_files import StaticFiles
 from .synthesis import SynthesisService
+from .unitviews import backprop_filters, layer_geometry, unit_view
 from .video import ServerVideo, decode_video
 
 __all__ = ["create_app", "Toolbox"]
@@ -44,6 +46,11 @@ log = logging.getLogger("deepvis.server")
 
 #: largest text message accepted from a page
 MAX_TEXT_BYTES = 65_536
+
+
+def _is_int(v: object) -> TypeGuard[int]:
+    """True for a JSON whole number (``true``/``false`` are not numbers here)."""
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _json_error(status: int, message: str) -> JSONResponse:
@@ -63,14 +70,14 @@ class Toolbox:
         self.guard = Guard(self.token, hosts)
         self.static = StaticFiles()
         self.samples = {name: path for name, path in sample_photos().items()}
-        self.filters: tuple[str, ...] = ("raw",)
-        unit_view = geometry = None
-        if config.backprop:
-            from .unitviews import backprop_filters, layer_geometry, unit_view
-
-            self.filters = backprop_filters()
-            geometry = layer_geometry
-        self.engine = Engine(model, unit_view=unit_view, geometry=geometry, max_sessions=config.max_sessions)
+        #: the backprop view's display filters (only ``raw`` when the view is off)
+        self.filters: tuple[str, ...] = backprop_filters() if config.backprop else ("raw",)
+        self.engine = LiveEngine(
+            model,
+            unit_view=unit_view if config.backprop else None,
+            geometry=layer_geometry if config.backprop else None,
+            max_sessions=config.max_sessions,
+        )
         self.atlas = AtlasView(config.atlas, model) if config.atlas is not None else None
         self.synthesis: SynthesisService | None = None
         if config.synthesis:
@@ -97,6 +104,10 @@ class Toolbox:
 
     # -- what a page learns when it connects --------------------------------------------------------
     def info(self) -> dict[str, Any]:
+        """What a page learns when it connects (in ``hello``, and from ``/api/info``): the model, its
+        layers, the default settings, the sample photos, the colormaps (256 RGB triples each) and the
+        library's lists of normalizations, backprop modes (``off`` first) and filters, from which the
+        page builds its controls; what is available (backprop view, atlas, synthesis); upload limits."""
         m = self.model
         p = m.preprocessing
         return {
@@ -120,7 +131,14 @@ class Toolbox:
             "default_settings": self.engine.default_settings.to_dict(),
             "samples": sorted(self.samples),
             "colormaps": {name: colormap_lut(name).reshape(-1).tolist() for name in COLORMAPS},
-            "backprop": {"available": self.engine.backprop_available, "filters": list(self.filters)},
+            "normalizations": list(NORMALIZATIONS),
+            "backprop": {
+                "available": self.engine.backprop_available,
+                "modes": list(BACKPROP_MODES),
+                "filters": list(self.filters),
+                "readable": READABLE_BACKPROP.to_dict(),
+                "raw": RAW_BACKPROP.to_dict(),
+            },
             "atlas": self.atlas.info() if self.atlas is not None else {"available": False},
             "synthesis": {"available": self.synthesis is not None},
             "limits": {
@@ -207,7 +225,7 @@ class Toolbox:
         if header.get("type") != "frame":
             raise ProtocolError(f"unknown binary message type {header.get('type')!r}")
         seq, w, h = header.get("seq"), header.get("w"), header.get("h")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (seq, w, h)):
+        if not (_is_int(seq) and _is_int(w) and _is_int(h)):
             raise ProtocolError("a frame needs integer seq, w and h")
         source = header.get("source", "camera")
         if source not in ("camera", "video", "image"):
@@ -254,7 +272,7 @@ class Toolbox:
             index, seq = msg.get("index"), msg.get("seq")
             if video is None:
                 raise ProtocolError("no video decoded by the server for this page")
-            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (index, seq)) or not 0 <= index < len(video.frames):
+            if not (_is_int(index) and _is_int(seq)) or not 0 <= index < len(video.frames):
                 raise ProtocolError(f"video frame index must be 0-{len(video.frames) - 1}")
             await asyncio.to_thread(self.submit_video_frame, session, video, index, seq)
         elif kind == "ping":
@@ -263,8 +281,22 @@ class Toolbox:
             raise ProtocolError(f"unknown message type {kind!r}")
 
 
-async def _sender(ws: WebSocket, engine: Engine, session: Session) -> None:
-    """Send a page what is waiting for it; blocks (only this task) while the page does not read."""
+def _gone(ws: WebSocket, exc: Exception) -> bool:
+    """True when ``exc`` only says that the page's socket is closed: starlette's disconnect seen while
+    sending, or its refusal to send on a socket it has already closed (a RuntimeError, with the
+    socket's state saying so). Anything else is a bug."""
+    if isinstance(exc, WebSocketDisconnect):
+        return True
+    return isinstance(exc, RuntimeError) and ws.application_state == WebSocketState.DISCONNECTED
+
+
+async def _sender(ws: WebSocket, engine: LiveEngine, session: Session) -> None:
+    """Send a page what is waiting for it; blocks (only this task) while the page does not read.
+
+    When the page has gone, it ends quietly. Any other failure is a bug: it is logged with its
+    traceback, the page is told (``error`` of scope ``connection``) and the socket is closed with
+    code 1011, so the page reconnects to a fresh session instead of silently getting nothing more.
+    """
     try:
         while True:
             await session.wake.wait()
@@ -274,8 +306,14 @@ async def _sender(ws: WebSocket, engine: Engine, session: Session) -> None:
                     await ws.send_bytes(msg)
                 else:
                     await ws.send_text(msg)
-    except (WebSocketDisconnect, OSError, RuntimeError) as exc:  # the page went away mid-send
-        log.debug("page %s gone while sending: %s", session.id, exc)
+    except Exception as exc:
+        if _gone(ws, exc):
+            log.debug("page %s gone while sending: %s", session.id, exc)
+            return
+        log.exception("sending to page %s failed", session.id)
+        with contextlib.suppress(Exception):  # the page may be unreachable too: it was logged above
+            await ws.send_text(text("error", scope="connection", message=f"internal error while sending: {type(exc).__name__}: {exc}"))
+            await ws.close(code=1011, reason="internal error")
 
 
 def create_app(config: ServerConfig | None = None) -> FastAPI:
@@ -287,8 +325,6 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     if isinstance(config.model, Model):
         model = config.model
     else:
-        from ..models import load_model
-
         model = load_model(config.model, weights=config.weights, labels=config.labels, device=config.device, input_size=config.input_size)
     toolbox = Toolbox(config, model)
 
@@ -406,7 +442,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
                 decoded = await decode_video(src, label, toolbox.model.preprocessing, max_pixels=config.max_upload_pixels)
             except InputError as exc:
                 return _json_error(400, str(exc))
-        s.video = decoded
+        s.attach_video(decoded)
         return JSONResponse({"ok": True, "name": label, "frames": len(decoded.frames), "fps": decoded.fps, "warning": decoded.warning})
 
     @app.websocket("/ws")
@@ -433,9 +469,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
                     toolbox.engine.post_event(session, text("error", scope="message", message=str(exc)))
                 except Exception as exc:  # a bug: log it, tell the page, keep the connection
                     log.exception("message handling failed")
-                    toolbox.engine.post_event(
-                        session, text("error", scope="message", message=f"internal error: {type(exc).__name__}: {exc}")
-                    )
+                    toolbox.engine.post_event(session, text("error", scope="message", message=error_message(exc, "message handling")))
         finally:
             toolbox.engine.close_session(session)
             sender.cancel()

@@ -3,17 +3,25 @@
 No path from a request is ever opened: the page names a unit and an image kind, the atlas index
 gives the file, and the file must lie inside the atlas folder. The atlas is opened for each request
 (SQLite connections belong to one thread; requests run in a thread pool), read-only.
+
+An atlas is served only with the model it was made with (:func:`deepvis.models.identity.check_identity`:
+the same weights and input size); another model's atlas is refused when the app is built, since its
+pictures would describe other units.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from ..atlas import Atlas, AtlasError, open_atlas, unit_dir
 from ..errors import DeepvisError
+from ..models.identity import check_identity
 from ..models.model import Model
 
 __all__ = ["AtlasView", "IMAGE_KINDS"]
@@ -24,29 +32,37 @@ log = logging.getLogger("deepvis.server")
 IMAGE_KINDS = ("synth", "synth_raw", "crop", "view")
 
 
-def _finite(x: float | None) -> float | None:
-    return None if x is None or x != x or abs(x) == float("inf") else round(float(x), 6)
+_T = TypeVar("_T")
+
+
+def _json_float(x: float | None) -> float | None:
+    """A statistic as JSON can carry it: rounded to 6 decimals; None for a missing, NaN or infinite value."""
+    return None if x is None or not math.isfinite(x) else round(float(x), 6)
 
 
 class AtlasView:
-    """Read access to one atlas folder for the server."""
+    """Read access to one atlas folder for the server.
+
+    Raises :class:`~deepvis.errors.ModelError` (one line) when the atlas was made with other weights
+    or at another input size than ``model``, and :class:`~deepvis.atlas.AtlasError` when it cannot be
+    read.
+    """
 
     def __init__(self, root: str | os.PathLike[str], model: Model) -> None:
-        from ..atlas import AtlasError, model_hash, open_atlas
-
         self.root = Path(root).resolve()
         try:
             with open_atlas(self.root) as atlas:
                 meta = atlas.meta
                 self.layers = {rec.name: rec for rec in atlas.layers()}
         except sqlite3.Error as exc:
-            raise AtlasError(f"cannot read the atlas {self.root}: {exc} (was it made by another deepvis version?)") from exc
+            raise AtlasError(f"cannot read the atlas {self.root}: {exc} (is it damaged, or from another deepvis version?)") from exc
+        check_identity(
+            meta,
+            model,
+            what=f"atlas {self.root}",
+            fix="serve the model it was made with (same weights and --input-size), build an atlas of this model, or drop --atlas",
+        )
         self.meta = meta
-        self.warning: str | None = None
-        want = meta.get("model_hash")
-        if want is not None and want != model_hash(model):
-            self.warning = f"the atlas was made for another model ({meta.get('model', '?')}); its images may not match this one"
-            log.warning("%s: %s", self.root, self.warning)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -54,27 +70,19 @@ class AtlasView:
             "layers": sorted(self.layers, key=lambda n: self.layers[n].order),
             "model": self.meta.get("model"),
             "dataset": self.meta.get("dataset"),
-            "warning": self.warning,
         }
 
     def synth_params(self, layer: str) -> dict[str, Any] | None:
         rec = self.layers.get(layer)
         return dict(rec.synth_params) if rec is not None and rec.synth_params else None
 
-    def _open(self):
-        from ..atlas import open_atlas
-
-        return open_atlas(self.root)
-
-    def _read(self, fn):
+    def _read(self, fn: Callable[[Atlas], _T]) -> _T:
         """Run ``fn(atlas)`` on a freshly opened atlas; unreadable index data becomes a one-line error."""
-        from ..atlas import AtlasError
-
         try:
-            with self._open() as atlas:
+            with open_atlas(self.root) as atlas:
                 return fn(atlas)
         except sqlite3.Error as exc:
-            raise AtlasError(f"cannot read the atlas {self.root}: {exc} (was it made by another deepvis version?)") from exc
+            raise AtlasError(f"cannot read the atlas {self.root}: {exc} (is it damaged, or from another deepvis version?)") from exc
 
     def unit(self, layer: str, unit: int) -> dict[str, Any]:
         """What the atlas holds about a unit (``in_atlas`` False when its layer or unit is missing)."""
@@ -85,7 +93,7 @@ class AtlasView:
         stats = None
         if r.stats is not None:
             s = r.stats
-            stats = {k: _finite(getattr(s, k, None)) for k in ("mean", "std", "max", "min", "mean_max", "frac_active")}
+            stats = {k: _json_float(getattr(s, k, None)) for k in ("mean", "std", "max", "min", "mean_max", "frac_active")}
         return {
             "layer": layer,
             "unit": unit,
@@ -93,7 +101,7 @@ class AtlasView:
             "top": [
                 {
                     "rank": t.rank,
-                    "value": _finite(t.value),
+                    "value": _json_float(t.value),
                     "label": t.label,
                     "name": Path(t.key).name if t.key else None,
                     "position": list(t.position) if t.position is not None else None,
@@ -102,15 +110,13 @@ class AtlasView:
                 }
                 for t in r.top
             ],
-            "synth": {"value": _finite(r.synth.value), "source": "atlas"} if r.synth is not None else None,
+            "synth": {"value": _json_float(r.synth.value), "source": "atlas"} if r.synth is not None else None,
             "stats": stats,
         }
 
     def synth_units(self, layer: str) -> list[int]:
         """Units of ``layer`` that have a synthesized image in the atlas (by the store's file layout:
         ``<layer>/<unit>/synth.png``; the image itself is then served through the unit's record)."""
-        from ..atlas import unit_dir
-
         rec = self.layers.get(layer)
         if rec is None:
             return []

@@ -43,9 +43,9 @@ class ServerConfig:
     max_upload_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS
     max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES
     max_sessions: int = 16
-    #: compute the backprop unit view when deepvis.backprop is installed
+    #: compute the backprop view of the selected unit and its receptive fields (``deepvis serve --no-backprop``: off)
     backprop: bool = True
-    #: allow on-demand synthesis (activation maximization) when deepvis.optimize is installed
+    #: allow on-demand synthesis (activation maximization) of the selected unit
     synthesis: bool = True
     #: synthesis settings for layers the atlas has no parameters for (preset of the paper's Table 1,
     #: optimization steps, canvas size in pixels: None for the model's input size)

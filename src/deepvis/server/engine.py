@@ -1,4 +1,4 @@
-"""The frame engine: one frame loop for every page, background workers for heavy views.
+"""The live engine: one frame loop for every page, background workers for heavy views.
 
 Design (see docs/server.md):
 
@@ -11,8 +11,10 @@ Design (see docs/server.md):
 * Heavy per-frame work (the backprop unit view) runs in :class:`LatestJobs` workers on their own copy
   of the network: the frame loop hands them the newest frame's input and moves on. Synthesis runs in
   its own worker (:mod:`deepvis.server.synthesis`).
-* All session fields are guarded by one condition lock, held only to pick or post work, never while
-  computing.
+* The frame loop and the workers are the same loop (:class:`WorkLoop`): wait on the engine's one
+  condition for work, compute it outside the lock, post the result (or the error) to the page. The
+  sessions share that condition and take it in each of their methods; it is held only to pick or
+  post work, never while computing.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -35,12 +37,18 @@ from ..capture import LayerInfo
 from ..errors import DeepvisError
 from ..models.model import Model
 from .frames import FrameProcessor, choose_memory_format, frame_image
-from .protocol import ViewSettings, pack, text
+from .protocol import READABLE_BACKPROP, ViewSettings, pack, text
 from .session import Frame, Message, RawFrame, Session
 
-__all__ = ["Engine", "LatestJobs", "TooManySessions", "replica", "default_layer"]
+__all__ = ["LiveEngine", "LatestJobs", "WorkLoop", "TooManySessions", "replica", "default_layer", "error_message"]
 
 log = logging.getLogger("deepvis.server")
+
+Item = TypeVar("Item")
+
+#: the backprop view's worker runs at this lower CPU priority: on a machine with few cores it shares
+#: them with the frame loop, whose frames should not wait for it (the view follows a frame or two behind)
+UNIT_VIEW_NICE = 5
 
 
 class TooManySessions(DeepvisError):
@@ -76,6 +84,14 @@ def default_layer(table: list[LayerInfo]) -> str:
     return maps[int(len(maps) * 0.45)].name
 
 
+def error_message(exc: Exception, where: str) -> str:
+    """The one line a page is shown for a failed job: the message of an error the user can cause
+    (:class:`DeepvisError`), else ``internal error in <where>: <type>: <message>`` (a bug)."""
+    if isinstance(exc, DeepvisError):
+        return str(exc)
+    return f"internal error in {where}: {type(exc).__name__}: {exc}"
+
+
 class _Rate:
     """Events per second over the last ``window`` seconds."""
 
@@ -96,43 +112,102 @@ class _Rate:
         return (len(self.times) - 1) / max(1e-6, self.times[-1] - self.times[0])
 
 
-class LatestJobs:
-    """A worker thread that runs, for each page and kind of job, only the newest job submitted.
+class WorkLoop(Generic[Item]):
+    """A thread that waits for work on a shared condition, runs it outside the lock, and reports failures.
 
-    ``runners[kind](session, job)`` computes a message (or None) outside the lock. Binary messages are
-    posted as the page's newest ``kind`` message, text messages as events. A page whose previous
-    binary ``kind`` message has not been taken yet is skipped until it has (its job waits, replaced by
-    any newer one), so a page that stops reading costs nothing. Errors a user can cause are sent to the
-    page; others are logged and sent too. The worker runs on its own copy of the network
-    (:func:`replica`), made when its first job runs.
+    ``pick()`` is called with ``cond`` held and returns the next item or None (the thread then waits
+    until notified); ``run(item)`` computes and posts the result, without the lock; when it raises,
+    ``fail(item, exc)`` tells the page. Errors a user can cause (:class:`DeepvisError`) are only
+    reported; any other exception is a bug: it is logged with its traceback, reported, and the loop
+    goes on serving. ``nice`` > 0 lowers the thread's CPU priority (:func:`lower_priority`).
     """
 
     def __init__(
-        self, name: str, cond: threading.Condition, runners: Mapping[str, Callable[[Session, Any], Message | None]], *, nice: int = 0
+        self,
+        name: str,
+        cond: threading.Condition,
+        pick: Callable[[], Item | None],
+        run: Callable[[Item], None],
+        fail: Callable[[Item, Exception], None],
+        *,
+        nice: int = 0,
     ) -> None:
         self.name = name
         self.nice = nice
         self._cond = cond
-        self._runners = dict(runners)
-        self._jobs: dict[tuple[str, str], tuple[Session, Any]] = {}
+        self._pick = pick
+        self._run = run
+        self._fail = fail
         self._stop = False
         self._thread: threading.Thread | None = None
-        self.done = 0
-        self.replaced = 0
 
     def start(self) -> None:
+        """Start the thread (idempotent)."""
         if self._thread is None:
-            self._stop = False
+            with self._cond:
+                self._stop = False
             self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
             self._thread.start()
 
     def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread once its current item is done (waits up to ``timeout`` seconds)."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+    def _next(self) -> Item | None:
+        with self._cond:
+            while True:
+                item = self._pick()
+                if item is not None:
+                    return item
+                if self._stop:
+                    return None
+                self._cond.wait()
+
+    def _loop(self) -> None:
+        if self.nice > 0:
+            lower_priority(self.nice, self.name)
+        while (item := self._next()) is not None:
+            try:
+                self._run(item)
+            except Exception as exc:
+                if not isinstance(exc, DeepvisError):
+                    log.exception("%s failed", self.name)
+                self._fail(item, exc)
+
+
+Runner = Callable[[Session, Any], Message | None]
+
+
+class LatestJobs:
+    """A worker thread that runs, for each page and kind of job, only the newest job submitted.
+
+    ``runners[kind](session, job)`` computes a message (or None) outside the lock. Binary messages are
+    posted as the page's newest ``kind`` message, text messages as events. A page whose previous
+    binary ``kind`` message has not been taken yet is skipped until it has (its job waits, replaced by
+    any newer one), so a page that stops reading costs nothing. Failures are sent to the page as an
+    ``error`` of scope ``kind`` (bugs are logged too: :class:`WorkLoop`). The worker runs on its own
+    copy of the network (:func:`replica`), made by its owner before any thread runs.
+    """
+
+    def __init__(self, name: str, cond: threading.Condition, runners: Mapping[str, Runner], *, nice: int = 0) -> None:
+        self.name = name
+        self._cond = cond
+        self._runners = dict(runners)
+        self._jobs: dict[tuple[str, str], tuple[Session, Any]] = {}
+        self._worker: WorkLoop[tuple[str, Session, Any]] = WorkLoop(name, cond, self._pick, self._run, self._fail, nice=nice)
+        self.done = 0
+        self.replaced = 0
+
+    def start(self) -> None:
+        self._worker.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._worker.close(timeout)
 
     def submit(self, session: Session, kind: str, job: Any) -> None:
         """Replace the page's waiting ``kind`` job (if any) with ``job``."""
@@ -145,6 +220,7 @@ class LatestJobs:
             self._cond.notify_all()
 
     def drop(self, session: Session) -> None:
+        """Forget the page's waiting jobs."""
         with self._cond:
             for key in [k for k in self._jobs if k[0] == session.id]:
                 del self._jobs[key]
@@ -154,46 +230,37 @@ class LatestJobs:
             kind = key[1]
             if session.closed:
                 del self._jobs[key]
-            elif kind not in session.latest:
+            elif not session.holds(kind):
                 del self._jobs[key]
                 return kind, session, job
         return None
 
-    def _loop(self) -> None:
-        if self.nice > 0:
-            lower_priority(self.nice, self.name)
-        while True:
-            with self._cond:
-                item = self._pick()
-                while item is None:
-                    if self._stop:
-                        return
-                    self._cond.wait()
-                    item = self._pick()
-            kind, session, job = item
-            try:
-                msg = self._runners[kind](session, job)
-            except DeepvisError as exc:
-                msg = text("error", scope=kind, message=str(exc))
-            except Exception as exc:  # a bug: keep serving, log it, tell the page
-                log.exception("%s: %s job failed", self.name, kind)
-                msg = text("error", scope=kind, message=f"internal error in {kind}: {type(exc).__name__}: {exc}")
-            if msg is None:
-                continue
-            with self._cond:
-                self.done += 1
-                if not session.closed:
-                    if isinstance(msg, str):
-                        session.put_event(msg)
-                    else:
-                        session.put_latest(kind, msg)
+    def _run(self, item: tuple[str, Session, Any]) -> None:
+        kind, session, job = item
+        msg = self._runners[kind](session, job)
+        if msg is None:
+            return
+        with self._cond:
+            self.done += 1
+        if isinstance(msg, str):
+            session.put_event(msg)
+        else:
+            session.put_latest(kind, msg)
+
+    def _fail(self, item: tuple[str, Session, Any], exc: Exception) -> None:
+        kind, session, _ = item
+        with self._cond:
+            self.done += 1
+        session.put_event(text("error", scope=kind, message=error_message(exc, kind)))
 
 
 UnitViewFn = Callable[[Model, torch.Tensor, ViewSettings], tuple[dict[str, Any], Mapping[str, bytes]]]
 GeometryFn = Callable[[Model, str], dict[str, Any]]
+#: a page, the frame to compute for it and the settings to show it with
+FrameJob = tuple[Session, RawFrame | Frame, ViewSettings]
 
 
-class Engine:
+class LiveEngine:
     """Serves the live view of one model to any number of pages (up to ``max_sessions``).
 
     ``unit_view(model, x, settings) -> (header, blobs)`` computes the backprop view of the selected
@@ -218,16 +285,19 @@ class Engine:
         self.frame_model = replica(model)
         fmt = choose_memory_format(self.frame_model) if tune_memory_format else torch.contiguous_format
         self.processor = FrameProcessor(self.frame_model, memory_format=fmt)
+        # pages open on a backprop view readable on real photos (when there is one)
         self.default_settings = ViewSettings(layer=default_layer(self.processor.table))
+        if unit_view is not None:
+            self.default_settings = replace(self.default_settings, filter=READABLE_BACKPROP.filter, percentile=READABLE_BACKPROP.percentile)
         self.max_sessions = max_sessions
         self.max_events = max_events
+        #: the one lock of the engine and its sessions (see :mod:`deepvis.server.session`)
         self._cond = threading.Condition()
         self._sessions: dict[str, Session] = {}
         self._rr = 0
-        self._stop = False
-        self._thread: threading.Thread | None = None
         self._rate = _Rate()
         self.frames_done = 0
+        self._frames: WorkLoop[FrameJob] = WorkLoop("deepvis-frames", self._cond, self._pick, self._run_frame, self._frame_failed)
         self._unit_view = unit_view
         self._geometry = geometry
         # each worker runs on its own copy of the network, copied now, before any thread runs (a copy
@@ -237,7 +307,7 @@ class Engine:
         self._worker_model: Model | None = None
         self._geometry_model: Model | None = None
         if unit_view is not None:
-            self.unit_views = LatestJobs("deepvis-unit-views", self._cond, {"backprop": self._run_unit_view})
+            self.unit_views = LatestJobs("deepvis-unit-views", self._cond, {"backprop": self._run_unit_view}, nice=UNIT_VIEW_NICE)
             self._worker_model = replica(model)
         if geometry is not None:
             # measuring a layer's receptive fields takes seconds, once per layer: not in the unit-view worker
@@ -247,30 +317,23 @@ class Engine:
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
         """Start the frame loop and the background workers (idempotent)."""
-        if self._thread is None:
-            self._stop = False
-            self._thread = threading.Thread(target=self._loop, name="deepvis-frames", daemon=True)
-            self._thread.start()
+        self._frames.start()
         for worker in (self.unit_views, self.geometry):
             if worker is not None:
                 worker.start()
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop every thread (waits for the current frame to finish)."""
-        with self._cond:
-            self._stop = True
-            for s in self._sessions.values():
-                s.closed = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        for s in self.sessions():
+            s.close()
+        self._frames.close(timeout)
         for worker in (self.unit_views, self.geometry):
             if worker is not None:
                 worker.close(timeout)
 
     @property
     def backprop_available(self) -> bool:
+        """True when this engine computes the backprop view (the server was not started with it off)."""
         return self._unit_view is not None
 
     # -- pages (called from the event loop) -------------------------------------------------------
@@ -280,7 +343,7 @@ class Engine:
             if len(self._sessions) >= self.max_sessions:
                 raise TooManySessions(f"the server already serves {self.max_sessions} pages; close one and reload")
             sid = secrets.token_hex(8)
-            s = Session(sid, loop, self.default_settings, max_events=self.max_events)
+            s = Session(sid, loop, self.default_settings, self._cond, max_events=self.max_events)
             self._sessions[sid] = s
             return s
 
@@ -291,13 +354,8 @@ class Engine:
     def close_session(self, session: Session) -> None:
         """Forget a page; work in progress for it is discarded when it finishes."""
         with self._cond:
-            session.closed = True
-            session.pending = None
-            session.current = None
-            session.latest.clear()
-            session.events.clear()
+            session.close()
             self._sessions.pop(session.id, None)
-            self._cond.notify_all()
         for worker in (self.unit_views, self.geometry):
             if worker is not None:
                 worker.drop(session)
@@ -308,49 +366,31 @@ class Engine:
 
     def submit_frame(self, session: Session, frame: RawFrame | Frame) -> None:
         """Make ``frame`` the page's newest input; a frame still waiting is dropped (and counted)."""
-        with self._cond:
-            if session.closed:
-                return
-            session.stats.received += 1
-            if session.pending is not None:
-                session.stats.dropped += 1
-            session.pending = frame
-            self._cond.notify_all()
+        session.submit(frame)
 
     def update_settings(self, session: Session, data: Mapping[str, Any], filters: tuple[str, ...]) -> ViewSettings:
         """Apply a ``settings`` message (validated against the model); the current frame is redrawn with them."""
-        new = ViewSettings.parse(data, session.settings, filters)
-        if new.layer != session.settings.layer and "unit" not in data:
+        old = session.settings
+        new = ViewSettings.parse(data, old, filters)
+        if new.layer != old.layer and "unit" not in data:
             new = replace(new, unit=0, position=None)
         self.processor.check(new)
         if new.backprop != "off" and self._unit_view is None:
-            raise DeepvisError("the backprop view is not available on this server (deepvis.backprop is missing)")
-        with self._cond:
-            if new != session.settings:
-                session.settings = new
-                session.dirty = True  # redraw the current frame (or the one being computed) with them
-                self._cond.notify_all()
+            raise DeepvisError("the backprop view is off on this server (deepvis serve --no-backprop)")
+        session.change_settings(new)
         return new
 
     def post_event(self, session: Session, msg: Message) -> None:
         """Queue an event message for a page (thread-safe)."""
-        with self._cond:
-            if not session.closed:
-                session.put_event(msg)
+        session.put_event(msg)
 
     def post_latest(self, session: Session, kind: str, msg: Message) -> None:
         """Make ``msg`` the page's newest ``kind`` message (thread-safe)."""
-        with self._cond:
-            if not session.closed:
-                session.put_latest(kind, msg)
+        session.put_latest(kind, msg)
 
     def take(self, session: Session) -> list[Message]:
         """Everything waiting for the page (its sender calls this); frees its slots for new results."""
-        with self._cond:
-            msgs = session.take()
-            if msgs:
-                self._cond.notify_all()
-            return msgs
+        return session.take()
 
     def status(self) -> dict[str, Any]:
         """Engine-wide figures: pages, frames processed, current frames per second."""
@@ -363,67 +403,34 @@ class Engine:
             }
 
     # -- the frame loop ---------------------------------------------------------------------------
-    def _pick(self) -> tuple[Session, RawFrame | Frame, ViewSettings] | None:
+    def _pick(self) -> FrameJob | None:
         ids = list(self._sessions)
         n = len(ids)
         for i in range(n):
             s = self._sessions[ids[(self._rr + i) % n]]
-            if s.closed or "frame" in s.latest:
-                continue
-            if s.pending is not None:
-                frame, s.pending, s.dirty = s.pending, None, False
-            elif s.dirty and s.current is not None:
-                frame, s.dirty = s.current, False
-            else:
-                continue
-            self._rr = (self._rr + i + 1) % max(1, n)
-            return s, frame, s.settings
+            work = s.next_frame()
+            if work is not None:
+                self._rr = (self._rr + i + 1) % max(1, n)
+                return s, work[0], work[1]
         return None
 
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                job = self._pick()
-                while job is None:
-                    if self._stop:
-                        return
-                    self._cond.wait()
-                    job = self._pick()
-            session, frame, settings = job
-            start = time.perf_counter()
-            started = time.monotonic()
-            try:
-                msg, frame_done, x = self._process(session, frame, settings, started)
-            except DeepvisError as exc:
-                self._fail(session, frame.seq, str(exc))
-                continue
-            except Exception as exc:  # a bug: keep serving the other pages, log it, tell this one
-                log.exception("frame processing failed")
-                self._fail(session, frame.seq, f"internal error: {type(exc).__name__}: {exc}")
-                continue
-            with self._cond:
-                now = time.monotonic()
-                self.frames_done += 1
-                self._rate.tick(now)
-                if session.closed:
-                    continue
-                session.current = frame_done
-                if session.settings != settings:  # changed while this frame was computed
-                    session.dirty = True
-                session.stats.processed += 1
-                session.stats.last_ms = (time.perf_counter() - start) * 1000
-                session.put_latest("frame", msg)
-            if self.unit_views is not None and settings.backprop != "off":
-                self.unit_views.submit(session, "backprop", (x, settings, frame_done.seq))
-            if self.geometry is not None and settings.layer not in session.geometry_sent:
-                session.geometry_sent.add(settings.layer)
-                self.geometry.submit(session, "rf", settings.layer)
-
-    def _fail(self, session: Session, seq: int | None, message: str) -> None:
+    def _run_frame(self, job: FrameJob) -> None:
+        session, frame, settings = job
+        start = time.perf_counter()
+        msg, frame_done, x = self._process(session, frame, settings, time.monotonic())
         with self._cond:
-            session.stats.errors += 1
-            if not session.closed:
-                session.put_event(text("error", scope="frame", seq=seq, message=message))
+            self.frames_done += 1
+            self._rate.tick(time.monotonic())
+        if not session.frame_done(frame_done, settings, msg, (time.perf_counter() - start) * 1000):
+            return
+        if self.unit_views is not None and settings.backprop != "off":
+            self.unit_views.submit(session, "backprop", (x, settings, frame_done.seq))
+        if self.geometry is not None and session.ask_geometry(settings.layer):
+            self.geometry.submit(session, "rf", settings.layer)
+
+    def _frame_failed(self, job: FrameJob, exc: Exception) -> None:
+        session, frame, _ = job
+        session.frame_failed(frame.seq, error_message(exc, "the frame loop"))
 
     def _process(
         self, session: Session, frame: RawFrame | Frame, settings: ViewSettings, started: float
@@ -433,7 +440,8 @@ class Engine:
             frame = Frame(image, frame.source, frame.seq, received=frame.received)
         if frame.x is None:
             frame.x = self.processor.to_input(frame.image)
-        out = self.processor.process(frame.x, settings, session.diff)
+        out = self.processor.process(frame.x, settings, session.diff, frame.activations)
+        frame.activations = out.activations
         header = out.header
         header.update(
             seq=frame.seq,
@@ -442,27 +450,21 @@ class Engine:
             wait_ms=round((started - frame.received) * 1000, 2),
         )
         with self._cond:
-            header["stats"] = {**session.stats.to_dict(), "server_fps": round(self._rate.rate(time.monotonic()), 2)}
+            server_fps = round(self._rate.rate(time.monotonic()), 2)
+        header["stats"] = {**session.stats_dict(), "server_fps": server_fps}
         return pack(header, out.blobs), frame, frame.x
 
     # -- background work ------------------------------------------------------------------------
-    def _worker(self) -> Model:
-        assert self._worker_model is not None
-        return self._worker_model
-
     def _run_unit_view(self, session: Session, job: tuple[torch.Tensor, ViewSettings, int | None]) -> Message | None:
         x, settings, seq = job
-        assert self._unit_view is not None
+        assert self._unit_view is not None and self._worker_model is not None
         start = time.perf_counter()
         try:
-            header, blobs = self._unit_view(self._worker(), x, settings)
+            header, blobs = self._unit_view(self._worker_model, x, settings)
         except DeepvisError:
             # e.g. deconv on a model whose nonlinearities it does not cover: turn the view off rather
             # than failing again on every frame; the page shows the error and the new setting
-            with self._cond:
-                if session.settings.backprop == settings.backprop:
-                    session.settings = replace(session.settings, backprop="off")
-                    session.put_event(text("settings", settings=session.settings.to_dict()))
+            session.backprop_failed(settings.backprop)
             raise
         header = {
             "type": "backprop",
@@ -471,6 +473,7 @@ class Engine:
             "position": list(settings.position) if settings.position else None,
             "mode": settings.backprop,
             "filter": settings.filter,
+            "percentile": settings.percentile,
             "seq": seq,
             "ms": round((time.perf_counter() - start) * 1000, 2),
             **header,

@@ -8,6 +8,7 @@ already normalized and boosted; the page tiles them and applies the colormap.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..capture import LOGITS, LayerInfo, Unit, capture, check_unit, get_layer, layer_table
+from ..capture import LOGITS, LayerInfo, Unit, capture, check_unit, eval_mode, get_layer, layer_table
 from ..errors import InputError
 from ..models.model import Model
+from ..pixels import to_uint8
 from ..predictions import top_k
 from ..render import normalize_activations
 from .protocol import ViewSettings
@@ -26,6 +28,7 @@ from .protocol import ViewSettings
 __all__ = [
     "FrameProcessor",
     "FrameOutput",
+    "LayerActivations",
     "DiffState",
     "MAX_GRID_VALUES",
     "grid_factor",
@@ -54,8 +57,9 @@ def grid_factor(shape: tuple[int, ...], budget: int = MAX_GRID_VALUES) -> int:
 
 
 def quantize(x01: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] → ``uint8`` 0–255 (clipped, rounded)."""
-    return np.clip(x01 * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    """Values in [0, 1] → ``uint8`` 0–255, one byte per value as the page receives them
+    (:func:`deepvis.pixels.to_uint8`: rounded half up, clipped)."""
+    return to_uint8(x01)
 
 
 def frame_image(pixels: memoryview | bytes, width: int, height: int, fmt: str, model: Model) -> Image.Image:
@@ -89,10 +93,6 @@ def choose_memory_format(model: Model, *, repeats: int = 3, margin: float = 0.9)
     ``channels_last`` only when it takes less than ``margin`` times the default layout (for many
     convnets on the CPU it saves ~20%). The network is converted in place: call it on a private copy.
     """
-    import time
-
-    from ..capture import eval_mode
-
     x = torch.zeros(1, *model.preprocessing.input_shape, device=model.device)
     seconds: dict[torch.memory_format, float] = {}
     with torch.no_grad(), eval_mode(model.module):
@@ -130,6 +130,16 @@ class DiffState:
         return diff
 
 
+@dataclass(frozen=True)
+class LayerActivations:
+    """One frame's forward pass as the view needs it again: the layer's activations (C, H, W) or (C,)
+    and the predictions. A unit change on the same layer is redrawn from it without a forward pass."""
+
+    layer: str
+    acts: torch.Tensor
+    predictions: list[dict[str, Any]] | None
+
+
 @dataclass
 class FrameOutput:
     """What one frame produced: a JSON-able header and the binary payloads (``grid``, ``unit``)."""
@@ -138,6 +148,8 @@ class FrameOutput:
     blobs: dict[str, bytes] = field(default_factory=dict)
     #: the model input (1, C, H, W) this frame was computed from, for the background unit view
     x: torch.Tensor | None = None
+    #: the forward pass's results, to redraw another unit of the layer from
+    activations: LayerActivations | None = None
 
 
 class FrameProcessor:
@@ -153,14 +165,24 @@ class FrameProcessor:
         self.has_logits = LOGITS in self._by_name
         n = model.num_classes
         self._class_layers = {i.name for i in self.table if n is not None and i.shape == (n,)}
+        self._checked: tuple[tuple[str, int, tuple[int, int] | None], LayerInfo] | None = None
 
     def layer(self, name: str) -> LayerInfo:
         info = self._by_name.get(name)
         return info if info is not None else get_layer(self.model, name)
 
     def check(self, settings: ViewSettings) -> LayerInfo:
-        """Validate the settings' layer, unit and position against the model."""
-        return check_unit(self.model, Unit(settings.layer, settings.unit, settings.position))
+        """Validate the settings' layer, unit and position against the model.
+
+        The last answer is kept: the frame loop asks again on every frame, and its network (a
+        private copy that nothing else changes) gives the same answer for the same unit.
+        """
+        key = (settings.layer, settings.unit, settings.position)
+        if self._checked is not None and self._checked[0] == key:
+            return self._checked[1]
+        info = check_unit(self.model, Unit(settings.layer, settings.unit, settings.position))
+        self._checked = (key, info)
+        return info
 
     def is_class_layer(self, name: str) -> bool:
         """True when the layer's units are the model's classes (so they have labels)."""
@@ -171,22 +193,34 @@ class FrameProcessor:
         x = self.model.preprocessing.to_tensor(fit_image(image, self.model), crop=False)[None].to(self.model.device)
         return x.contiguous(memory_format=self.memory_format)
 
-    def process(self, x: torch.Tensor, settings: ViewSettings, diff: DiffState | None = None) -> FrameOutput:
-        """Run one frame (1, C, H, W) and build the page's view of it (see module docstring)."""
+    def process(
+        self, x: torch.Tensor, settings: ViewSettings, diff: DiffState | None = None, cached: LayerActivations | None = None
+    ) -> FrameOutput:
+        """Run one frame (1, C, H, W) and build the page's view of it (see module docstring).
+
+        ``cached``: this frame's earlier forward pass (:attr:`FrameOutput.activations`); when it holds
+        the settings' layer and the diff view is off (the diff's running mean takes each frame once),
+        the view is built from it without a forward pass.
+        """
         info = self.check(settings)
-        names = [info.name]
-        if self.has_logits and info.name != LOGITS:
-            names.append(LOGITS)
-        acts = capture(self.model, x, names, stop_early=True)
-        a = acts[info.name][0].detach().float()
         header: dict[str, Any] = {"type": "frame", "layer": info.name, "unit": settings.unit}
         blobs: dict[str, bytes] = {}
-
-        if self.has_logits:
-            logits = acts[LOGITS]
-            header["predictions"] = [
-                {"index": p.index, "label": p.label, "probability": round(p.probability, 5)} for p in top_k(self.model, logits, self.k)[0]
-            ]
+        if cached is not None and cached.layer == info.name and not settings.diff:
+            a, predictions = cached.acts, cached.predictions
+        else:
+            names = [info.name]
+            if self.has_logits and info.name != LOGITS:
+                names.append(LOGITS)
+            acts = capture(self.model, x, names, stop_early=True)
+            a = acts[info.name][0].detach().float()
+            predictions = None
+            if self.has_logits:
+                predictions = [
+                    {"index": p.index, "label": p.label, "probability": round(p.probability, 5)}
+                    for p in top_k(self.model, acts[LOGITS], self.k)[0]
+                ]
+        if predictions is not None:
+            header["predictions"] = predictions
 
         shown = a
         if settings.diff and diff is not None:
@@ -206,7 +240,7 @@ class FrameProcessor:
             header["unit_shape"] = list(unit.shape)
         if self.is_class_layer(info.name):
             header["unit_label"] = self.model.label(settings.unit)
-        return FrameOutput(header, blobs, x)
+        return FrameOutput(header, blobs, x, LayerActivations(info.name, a, predictions))
 
     def _grid_bytes(self, shown: torch.Tensor, s: ViewSettings) -> bytes:
         if s.diff:
@@ -216,7 +250,7 @@ class FrameProcessor:
             scale = np.where(scale > 0, scale, 1.0)
             v = 0.5 + 0.5 * np.clip(d * (s.gain / scale), -1.0, 1.0)
         else:
-            v = normalize_activations(shown, s.normalize)  # type: ignore[arg-type]
+            v = normalize_activations(shown, s.normalize)
             if s.gain != 1.0:
                 v = np.clip(v * s.gain, 0.0, 1.0)
             if s.gamma != 1.0:

@@ -8,13 +8,16 @@ JSON objects with a ``type``.
 
 Client → server:
 
-* binary ``{"type": "frame", "seq": N, "w": W, "h": H, "format": "rgba"|"rgb"}`` + pixels: a video or
-  camera frame, already cropped and resized by the page to the model's input size.
-* text ``{"type": "settings", ...}`` (see :class:`ViewSettings`), ``{"type": "sample", "name": ...}``,
-  ``{"type": "synthesize", "layer": ..., "unit": ...}``, ``{"type": "reset_diff"}``.
+* binary ``{"type": "frame", "seq": N, "w": W, "h": H, "format": "rgba"|"rgb", "source": "camera"|"video"|"image"}``
+  + pixels: a video or camera frame, already cropped and resized by the page to the model's input size.
+* text ``{"type": "settings", "req": N, ...}`` (see :class:`ViewSettings`), ``{"type": "sample", "name": ...}``,
+  ``{"type": "synthesize", "layer": ..., "unit": ...}``, ``{"type": "video_frame", "index": I, "seq": N}``
+  (a frame of a video the server decoded), ``{"type": "ping", "t": ...}``.
 
-Server → client: ``hello`` (text), ``frame``, ``backprop`` and ``input`` (binary), ``error``,
-``status`` and ``synthesis`` (text).
+Server → client: text ``hello`` (the model, its layers, the lists the page builds its controls from:
+see :meth:`~deepvis.server.app.Toolbox.info`), ``settings`` (what is shown, answering ``req``), ``rf``
+(a layer's receptive fields), ``synthesis`` (progress), ``error`` and ``pong``; binary ``frame``,
+``backprop`` and ``input``.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ import math
 import struct
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
+from ..backprop import MODES
 from ..errors import DeepvisError
+from ..render import NORMALIZATIONS, Normalize
 
 __all__ = [
     "pack",
@@ -34,16 +39,40 @@ __all__ = [
     "text",
     "ViewSettings",
     "ProtocolError",
-    "NORMALIZATIONS",
     "BACKPROP_MODES",
     "MAX_HEADER_BYTES",
+    "BackpropDisplay",
+    "READABLE_BACKPROP",
+    "RAW_BACKPROP",
 ]
 
 #: a binary message's JSON header may not be larger than this
 MAX_HEADER_BYTES = 16_384
-NORMALIZATIONS = ("layer", "channel", "none")
-#: ``off`` plus the unit-view methods offered in the page (deepvis.backprop names them)
-BACKPROP_MODES = ("off", "gradient", "deconv", "guided")
+
+
+@dataclass(frozen=True)
+class BackpropDisplay:
+    """A display filter of :data:`deepvis.backprop.FILTERS` and the percentile of the view's magnitudes
+    shown at full scale (100: the maximum)."""
+
+    filter: str
+    percentile: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+#: the backprop view a page opens with, readable on real photos: the gradient's L2 norm over channels,
+#: scaled so that its 99th-percentile magnitude is white (the maximum alone leaves a typical guided or
+#: deconv view of a photo nearly black: a few pixels take the whole range)
+READABLE_BACKPROP = BackpropDisplay("norm", 99.0)
+#: the raw view, one key away: the signed sum over channels (green positive, red negative), scaled by the maximum
+RAW_BACKPROP = BackpropDisplay("raw", 100.0)
+#: the ``backprop`` setting: ``off`` (no view) or one of the library's modes (:data:`deepvis.backprop.MODES`)
+BACKPROP_MODES: tuple[str, ...] = ("off", *MODES)
+
+
+_Name = TypeVar("_Name", bound=str)
 
 
 class ProtocolError(DeepvisError):
@@ -103,11 +132,11 @@ def _int(d: Mapping[str, Any], key: str, default: int | None) -> int | None:
     return v
 
 
-def _choice(d: Mapping[str, Any], key: str, default: str, allowed: tuple[str, ...]) -> str:
+def _choice(d: Mapping[str, Any], key: str, default: _Name, allowed: tuple[_Name, ...]) -> _Name:
     v = d.get(key, default)
     if v not in allowed:
         raise ProtocolError(f"setting {key!r} must be one of {', '.join(allowed)}, got {v!r}")
-    return str(v)
+    return allowed[allowed.index(v)]
 
 
 @dataclass(frozen=True)
@@ -119,18 +148,21 @@ class ViewSettings:
     ``normalize`` is the grid's scaling (see :func:`deepvis.render.normalize_activations`); ``gain``
     multiplies the normalized values and ``gamma`` is applied after it (the toolbox's boost);
     ``diff`` shows activation minus its running mean; ``backprop`` is the unit view computed in the
-    background (``off`` for none) with display filter ``filter``.
+    background (``off`` for none) with display filter ``filter``, its magnitudes divided by their
+    ``percentile``-th percentile (100: the maximum; lower saturates the strongest values for contrast:
+    :func:`deepvis.backprop.backprop_image`).
     """
 
     layer: str
     unit: int = 0
     position: tuple[int, int] | None = None
-    normalize: str = "layer"
+    normalize: Normalize = "layer"
     gain: float = 1.0
     gamma: float = 1.0
     diff: bool = False
     backprop: str = "off"
     filter: str = "raw"
+    percentile: float = 100.0
 
     @classmethod
     def parse(cls, d: Mapping[str, Any], base: ViewSettings, filters: tuple[str, ...]) -> ViewSettings:
@@ -140,6 +172,8 @@ class ViewSettings:
         the caller.
         """
         merged = {**asdict(base), **{k: v for k, v in d.items() if k != "type"}}
+        if "filter" not in d and filters and base.filter not in filters:
+            merged["filter"] = filters[0]  # a server that offers fewer filters than the default view's
         unknown = set(merged) - set(asdict(base))
         if unknown:
             raise ProtocolError(f"unknown setting {sorted(unknown)[0]!r}")
@@ -169,6 +203,7 @@ class ViewSettings:
             diff=diff,
             backprop=_choice(merged, "backprop", "off", BACKPROP_MODES),
             filter=_choice(merged, "filter", filters[0] if filters else "raw", filters or ("raw",)),
+            percentile=_num(merged, "percentile", 100.0, 50.0, 100.0),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,24 +1,28 @@
 """One connected page: its newest unprocessed frame, its settings and its bounded outbox.
 
-A :class:`Session`'s mutable fields are guarded by the engine's condition lock; the page's WebSocket
-task only touches them through :class:`~deepvis.server.engine.Engine` methods. Memory per session is
-bounded whatever the page does: one pending frame, one current frame, the newest message of each
-live kind (``frame``, ``backprop``, ``input``) and at most ``max_events`` small event messages.
+A :class:`Session` owns its state: every field is private and every method takes the lock. The lock
+is one :class:`threading.Condition` shared by all the sessions of an engine (the engine creates it
+and passes it in), so that the frame loop and the background workers can wait for work on any page
+and are woken when a page's frame arrives or its results are taken. The lock is held only for a few
+field updates, never while computing. Memory per session is bounded whatever the page does: one
+pending frame, one current frame, the newest message of each live kind (``frame``, ``backprop``,
+``input``) and at most ``max_events`` small event messages.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from PIL import Image
 
-from .frames import DiffState
-from .protocol import ViewSettings
+from .frames import DiffState, LayerActivations
+from .protocol import ViewSettings, text
 from .video import ServerVideo
 
 __all__ = ["Session", "Frame", "RawFrame", "SessionStats", "Message"]
@@ -50,6 +54,8 @@ class Frame:
     name: str | None = None
     received: float = field(default_factory=time.monotonic)
     x: torch.Tensor | None = None
+    #: its last forward pass (the frame loop's), to redraw another unit of the same layer from
+    activations: LayerActivations | None = None
 
 
 @dataclass
@@ -77,55 +83,219 @@ class SessionStats:
 
 
 class Session:
-    """State of one page (see module docstring)."""
+    """State of one page (see the module docstring).
 
-    def __init__(self, sid: str, loop: asyncio.AbstractEventLoop, settings: ViewSettings, *, max_events: int = 64) -> None:
+    ``cond`` is the engine's condition, shared by its sessions; ``loop`` is the event loop of the
+    page's WebSocket, whose sender task waits on :attr:`wake`.
+    """
+
+    def __init__(
+        self, sid: str, loop: asyncio.AbstractEventLoop, settings: ViewSettings, cond: threading.Condition, *, max_events: int = 64
+    ) -> None:
         self.id = sid
         self.loop = loop
+        #: set (in the event loop) whenever a message waits for the page
         self.wake = asyncio.Event()
-        self.settings = settings
-        self.pending: RawFrame | Frame | None = None
-        self.current: Frame | None = None
-        self.dirty = False
-        self.closed = False
-        self.latest: dict[str, Message] = {}
-        self.events: deque[Message] = deque()
         self.max_events = max_events
+        #: the running mean of the diff view; used by the frame loop only (one frame of a page at a time)
         self.diff = DiffState()
-        self.stats = SessionStats()
-        #: layers whose receptive-field geometry has been asked for (touched by the frame loop only)
-        self.geometry_sent: set[str] = set()
-        #: a video decoded by the server for this page (touched by the event loop only)
-        self.video: ServerVideo | None = None
+        self._cond = cond
+        self._settings = settings
+        self._pending: RawFrame | Frame | None = None
+        self._current: Frame | None = None
+        self._dirty = False
+        self._closed = False
+        self._latest: dict[str, Message] = {}
+        self._events: deque[Message] = deque()
+        self._stats = SessionStats()
+        self._geometry_asked: set[str] = set()
+        self._video: ServerVideo | None = None
 
-    # All methods below are called with the engine's lock held.
+    # -- what anyone may read (snapshots: changing them changes nothing) --------------------------
+    @property
+    def settings(self) -> ViewSettings:
+        with self._cond:
+            return self._settings
+
+    @property
+    def closed(self) -> bool:
+        with self._cond:
+            return self._closed
+
+    @property
+    def stats(self) -> SessionStats:
+        """A copy of the page's counters."""
+        with self._cond:
+            return replace(self._stats)
+
+    @property
+    def pending(self) -> RawFrame | Frame | None:
+        """The newest frame not yet taken by the frame loop."""
+        with self._cond:
+            return self._pending
+
+    @property
+    def latest(self) -> dict[str, Message]:
+        """A copy of the newest unsent live message of each kind."""
+        with self._cond:
+            return dict(self._latest)
+
+    @property
+    def events(self) -> tuple[Message, ...]:
+        """The unsent event messages, oldest first."""
+        with self._cond:
+            return tuple(self._events)
+
+    @property
+    def video(self) -> ServerVideo | None:
+        """The video the server decoded for this page (None: none)."""
+        with self._cond:
+            return self._video
+
+    def holds(self, kind: str) -> bool:
+        """True while a ``kind`` result waits for the page's sender (no new one is computed meanwhile)."""
+        with self._cond:
+            return kind in self._latest
+
+    # -- the page (event loop) --------------------------------------------------------------------
+    def submit(self, frame: RawFrame | Frame) -> None:
+        """Make ``frame`` the newest input; a frame still waiting is dropped (and counted)."""
+        with self._cond:
+            if self._closed:
+                return
+            self._stats.received += 1
+            if self._pending is not None:
+                self._stats.dropped += 1
+            self._pending = frame
+            self._cond.notify_all()
+
+    def change_settings(self, new: ViewSettings) -> None:
+        """Show ``new`` from now on; the current frame (or the one being computed) is redrawn with them."""
+        with self._cond:
+            if new != self._settings:
+                self._settings = new
+                self._dirty = True
+                self._cond.notify_all()
+
+    def attach_video(self, video: ServerVideo) -> None:
+        with self._cond:
+            self._video = video
+
+    def take(self) -> list[Message]:
+        """Everything waiting to be sent: events first (in order), then the newest live messages.
+
+        Taking frees the page's live slots, so the workers are woken to compute its next results.
+        """
+        with self._cond:
+            out: list[Message] = list(self._events)
+            self._events.clear()
+            out.extend(self._latest.values())
+            self._latest.clear()
+            if out:
+                self._cond.notify_all()
+            return out
+
+    def close(self) -> None:
+        """The page is gone: drop its frames and messages; results still being computed are discarded."""
+        with self._cond:
+            self._closed = True
+            self._pending = None
+            self._current = None
+            self._latest.clear()
+            self._events.clear()
+            self._cond.notify_all()
+
+    # -- results (any thread) ---------------------------------------------------------------------
     def put_latest(self, kind: str, msg: Message) -> None:
         """Keep only the newest message of ``kind``; an unsent older one is replaced (and counted)."""
-        if kind in self.latest:
-            self.stats.results_replaced += 1
-        self.latest[kind] = msg
-        self._notify()
+        with self._cond:
+            if self._closed:
+                return
+            if kind in self._latest:
+                self._stats.results_replaced += 1
+            self._latest[kind] = msg
+            self._notify()
 
     def put_event(self, msg: Message) -> None:
         """Queue a small event message; past ``max_events`` unsent, the oldest is dropped (and counted)."""
-        if len(self.events) >= self.max_events:
-            self.events.popleft()
-            self.stats.events_dropped += 1
-        self.events.append(msg)
-        self._notify()
+        with self._cond:
+            if self._closed:
+                return
+            if len(self._events) >= self.max_events:
+                self._events.popleft()
+                self._stats.events_dropped += 1
+            self._events.append(msg)
+            self._notify()
 
-    def take(self) -> list[Message]:
-        """Everything waiting to be sent: events first (in order), then the newest live messages."""
-        out: list[Message] = list(self.events)
-        self.events.clear()
-        out.extend(self.latest.values())
-        self.latest.clear()
-        return out
+    def backprop_failed(self, mode: str) -> None:
+        """The backprop view ``mode`` cannot be computed for this model: turn it off (unless the page
+        has chosen another mode meanwhile) and tell the page its new settings."""
+        with self._cond:
+            if self._settings.backprop == mode:
+                self._settings = replace(self._settings, backprop="off")
+                self.put_event(text("settings", settings=self._settings.to_dict()))
+
+    # -- the frame loop ---------------------------------------------------------------------------
+    def next_frame(self) -> tuple[RawFrame | Frame, ViewSettings] | None:
+        """The frame to compute next for this page and the settings to show it with, or None.
+
+        None while the page's previous result has not been taken (a page that stops reading costs
+        nothing), or when there is neither a new frame nor a settings change to redraw. A settings
+        change that keeps the layer redraws the current frame first (from its cached forward pass:
+        no new forward), so a unit switch is shown within the time of the frame being computed.
+        """
+        with self._cond:
+            if self._closed or "frame" in self._latest:
+                return None
+            cur = self._current
+            if self._dirty and cur is not None and cur.activations is not None and cur.activations.layer == self._settings.layer:
+                # another unit of the layer shown: redrawn from the last forward pass, before any new frame
+                self._dirty = False
+                return cur, self._settings
+            if self._pending is not None:
+                frame: RawFrame | Frame = self._pending
+                self._pending, self._dirty = None, False
+            elif self._dirty and self._current is not None:
+                frame, self._dirty = self._current, False
+            else:
+                return None
+            return frame, self._settings
+
+    def frame_done(self, frame: Frame, settings: ViewSettings, msg: Message, ms: float) -> bool:
+        """Post the result of ``frame`` (computed with ``settings`` in ``ms`` milliseconds); it becomes
+        the frame redrawn on a settings change. False when the page has gone meanwhile."""
+        with self._cond:
+            if self._closed:
+                return False
+            self._current = frame
+            if self._settings != settings:  # changed while this frame was computed
+                self._dirty = True
+            self._stats.processed += 1
+            self._stats.last_ms = ms
+            self.put_latest("frame", msg)
+            return True
+
+    def frame_failed(self, seq: int | None, message: str) -> None:
+        """Count a frame that could not be computed and tell the page why."""
+        with self._cond:
+            self._stats.errors += 1
+            self.put_event(text("error", scope="frame", seq=seq, message=message))
+
+    def stats_dict(self) -> dict[str, Any]:
+        with self._cond:
+            return self._stats.to_dict()
+
+    def ask_geometry(self, layer: str) -> bool:
+        """True the first time ``layer``'s receptive fields are asked for (they are sent once per layer)."""
+        with self._cond:
+            if layer in self._geometry_asked:
+                return False
+            self._geometry_asked.add(layer)
+            return True
 
     def _notify(self) -> None:
-        if self.closed:
-            return
+        """Wake the page's sender task (called with the lock held)."""
         try:
             self.loop.call_soon_threadsafe(self.wake.set)
         except RuntimeError:  # the event loop is closed: the page is gone
-            self.closed = True
+            self._closed = True

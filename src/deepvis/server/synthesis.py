@@ -10,7 +10,6 @@ its share. Finished images are kept in memory (the newest ``max_results``) and s
 from __future__ import annotations
 
 import io
-import logging
 import threading
 import time
 from collections import OrderedDict
@@ -21,13 +20,12 @@ from typing import Any
 from ..capture import Unit
 from ..errors import DeepvisError
 from ..models.model import Model
-from .engine import lower_priority
+from ..optimize import visualize
+from .engine import WorkLoop, error_message
 from .protocol import text
 from .session import Message, Session
 
 __all__ = ["SynthesisService", "SynthesisJob", "SynthResult", "SynthesisBusy"]
-
-log = logging.getLogger("deepvis.server")
 
 #: seconds between two progress messages of one job
 PROGRESS_INTERVAL = 0.25
@@ -88,24 +86,21 @@ class SynthesisService:
         self._running: list[SynthesisJob] = []
         self._results: OrderedDict[tuple[str, int], SynthResult] = OrderedDict()
         self._version = 0
+        #: set when the service stops: no new batch starts, and the running one stops after its current step
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker: WorkLoop[list[SynthesisJob]] = WorkLoop(
+            "deepvis-synthesis", self._lock, self._take, self._work, self._fail, nice=nice
+        )
         self.done = 0
 
     def start(self) -> None:
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._loop, name="deepvis-synthesis", daemon=True)
-            self._thread.start()
+        self._stop.clear()
+        self._worker.start()
 
     def close(self, timeout: float = 30.0) -> None:
         """Cancel the running batch (after its current step) and stop the worker."""
         self._stop.set()
-        with self._lock:
-            self._lock.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._worker.close(timeout)
 
     # -- requests --------------------------------------------------------------------------------
     def request(self, session: Session, layer: str, unit: int) -> str:
@@ -154,41 +149,27 @@ class SynthesisService:
                 self._send(page, job.layer, job.unit, state, progress, **extra)
 
     def _take(self) -> list[SynthesisJob] | None:
-        with self._lock:
-            while not self._queue:
-                if self._stop.is_set():
-                    return None
-                self._lock.wait()
-            if self._stop.is_set():
-                return None
-            layer = self._queue[0].layer
-            jobs = [j for j in self._queue if j.layer == layer][: self.batch]
-            for j in jobs:
-                self._queue.remove(j)
-            self._running = jobs
-            return jobs
+        """The next batch: the oldest request and those waiting for the same layer (called with the lock held)."""
+        if not self._queue or self._stop.is_set():
+            return None
+        layer = self._queue[0].layer
+        jobs = [j for j in self._queue if j.layer == layer][: self.batch]
+        for j in jobs:
+            self._queue.remove(j)
+        self._running = jobs
+        return jobs
 
-    def _loop(self) -> None:
-        if self.nice > 0:
-            lower_priority(self.nice, "synthesis")
-        while True:
-            jobs = self._take()
-            if jobs is None:
-                return
-            try:
-                self._run(jobs)
-            except DeepvisError as exc:
-                self._broadcast(jobs, "error", 0.0, message=str(exc))
-            except Exception as exc:  # a bug: keep the worker alive, log it, tell the pages
-                log.exception("synthesis failed")
-                self._broadcast(jobs, "error", 0.0, message=f"internal error: {type(exc).__name__}: {exc}")
-            finally:
-                with self._lock:
-                    self._running = []
+    def _work(self, jobs: list[SynthesisJob]) -> None:
+        try:
+            self._run(jobs)
+        finally:
+            with self._lock:
+                self._running = []
+
+    def _fail(self, jobs: list[SynthesisJob], exc: Exception) -> None:
+        self._broadcast(jobs, "error", 0.0, message=error_message(exc, "synthesis"))
 
     def _run(self, jobs: list[SynthesisJob]) -> None:
-        from ..optimize import visualize
-
         layer = jobs[0].layer
         p = self._params(layer)
         self._broadcast(jobs, "running", 0.0)

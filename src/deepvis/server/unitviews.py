@@ -6,10 +6,11 @@ Both run in the engine's background worker, on its own copy of the network, neve
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 
+from ..backprop import FILTERS, Filter, Mode, backprop_image, backprop_view, layer_field
 from ..capture import Unit
 from ..models.model import Model
 from .protocol import ViewSettings
@@ -19,8 +20,6 @@ __all__ = ["backprop_filters", "unit_view", "layer_geometry"]
 
 def backprop_filters() -> tuple[str, ...]:
     """The display filters :mod:`deepvis.backprop` offers, in its order."""
-    from ..backprop import FILTERS
-
     return tuple(FILTERS)
 
 
@@ -29,13 +28,14 @@ def unit_view(model: Model, x: torch.Tensor, settings: ViewSettings) -> tuple[di
 
     The backward pass starts from the unit's whole channel map seeded with its own activation (as in
     the original toolbox), or from the pinned position. Returns (header fields, ``{"rgb": H×W×3 uint8}``).
+    ``settings.backprop`` is a mode of :data:`deepvis.backprop.MODES` (the engine never asks for ``off``)
+    and ``settings.filter`` one of :data:`deepvis.backprop.FILTERS`: :meth:`ViewSettings.parse` admits
+    nothing else; magnitudes are scaled by their ``settings.percentile``-th percentile (100: the maximum).
     """
-    from ..backprop import backprop_image, backprop_view
-
     unit = Unit(settings.layer, settings.unit, settings.position)
     # the frame loop's input may be channels_last (its own copy of the network is); this copy is not
-    result = backprop_view(model, x.contiguous(), unit, settings.backprop)  # type: ignore[arg-type]
-    rgb = backprop_image(result, settings.filter)  # type: ignore[arg-type]
+    result = backprop_view(model, x.contiguous(), unit, cast(Mode, settings.backprop))
+    rgb = backprop_image(result, cast(Filter, settings.filter), percentile=settings.percentile)
     h, w = rgb.shape[:2]
     header = {
         "h": h,
@@ -49,8 +49,6 @@ def unit_view(model: Model, x: torch.Tensor, settings: ViewSettings) -> tuple[di
 def layer_geometry(model: Model, layer: str) -> dict[str, Any]:
     """The receptive field of every position of ``layer``: per output row and column, the first and
     last input pixel (inclusive) it can see; the page draws the box of any position from these."""
-    from ..backprop import layer_field
-
     f = layer_field(model, layer)
     return {
         "layer": layer,

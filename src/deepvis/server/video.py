@@ -82,11 +82,13 @@ async def decode_video(
         raise InputError(f"decoding {name} took longer than {DECODE_TIMEOUT:.0f} s; gave up") from None
     # the upload lives under a private temporary name: messages name the user's file instead
     message = err.decode(errors="replace").replace(str(src), name).strip().splitlines()
-    if proc.returncode != 0:
-        if proc.returncode < 0:
-            sig = signal.Signals(-proc.returncode).name if -proc.returncode in signal.valid_signals() else str(-proc.returncode)
+    code = proc.returncode
+    assert code is not None  # communicate() returned: the child has exited
+    if code != 0:
+        if code < 0:
+            sig = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
             raise InputError(f"the video decoder crashed on {name} ({sig}); the file is probably damaged")
-        reason = message[-1] if message else f"exit status {proc.returncode}"
+        reason = message[-1] if message else f"exit status {code}"
         if reason.startswith("deepvis: error: "):
             raise InputError(reason.removeprefix("deepvis: error: "))
         raise InputError(f"could not decode {name}: {reason}")

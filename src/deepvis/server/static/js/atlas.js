@@ -116,7 +116,7 @@ export class AtlasPane {
   onSynthesis(m) {
     const key = `${m.layer}:${m.unit}`;
     this.jobs.set(key, m);
-    this.app.stats.synthesis = m;
+    this.app.figures.synthesis = m;
     const cur = this.current;
     const here = cur && cur.layer === m.layer && cur.unit === m.unit;
     if (m.state === 'done') {

@@ -30,7 +30,8 @@ export class GridView {
     this.image = null;
   }
 
-  /** Tile geometry for a grid header shape [C, h, w] or [C]. */
+  /** Tile geometry for a grid header shape [C, h, w] or [C]. A new geometry also builds the index
+   * map of the drawing: for every non-padding pixel of the canvas, in pixel order, the value it shows. */
   setLayout(shape) {
     const n = shape[0];
     const [th, tw] = shape.length === 3 ? [shape[1], shape[2]] : [CELL, CELL];
@@ -43,7 +44,9 @@ export class GridView {
       this.canvas.width = width;
       this.canvas.height = height;
       this.image = this.ctx.createImageData(width, height);
-      new Uint32Array(this.image.data.buffer).fill(PAD_RGBA[0] | (PAD_RGBA[1] << 8) | (PAD_RGBA[2] << 16) | (255 << 24));
+      this.pixels = new Uint32Array(this.image.data.buffer);
+      this.pixels.fill(PAD_RGBA[0] | (PAD_RGBA[1] << 8) | (PAD_RGBA[2] << 16) | (255 << 24));
+      [this.dst, this.src] = indexMap(this.layout);
       this.fit();
     }
     return this.layout;
@@ -62,26 +65,12 @@ export class GridView {
     this.canvas.style.height = `${Math.floor(l.height * k)}px`;
   }
 
-  /** Draw uint8 values (C*h*w, or C for vectors) with a packed colormap. */
+  /** Draw uint8 values (C*h*w, or C for vectors) with a packed colormap: one pass over the index
+   * map into the canvas's pixels, then one upload of the whole grid (putImageData). */
   draw(shape, values, lut) {
-    const { n, cols, th, tw, width, vector } = this.setLayout(shape);
-    const px = new Uint32Array(this.image.data.buffer);
-    const area = vector ? 1 : th * tw;
-    for (let c = 0; c < n; c++) {
-      const oy = PAD + Math.floor(c / cols) * (th + PAD);
-      const ox = PAD + (c % cols) * (tw + PAD);
-      const base = c * area;
-      for (let y = 0; y < th; y++) {
-        let row = (oy + y) * width + ox;
-        if (vector) {
-          const v = lut[values[c]];
-          for (let x = 0; x < tw; x++) px[row++] = v;
-        } else {
-          let src = base + y * tw;
-          for (let x = 0; x < tw; x++) px[row++] = lut[values[src++]];
-        }
-      }
-    }
+    this.setLayout(shape);
+    const px = this.pixels, dst = this.dst, src = this.src;
+    for (let i = 0, m = dst.length; i < m; i++) px[dst[i]] = lut[values[src[i]]];
     this.ctx.putImageData(this.image, 0, 0);
   }
 
@@ -131,14 +120,44 @@ export class GridView {
   }
 }
 
-/** Draw a uint8 map (h*w) into a canvas with a packed colormap. */
-export function drawMap(canvas, h, w, values, lut) {
-  if (canvas.width !== w || canvas.height !== h) {
+/** For a grid layout: (dst, src), the canvas pixel and the value index of every non-padding pixel,
+ * in pixel order (tiles in the layout of deepvis.render.tile_grid; a vector's value fills its cell). */
+export function indexMap({ n, rows, cols, th, tw, width, vector }) {
+  const dst = new Uint32Array(n * th * tw);
+  const src = new Uint32Array(n * th * tw);
+  let k = 0;
+  for (let r = 0; r < rows; r++) {
+    for (let y = 0; y < th; y++) {
+      const line = (PAD + r * (th + PAD) + y) * width;
+      for (let col = 0; col < cols; col++) {
+        const c = r * cols + col;
+        if (c >= n) break;
+        const ox = line + PAD + col * (tw + PAD);
+        const base = vector ? -1 : c * th * tw + y * tw;
+        for (let x = 0; x < tw; x++, k++) {
+          dst[k] = ox + x;
+          src[k] = vector ? c : base + x;
+        }
+      }
+    }
+  }
+  return [dst, src];
+}
+
+/** A canvas's reusable ImageData of h x w (made again only when the size changes). */
+function imageFor(canvas, h, w) {
+  if (canvas.width !== w || canvas.height !== h || !canvas._image) {
     canvas.width = w;
     canvas.height = h;
+    canvas._ctx = canvas.getContext('2d', { alpha: false });
+    canvas._image = canvas._ctx.createImageData(w, h);
   }
-  const ctx = canvas.getContext('2d', { alpha: false });
-  const img = ctx.createImageData(w, h);
+  return [canvas._ctx, canvas._image];
+}
+
+/** Draw a uint8 map (h*w) into a canvas with a packed colormap. */
+export function drawMap(canvas, h, w, values, lut) {
+  const [ctx, img] = imageFor(canvas, h, w);
   const px = new Uint32Array(img.data.buffer);
   for (let i = 0; i < h * w; i++) px[i] = lut[values[i]];
   ctx.putImageData(img, 0, 0);
@@ -146,12 +165,7 @@ export function drawMap(canvas, h, w, values, lut) {
 
 /** Draw packed RGB bytes (h*w*3) into a canvas. */
 export function drawRgb(canvas, h, w, rgb) {
-  if (canvas.width !== w || canvas.height !== h) {
-    canvas.width = w;
-    canvas.height = h;
-  }
-  const ctx = canvas.getContext('2d', { alpha: false });
-  const img = ctx.createImageData(w, h);
+  const [ctx, img] = imageFor(canvas, h, w);
   const d = img.data;
   for (let i = 0, j = 0; i < h * w; i++, j += 3) {
     d[4 * i] = rgb[j];

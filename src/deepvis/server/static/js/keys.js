@@ -4,7 +4,11 @@
 
 import { el, setChildren } from './dom.js';
 
-/** [keys, action, description]; action names are methods of the app's `actions` object. */
+/** The choices the server offers, for the help text (info: its hello message; null before it arrives). */
+const listed = (what, names) => (names ? `${what}: ${names.join(', ')}` : what);
+
+/** [keys, action, description]; action names are methods of the controls' `actions` object; a
+ * description may depend on what the server offers (a function of its hello message, or null). */
 export const BINDINGS = [
   [['j', 'ArrowLeft'], 'left', 'select the unit to the left'],
   [['l', 'ArrowRight'], 'right', 'select the unit to the right'],
@@ -16,13 +20,14 @@ export const BINDINGS = [
   [['K'], 'downFast', 'move 3 rows down'],
   [['u', 'U', 'PageUp'], 'prevLayer', 'previous layer'],
   [['o', 'O', 'PageDown'], 'nextLayer', 'next layer'],
-  [['b'], 'cycleBackprop', 'cycle the backprop view: off, gradient, deconv, guided'],
+  [['b'], 'cycleBackprop', (info) => listed('cycle the backprop view', info?.backprop.modes)],
   [['n'], 'cycleBackpropMethod', 'next backprop method (keeps it on)'],
   [['a'], 'toggleBackprop', 'show or hide the backprop view'],
   [['m'], 'cycleFilter', 'cycle the backprop display filter'],
+  [['v'], 'toggleRawBackprop', 'backprop view: raw signed values scaled by the maximum, or back to the readable view (norm, 99th percentile)'],
   [['s'], 'togglePattern', 'pattern mode: tiles show each unit\'s synthesized image'],
   [['x'], 'toggleDiff', 'diff view: activation minus its running mean'],
-  [['r'], 'cycleNormalize', 'cycle normalization: layer, channel, none'],
+  [['r'], 'cycleNormalize', (info) => listed('cycle normalization', info?.normalizations)],
   [['t'], 'cycleGamma', 'cycle the gamma boost'],
   [['T'], 'cycleGain', 'cycle the gain boost'],
   [['f', ' '], 'toggleFreeze', 'freeze / unfreeze the input'],
@@ -53,10 +58,11 @@ export function installKeys(actions) {
   });
 }
 
-/** Fill the help overlay's table from BINDINGS. */
-export function renderHelp(table) {
+/** Fill the help overlay's table from BINDINGS (info: the server's hello message, or null). */
+export function renderHelp(table, info) {
   const rows = BINDINGS.map(([keys, , desc]) =>
-    el('tr', {}, el('td', {}, ...keys.flatMap((k, i) => [i ? ' ' : null, el('kbd', {}, KEY_NAMES[k] || k)])), el('td', {}, desc)),
+    el('tr', {}, el('td', {}, ...keys.flatMap((k, i) => [i ? ' ' : null, el('kbd', {}, KEY_NAMES[k] || k)])),
+      el('td', {}, typeof desc === 'function' ? desc(info) : desc)),
   );
   setChildren(table, el('tbody', {}, ...rows));
 }

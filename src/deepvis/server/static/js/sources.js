@@ -1,19 +1,35 @@
 // Inputs: the camera, a video file, an uploaded image or a sample photo. Camera and video frames
 // are cropped and resized here exactly as the model's preprocessing would (resize the shorter side
-// to size / crop_pct, center-crop) and sent as raw RGBA at the model's input size.
+// to size / crop_pct, center-crop) and sent as raw RGB at the model's input size.
 
-/** At most this many frames on their way (sent, no result yet). Camera frames that appear meanwhile
- * are skipped except the newest, which is sent the moment a result comes back. One in flight gives
- * the lowest latency with nearly the same rate as two (measured with benchmarks/bench_live.py on
- * 2 cores: p95 ~95 ms at ~24 frames/s, against ~125 ms at ~26 frames/s). The URL may set it:
- * &inflight=1..4. */
-const MAX_IN_FLIGHT = Math.max(1, Math.min(4, Number(new URLSearchParams(location.search).get('inflight')) || 1));
+/** At most this many frames on their way (sent, no result yet). Two keep the server busy: while it
+ * computes one frame the next is sent, timed to arrive as that computation ends (LEAD), and waits in
+ * the server's one slot, where a newer frame would replace it. Camera frames that appear meanwhile
+ * are skipped except the newest. The URL may set it: &inflight=1..4 (1: no pipelining). */
+const MAX_IN_FLIGHT = Math.max(1, Math.min(4, Number(new URLSearchParams(location.search).get('inflight')) || 2));
+/** With a frame being computed, the next is sent once this fraction of the server's time per frame
+ * (its running mean) has passed since the server began it (when it was sent, or when the previous
+ * result arrived, whichever is later): sooner, it would wait longer on the server (and be older when
+ * drawn); later, the server would idle. */
+const LEAD = 0.8;
 /** Without any result for this long, send anyway (a lost frame must not stall the camera). */
 const STALL_MS = 1000;
 
+/** RGBA pixels -> packed RGB (a quarter fewer bytes to send), into ``out`` when it has the size. */
+export function toRgb(rgba, out) {
+  const n = rgba.length >> 2;
+  const rgb = out && out.length === 3 * n ? out : new Uint8Array(3 * n);
+  for (let i = 0, j = 0, k = 0; i < n; i++, j += 4, k += 3) {
+    rgb[k] = rgba[j];
+    rgb[k + 1] = rgba[j + 1];
+    rgb[k + 2] = rgba[j + 2];
+  }
+  return rgb;
+}
+
 export class Sources {
   /**
-   * app: {conn, token, session(), inputSize: [h, w], cropPct, showError(msg), onSourceChange(mode, name)}
+   * app: {conn, token, session(), showError(msg), onSourceChange(mode, name), onVideoState()} (see main.js)
    */
   constructor(app, video, canvas) {
     this.app = app;
@@ -28,6 +44,9 @@ export class Sources {
     this.seq = 0;
     this.lastResult = 0;
     this.lastSendAt = 0;
+    this.serverMs = 0; // running mean of the server's milliseconds per frame
+    this.lastResultAt = 0; // when the last result arrived
+    this.sendTimer = null;
     this.sentAt = new Map();
     this.skipped = 0;
     this.sent = 0;
@@ -55,6 +74,7 @@ export class Sources {
 
   // -- choosing a source --------------------------------------------------------------------------
   stopLive() {
+    clearTimeout(this.sendTimer);
     clearTimeout(this.serverTimer);
     this.server = null;
     this.file = null;
@@ -72,6 +92,14 @@ export class Sources {
     }
   }
 
+  /** The camera size to ask for: the smallest 4:3 picture whose shorter side the model's crop needs
+   * (size / crop_pct, e.g. 256 for 224 at 0.875). Every camera pixel is converted and scaled in the
+   * browser on every frame, so a 640x480 picture would cost ~4.7x the pixels for the same input. */
+  cameraSize() {
+    const short = Math.ceil(Math.max(...this.inputSize) / this.cropPct);
+    return { width: { ideal: Math.ceil((short * 4) / 3) }, height: { ideal: short } };
+  }
+
   async startCamera() {
     if (!navigator.mediaDevices?.getUserMedia) {
       this.app.showError('this browser gives no camera access here (a camera needs http://localhost or https)');
@@ -79,7 +107,7 @@ export class Sources {
     }
     this.stopLive();
     try {
-      this.stream = await navigator.mediaDevices.getUserMedia({ video: { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 30 } }, audio: false });
+      this.stream = await navigator.mediaDevices.getUserMedia({ video: { ...this.cameraSize(), frameRate: { ideal: 30 } }, audio: false });
     } catch (e) {
       this.app.showError(`no camera: ${e.message || e.name}`);
       return;
@@ -291,18 +319,29 @@ export class Sources {
     if (!conn.open || !v.videoWidth) return;
     const now = performance.now();
     const inFlight = this.seq - this.lastResult;
-    if (!force && inFlight >= MAX_IN_FLIGHT && now - this.lastSendAt < STALL_MS) return; // sent on the next result
+    if (!force && now - this.lastSendAt < STALL_MS) {
+      if (inFlight >= MAX_IN_FLIGHT) return; // sent on the next result
+      // the server began the frame on its way when it arrived or when the previous result left
+      const wait = inFlight > 0 ? Math.max(this.lastSendAt, this.lastResultAt) + LEAD * this.serverMs - now : 0;
+      if (wait > 1) {
+        // the server is still busy with the last frame: send the newest one in time for its end
+        clearTimeout(this.sendTimer);
+        this.sendTimer = setTimeout(() => this.frameFresh && this.live && !this.frozen && this.sendFrame(false), wait);
+        return;
+      }
+    }
     const [h, w] = this.inputSize;
     const iw = v.videoWidth, ih = v.videoHeight;
     const ratio = Math.max(h, w) / this.cropPct / Math.min(iw, ih);
     const nw = Math.max(w, Math.round(iw * ratio)), nh = Math.max(h, Math.round(ih * ratio));
     const left = Math.floor((nw - w) / 2), top = Math.floor((nh - h) / 2);
     this.ctx.drawImage(v, left / ratio, top / ratio, w / ratio, h / ratio, 0, 0, w, h);
-    const data = this.ctx.getImageData(0, 0, w, h).data;
+    const data = toRgb(this.ctx.getImageData(0, 0, w, h).data, this.rgb);
+    this.rgb = data;
     const seq = ++this.seq;
     const born = this.frameFresh && this.frameAt <= now ? this.frameAt : now;
     this.frameFresh = false;
-    if (conn.sendBinary({ type: 'frame', seq, w, h, format: 'rgba', source: this.mode }, data)) {
+    if (conn.sendBinary({ type: 'frame', seq, w, h, format: 'rgb', source: this.mode }, data)) {
       this.sent++;
       this.lastSendAt = now;
       this.sentAt.set(seq, born);
@@ -310,18 +349,21 @@ export class Sources {
     }
   }
 
-  /** A result for frame seq arrived: returns its latency in ms (frame on screen → now), or null.
-   * A camera frame that appeared while the cap held it back is sent at once. */
-  onResult(seq) {
+  /** A result for frame seq arrived: returns when that frame appeared on screen (performance.now()
+   * time, for its latency), or null. A camera frame that appeared while the cap held it back is sent
+   * at once, before the result is drawn, so that the server computes it meanwhile. */
+  onResult(seq, serverMs) {
     if (seq === null || seq === undefined) return null;
     if (seq > this.lastResult) this.lastResult = seq;
+    this.lastResultAt = performance.now();
+    if (Number.isFinite(serverMs)) this.serverMs = this.serverMs ? 0.8 * this.serverMs + 0.2 * serverMs : serverMs;
     if (this.frameFresh && this.live && !this.frozen && !this.server) this.sendFrame(false);
     const t = this.sentAt.get(seq);
     for (const k of this.sentAt.keys()) {
       if (k > seq) break;
       this.sentAt.delete(k);
     }
-    return t === undefined ? null : performance.now() - t;
+    return t === undefined ? null : t;
   }
 
   /** A frame failed on the server: count it as answered so the camera keeps going. */

@@ -1,0 +1,245 @@
+// Drawing: everything the page shows of the state: the layers grid, the unit pane, the predictions,
+// the receptive-field box, the settings' controls, the status line and the messages.
+
+import { $, el, fmt, setChildren } from './dom.js';
+import { GridView, drawMap, drawRgb } from './grid.js';
+import { OFF } from './state.js';
+
+/** Live results update the predictions list at most this often (ms). */
+const PREDICTIONS_MS = 200;
+
+export class Panes {
+  /** app: {state, figures, sources, atlas} (see main.js). */
+  constructor(app) {
+    this.app = app;
+    this.state = app.state;
+    this.grid = new GridView($('grid'), $('grid-cursor'));
+    this.offGrid = new GridView(document.createElement('canvas'), null);
+    // what was drawn last, so that unchanged parts are not redrawn on every frame
+    this.highlightKey = null;
+    this.pinKey = null;
+    this.rfKey = null;
+    this.predKey = null;
+    this.predAt = 0;
+    this.unitStatsAt = 0;
+    this.unitStatsUnit = null;
+    this.statusAt = 0;
+    this.errorTimer = null;
+  }
+
+  // -- the connection ----------------------------------------------------------------------------------
+  connState(state, reason) {
+    const status = $('status');
+    if (state === 'open') status.textContent = 'connected';
+    else if (state === 'refused') {
+      status.textContent = `refused${reason ? `: ${reason}` : ''} — retrying`;
+      this.showError('the server refused the connection: it serves too many pages, or it was restarted (then open the new URL it printed)');
+    }
+    else status.textContent = 'disconnected — reconnecting';
+  }
+
+  hello(m) {
+    $('model-name').textContent = `${m.model.name} · ${m.model.input_size.join('×')}`;
+  }
+
+  ready() {
+    $('status').textContent = 'connected — choose an input';
+  }
+
+  // -- results -----------------------------------------------------------------------------------------
+  /** Draw a frame result: the grid, the unit's map, its figures, the predictions, the receptive field. */
+  frame(h, blobs) {
+    const lut = this.state.luts[this.state.colormap];
+    this.redrawGrid();
+    if (blobs.unit) {
+      drawMap($('unit-map'), h.unit_shape[0], h.unit_shape[1], blobs.unit, lut);
+      $('unit-map').hidden = false;
+      this.drawPin(h);
+    } else $('unit-map').hidden = true;
+    this.showUnitStats(h);
+    this.showPredictions(h.predictions || [], h.source === 'camera' || h.source === 'video');
+    this.showRf(h);
+  }
+
+  /** Draw the last frame's tiles (activations, or synthesized images in pattern mode). */
+  redrawGrid() {
+    const st = this.state;
+    const h = st.lastHeader;
+    if (!h) return;
+    let drawn = 0;
+    if (st.pattern) {
+      // units without a synthesized image show their activations, drawn off screen first
+      this.offGrid.draw(h.grid.shape, st.lastBlobs.grid, st.luts[st.colormap]);
+      drawn = this.app.atlas.drawPattern(this.grid, h, this.offGrid);
+    }
+    if (!drawn) this.grid.draw(h.grid.shape, st.lastBlobs.grid, st.luts[st.colormap]);
+    this.app.figures.patternTiles = drawn || 0;
+    const unit = st.settings?.layer === h.layer ? st.settings.unit : h.unit;
+    const key = `${unit}/${this.grid.layout.width}x${this.grid.layout.height}/${this.grid.canvas.style.width}`;
+    if (key !== this.highlightKey) {
+      this.highlightKey = key;
+      this.grid.highlight(unit);
+    }
+  }
+
+  backprop(h, blobs) {
+    if (blobs.rgb) drawRgb($('backprop'), h.h, h.w, blobs.rgb);
+    const scale = h.percentile >= 100 ? 'max' : `p${h.percentile}`;
+    $('backprop-note').textContent = `${h.mode} · ${h.filter} · ${scale} · ${h.layer}:${h.unit} · ${fmt(h.ms, 0)} ms`;
+  }
+
+  async input(h, blobs) {
+    const sources = this.app.sources;
+    await sources.drawStill(blobs.jpeg);
+    const where = h.index !== undefined ? ` · frame ${h.index + 1}/${sources.server?.frames ?? '?'}` : '';
+    $('input-label').textContent = `${h.source}: ${h.name ?? ''}${where}`;
+  }
+
+  // -- settings ----------------------------------------------------------------------------------------
+  /** Show the settings in the controls, the unit's title and the URL (which keeps layer and unit). */
+  settings(s) {
+    const st = this.state;
+    $('layer-select').value = s.layer;
+    if ($('layer-select').value !== s.layer) this.fillLayers();
+    $('normalize').value = s.normalize;
+    $('gain').value = Math.log2(s.gain);
+    $('gain-out').textContent = `×${fmt(s.gain, s.gain < 10 ? 2 : 0)}`;
+    $('gamma').value = s.gamma;
+    $('gamma-out').textContent = fmt(s.gamma, 2);
+    $('diff').checked = s.diff;
+    $('backprop-mode').value = s.backprop;
+    $('backprop-filter').value = s.filter;
+    $('backprop-raw').checked = this.app.controls?.isRawBackprop() ?? false;
+    $('backprop-wrap').hidden = s.backprop === OFF;
+    if (document.activeElement !== $('unit-input')) $('unit-input').value = s.unit;
+    const info = st.layerInfo();
+    $('unit-input').max = info ? info.shape[0] - 1 : 0;
+    const label = st.unitLabel(s.unit);
+    setChildren($('unit-title'), `${s.layer} : ${s.unit}`, label ? el('span', { className: 'class-label' }, ` — ${label}`) : null);
+    this.grid.highlight(s.unit);
+    const url = new URL(location.href);
+    url.searchParams.set('layer', s.layer);
+    url.searchParams.set('unit', String(s.unit));
+    history.replaceState(null, '', url);
+  }
+
+  fillLayers() {
+    const sel = $('layer-select');
+    setChildren(sel, ...this.state.layerList().map((l) => el('option', { value: l.name }, `${l.name}  (${l.type}, ${l.shape.join('×')})`)));
+    if (this.state.settings) sel.value = this.state.settings.layer;
+  }
+
+  // -- panes -------------------------------------------------------------------------------------------
+  /** The top-5 list; live results redraw it at most every PREDICTIONS_MS (each redraw lays out and
+   * paints the list: text costs more to draw than the whole grid). */
+  showPredictions(preds, live = false) {
+    const now = performance.now();
+    if (live && now - this.predAt < PREDICTIONS_MS) return;
+    const key = preds.map((p) => `${p.index}:${(p.probability * 100).toFixed(1)}`).join(' ');
+    if (key === this.predKey) return;
+    this.predKey = key;
+    this.predAt = now;
+    const items = preds.map((p) =>
+      el('li', {}, el('span', { className: 'bar', style: { width: `${Math.max(1, p.probability * 100)}%` } }),
+        el('span', { className: 'prob' }, `${(p.probability * 100).toFixed(1)}%`), el('span', { className: 'label' }, p.label)),
+    );
+    setChildren($('predictions'), ...items);
+  }
+
+  showUnitStats(h) {
+    const now = performance.now();
+    if (now - this.unitStatsAt < 100 && h.unit === this.unitStatsUnit) return;
+    this.unitStatsAt = now;
+    this.unitStatsUnit = h.unit;
+    const s = h.unit_stats || {};
+    const parts = [`max ${fmt(s.max)}`, `mean ${fmt(s.mean)}`];
+    if (s.argmax) parts.push(`strongest at ${s.argmax.join(',')}`);
+    if (s.value !== undefined) parts.push(`at pin ${fmt(s.value)}`);
+    if (h.unit_label) parts.push(h.unit_label);
+    $('unit-stats').textContent = parts.join(' · ');
+  }
+
+  drawPin(h) {
+    const pin = $('unit-pin');
+    const pos = this.state.settings?.position;
+    if (!pos || !h.unit_shape) {
+      pin.hidden = true;
+      this.pinKey = null;
+      return;
+    }
+    const key = `${pos}/${h.unit_shape}`;
+    if (key === this.pinKey) return;
+    this.pinKey = key;
+    const c = $('unit-map');
+    const [mh, mw] = h.unit_shape;
+    Object.assign(pin.style, {
+      left: `${c.offsetLeft + (pos[1] / mw) * c.clientWidth}px`, top: `${c.offsetTop + (pos[0] / mh) * c.clientHeight}px`,
+      width: `${c.clientWidth / mw}px`, height: `${c.clientHeight / mh}px`,
+    });
+    pin.hidden = false;
+  }
+
+  /** Box the receptive field of the pinned position (or of the unit's strongest one) on the input. */
+  showRf(h) {
+    const st = this.state;
+    const box = $('rf-box');
+    const g = st.geometry.get(h.layer);
+    const pos = (st.settings?.layer === h.layer && st.settings.position) || h.unit_stats?.argmax;
+    if (!g || !pos || !g.output_size) {
+      box.hidden = true;
+      return;
+    }
+    const [y, x] = pos;
+    const rf = [g.rows.lo[y], g.cols.lo[x], g.rows.hi[y] + 1, g.cols.hi[x] + 1];
+    if (rf.some((v) => v === undefined)) {
+      box.hidden = true;
+      return;
+    }
+    const key = rf.join(',');
+    if (key === this.rfKey && !box.hidden) return;
+    this.rfKey = key;
+    const c = $('input-canvas');
+    const [ih, iw] = g.input_size;
+    const sx = c.clientWidth / iw, sy = c.clientHeight / ih;
+    const [y0, x0, y1, x1] = rf;
+    Object.assign(box.style, { left: `${c.offsetLeft + x0 * sx}px`, top: `${c.offsetTop + y0 * sy}px`, width: `${(x1 - x0) * sx}px`, height: `${(y1 - y0) * sy}px` });
+    box.hidden = false;
+    this.app.figures.rf = rf;
+  }
+
+  showStatus(h, fps) {
+    const now = performance.now();
+    if (now - this.statusAt < 250) return;
+    this.statusAt = now;
+    const st = h.stats;
+    const figures = this.app.figures;
+    const parts = [`${fmt(fps, 1)} frames/s`];
+    if (figures.latencies.length) parts.push(`p95 ${fmt(figures.p95, 0)} ms`);
+    parts.push(`server ${fmt(h.ms, 0)} ms`, `dropped ${st.dropped}`, `skipped ${this.app.sources.skipped}`);
+    if (st.errors) parts.push(`errors ${st.errors}`);
+    $('status').textContent = parts.join(' · ');
+  }
+
+  showError(message, sticky = false) {
+    const box = $('message');
+    $('message-text').textContent = message;
+    box.hidden = false;
+    this.app.figures.errors.push(message);
+    clearTimeout(this.errorTimer);
+    if (!sticky) this.errorTimer = setTimeout(() => (box.hidden = true), 8000);
+  }
+
+  /** The video's play button follows its state: {paused, ended}. */
+  videoState(v) {
+    $('video-play').textContent = v.paused || v.ended ? 'Play' : 'Pause';
+  }
+
+  /** The window changed size: refit the grid and redraw what depends on the layout. */
+  resize() {
+    this.grid.fit();
+    this.highlightKey = null;
+    this.rfKey = null;
+    this.pinKey = null;
+    this.redrawGrid();
+  }
+}

@@ -1,0 +1,41 @@
+"""How the browser tests and the live benchmark start Chromium: one place for the binary, flags and window.
+
+Used by ``tests/test_browser.py`` (on the pytest path) and ``benchmarks/bench_live.py`` (which adds
+this folder to its path). Debian's Chromium, headless, with Chromium's fake camera and no prompt for it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CHROMIUM", "VIEWPORT", "chromium_flags", "launch"]
+
+#: Debian's Chromium (``apt-get install chromium``); the browser tests are skipped without it
+CHROMIUM = "/usr/bin/chromium"
+#: the window the page is laid out in (CSS pixels)
+VIEWPORT = {"width": 1400, "height": 900}
+
+
+def chromium_flags(camera_fps: int | None = None) -> list[str]:
+    """Chromium's command-line flags: headless, no sandbox (containers), no background traffic, and a
+    fake camera granted without a prompt, presenting ``camera_fps`` frames per second (None: its default)."""
+    camera = "--use-fake-device-for-media-stream" + (f"=fps={camera_fps}" if camera_fps else "")
+    return [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        camera,
+        "--use-fake-ui-for-media-stream",
+    ]
+
+
+def launch(playwright: Any, profile: str | Path, *, camera_fps: int | None = None) -> Any:
+    """A Chromium browser context (Playwright's ``BrowserContext``) with its own profile folder."""
+    return playwright.chromium.launch_persistent_context(
+        str(profile), executable_path=CHROMIUM, headless=True, args=chromium_flags(camera_fps), viewport=VIEWPORT
+    )
