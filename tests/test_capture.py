@@ -245,3 +245,15 @@ def test_cache_is_dropped_when_the_model_moves():
     assert model.cache.entries(net).get(LAYER_TABLES, (3, 16, 16)) is None
     assert layer_table(model) is not first
     assert capture(model, torch.randn(1, 3, 16, 16), ["1"])["1"].device.type == "cuda"
+
+
+def test_model_cache_travels_empty():
+    import copy
+    import pickle
+
+    model = Model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3)), Preprocessing((16, 16)))
+    layer_table(model)
+    assert len(model.cache) > 0
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert len(clone.cache) == 0
+        assert [i.name for i in layer_table(clone)] == [i.name for i in layer_table(model)]

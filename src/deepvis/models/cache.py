@@ -107,6 +107,11 @@ class ModelCache:
                 self._signature, self._store = sig, {}
             return CacheEntries(self._store)
 
+    def __reduce__(self) -> tuple[type[ModelCache], tuple[()]]:
+        """Pickled or deep-copied (a model sent to a Ray worker, the server's private copy), a cache
+        starts empty: its entries describe the original module's objects, and its lock cannot travel."""
+        return (ModelCache, ())
+
     def clear(self) -> None:
         """Drop every entry (they are recomputed on the next use)."""
         with self._lock:
