@@ -32,11 +32,10 @@ from deepvis.allocator import allocator_tuned, ensure_allocator_tuning
 
 ensure_allocator_tuning()
 
-from deepvis.atlas import LayerMining, mine, num_batches  # noqa: E402
-from deepvis.atlas.mining import batch_indices  # noqa: E402
 from deepvis.capture import capture, get_layer  # noqa: E402
 from deepvis.datasets import iter_batches, open_dataset  # noqa: E402
 from deepvis.models import load_model  # noqa: E402
+from deepvis.stats import LayerStats, batch_indices, mine, num_batches  # noqa: E402
 
 LAYER_SETS = {"conv_head": ("conv_head",), "3 layers": ("blocks.2", "blocks.4", "conv_head")}
 
@@ -75,7 +74,7 @@ def main() -> None:
         return n / (time.perf_counter() - t)
 
     def mine_stream(layers) -> float:
-        states = {k: LayerMining(k, i.units, 9, tuple(i.shape[1:]) if i.spatial else None, device) for k, i in infos(layers).items()}
+        states = {k: LayerStats(k, i.units, 9, tuple(i.shape[1:]) if i.spatial else None, device) for k, i in infos(layers).items()}
         t = time.perf_counter()
         # mine() reads the first n samples in batches of bs: restrict the dataset view to them
         sub = type(ds)(ds.samples[:n], ds.classes, ds.spec, ds.views[:n] if ds.views else None)
@@ -89,7 +88,7 @@ def main() -> None:
     def compute_pair(layers) -> tuple[float, float]:
         """Bare and mining seconds per image on the pre-decoded batches, interleaved batch by batch
         (each batch runs bare, then mined) so that machine noise hits both alike."""
-        states = {k: LayerMining(k, i.units, 9, tuple(i.shape[1:]) if i.spatial else None, device) for k, i in infos(layers).items()}
+        states = {k: LayerStats(k, i.units, 9, tuple(i.shape[1:]) if i.spatial else None, device) for k, i in infos(layers).items()}
         names = list(layers)
         tb = tm = 0.0
         for b, x in zip(batches, pre):

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from deepvis.analysis import (
-    ActivityAccumulator,
     LocalityAccumulator,
     cluster_features,
+    layer_activity,
     map_locality,
     measure_sensitivity,
     probe_accuracy,
@@ -21,6 +21,7 @@ from deepvis.analysis import (
 from deepvis.datasets import Batch
 from deepvis.errors import DeepvisError
 from deepvis.models import Model, Preprocessing
+from deepvis.stats import LayerStats
 from helpers import assert_unchanged, snapshot
 
 # -- activity ---------------------------------------------------------------------------------------
@@ -89,12 +90,12 @@ def test_planted_dead_unit_and_known_sparsity_are_detected_exactly():
 def test_activity_stream_equals_one_pass():
     g = torch.Generator().manual_seed(0)
     acts = torch.randn(12, 5, 3, 3, generator=g)
-    one = ActivityAccumulator("l", (5, 3, 3), k=3)
-    one.update(acts, range(12))
-    parts = ActivityAccumulator("l", (5, 3, 3), k=3)
+    one = LayerStats("l", 5, 3, (3, 3))
+    one.update(acts, torch.arange(12))
+    parts = LayerStats("l", 5, 3, (3, 3))
     for lo in range(0, 12, 5):
-        parts.update(acts[lo : lo + 5], range(lo, min(12, lo + 5)))
-    a, b = one.result(), parts.result()
+        parts.update(acts[lo : lo + 5], torch.arange(lo, min(12, lo + 5)))
+    a, b = layer_activity(one, (5, 3, 3)), layer_activity(parts, (5, 3, 3))
     for name in ("mean", "mean_max", "max", "min", "sparsity", "frac_inputs_active"):
         assert np.allclose(getattr(a, name), getattr(b, name)), name
     assert (a.top_samples == b.top_samples).all()

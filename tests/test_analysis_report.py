@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from deepvis.analysis import default_layers, report_paths, select_indices, summarize, write_report
+from deepvis.analysis import SummaryOptions, default_layers, report_paths, select_indices, summarize, write_report
 from deepvis.cli import main
 from deepvis.datasets import open_dataset
 from deepvis.errors import DeepvisError, LayerError
@@ -59,14 +59,16 @@ def tiny_summary(tmp_path_factory):
     summary = summarize(
         model,
         ds,
-        ["relu2", "conv1", "relu1", "fc"],
-        epsilons=(1, 4),
-        sensitivity_images=6,
-        cluster_k=3,
-        probe_folds=3,
-        batch_size=4,
-        workers=0,
-        embedding="pca",
+        SummaryOptions(
+            layers=("relu2", "conv1", "relu1", "fc"),
+            epsilons=(1, 4),
+            sensitivity_images=6,
+            cluster_k=3,
+            probe_folds=3,
+            batch_size=4,
+            decode_threads=0,
+            embedding="pca",
+        ),
         progress=False,
     )
     assert_unchanged(model.module, before)
@@ -200,7 +202,12 @@ def test_unlabelled_dataset_skips_probes_and_big_datasets_load_thumbnails_later(
 
     monkeypatch.setattr(summary_module, "THUMBNAIL_CACHE_LIMIT", 5)  # 6 inputs: too many to keep every thumbnail
     ds = open_dataset(_dataset(tmp_path / "flat", labelled=False))
-    s = summarize(_tiny_model(), ds, ["relu1"], max_images=6, epsilons=(), cluster_k=2, workers=0, embedding="pca", progress=False)
+    s = summarize(
+        _tiny_model(),
+        ds,
+        SummaryOptions(layers=("relu1",), max_images=6, epsilons=(), cluster_k=2, decode_threads=0, embedding="pca"),
+        progress=False,
+    )
     assert s.probes == {} and s.sensitivity is None and any("no labels" in n for n in s.notes)
     assert s.samples == select_indices(15, 6) == [0, 3, 6, 8, 11, 14]
     assert "relu1" in s.clusters and "fc" not in s.clusters
@@ -271,6 +278,8 @@ def test_cli_report_on_demo_with_the_default_model(tmp_path, capsys):
         (["--max-images", "0"], "--max-images"),
         (["--atlas", "nowhere"], "is not an atlas"),
         (["--cluster-layers", "blocks.3"], "not among the summarized layers"),
+        (["--folds", "1"], "--folds"),
+        (["--ray-address", "auto"], "--ray-address needs --engine ray"),
     ],
 )
 def test_cli_report_errors_exit_2_without_output(tmp_path, capsys, extra, message):
@@ -298,9 +307,9 @@ def test_atlas_statistics_are_reused(tmp_path):
         AtlasOptions(layers=("relu1",), top=4, batch_size=4, views=False, synthesis=None, decode_threads=0),
         progress=False,
     )
-    opts = dict(epsilons=(), cluster_layers=(), workers=0, thumbnails=False, progress=False)
-    plain = summarize(model, ds, ["relu1", "relu2"], **opts)
-    reused = summarize(model, ds, ["relu1", "relu2"], atlas=tmp_path / "atlas", **opts)
+    opts = SummaryOptions(layers=("relu1", "relu2"), epsilons=(), cluster_layers=(), decode_threads=0, thumbnails=False)
+    plain = summarize(model, ds, opts, progress=False)
+    reused = summarize(model, ds, opts.replace(atlas=tmp_path / "atlas"), progress=False)
     a, b = plain.activity["relu1"], reused.activity["relu1"]
     assert b.source == "atlas" and reused.activity["relu2"].source == "computed"
     assert b.images == 15 and b.dead_units == a.dead_units
@@ -311,4 +320,26 @@ def test_atlas_statistics_are_reused(tmp_path):
     assert any("read from atlas" in n for n in reused.notes)
     other = open_dataset(_dataset(tmp_path / "other", labelled=False))
     with pytest.raises(DeepvisError, match="dataset"):
-        summarize(model, other, ["relu1"], atlas=tmp_path / "atlas", **opts)
+        summarize(model, other, opts.replace(layers=("relu1",), atlas=tmp_path / "atlas"), progress=False)
+
+
+def test_summary_options_are_checked_in_one_place_and_recorded(tiny_summary):
+    with pytest.raises(DeepvisError) as err:
+        SummaryOptions(top_k=0, locality_radius=2.0, perturbations=("nope",))
+    assert all(w in str(err.value) for w in ("top_k", "locality_radius", "'nope'"))
+    opts = SummaryOptions(layers=["a", "b", "a"], epsilons=[1, 2])
+    assert opts.layers == ("a", "b") and opts.epsilons == (1.0, 2.0) and opts.replace(seed=3).seed == 3
+    recorded = tiny_summary.settings
+    assert recorded["layers"] == ["conv1", "relu1", "relu2", "fc"] and recorded["engine"] == "local"
+    assert {k: v for k, v in recorded.items() if k not in ("layers", "input_size", "device", "engine")} == {
+        k: v
+        for k, v in SummaryOptions(
+            **{
+                k: recorded[k]
+                for k in ("epsilons", "sensitivity_images", "cluster_k", "probe_folds", "batch_size", "decode_threads", "embedding")
+            }
+        )
+        .to_dict()
+        .items()
+        if k != "layers"
+    }

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from torch import nn
 
-from deepvis.atlas import AtlasOptions, ExactSum, LayerMining, TopK, batch_indices, build_atlas, mine, num_batches, open_atlas
+from deepvis.atlas import AtlasOptions, ExactSum, LayerStats, TopK, batch_indices, build_atlas, mine, num_batches, open_atlas
 from deepvis.datasets import open_dataset
 from deepvis.models import Model, Preprocessing
 
@@ -32,9 +32,9 @@ def _fake_acts(n: int, units: int, hw: tuple[int, int], seed: int) -> torch.Tens
     return a
 
 
-def _mine_batches(acts: torch.Tensor, batches: list[int], bs: int) -> LayerMining:
+def _mine_batches(acts: torch.Tensor, batches: list[int], bs: int) -> LayerStats:
     n, units, h, w = acts.shape
-    st_ = LayerMining("L", units, K, (h, w))
+    st_ = LayerStats("L", units, K, (h, w))
     for b in batches:
         idx = list(batch_indices(b, bs, n))
         st_.update(acts[idx], torch.tensor(idx))
@@ -68,7 +68,7 @@ def test_ties_go_to_the_smaller_index_and_first_position():
 
 
 def test_fewer_inputs_than_k_and_vector_layers():
-    st_ = LayerMining("fc", 3, K, None)
+    st_ = LayerStats("fc", 3, K, None)
     x = torch.tensor([[1.0, -2.0, 0.5], [3.0, -1.0, 0.5]])
     st_.update(x, torch.tensor([10, 11]))
     assert st_.top(0) == [(3.0, 11, None), (1.0, 10, None)]
@@ -130,12 +130,12 @@ def test_merging_shards_equals_one_pass(assignment, rnd):
         rnd.shuffle(bs_)  # the order of batches inside a shard does not matter either
         parts.append(_mine_batches(ACTS, bs_, BS))
     rnd.shuffle(parts)
-    merged = LayerMining("L", 3, K, (2, 3))
+    merged = LayerStats("L", 3, K, (2, 3))
     for p in parts:
         merged.merge(p)
     assert merged.equal(ONE_PASS)
     # and a round trip through a checkpoint changes nothing
-    assert LayerMining.from_bytes("L", merged.to_bytes()).equal(ONE_PASS)
+    assert LayerStats.from_bytes("L", merged.to_bytes()).equal(ONE_PASS)
 
 
 def test_merging_overlapping_states_is_refused():
@@ -210,7 +210,7 @@ def test_mine_directly_with_a_model(tmp_path):
     stripe_dataset(data, 2)
     ds = open_dataset(data)
     model = stripes_model()
-    states = {"conv": LayerMining("conv", 2, 3, (30, 30)), "pool": LayerMining("pool", 2, 3, (15, 15))}
+    states = {"conv": LayerStats("conv", 2, 3, (30, 30)), "pool": LayerStats("pool", 2, 3, (15, 15))}
     steps = list(mine(model, ds, states, range(num_batches(len(ds), 4)), 4, workers=0))
     assert [s.batch for s in steps] == [0, 1] and sum(s.images for s in steps) == 6
     # the pooled peak equals the conv peak (max-pooling keeps the maximum)

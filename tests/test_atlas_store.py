@@ -111,14 +111,14 @@ def test_build_read_and_resume_is_a_no_op(tmp_path, tiny_spec):
         assert [r.name for r in atlas.layers()] == ["conv", "conv2"] and all(r.mined for r in atlas.layers())
         assert atlas.units("conv2") == [0, 1, 2, 3]  # every unit is mined; views only for 0-2
         rec = atlas.unit("conv2", 1)
-        assert len(rec.top) == 4 and rec.has_views and rec.synth is not None
+        assert len(rec.top) == 4 and all(t.crop is not None for t in rec.top) and rec.synth is not None
         assert [t.value for t in rec.top] == sorted((t.value for t in rec.top), reverse=True)
         assert all(t.crop.is_file() and t.view.is_file() for t in rec.top)
         assert rec.synth.image.is_file() and rec.synth.info["settings"]["steps"] == 3
         assert rec.stats.images == 26 and rec.stats.max == rec.top[0].value
         assert {t.label for t in rec.top} <= {"a", "b"}
         unviewed = atlas.unit("conv2", 3)
-        assert not unviewed.has_views and unviewed.synth is None and len(unviewed.top) == 4
+        assert all(t.crop is None for t in unviewed.top) and unviewed.synth is None and len(unviewed.top) == 4
         assert len(atlas.stats("conv")) == 6 and atlas.meta["samples"] == 26
         with pytest.raises(AtlasError, match="not in atlas"):
             atlas.unit("nope", 0)

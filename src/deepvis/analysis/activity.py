@@ -10,8 +10,11 @@ Definitions (per unit, over every input and every map position; a vector layer h
 * **dead**: never active on any input;
 * **frac_inputs_active**: the fraction of inputs on which the unit is active somewhere.
 
-:class:`ActivityAccumulator` keeps O(units × k) memory whatever the dataset size: sums, extremes,
-counts and each unit's top-``k`` inputs by their map maximum (with the position of that maximum).
+The numbers come from the one statistics engine, :class:`deepvis.stats.LayerStats` (O(units × k)
+memory whatever the dataset size: sums, extremes, counts and each unit's top-``k`` inputs by their
+map maximum, with the position of that maximum), whether the report's scan computed it
+(:func:`layer_activity`) or an atlas stored its :class:`~deepvis.stats.UnitStats`
+(:func:`activity_from_unit_stats`): the same definitions either way, exact zeros included.
 """
 
 from __future__ import annotations
@@ -20,11 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from ..atlas.mining import ACTIVE_THRESHOLD  # one definition of "active", shared with the atlas statistics
+from ..stats import ACTIVE_THRESHOLD, EMPTY, LayerStats, UnitStats
 
-__all__ = ["ACTIVE_THRESHOLD", "TopInput", "LayerActivity", "ActivityAccumulator", "activity_from_unit_stats"]
+__all__ = ["ACTIVE_THRESHOLD", "TopInput", "LayerActivity", "layer_activity", "activity_from_unit_stats"]
 
 
 @dataclass(frozen=True)
@@ -117,123 +119,74 @@ class LayerActivity:
         }
 
 
-class ActivityAccumulator:
-    """Streaming activity statistics of one layer: feed batches with :meth:`update`, read :meth:`result`."""
-
-    def __init__(self, layer: str, shape: Sequence[int], k: int = 4, device: torch.device | str = "cpu") -> None:
-        if k < 1:
-            raise ValueError("k must be at least 1")
-        units = int(shape[0])
-        self.layer = layer
-        self.shape = tuple(int(s) for s in shape)
-        self.k = k
-        self.images = 0
-        f64 = dict(dtype=torch.float64, device=device)
-        i64 = dict(dtype=torch.int64, device=device)
-        self.sum = torch.zeros(units, **f64)
-        self.sum_max = torch.zeros(units, **f64)
-        self.max = torch.full((units,), float("-inf"), dtype=torch.float32, device=device)
-        self.min = torch.full((units,), float("inf"), dtype=torch.float32, device=device)
-        self.active = torch.zeros(units, **i64)
-        self.zero = torch.zeros(units, **i64)
-        self.active_inputs = torch.zeros(units, **i64)
-        self.positions = 0
-        self.top_values = torch.full((units, k), float("-inf"), dtype=torch.float32, device=device)
-        self.top_samples = torch.full((units, k), -1, **i64)
-        self.top_positions = torch.full((units, k), -1, **i64)
-
-    def update(self, acts: torch.Tensor, samples: torch.Tensor | Sequence[int]) -> None:
-        """Add one batch: ``acts`` (B, U, H, W) or (B, U) and ``samples`` (B,) their dataset indices."""
-        if acts.shape[0] == 0:
-            return
-        b, u = acts.shape[:2]
-        if u != self.shape[0]:
-            raise ValueError(f"layer {self.layer} gave {u} units, expected {self.shape[0]}")
-        flat = acts.detach().reshape(b, u, -1).float()
-        self.positions = flat.shape[2]
-        self.images += b
-        peak, pos = flat.max(2)  # (B, U); first maximum in row-major order
-        if acts.ndim == 2:
-            pos = torch.full_like(pos, -1)
-        self.sum += flat.sum(2).double().sum(0)  # per-map sums in float32, accumulated in float64
-        self.sum_max += peak.double().sum(0)
-        self.max = torch.maximum(self.max, peak.max(0).values)
-        self.min = torch.minimum(self.min, flat.amin(2).min(0).values)
-        self.active += (flat > ACTIVE_THRESHOLD).sum((0, 2))
-        self.zero += (flat == 0).sum((0, 2))
-        self.active_inputs += (peak > ACTIVE_THRESHOLD).sum(0)
-        ids = torch.as_tensor(samples, dtype=torch.int64, device=flat.device).view(1, b).expand(u, b)
-        values = torch.cat([self.top_values, peak.T], 1)
-        order = torch.argsort(values, dim=1, descending=True, stable=True)[:, : self.k]
-        self.top_values = values.gather(1, order)
-        self.top_samples = torch.cat([self.top_samples, ids], 1).gather(1, order)
-        self.top_positions = torch.cat([self.top_positions, pos.T], 1).gather(1, order)
-
-    def result(self) -> LayerActivity:
-        n = self.images * self.positions
-        nan = np.full(self.shape[0], np.nan)
-
-        def per(x: torch.Tensor, count: int) -> np.ndarray:
-            return x.cpu().numpy().astype(np.float64) / count if count else nan
-
-        filled = torch.isfinite(self.top_values)
-        return LayerActivity(
-            layer=self.layer,
-            shape=self.shape,
-            images=self.images,
-            mean=per(self.sum, n),
-            mean_max=per(self.sum_max, self.images),
-            max=self.max.cpu().numpy().astype(np.float64) if self.images else nan,
-            min=self.min.cpu().numpy().astype(np.float64) if self.images else nan,
-            sparsity=1.0 - per(self.active, n),
-            frac_zero=per(self.zero, n),
-            frac_inputs_active=per(self.active_inputs, self.images),
-            top_samples=torch.where(filled, self.top_samples, -1).cpu().numpy(),
-            top_values=self.top_values.cpu().numpy().astype(np.float64),
-            top_positions=torch.where(filled, self.top_positions, -1).cpu().numpy(),
-        )
-
-
 def activity_from_unit_stats(
     layer: str,
     shape: Sequence[int],
-    stats: Sequence[object],
-    top: Sequence[Sequence[tuple[int, float, tuple[int, int] | None]]] | None = None,
+    stats: Sequence[UnitStats],
+    top: Sequence[Sequence[TopInput]] | None = None,
     k: int = 4,
+    *,
+    source: str = "atlas",
 ) -> LayerActivity:
-    """A :class:`LayerActivity` from per-unit statistics kept elsewhere (the atlas's ``UnitStats``).
+    """A :class:`LayerActivity` from the engine's per-unit statistics (:class:`~deepvis.stats.UnitStats`).
 
-    Each element of ``stats`` needs ``unit``, ``images``, ``mean``, ``mean_max``, ``max``, ``min``,
-    ``frac_active`` and ``frac_positions_active``; ``top[u]`` lists ``(sample, value, (y, x) or None)``.
-    The atlas does not count exact zeros, so ``frac_zero`` is NaN.
+    Args:
+        layer: the layer's name.
+        shape: its output shape without the batch, (C, H, W) or (C,).
+        stats: one :class:`~deepvis.stats.UnitStats` per unit (any order; all C units).
+        top: per unit, its top inputs best first (at most ``k`` are kept); None or an empty list: none.
+        k: top-input slots per unit.
+        source: where the numbers come from (``"computed"`` or ``"atlas"``).
+
+    Returns:
+        The layer's activity; ``max``/``min`` are NaN when no input was counted.
     """
-    shape = tuple(int(s) for s in shape)
-    units = shape[0]
-    rows = sorted(stats, key=lambda s: s.unit)  # type: ignore[attr-defined]
-    if len(rows) != units or [s.unit for s in rows] != list(range(units)):  # type: ignore[attr-defined]
+    dims = tuple(int(s) for s in shape)
+    units = dims[0]
+    rows = sorted(stats, key=lambda s: s.unit)
+    if [s.unit for s in rows] != list(range(units)):
         raise ValueError(f"statistics for layer {layer} do not cover its {units} units")
-    col = lambda name: np.array([float(getattr(s, name)) for s in rows], dtype=np.float64)
+    images = rows[0].images if rows else 0
+
+    def col(name: str) -> np.ndarray:
+        return np.array([float(getattr(s, name)) for s in rows], dtype=np.float64)
+
     samples = np.full((units, k), -1, dtype=np.int64)
     values = np.full((units, k), -np.inf)
     positions = np.full((units, k), -1, dtype=np.int64)
-    w = shape[2] if len(shape) == 3 else 1
+    w = dims[2] if len(dims) == 3 else 1
     for u, entries in enumerate(top or []):
-        for r, (s, v, p) in enumerate(list(entries)[:k]):
-            samples[u, r], values[u, r] = s, v
-            positions[u, r] = p[0] * w + p[1] if p is not None else -1
+        for r, t in enumerate(list(entries)[:k]):
+            samples[u, r], values[u, r] = t.sample, t.value
+            positions[u, r] = t.position[0] * w + t.position[1] if t.position is not None else -1
+    nan = np.full(units, np.nan)
     return LayerActivity(
         layer=layer,
-        shape=shape,
-        images=int(rows[0].images) if rows else 0,  # type: ignore[attr-defined]
+        shape=dims,
+        images=images,
         mean=col("mean"),
         mean_max=col("mean_max"),
-        max=col("max"),
-        min=col("min"),
+        max=col("max") if images else nan,
+        min=col("min") if images else nan,
         sparsity=1.0 - col("frac_positions_active"),
-        frac_zero=np.full(units, np.nan),
+        frac_zero=col("frac_zero"),
         frac_inputs_active=col("frac_active"),
         top_samples=samples,
         top_values=values,
         top_positions=positions,
-        source="atlas",
+        source=source,
     )
+
+
+def layer_activity(state: LayerStats, shape: Sequence[int]) -> LayerActivity:
+    """The :class:`LayerActivity` of a layer's engine state (the report's scan), ``shape`` (C, H, W) or (C,).
+
+    Its top-``k`` slots are the state's (``k`` = ``state.k``), with position −1 for vector layers.
+    """
+    act = activity_from_unit_stats(state.layer, shape, state.unit_stats(), None, state.k, source="computed")
+    samples = state.topk.samples.cpu().numpy()
+    filled = samples != EMPTY
+    act.top_samples = np.where(filled, samples, -1)
+    act.top_values = state.topk.values.cpu().numpy().astype(np.float64)
+    act.top_positions = np.where(filled, state.topk.positions.cpu().numpy(), -1)
+    return act

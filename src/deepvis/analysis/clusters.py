@@ -104,6 +104,7 @@ def cluster_features(
     ``embedding``: ``"pca"``, ``"umap"`` (needs ``umap-learn``) or ``"auto"`` (UMAP when installed).
     ``labels`` (N,) (−1 = unknown) adds the adjusted Rand index and purity.
     """
+    # scikit-learn (heavy: about 1 s) is imported when clusters are computed, not with deepvis.analysis
     from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA
     from sklearn.metrics import adjusted_rand_score

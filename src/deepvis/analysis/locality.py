@@ -21,17 +21,21 @@ fraction of the map's side, maps of different sizes are compared at the same rel
 
 Maps with no positive activation (``Σ m = 0``) have no locality (NaN) and are skipped. Per unit,
 :class:`LocalityAccumulator` averages the per-input values **weighted by the input's peak
-activation**, so the inputs that drive the unit most count most; the result is in
-:class:`LayerLocality`.
+activation**, so the inputs that drive the unit most count most (sums kept exactly, so partial states
+merge exactly); the result is in :class:`LayerLocality`.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+
+from ..stats import ExactSum
 
 __all__ = [
     "DEFAULT_RADIUS",
@@ -147,7 +151,13 @@ class LayerLocality:
 
 
 class LocalityAccumulator:
-    """Streaming per-unit locality of one layer: feed (B, U, H, W) batches with :meth:`update`."""
+    """Streaming per-unit locality of one layer: feed (B, U, H, W) batches with :meth:`update`, read
+    :meth:`result`.
+
+    An :class:`~deepvis.stats.Accumulator` of the statistics engine: the peak-weighted sums are kept in
+    fixed point (:class:`~deepvis.stats.ExactSum`), so states built from disjoint batches merge into
+    exactly the state of one pass (the report's scan on Ray equals the local one).
+    """
 
     def __init__(
         self, layer: str, units: int, map_size: tuple[int, int], radius: float = DEFAULT_RADIUS, device: torch.device | str = "cpu"
@@ -155,25 +165,74 @@ class LocalityAccumulator:
         self.layer = layer
         self.map_size = (int(map_size[0]), int(map_size[1]))
         self.radius = radius
-        self.weight = torch.zeros(units, dtype=torch.float64, device=device)
-        self.weighted_loc = torch.zeros(units, dtype=torch.float64, device=device)
-        self.weighted_ent = torch.zeros(units, dtype=torch.float64, device=device)
+        self.weight = ExactSum(units, device)
+        self.weighted_loc = ExactSum(units, device)
+        self.weighted_ent = ExactSum(units, device)
         self.inputs = torch.zeros(units, dtype=torch.int64, device=device)
+        self.done: set[int] = set()
 
-    def update(self, acts: torch.Tensor) -> MapLocality:
-        """Add one batch of maps (B, U, H, W); returns the per-map values (B, U)."""
+    @property
+    def units(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def update(self, acts: torch.Tensor, samples: torch.Tensor | None = None) -> None:
+        """Add one batch of maps ``acts`` (B, U, H, W); ``samples`` (their dataset indices) are not needed."""
         res = map_locality(acts, self.radius)
         ok = res.valid
         w = torch.where(ok, res.peak, torch.zeros_like(res.peak)).double()
-        self.weight += w.sum(0)
-        self.weighted_loc += (w * torch.nan_to_num(res.locality).double()).sum(0)
-        self.weighted_ent += (w * torch.nan_to_num(res.entropy_locality).double()).sum(0)
-        self.inputs += ok.sum(0)
-        return res
+        self.weight.add(w.sum(0))
+        self.weighted_loc.add((w * torch.nan_to_num(res.locality).double()).sum(0))
+        self.weighted_ent.add((w * torch.nan_to_num(res.entropy_locality).double()).sum(0))
+        self.inputs += ok.sum(0).to(self.inputs.device)
+
+    def merge(self, other: LocalityAccumulator) -> None:
+        """Fold in a state built from other batches (same layer, map size and radius)."""
+        if (other.units, other.map_size, other.radius) != (self.units, self.map_size, self.radius):
+            raise ValueError("cannot merge locality states of different layers or radii")
+        overlap = self.done & other.done
+        if overlap:
+            raise ValueError(f"cannot merge locality states that both counted batch {min(overlap)}")
+        self.weight.merge(other.weight)
+        self.weighted_loc.merge(other.weighted_loc)
+        self.weighted_ent.merge(other.weighted_ent)
+        self.inputs += other.inputs.to(self.inputs.device)
+        self.done |= other.done
+
+    def to_bytes(self) -> bytes:
+        """A compact, device-independent snapshot (npz)."""
+        arrays: dict[str, Any] = {
+            f"{name}_{part}": getattr(getattr(self, name), part).cpu().numpy() for name in _SUMS for part in ("whole", "frac")
+        }
+        arrays["inputs"] = self.inputs.cpu().numpy()
+        arrays["map_size"] = np.array(self.map_size, np.int64)
+        arrays["radius"] = np.array([self.radius], np.float64)
+        arrays["done"] = np.array(sorted(self.done), np.int64)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, layer: str, data: bytes, device: torch.device | str = "cpu") -> LocalityAccumulator:
+        """The state :meth:`to_bytes` wrote, on ``device``."""
+        with np.load(io.BytesIO(data)) as z:
+            a = {k: z[k] for k in z.files}
+        ms = a["map_size"]
+        out = cls(layer, len(a["inputs"]), (int(ms[0]), int(ms[1])), float(a["radius"][0]), device)
+        for name in _SUMS:
+            acc = getattr(out, name)
+            acc.whole = torch.from_numpy(a[f"{name}_whole"].copy()).to(device)
+            acc.frac = torch.from_numpy(a[f"{name}_frac"].copy()).to(device)
+        out.inputs = torch.from_numpy(a["inputs"].copy()).to(device)
+        out.done = {int(b) for b in a["done"]}
+        return out
 
     def result(self) -> LayerLocality:
-        wt = self.weight.cpu().numpy()
+        """Per-unit peak-weighted mean locality (NaN for units never positive)."""
+        wt = self.weight.value()
         safe = np.where(wt > 0, wt, 1.0)
-        loc = np.where(wt > 0, self.weighted_loc.cpu().numpy() / safe, np.nan)
-        ent = np.where(wt > 0, self.weighted_ent.cpu().numpy() / safe, np.nan)
+        loc = np.where(wt > 0, self.weighted_loc.value() / safe, np.nan)
+        ent = np.where(wt > 0, self.weighted_ent.value() / safe, np.nan)
         return LayerLocality(self.layer, self.map_size, self.radius, loc, ent, self.inputs.cpu().numpy().astype(np.int64))
+
+
+_SUMS = ("weight", "weighted_loc", "weighted_ent")

@@ -13,6 +13,7 @@ import html
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 import numpy as np
 
@@ -27,12 +28,12 @@ class Series:
     """One plotted series: ``y`` values (None = missing) at ``x`` (numbers, or category indices)."""
 
     name: str
-    x: list[float]
-    y: list[float | None]
+    x: Sequence[float]
+    y: Sequence[float | None]
     dashed: bool = False
 
     def to_dict(self) -> dict[str, object]:
-        return {"name": self.name, "x": self.x, "y": self.y}
+        return {"name": self.name, "x": list(self.x), "y": list(self.y)}
 
 
 @dataclass
@@ -70,7 +71,8 @@ class Figure:
         }
 
 
-def _finite(v: object) -> bool:
+def _is_finite(v: object) -> TypeGuard[float]:
+    """True for an int or float that is finite; False for None, NaN, infinities and anything else."""
     return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
 
 
@@ -126,7 +128,7 @@ def render_svg(fig: Figure, *, width: int = 560, height: int = 280) -> str:
     left, right, top = 58, 14, 30
     bottom = 78 if fig.categories else 44
     pw, ph = width - left - right, height - top - bottom
-    ys = [y for s in fig.series for y in s.y if _finite(y)] + [y for _, y in fig.hlines if _finite(y)]
+    ys = [y for s in fig.series for y in s.y if _is_finite(y)] + [y for _, y in fig.hlines if _is_finite(y)]
     lo = min(ys) if ys else 0.0
     hi = max(ys) if ys else 1.0
     lo = min(lo, 0.0) if fig.y_min is None else fig.y_min
@@ -173,7 +175,7 @@ def render_svg(fig: Figure, *, width: int = 560, height: int = 280) -> str:
     out.append(f'<text x="{left + pw / 2:.1f}" y="{height - 6}" class="al" text-anchor="middle">{esc(fig.x_label)}</text>')
     out.append(f'<text transform="translate(14,{top + ph / 2:.1f}) rotate(-90)" class="al" text-anchor="middle">{esc(fig.y_label)}</text>')
     for k, (name, y) in enumerate(fig.hlines):
-        if _finite(y):
+        if _is_finite(y):
             out.append(
                 f'<line x1="{left}" x2="{left + pw}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" class="hl" data-hline="{k}"><title>{esc(name)}: {esc(_fmt(y))}</title></line>'
             )
@@ -182,18 +184,18 @@ def render_svg(fig: Figure, *, width: int = 560, height: int = 280) -> str:
         color = COLORS[k % len(COLORS)]
         if fig.kind == "hist":
             assert fig.edges is not None
-            for i, c in enumerate(s.y):
-                c = c if _finite(c) else 0.0
+            for i, v in enumerate(s.y):
+                count = v if _is_finite(v) else 0.0
                 xa, xb = sx(fig.edges[i]), sx(fig.edges[i + 1])
                 out.append(
-                    f'<rect data-series="{k}" x="{xa:.1f}" y="{sy(c):.1f}" width="{max(0.5, xb - xa - 0.5):.1f}" height="{sy(lo) - sy(c):.1f}" fill="{color}">'
-                    f"<title>{esc(_fmt(fig.edges[i]))}–{esc(_fmt(fig.edges[i + 1]))}: {esc(_fmt(c))}</title></rect>"
+                    f'<rect data-series="{k}" x="{xa:.1f}" y="{sy(count):.1f}" width="{max(0.5, xb - xa - 0.5):.1f}" height="{sy(lo) - sy(count):.1f}" fill="{color}">'
+                    f"<title>{esc(_fmt(fig.edges[i]))}–{esc(_fmt(fig.edges[i + 1]))}: {esc(_fmt(count))}</title></rect>"
                 )
             continue
         runs: list[list[tuple[float, float]]] = [[]]
-        for x, y in zip(s.x, s.y):
-            if _finite(y):
-                runs[-1].append((x, y))  # type: ignore[arg-type]
+        for px, py in zip(s.x, s.y):
+            if _is_finite(py):
+                runs[-1].append((px, py))
             elif runs[-1]:
                 runs.append([])
         dash = ' stroke-dasharray="5,3"' if s.dashed else ""

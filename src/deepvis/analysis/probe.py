@@ -84,6 +84,7 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, *, folds: int = 5, 
     Labels below 0 mark unlabelled examples (left out). Returns a result with ``skipped`` set when fewer
     than two classes have at least two examples.
     """
+    # scikit-learn (heavy: about 1 s) is imported when a probe runs, not with deepvis.analysis
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold

@@ -16,6 +16,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import SupportsFloat
 
 import numpy as np
 from PIL import Image
@@ -181,7 +182,7 @@ def report_data(summary: DatasetSummary, figures: Sequence[Figure] | None = None
     figs = build_figures(summary) if figures is None else figures
     data = summary.to_dict()
     data["figures"] = _jsonable({f.id: f.to_dict() for f in figs})
-    return data  # type: ignore[return-value]
+    return data
 
 
 # -- HTML -------------------------------------------------------------------------------------------
@@ -216,7 +217,7 @@ def _png_uri(image: Image.Image, fmt: str = "PNG", **kw: object) -> str:
     return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
 
 
-def _num(v: object, digits: int = 3) -> str:
+def _num(v: SupportsFloat | None, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "–"
     if isinstance(v, (int, np.integer)):
@@ -265,10 +266,10 @@ def _figure(fig: Figure) -> str:
 
 def _unit_row(page: _Page, layer: str, unit: int, text: str, marker: bool = False) -> str:
     act = page.s.activity[layer]
-    map_size = tuple(act.shape[1:3]) if len(act.shape) == 3 else None
+    map_size = (act.shape[1], act.shape[2]) if len(act.shape) == 3 else None
     thumbs = "".join(
         page.thumb(t.sample, t.value, t.position if marker else None, map_size if marker else None) for t in act.top_inputs(unit)
-    )  # type: ignore[arg-type]
+    )
     return f'<div class="unit"><span class="lab"><b>{_esc(layer)}:{unit}</b> {text}</span>{thumbs}</div>'
 
 

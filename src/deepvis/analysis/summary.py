@@ -1,11 +1,13 @@
-"""The whole summary of a model on a dataset: one function, :func:`summarize`, used by the report and the live server.
+"""The whole summary of a model on a dataset: one function, :func:`summarize` (what ``deepvis report``
+runs), configured by one :class:`SummaryOptions`.
 
 Work is done in streaming passes, so memory does not grow with the number of units × inputs:
 
-1. **scan** — one forward pass over the selected inputs records, for every chosen layer, the unit
-   activity (:mod:`.activity`), the locality of spatial layers (:mod:`.locality`), the spatially pooled
-   activations (N × C per layer, for the probes and clusters) and small thumbnails of the inputs as
-   the model saw them;
+1. **scan** — one forward pass over the selected inputs (:mod:`.scan`, on the statistics engine
+   :mod:`deepvis.stats`: locally or on Ray, with equal results) records, for every chosen layer, the
+   unit activity (:mod:`.activity`), the locality of spatial layers (:mod:`.locality`), the spatially
+   pooled activations (N × C per layer, for the probes and clusters) and small thumbnails of the inputs
+   as the model saw them;
 2. **sensitivity** — a subset of the inputs is perturbed (:mod:`.sensitivity`);
 3. **probes** — a linear probe per layer when the dataset has labels (:mod:`.probe`);
 4. **clusters** — k-means per layer and a 2-D map (:mod:`.clusters`).
@@ -18,45 +20,131 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .._progress import progress_bar
-from ..capture import LOGITS, LayerInfo, capture, get_layer, layer_table
-from ..datasets import Batch, ImageDataset, iter_batches
+from ..atlas import open_atlas
+from ..capture import LOGITS, LayerInfo, get_layer, layer_table
+from ..datasets import ImageDataset, iter_batches
 from ..errors import DeepvisError, InputError, LayerError
+from ..models.identity import check_identity
 from ..models.model import Model
-from .activity import ActivityAccumulator, LayerActivity, activity_from_unit_stats
+from ..stats import Engine, make_engine
+from .activity import LayerActivity, TopInput, activity_from_unit_stats
 from .clusters import ClusterResult, cluster_features, umap_available
-from .locality import DEFAULT_RADIUS, LayerLocality, LocalityAccumulator
-from .probe import ProbeResult, pool_features, probe_accuracy
+from .locality import DEFAULT_RADIUS, LayerLocality
+from .probe import ProbeResult, probe_accuracy
+from .scan import THUMBNAIL_SIZE, scan_dataset
 from .sensitivity import KINDS, SensitivityResult, measure_sensitivity
 
 __all__ = [
     "DEFAULT_EPSILONS",
     "THUMBNAIL_SIZE",
     "THUMBNAIL_CACHE_LIMIT",
-    "ScanResult",
+    "EMBEDDINGS",
+    "SummaryOptions",
     "DatasetSummary",
     "default_layers",
     "select_indices",
-    "scan",
     "summarize",
 ]
 
 #: default perturbation sizes, in 0–255 pixel steps
 DEFAULT_EPSILONS = (1.0, 2.0, 4.0, 8.0)
-#: side of the stored input thumbnails, in pixels
-THUMBNAIL_SIZE = 64
 #: up to this many inputs, the scan keeps every thumbnail; beyond, thumbnails are loaded when needed
 THUMBNAIL_CACHE_LIMIT = 2048
+#: the 2-D maps of the clusters: UMAP when installed (auto), PCA, or UMAP
+EMBEDDINGS = ("auto", "pca", "umap")
 #: units per layer (most active by mean, by max) whose top inputs are read from an atlas
 _ATLAS_UNITS_SHOWN = 8
+#: (option, its `deepvis report` flag, its least value)
+_MINIMA = (
+    ("batch_size", "--batch-size", 1),
+    ("decode_threads", "--decode-threads", 0),
+    ("top_k", "--top-k", 1),
+    ("sensitivity_images", "--sensitivity-images", 0),
+    ("cluster_k", "--clusters", 1),
+    ("probe_folds", "--folds", 2),
+)
+
+
+@dataclass(frozen=True)
+class SummaryOptions:
+    """What :func:`summarize` measures, and how; validated when made (a :class:`~deepvis.errors.DeepvisError`
+    names every bad field). :meth:`to_dict` is what the report's JSON records as its settings.
+
+    Inputs: ``layers`` (None: :func:`default_layers`), ``max_images`` inputs spread evenly over the
+    dataset (None: all), ``batch_size`` inputs per forward pass, ``decode_threads`` image-decoding threads.
+    Activity: ``top_k`` top inputs per unit; ``atlas``: a folder whose per-unit statistics are reused
+    (same model and dataset). Locality: ``locality_radius`` (fraction of the map's longer side, in (0, 1]).
+    Sensitivity: ``epsilons`` perturbation sizes in 0–255 pixel steps (empty: none), of the
+    ``perturbations`` kinds, on ``sensitivity_images`` inputs. Probes: ``probe_folds`` folds (labelled
+    datasets). Clusters: ``cluster_k`` clusters for each of ``cluster_layers`` (None: every layer;
+    empty: none), mapped in 2-D by ``embedding`` (auto, pca, umap). ``thumbnails``: keep input
+    thumbnails for the report; ``seed``: of perturbations, folds and k-means.
+    """
+
+    layers: tuple[str, ...] | None = None
+    max_images: int | None = None
+    batch_size: int = 32
+    decode_threads: int = 2
+    top_k: int = 4
+    locality_radius: float = DEFAULT_RADIUS
+    epsilons: tuple[float, ...] = DEFAULT_EPSILONS
+    perturbations: tuple[str, ...] = KINDS
+    sensitivity_images: int = 32
+    probe_folds: int = 5
+    cluster_k: int = 8
+    cluster_layers: tuple[str, ...] | None = None
+    embedding: str = "auto"
+    thumbnails: bool = True
+    atlas: str | os.PathLike[str] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # normalize sequences to tuples (the options are hashable and compare by value)
+        for name in ("layers", "cluster_layers"):
+            v = getattr(self, name)
+            if v is not None:
+                object.__setattr__(self, name, tuple(dict.fromkeys(str(x) for x in v)))
+        object.__setattr__(self, "epsilons", tuple(float(e) for e in self.epsilons))
+        object.__setattr__(self, "perturbations", tuple(self.perturbations))
+        if self.atlas is not None:
+            object.__setattr__(self, "atlas", os.fspath(self.atlas))
+        problems = []
+        if self.layers is not None and not self.layers:
+            problems.append("layers is empty (None: the default layers)")
+        if self.max_images is not None and self.max_images < 1:
+            problems.append("max_images (--max-images) must be at least 1")
+        for name, flag, low in _MINIMA:
+            if getattr(self, name) < low:
+                problems.append(f"{name} ({flag}) must be at least {low}")
+        if not 0 < self.locality_radius <= 1:
+            problems.append("locality_radius (--radius) must be in (0, 1]")
+        if any(not np.isfinite(e) or e <= 0 for e in self.epsilons):
+            problems.append("perturbation sizes (--epsilons) must be positive numbers of 0-255 pixel steps, e.g. 1,2,4,8")
+        unknown = [k for k in self.perturbations if k not in KINDS]
+        if unknown:
+            problems.append(f"unknown perturbation kind {unknown[0]!r}: use {', '.join(KINDS)}")
+        if self.embedding not in EMBEDDINGS:
+            problems.append(f"unknown map {self.embedding!r}: use {', '.join(EMBEDDINGS)}")
+        elif self.embedding == "umap" and not umap_available():
+            problems.append("a UMAP map needs the umap-learn package (pip install umap-learn); or use PCA")
+        if problems:
+            raise DeepvisError("bad summary options: " + "; ".join(problems))
+
+    def replace(self, **changes: Any) -> SummaryOptions:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, object]:
+        """Every field, JSON-ready (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 def _depth(name: str) -> int:
@@ -107,84 +195,6 @@ def _order_layers(model: Model, layers: Sequence[str]) -> list[LayerInfo]:
     for name in dict.fromkeys(layers):
         infos[name] = get_layer(model, name)
     return sorted(infos.values(), key=lambda i: i.order)
-
-
-@dataclass
-class ScanResult:
-    """What one forward pass over a dataset records (see :func:`scan`)."""
-
-    layers: list[LayerInfo]
-    samples: list[int]
-    activity: dict[str, LayerActivity]
-    locality: dict[str, LayerLocality]
-    features: dict[str, np.ndarray]
-    thumbnails: dict[int, Image.Image]
-    skipped: list[tuple[int, str]]
-
-
-def scan(
-    model: Model,
-    batches: Iterable[Batch],
-    layers: Sequence[str],
-    *,
-    top_k: int = 4,
-    radius: float = DEFAULT_RADIUS,
-    thumbnails: bool = True,
-    thumbnail_size: int = THUMBNAIL_SIZE,
-    on_batch=None,
-) -> ScanResult:
-    """One forward pass over ``batches`` recording activity, locality, pooled features and thumbnails for ``layers``.
-
-    ``batches`` yields :class:`~deepvis.datasets.Batch` es (``indices`` are dataset indices);
-    ``on_batch(n)`` is called after each batch with the number of inputs it held or skipped.
-    """
-    infos = _order_layers(model, layers)
-    names = [i.name for i in infos]
-    device = model.device
-    acts_acc = {i.name: ActivityAccumulator(i.name, i.shape, top_k, device) for i in infos}
-    loc_acc = {
-        i.name: LocalityAccumulator(i.name, i.shape[0], i.shape[1:], radius, device)
-        for i in infos
-        if i.spatial and i.shape[1] * i.shape[2] >= 2
-    }
-    feats: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    samples: list[int] = []
-    thumbs: dict[int, Image.Image] = {}
-    skipped: list[tuple[int, str]] = []
-    for batch in batches:
-        skipped += batch.skipped
-        if batch.indices:
-            out = capture(model, batch.x, names, stop_early=LOGITS not in names)
-            ids = torch.tensor(batch.indices, dtype=torch.int64)
-            for n in names:
-                a = out[n]
-                if tuple(a.shape[1:]) != acts_acc[n].shape:
-                    raise LayerError(
-                        f"layer {n} gave shape {tuple(a.shape[1:])}, expected {acts_acc[n].shape}: all inputs must have the model's input size"
-                    )
-                acts_acc[n].update(a, ids)
-                if n in loc_acc:
-                    loc_acc[n].update(a)
-                feats[n].append(pool_features(a))
-            samples += batch.indices
-            if thumbnails:
-                small = F.interpolate(
-                    batch.x.float(), size=(thumbnail_size, thumbnail_size), mode="bilinear", antialias=True, align_corners=False
-                )
-                for i, row in zip(batch.indices, small.cpu()):
-                    thumbs[i] = model.preprocessing.to_image(row).convert("RGB")
-        if on_batch is not None:
-            on_batch(len(batch.indices) + len(batch.skipped))
-    features = {n: (np.concatenate(f) if f else np.zeros((0, acts_acc[n].shape[0]), np.float32)) for n, f in feats.items()}
-    return ScanResult(
-        infos,
-        samples,
-        {n: a.result() for n, a in acts_acc.items()},
-        {n: a.result() for n, a in loc_acc.items()},
-        features,
-        thumbs,
-        skipped,
-    )
 
 
 @dataclass
@@ -253,7 +263,7 @@ class DatasetSummary:
         act = self.activity[layer]
 
         def unit_rows(units: Sequence[int]) -> list[dict[str, object]]:
-            rows = []
+            rows: list[dict[str, object]] = []
             for u in units:
                 loc = self.locality.get(layer)
                 rows.append(
@@ -299,11 +309,11 @@ class DatasetSummary:
             out["probe"] = self.probes[layer].to_dict()
         if layer in self.clusters:
             out["clusters"] = self.clusters[layer].to_dict()
-        return _jsonable(out)
+        return _jsonable_dict(out)
 
     def to_dict(self) -> dict[str, object]:
         """Every number of the summary, JSON-ready (NaN and infinities become null)."""
-        return _jsonable(
+        return _jsonable_dict(
             {
                 "model": self.model,
                 "dataset": self.dataset,
@@ -328,6 +338,13 @@ def _nanstat(fn, a: np.ndarray) -> float | None:
     return float(fn(a)) if np.isfinite(a).any() else None
 
 
+def _jsonable_dict(obj: dict[str, object]) -> dict[str, object]:
+    """:func:`_jsonable` of a dict (keys as strings)."""
+    out = _jsonable(obj)
+    assert isinstance(out, dict)
+    return out
+
+
 def _jsonable(obj: object) -> object:
     """Turn numpy scalars/arrays into Python values and non-finite floats into None, recursively."""
     if isinstance(obj, dict):
@@ -347,32 +364,22 @@ def _jsonable(obj: object) -> object:
 
 
 def _atlas_activity(
-    atlas_path: str | os.PathLike[str], model: Model, dataset: ImageDataset, infos: Sequence[LayerInfo], top_k: int, shown: int
+    atlas_path: str, model: Model, dataset: ImageDataset, infos: Sequence[LayerInfo], top_k: int, shown: int
 ) -> tuple[dict[str, LayerActivity], list[str]]:
     """Activity of the layers an atlas has mined (its statistics cover the atlas's whole dataset).
 
-    The atlas must have been made with the same model weights, input size and dataset; top inputs are
-    read only for the ``shown`` most active units (by mean and by max) of each layer (the other units'
-    rows are empty: see :func:`_fill_top`).
+    The atlas must fit the model (:func:`~deepvis.models.identity.check_identity`: same weights and
+    input size) and have been made on the same dataset; top inputs are read only for the ``shown`` most
+    active units (by mean and by max) of each layer (the other units' rows are empty: see :func:`_fill_top`).
     """
-    try:
-        from ..atlas import model_hash, open_atlas  # the atlas package (issue 5); imported only when asked for
-    except ImportError as exc:
-        raise InputError(f"--atlas needs the deepvis atlas package, which cannot be imported here: {exc}") from exc
     out: dict[str, LayerActivity] = {}
     notes: list[str] = []
     with open_atlas(atlas_path) as atlas:
         meta = atlas.meta
-        where = os.fspath(atlas_path)
+        check_identity(meta, model, what=f"atlas {atlas_path}", fix="use the same model and input size, or drop --atlas")
         if meta.get("dataset_hash") != dataset.fingerprint():
             raise InputError(
-                f"atlas {where} was made on dataset {meta.get('dataset')!r}, not on this one: give the same dataset or drop --atlas"
-            )
-        if meta.get("model_hash") != model_hash(model):
-            raise InputError(f"atlas {where} was made with other model weights ({meta.get('model')!r}): use the same model or drop --atlas")
-        if list(meta.get("input_size") or []) != list(model.preprocessing.input_size):
-            raise InputError(
-                f"atlas {where} was made at input size {meta.get('input_size')}, not {list(model.preprocessing.input_size)}: use the same size or drop --atlas"
+                f"atlas {atlas_path} was made on dataset {meta.get('dataset')!r}, not on this one: give the same dataset or drop --atlas"
             )
         mined = {r.name: r for r in atlas.layers() if r.mined}
         for info in infos:
@@ -383,17 +390,17 @@ def _atlas_activity(
             if len(stats) != info.units:
                 continue
             act = activity_from_unit_stats(info.name, info.shape, stats, None, top_k)
-            top: list[list[tuple[int, float, tuple[int, int] | None]]] = [[] for _ in range(info.units)]
+            top: list[list[TopInput]] = [[] for _ in range(info.units)]
             for u in dict.fromkeys(act.most_active("mean", shown) + act.most_active("max", shown)):
-                top[u] = [(t.sample, t.value, t.position) for t in atlas.unit(info.name, u).top[:top_k]]
+                top[u] = [TopInput(t.sample, t.value, t.position) for t in atlas.unit(info.name, u).top[:top_k]]
             out[info.name] = activity_from_unit_stats(info.name, info.shape, stats, top, top_k)
         if out:
             notes.append(
-                f"unit activity of {', '.join(out)} read from atlas {where} (all {int(meta.get('samples') or len(dataset))} inputs; "
-                "exact zeros are not counted there; top inputs of the other units are among the inputs analysed here)"
+                f"unit activity of {', '.join(out)} read from atlas {atlas_path} (all {int(meta.get('samples') or len(dataset))} inputs; "
+                "top inputs of the other units are among the inputs analysed here)"
             )
         else:
-            notes.append(f"atlas {where} has none of these layers mined: unit activity was computed")
+            notes.append(f"atlas {atlas_path} has none of these layers mined: unit activity was computed")
     return out, notes
 
 
@@ -408,71 +415,61 @@ def _fill_top(act: LayerActivity, scanned: LayerActivity) -> None:
 def summarize(
     model: Model,
     dataset: ImageDataset,
-    layers: Sequence[str] | None = None,
+    options: SummaryOptions | None = None,
     *,
-    max_images: int | None = None,
-    batch_size: int = 32,
-    workers: int = 2,
-    top_k: int = 4,
-    radius: float = DEFAULT_RADIUS,
-    epsilons: Sequence[float] = DEFAULT_EPSILONS,
-    kinds: Sequence[str] = KINDS,
-    sensitivity_images: int = 32,
-    probe_folds: int = 5,
-    cluster_k: int = 8,
-    cluster_layers: Sequence[str] | None = None,
-    embedding: str = "auto",
-    thumbnails: bool = True,
-    atlas: str | os.PathLike[str] | None = None,
-    seed: int = 0,
+    engine: str | Engine = "local",
+    ray_address: str | None = None,
+    workers: int | None = None,
     progress: bool | None = None,
 ) -> DatasetSummary:
-    """Compute the whole summary of ``model`` on ``dataset``.
+    """Compute the whole summary of ``model`` on ``dataset`` as ``options`` say (default: :class:`SummaryOptions()`).
 
-    ``layers`` default to :func:`default_layers`; ``max_images`` caps the inputs (spread evenly);
-    ``epsilons`` are perturbation sizes in 0–255 pixel steps (empty: no sensitivity analysis), applied
-    to ``sensitivity_images`` of the inputs; ``probe_folds`` folds for the linear probes (run when the
-    dataset has labels); ``cluster_k`` clusters for each of ``cluster_layers`` (default: every layer;
-    empty: none); ``atlas`` reuses the per-unit statistics of an atlas of the same model and dataset;
-    ``progress`` shows progress bars on stderr (None: when stderr is a terminal).
+    The scan runs on ``engine``: ``local`` (this process), ``ray`` (``workers`` Ray actors, started
+    locally or on the cluster at ``ray_address``; the same numbers as local) or an
+    :class:`~deepvis.stats.Engine`; sensitivity, probes and clusters run here. ``progress`` shows
+    progress bars on stderr (None: when stderr is a terminal). The summary's ``settings`` are
+    ``options.to_dict()`` with the layers resolved, plus the model's input size, the device and the engine.
     """
-    if batch_size < 1 or top_k < 1 or sensitivity_images < 0 or cluster_k < 1 or probe_folds < 2:
-        raise DeepvisError("batch size, top-k and cluster count must be at least 1, folds at least 2, sensitivity images at least 0")
+    o = options if options is not None else SummaryOptions()
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    names = list(dict.fromkeys(layers)) if layers else default_layers(model)
+    names = list(o.layers) if o.layers else default_layers(model)
     if not names:
         raise LayerError("no layer to summarize")
     infos = _order_layers(model, names)
     names = [i.name for i in infos]
-    indices = select_indices(len(dataset), max_images)
+    indices = select_indices(len(dataset), o.max_images)
     all_labels = dataset.label_indices()
-    if embedding == "umap" and not umap_available():
-        raise DeepvisError("a UMAP map needs the umap-learn package (pip install umap-learn); or use PCA")
-    if any(not np.isfinite(float(e)) or float(e) <= 0 for e in epsilons):
-        raise DeepvisError("perturbation sizes must be positive numbers of 0-255 pixel steps, e.g. 1,2,4,8")
-    unknown_kinds = [k for k in kinds if k not in KINDS]
-    if unknown_kinds:
-        raise DeepvisError(f"unknown perturbation kind {unknown_kinds[0]!r}: use {', '.join(KINDS)}")
-    if not radius > 0:
-        raise DeepvisError("the locality radius must be positive")
-    todo = names if cluster_layers is None else list(dict.fromkeys(cluster_layers))
+    todo = names if o.cluster_layers is None else list(o.cluster_layers)
     unknown = [n for n in todo if n not in names]
     if unknown:
         raise LayerError(f"cluster layer {unknown[0]!r} is not among the summarized layers ({', '.join(names)})")
     notes: list[str] = []
     from_atlas: dict[str, LayerActivity] = {}
-    if atlas is not None:  # read (and check) the atlas before the long work
-        from_atlas, atlas_notes = _atlas_activity(atlas, model, dataset, infos, top_k, _ATLAS_UNITS_SHOWN)
+    if o.atlas is not None:  # read (and check) the atlas before the long work
+        from_atlas, atlas_notes = _atlas_activity(os.fspath(o.atlas), model, dataset, infos, o.top_k, _ATLAS_UNITS_SHOWN)
         notes += atlas_notes
 
+    eng = make_engine(engine, model, dataset, ray_address=ray_address, workers=workers, decode_threads=o.decode_threads)
     bar = progress_bar(total=len(indices), desc="activations", unit="img", enabled=progress)
     try:
-        stream = iter_batches(dataset, model, batch_size, indices=indices, workers=workers)
-        keep = thumbnails and len(indices) <= THUMBNAIL_CACHE_LIMIT
-        result = scan(model, stream, names, top_k=top_k, radius=radius, thumbnails=keep, on_batch=bar.update)
+        keep = o.thumbnails and len(indices) <= THUMBNAIL_CACHE_LIMIT
+        result = scan_dataset(
+            model,
+            dataset,
+            indices,
+            names,
+            eng,
+            batch_size=o.batch_size,
+            top_k=o.top_k,
+            radius=o.locality_radius,
+            thumbnails=keep,
+            on_batch=bar.update,
+        )
     finally:
         bar.close()
+        if eng is not engine:
+            eng.close()
     if not result.samples:
         raise InputError(f"none of the {len(indices)} inputs of dataset {dataset.spec or '?'} could be read")
     times["scan"] = time.perf_counter() - t0
@@ -482,14 +479,14 @@ def summarize(
         activity[name] = act
 
     sens: SensitivityResult | None = None
-    if epsilons and sensitivity_images > 0:
+    if o.epsilons and o.sensitivity_images > 0:
         t1 = time.perf_counter()
-        pick = [result.samples[i] for i in select_indices(len(result.samples), sensitivity_images)]
+        pick = [result.samples[i] for i in select_indices(len(result.samples), o.sensitivity_images)]
         bar = progress_bar(total=len(pick), desc="sensitivity", unit="img", enabled=progress)
         try:
-            for batch in iter_batches(dataset, model, min(batch_size, 16), indices=pick, workers=workers):
+            for batch in iter_batches(dataset, model, min(o.batch_size, 16), indices=pick, workers=o.decode_threads):
                 if batch.indices:
-                    part = measure_sensitivity(model, batch.x, names, epsilons, samples=batch.indices, kinds=kinds, seed=seed)
+                    part = measure_sensitivity(model, batch.x, names, o.epsilons, samples=batch.indices, kinds=o.perturbations, seed=o.seed)
                     sens = part if sens is None else sens.merge(part)
                 bar.update(len(batch.indices) + len(batch.skipped))
         finally:
@@ -504,7 +501,7 @@ def summarize(
         t1 = time.perf_counter()
         y = np.asarray(labels)
         for n in progress_bar(names, desc="probes", unit="layer", enabled=progress):
-            probes[n] = probe_accuracy(result.features[n], y, folds=probe_folds, seed=seed)
+            probes[n] = probe_accuracy(result.features[n], y, folds=o.probe_folds, seed=o.seed)
         times["probes"] = time.perf_counter() - t1
     else:
         notes.append("the dataset has no labels, so no linear probes were run (use an ImageFolder layout or a labelled .txt list)")
@@ -512,29 +509,21 @@ def summarize(
     clusters: dict[str, ClusterResult] = {}
     if todo and len(result.samples) >= 2:
         t1 = time.perf_counter()
-        y = np.asarray(labels) if labels is not None else None
+        y_or_none = np.asarray(labels) if labels is not None else None
         for n in progress_bar(todo, desc="clusters", unit="layer", enabled=progress):
-            clusters[n] = cluster_features(n, result.features[n], result.samples, k=cluster_k, labels=y, seed=seed, embedding=embedding)
+            clusters[n] = cluster_features(
+                n, result.features[n], result.samples, k=o.cluster_k, labels=y_or_none, seed=o.seed, embedding=o.embedding
+            )
         times["clusters"] = time.perf_counter() - t1
     elif todo:
         notes.append("clusters need at least two inputs")
     times["total"] = time.perf_counter() - t0
     referenced = sorted(set(result.samples) | {t.sample for a in activity.values() for u in range(a.units) for t in a.top_inputs(u)})
     settings: dict[str, object] = {
-        "layers": names,
-        "max_images": max_images,
-        "batch_size": batch_size,
-        "top_k": top_k,
-        "locality_radius": radius,
-        "epsilons": [float(e) for e in epsilons],
-        "perturbations": list(kinds),
-        "sensitivity_images": sensitivity_images,
-        "probe_folds": probe_folds,
-        "cluster_k": cluster_k,
-        "seed": seed,
+        **o.replace(layers=tuple(names)).to_dict(),
         "input_size": list(model.preprocessing.input_size),
         "device": str(model.device),
-        "atlas": os.fspath(atlas) if atlas is not None else None,
+        "engine": engine if isinstance(engine, str) else type(engine).__name__,
     }
     return DatasetSummary(
         model=model.name,
@@ -553,7 +542,7 @@ def summarize(
         probes=probes,
         clusters=clusters,
         thumbnails=result.thumbnails,
-        thumbnail_loader=(lambda i: _load_thumbnail(model, dataset, i)) if thumbnails else None,
+        thumbnail_loader=(lambda i: _load_thumbnail(model, dataset, i)) if o.thumbnails else None,
         timings=times,
         notes=notes,
     )

@@ -2,70 +2,29 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from .. import __version__
 from .._progress import progress_bar
-from ..capture import get_layer, parse_unit_set
+from .._version import __version__
+from ..capture import LayerInfo, get_layer, parse_unit_set
 from ..datasets import ImageDataset, open_dataset
 from ..errors import DeepvisError
+from ..models.identity import model_identity
 from ..models.model import Model
-from .engines import Engine, MiningPlan, make_engine
-from .mining import LayerMining, batch_indices, num_batches
+from ..stats import Engine, LayerStats, batch_indices, make_engine, num_batches
+from .mining import MiningPlan
+from .options import AtlasOptions, SynthesisOptions
+from .runner import run_task
 from .store import AtlasWriter
+from .synthesis import check_synthesis_options
 from .tasks import UnitTask
+from .views import check_view_mode
 
-__all__ = ["SynthesisOptions", "AtlasOptions", "AtlasSummary", "build_atlas", "model_hash"]
-
-
-@dataclass(frozen=True)
-class SynthesisOptions:
-    """How units are synthesized: a paper preset (1-4) with optional overrides, ``units_per_batch``
-    units optimized together (a fixed grouping, so results do not depend on resumes or engines)."""
-
-    preset: str = "3"
-    steps: int | None = None
-    size: int | None = None
-    seed: int = 0
-    units_per_batch: int = 16
-
-    def params(self) -> dict[str, Any]:
-        return {"preset": self.preset, "steps": self.steps, "size": self.size, "seed": self.seed, "units_per_batch": self.units_per_batch}
-
-
-@dataclass(frozen=True)
-class AtlasOptions:
-    """What to put in an atlas.
-
-    ``top``: inputs kept per unit; ``batch_size``: inputs per forward pass (part of the atlas's identity:
-    results are reproduced bit for bit only with the same batches); ``units``: the units of each layer
-    that get views and synthesized images (a unit set like ``0-15``; None = all; mining always covers
-    every unit); ``views``: make crops and backprop views (``view_mode``: deconv, guided or gradient);
-    ``synthesis``: None to skip it; ``decode_threads``: image decoding threads per process;
-    ``checkpoint_seconds``: how often mining progress is saved.
-    """
-
-    layers: tuple[str, ...]
-    top: int = 9
-    batch_size: int = 64
-    units: str | None = None
-    views: bool = True
-    view_mode: str = "deconv"
-    views_units_per_task: int = 4
-    synthesis: SynthesisOptions | None = field(default_factory=SynthesisOptions)
-    decode_threads: int = 4
-    checkpoint_seconds: float = 30.0
-
-    def layer_params(self) -> dict[str, Any]:
-        return {"top": self.top, "batch_size": self.batch_size, "view_mode": self.view_mode}
+__all__ = ["AtlasSummary", "build_atlas"]
 
 
 @dataclass
@@ -80,17 +39,6 @@ class AtlasSummary:
     units_synthesized: int = 0
     skipped: list[tuple[int, str, str]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-def model_hash(model: Model) -> str:
-    """A short hash of the model's parameters and buffers (names, shapes, dtypes, values)."""
-    h = hashlib.sha256()
-    for name, t in model.module.state_dict().items():
-        t = t.detach()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        if t.is_floating_point() or t.dtype in (torch.int64, torch.int32, torch.uint8, torch.bool):
-            h.update(t.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
 
 
 def build_atlas(
@@ -122,9 +70,7 @@ def build_atlas(
     infos = [get_layer(model, name) for name in dict.fromkeys(options.layers)]
     unit_sets = {info.name: parse_unit_set(options.units or "all", info.units) for info in infos}
     meta = {
-        "model": model.name,
-        "model_hash": model_hash(model),
-        "input_size": list(model.preprocessing.input_size),
+        **model_identity(model),
         "dataset": ds.spec,
         "dataset_hash": ds.fingerprint(),
         "samples": len(ds),
@@ -132,12 +78,8 @@ def build_atlas(
     }
     summary = AtlasSummary(Path(output), [i.name for i in infos])
     if options.views:
-        from .views import check_view_mode
-
         check_view_mode(model, max(infos, key=lambda i: i.order).name, options.view_mode)
     if options.synthesis is not None:
-        from .synthesis import check_synthesis_options
-
         check_synthesis_options(model, options.synthesis)
     with AtlasWriter(Path(output), meta) as writer:
         for info in infos:
@@ -177,14 +119,20 @@ def build_atlas(
     return summary
 
 
-def _mine(writer: AtlasWriter, eng: Engine, ds: ImageDataset, infos: Sequence[Any], options: AtlasOptions, progress: bool | None) -> int:
-    plan = MiningPlan({i.name: (i.units, tuple(i.shape[1:]) if i.spatial else None) for i in infos}, options.top, options.batch_size)
-    states: dict[str, LayerMining] = {}
+def _map_size(info: LayerInfo) -> tuple[int, int] | None:
+    return (info.shape[1], info.shape[2]) if info.spatial else None
+
+
+def _mine(
+    writer: AtlasWriter, eng: Engine, ds: ImageDataset, infos: Sequence[LayerInfo], options: AtlasOptions, progress: bool | None
+) -> int:
+    plan = MiningPlan({i.name: (i.units, _map_size(i)) for i in infos}, options.top, options.batch_size)
+    states: dict[str, LayerStats] = {}
     for name, (units, ms) in plan.layers.items():
         st = writer.load_checkpoint(name, eng.state_device)
         if st is not None and (st.units != units or st.k != options.top or st.map_size != ms):
             st = None  # cannot happen with matching parameters; start the layer over rather than mix
-        states[name] = st or LayerMining(name, units, options.top, ms, eng.state_device)
+        states[name] = st or LayerStats(name, units, options.top, ms, eng.state_device)
     total = num_batches(len(ds), options.batch_size)
     batches = [b for b in range(total) if any(b not in st.done for st in states.values())]
     already = len(ds) - sum(len(batch_indices(b, options.batch_size, len(ds))) for b in batches)
@@ -211,7 +159,7 @@ def _chunks(items: Sequence[int], size: int) -> list[tuple[int, ...]]:
     return [tuple(items[i : i + size]) for i in range(0, len(items), size)]
 
 
-def _view_tasks(writer: AtlasWriter, infos: Sequence[Any], unit_sets: dict[str, list[int]], options: AtlasOptions) -> list[UnitTask]:
+def _view_tasks(writer: AtlasWriter, infos: Sequence[LayerInfo], unit_sets: dict[str, list[int]], options: AtlasOptions) -> list[UnitTask]:
     tasks = []
     opts = tuple(sorted({"mode": options.view_mode}.items()))
     for info in infos:
@@ -224,7 +172,9 @@ def _view_tasks(writer: AtlasWriter, infos: Sequence[Any], unit_sets: dict[str, 
     return tasks
 
 
-def _synth_tasks(writer: AtlasWriter, infos: Sequence[Any], unit_sets: dict[str, list[int]], synth: SynthesisOptions) -> list[UnitTask]:
+def _synth_tasks(
+    writer: AtlasWriter, infos: Sequence[LayerInfo], unit_sets: dict[str, list[int]], synth: SynthesisOptions
+) -> list[UnitTask]:
     tasks = []
     opts = tuple(sorted(synth.params().items()))
     for info in infos:
@@ -241,7 +191,7 @@ def _run_views(writer: AtlasWriter, eng: Engine, ds: ImageDataset, tasks: list[U
     n = 0
     bar = progress_bar(total=sum(len(t.units) for t in tasks), desc="views", unit="unit", enabled=progress)
     try:
-        for results in eng.run_units(tasks):
+        for results in eng.map(run_task, tasks):
             for r in results:
                 if r.skipped:
                     writer.save_progress([], [(i, ds.samples[i].key, why) for i, why in r.skipped])
@@ -258,7 +208,7 @@ def _run_synth(writer: AtlasWriter, eng: Engine, tasks: list[UnitTask], progress
     todo = {(t.layer, u) for t in tasks for u in writer.units_without_synth(t.layer, t.units)}
     bar = progress_bar(total=len(todo), desc="synthesis", unit="unit", enabled=progress)
     try:
-        for results in eng.run_units(tasks):
+        for results in eng.map(run_task, tasks):
             for r in results:
                 if (r.layer, r.unit) in todo:
                     assert r.image is not None and r.raw is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from PIL import Image
 
@@ -15,7 +16,7 @@ __all__ = ["unit_pane"]
 _MISSING = (60, 60, 60)
 
 
-def _tile(path, size: int) -> Image.Image:
+def _tile(path: Path | None, size: int) -> Image.Image:
     if path is None:
         return Image.new("RGB", (size, size), _MISSING)
     return load_image(path).resize((size, size), Image.Resampling.BICUBIC)

@@ -34,9 +34,11 @@ from typing import Any
 
 from .._fs import atomic_path
 from ..errors import DeepvisError, InputError
-from .mining import LayerMining, UnitStats
+from ..models.identity import IDENTITY_KEYS
+from ..stats import LayerStats, UnitStats
 
 __all__ = [
+    "ATLAS_IDENTITY_KEYS",
     "SCHEMA_VERSION",
     "INDEX_NAME",
     "AtlasError",
@@ -51,6 +53,9 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+#: the recorded facts a run must share with the atlas it continues: the model's identity
+#: (:data:`deepvis.models.identity.IDENTITY_KEYS`: weights hash and input size) and the dataset's hash
+ATLAS_IDENTITY_KEYS: tuple[str, ...] = (*IDENTITY_KEYS, "dataset_hash")
 INDEX_NAME = "index.sqlite"
 LOCK_NAME = ".lock"
 
@@ -154,10 +159,6 @@ class UnitRecord:
     top: list[TopImage]
     synth: SynthImage | None
 
-    @property
-    def has_views(self) -> bool:
-        return bool(self.top) and all(t.crop is not None for t in self.top)
-
 
 # -- reading --------------------------------------------------------------------------------------------
 
@@ -179,6 +180,7 @@ class Atlas:
             raise AtlasError(f"atlas {self.root} has schema version {version}; this deepvis reads version {SCHEMA_VERSION}")
 
     def close(self) -> None:
+        """Close the index."""
         self._conn.close()
 
     def __enter__(self) -> Atlas:
@@ -201,6 +203,7 @@ class Atlas:
         ]
 
     def layer(self, name: str) -> LayerRecord:
+        """The record of layer ``name``; :class:`AtlasError` (listing the atlas's layers) when it has none."""
         for rec in self.layers():
             if rec.name == name:
                 return rec
@@ -246,7 +249,7 @@ class Atlas:
 
     def skipped(self) -> list[tuple[int, str, str]]:
         """Inputs that could not be read: (sample index, key, reason)."""
-        return [tuple(r) for r in self._conn.execute("SELECT sample, key, reason FROM skipped ORDER BY sample")]  # type: ignore[misc]
+        return [(r[0], r[1], r[2]) for r in self._conn.execute("SELECT sample, key, reason FROM skipped ORDER BY sample")]
 
     def dump(self) -> dict[str, list[tuple]]:
         """Every row of every table except checkpoints, sorted (to compare two atlases)."""
@@ -296,13 +299,13 @@ class _Lock:
 class AtlasWriter:
     """The one writer of an atlas folder (see the module docs for the guarantees).
 
-    ``meta`` are the atlas-level facts (model, model hash, dataset, dataset hash, ...); the keys in
-    ``identity`` must match those already recorded, or :class:`AtlasError` is raised.
+    ``meta`` are the atlas-level facts (model, model hash, input size, dataset, dataset hash, ...); the
+    keys in ``identity`` must match those already recorded, or :class:`AtlasError` is raised.
     """
 
     root: Path
     meta: dict[str, Any]
-    identity: Sequence[str] = ("model_hash", "dataset_hash", "input_size")
+    identity: Sequence[str] = ATLAS_IDENTITY_KEYS
     _conn: sqlite3.Connection = field(init=False, repr=False)
     _lock: _Lock = field(init=False, repr=False)
 
@@ -403,15 +406,17 @@ class AtlasWriter:
         _check_params(self.root, layer, json.loads(row[0]), params)
 
     def mined(self, layer: str) -> bool:
+        """Whether the mining pass of ``layer`` is complete (its top-k and statistics recorded)."""
         row = self._conn.execute("SELECT mined FROM layers WHERE layer=?", (layer,)).fetchone()
         return bool(row and row[0])
 
     # -- mining --------------------------------------------------------------------------------------
-    def load_checkpoint(self, layer: str, device: Any = "cpu") -> LayerMining | None:
+    def load_checkpoint(self, layer: str, device: Any = "cpu") -> LayerStats | None:
+        """The last saved mining state of ``layer`` (on ``device``), or None."""
         row = self._conn.execute("SELECT state FROM checkpoints WHERE layer=?", (layer,)).fetchone()
-        return LayerMining.from_bytes(layer, row[0], device) if row else None
+        return LayerStats.from_bytes(layer, row[0], device) if row else None
 
-    def save_progress(self, states: Iterable[LayerMining], skipped: Iterable[tuple[int, str, str]]) -> None:
+    def save_progress(self, states: Iterable[LayerStats], skipped: Iterable[tuple[int, str, str]]) -> None:
         """Checkpoint mining states and the files skipped so far, in one transaction."""
         with self._tx() as c:
             for st in states:
@@ -420,7 +425,7 @@ class AtlasWriter:
                 )
             c.executemany("INSERT OR REPLACE INTO skipped(sample, key, reason) VALUES (?, ?, ?)", list(skipped))
 
-    def finish_mining(self, states: Iterable[LayerMining], samples: Sequence[Any], skipped: Iterable[tuple[int, str, str]]) -> None:
+    def finish_mining(self, states: Iterable[LayerStats], samples: Sequence[Any], skipped: Iterable[tuple[int, str, str]]) -> None:
         """Record the final top-k and statistics of finished layers (one transaction) and drop their checkpoints.
 
         ``samples`` is the dataset's sample list (for keys and labels).
@@ -441,17 +446,17 @@ class AtlasWriter:
                             s.sum,
                             s.sum_sq,
                             s.sum_max,
-                            _finite(s.max),
-                            _finite(s.min),
+                            _finite_or_none(s.max),
+                            _finite_or_none(s.min),
                             s.active_images,
                             s.active_positions,
                             s.zero_positions,
-                            _finite(s.mean),
-                            _finite(s.std),
-                            _finite(s.mean_max),
-                            _finite(s.frac_active),
-                            _finite(s.frac_positions_active),
-                            _finite(s.frac_zero),
+                            _finite_or_none(s.mean),
+                            _finite_or_none(s.std),
+                            _finite_or_none(s.mean_max),
+                            _finite_or_none(s.frac_active),
+                            _finite_or_none(s.frac_positions_active),
+                            _finite_or_none(s.frac_zero),
                         )
                         for s in st.unit_stats()
                     ],
@@ -468,7 +473,8 @@ class AtlasWriter:
                 c.execute("DELETE FROM checkpoints WHERE layer=?", (st.layer,))
 
     def skipped(self) -> list[tuple[int, str, str]]:
-        return [tuple(r) for r in self._conn.execute("SELECT sample, key, reason FROM skipped ORDER BY sample")]  # type: ignore[misc]
+        """Inputs that could not be read so far: (sample index, key, reason)."""
+        return [(r[0], r[1], r[2]) for r in self._conn.execute("SELECT sample, key, reason FROM skipped ORDER BY sample")]
 
     # -- views ---------------------------------------------------------------------------------------
     def top_entries(self, layer: str, unit: int) -> list[tuple[int, int, tuple[int, int] | None, float]]:
@@ -477,6 +483,7 @@ class AtlasWriter:
         return [(r[0], r[1], None if r[2] is None else (r[2], r[3]), r[4]) for r in rows]
 
     def units_without_views(self, layer: str, units: Iterable[int]) -> list[int]:
+        """Those of ``units`` whose crops and views are not recorded yet (in the given order)."""
         done = {r[0] for r in self._conn.execute("SELECT unit FROM views WHERE layer=?", (layer,))}
         return [u for u in units if u not in done]
 
@@ -497,6 +504,7 @@ class AtlasWriter:
 
     # -- synthesis -----------------------------------------------------------------------------------
     def units_without_synth(self, layer: str, units: Iterable[int]) -> list[int]:
+        """Those of ``units`` without a recorded synthesized image (in the given order)."""
         done = {r[0] for r in self._conn.execute("SELECT unit FROM synth WHERE layer=?", (layer,))}
         return [u for u in units if u not in done]
 
@@ -506,7 +514,7 @@ class AtlasWriter:
         ip = self._write(f"{d}/synth.png", image)
         rp = self._write(f"{d}/synth_raw.png", raw)
         with self._tx() as c:
-            c.execute("INSERT OR REPLACE INTO synth VALUES (?, ?, ?, ?, ?, ?)", (layer, unit, ip, rp, _finite(value), _json(info)))
+            c.execute("INSERT OR REPLACE INTO synth VALUES (?, ?, ?, ?, ?, ?)", (layer, unit, ip, rp, _finite_or_none(value), _json(info)))
 
     def _write(self, rel: str, data: bytes | None) -> str | None:
         if data is None:
@@ -528,7 +536,8 @@ class _Transaction:
         self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
-def _finite(x: float | None) -> float | None:
+def _finite_or_none(x: float | None) -> float | None:
+    """``x`` as a float when it is finite, else None (SQL NULL: SQLite has no NaN)."""
     if x is None:
         return None
     x = float(x)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..capture import Unit
 from ..models.model import Model
 from ..optimize import canvas_size, get_preset, visualize
-from .build import SynthesisOptions
+from .options import SynthesisOptions
 from .tasks import UnitResult, UnitTask, png_bytes
 
 __all__ = ["synthesize_units", "check_synthesis_options"]

@@ -1,4 +1,4 @@
-"""Unit tasks: the per-unit work of an atlas after mining, runnable in any process.
+"""Unit tasks: the per-unit work of an atlas after mining, as plain data that any process can run.
 
 A :class:`UnitTask` names a fixed group of units of one layer and what to make for them:
 
@@ -6,8 +6,8 @@ A :class:`UnitTask` names a fixed group of units of one layer and what to make f
   it and the backprop view (deconv by default) of the unit at its maximum, cropped the same way;
 * ``synth`` — the unit's synthesized image (activation maximization), the group optimized as one batch.
 
-:func:`run_task` returns PNG bytes, not files: the atlas writer (in the driver process) writes them, so
-workers need no access to the atlas folder.
+:func:`deepvis.atlas.runner.run_task` runs a task and returns PNG bytes, not files: the atlas writer
+(in the driver process) writes them, so workers need no access to the atlas folder.
 """
 
 from __future__ import annotations
@@ -18,10 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..datasets import ImageDataset
-from ..models.model import Model
-
-__all__ = ["UnitTask", "UnitResult", "run_task", "png_bytes"]
+__all__ = ["UnitTask", "UnitResult", "png_bytes"]
 
 
 @dataclass(frozen=True)
@@ -66,16 +63,3 @@ def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def run_task(model: Model, dataset: ImageDataset, task: UnitTask) -> list[UnitResult]:
-    """Run one task; the results come in the order of ``task.units``."""
-    if task.kind == "views":
-        from .views import unit_views
-
-        return unit_views(model, dataset, task)
-    if task.kind == "synth":
-        from .synthesis import synthesize_units
-
-        return synthesize_units(model, task)
-    raise ValueError(f"unknown task kind {task.kind!r}")

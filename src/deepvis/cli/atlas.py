@@ -5,15 +5,23 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_model_options, model_from_args, print_json
+from ..choices import BACKPROP_MODES, DATASET_SPEC_HELP
+from .common import (
+    add_engine_options,
+    add_json_option,
+    add_model_options,
+    add_output_option,
+    add_synthesis_options,
+    engine_from_args,
+    model_from_args,
+    print_json,
+)
 
 #: how many skipped files are listed on the terminal (all are in --json and in the atlas index)
 LIST_SKIPPED = 100
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..datasets import DATASET_SPEC_HELP
-
     p = sub.add_parser(
         "atlas",
         help="top-k dataset images, their crops and deconv views, and synthesized images for every unit of some layers",
@@ -24,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dataset", metavar="DATASET", help=DATASET_SPEC_HELP)
     p.add_argument("--layers", required=True, help="comma-separated layer names (see `deepvis layers`)")
-    p.add_argument("-o", "--output", required=True, metavar="ATLAS", help="atlas folder (created, or continued when it exists)")
+    add_output_option(p, metavar="ATLAS", help="atlas folder (created, or continued when it exists)")
     p.add_argument("-k", "--top", type=int, default=9, help="top inputs kept per unit (default: %(default)s)")
     p.add_argument(
         "--units",
@@ -36,29 +44,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("views and synthesis")
     g.add_argument(
         "--view-mode",
-        choices=("deconv", "guided", "gradient"),
+        choices=BACKPROP_MODES,
         default="deconv",
         help="backprop view of each top input (default: %(default)s)",
     )
     g.add_argument("--no-views", action="store_true", help="skip the crops and backprop views")
     g.add_argument("--no-synthesis", action="store_true", help="skip the synthesized images")
-    g.add_argument("--preset", default="3", help="synthesis preset of the deep-visualization paper (1-4; default: %(default)s)")
-    g.add_argument("--steps", type=int, metavar="N", help="synthesis steps (default: the preset's)")
-    g.add_argument("--size", type=int, metavar="PX", help="synthesized image size (default: the preset's)")
-    g.add_argument("--seed", type=int, default=0, help="synthesis seed (default: %(default)s)")
+    add_synthesis_options(g, what="synthesis ", size_default="the preset's")
     g.add_argument("--synth-batch", type=int, default=16, metavar="N", help="units optimized together (default: %(default)s)")
-    e = p.add_argument_group("engine")
-    e.add_argument(
-        "--engine", choices=("local", "ray"), default="local", help="local: this process; ray: Ray workers (default: %(default)s)"
-    )
-    e.add_argument(
-        "--ray-address", metavar="ADDR", help="join this Ray cluster (e.g. ray://head:10001 or auto); default: start Ray locally"
-    )
-    e.add_argument("--workers", type=int, metavar="N", help="Ray workers (default: one per GPU, else 2)")
+    add_engine_options(p)
     p.add_argument(
         "--checkpoint-seconds", type=float, default=30.0, metavar="S", help="save mining progress this often (default: %(default)s)"
     )
-    p.add_argument("--json", action="store_true", help="print a JSON summary (with every skipped file)")
+    add_json_option(p, help="print a JSON summary (with every skipped file)")
     add_model_options(p)
     p.set_defaults(func=run)
 
@@ -73,8 +71,7 @@ def run(args: argparse.Namespace) -> int:
             raise DeepvisError(f"--{name.replace('_', '-')} must be at least {0 if name == 'decode_threads' else 1}")
     if (args.steps is not None and args.steps < 1) or (args.size is not None and args.size < 8):
         raise DeepvisError("--steps must be at least 1 and --size at least 8")
-    if args.ray_address and args.engine != "ray":
-        raise DeepvisError("--ray-address needs --engine ray")
+    engine = engine_from_args(args)
     layers = tuple(x.strip() for x in args.layers.split(",") if x.strip())
     if not layers:
         raise DeepvisError("--layers is empty: give comma-separated layer names (see `deepvis layers`)")
@@ -96,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         decode_threads=args.decode_threads,
         checkpoint_seconds=args.checkpoint_seconds,
     )
-    summary = build_atlas(args.output, model, dataset, options, engine=args.engine, ray_address=args.ray_address, workers=args.workers)
+    summary = build_atlas(args.output, model, dataset, options, **engine)
     skipped = summary.skipped
     if args.json:
         print_json(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_model_options, model_from_args, print_json
+from ..choices import DATASET_SPEC_HELP
+from .common import add_engine_options, add_json_option, add_model_options, add_output_option, engine_from_args, model_from_args, print_json
 
 
 def _floats(text: str) -> list[float]:
@@ -23,8 +24,6 @@ def _floats(text: str) -> list[float]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..datasets import DATASET_SPEC_HELP
-
     p = sub.add_parser(
         "report",
         help="summarize a model on a dataset: unit activity, locality, sensitivity, probes, clusters",
@@ -35,12 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "resolution stage and the logits are used (see docs/report.md).",
     )
     p.add_argument("dataset", metavar="DATASET", help=DATASET_SPEC_HELP)
-    p.add_argument(
-        "-o",
-        "--output",
-        required=True,
-        metavar="REPORT",
-        help="REPORT.html (the JSON goes beside it as REPORT.json) or a folder for report.html and report.json",
+    add_output_option(
+        p, metavar="REPORT", help="REPORT.html (the JSON goes beside it as REPORT.json) or a folder for report.html and report.json"
     )
     p.add_argument(
         "--layers", metavar="L1,L2", help="comma-separated layers (see `deepvis layers`); default: each stage's output and logits"
@@ -76,54 +71,40 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--atlas", metavar="ATLAS", help="reuse the per-unit statistics of an atlas of the same model and dataset (`deepvis atlas`)"
     )
     p.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=2, help="image decoding threads (default: %(default)s)")
+    p.add_argument("--decode-threads", type=int, default=2, metavar="N", help="image decoding threads per process (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random perturbations, folds and k-means (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print a per-layer summary as JSON")
+    add_json_option(p, help="print a per-layer summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_engine_options(p)
     add_model_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..analysis import report_paths, summarize, write_report
+    from ..analysis import SummaryOptions, report_paths, summarize, write_report
     from ..datasets import open_dataset
-    from ..errors import DeepvisError
 
-    for name in ("max_images", "sensitivity_images", "clusters", "top_k", "batch_size"):
-        v = getattr(args, name)
-        if v is not None and v < (0 if name == "sensitivity_images" else 1):
-            raise DeepvisError(f"--{name.replace('_', '-')} must be at least {0 if name == 'sensitivity_images' else 1}")
-    if args.folds < 2:
-        raise DeepvisError("--folds must be at least 2")
-    if not 0 < args.radius <= 1:
-        raise DeepvisError("--radius must be in (0, 1]")
-    if args.workers < 0:
-        raise DeepvisError("--workers must be at least 0")
-    epsilons = _floats(args.epsilons)
-    report_paths(args.output)  # reject a bad output before the long work
-    layers = [s.strip() for s in args.layers.split(",") if s.strip()] if args.layers else None
-    cluster_layers = [s.strip() for s in args.cluster_layers.split(",") if s.strip()] if args.cluster_layers is not None else None
-    dataset = open_dataset(args.dataset)
-    model = model_from_args(args)
-    summary = summarize(
-        model,
-        dataset,
-        layers,
+    engine = engine_from_args(args)
+    options = SummaryOptions(  # checks every value before the long work
+        layers=_names(args.layers) or None,
         max_images=args.max_images,
         batch_size=args.batch_size,
-        workers=args.workers,
+        decode_threads=args.decode_threads,
         top_k=args.top_k,
-        radius=args.radius,
-        epsilons=epsilons,
+        locality_radius=args.radius,
+        epsilons=tuple(_floats(args.epsilons)),
         sensitivity_images=args.sensitivity_images,
         probe_folds=args.folds,
         cluster_k=args.clusters,
-        cluster_layers=cluster_layers,
+        cluster_layers=_names(args.cluster_layers) if args.cluster_layers is not None else None,
         embedding=args.map,
         atlas=args.atlas,
         seed=args.seed,
-        progress=False if args.no_progress else None,
     )
+    report_paths(args.output)  # reject a bad output before the long work
+    dataset = open_dataset(args.dataset)
+    model = model_from_args(args)
+    summary = summarize(model, dataset, options, progress=False if args.no_progress else None, **engine)
     html_path, json_path = write_report(summary, args.output)
     rows = []
     for n in summary.layer_names:
@@ -152,6 +133,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _names(text: str | None) -> tuple[str, ...] | None:
+    """Comma-separated names as a tuple (None for None; an empty tuple for an empty list)."""
+    return None if text is None else tuple(n.strip() for n in text.split(",") if n.strip())
+
+
 def _median(values) -> float | None:
     import numpy as np
 
@@ -160,8 +146,9 @@ def _median(values) -> float | None:
     return float(np.median(v)) if len(v) else None
 
 
-def _f(v: float | None) -> str:
-    return "-" if v is None or v != v else f"{v:.3f}"
+def _f(v: object) -> str:
+    """A table cell: a number to 3 decimals, or - when missing or not finite."""
+    return f"{v:.3f}" if isinstance(v, (int, float)) and v == v else "-"
 
 
 def _clean(rows):
