@@ -27,7 +27,6 @@ merge exactly); the result is in :class:`LayerLocality`.
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..stats import ExactSum
+from ..stats import ExactSum, pack_arrays, unpack_arrays
 
 __all__ = [
     "DEFAULT_RADIUS",
@@ -207,15 +206,12 @@ class LocalityAccumulator:
         arrays["map_size"] = np.array(self.map_size, np.int64)
         arrays["radius"] = np.array([self.radius], np.float64)
         arrays["done"] = np.array(sorted(self.done), np.int64)
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        return buf.getvalue()
+        return pack_arrays(arrays)
 
     @classmethod
     def from_bytes(cls, layer: str, data: bytes, device: torch.device | str = "cpu") -> LocalityAccumulator:
         """The state :meth:`to_bytes` wrote, on ``device``."""
-        with np.load(io.BytesIO(data)) as z:
-            a = {k: z[k] for k in z.files}
+        a = unpack_arrays(data)
         ms = a["map_size"]
         out = cls(layer, len(a["inputs"]), (int(ms[0]), int(ms[1])), float(a["radius"][0]), device)
         for name in _SUMS:

@@ -16,10 +16,8 @@ states (from other workers, in any order) gives exactly the one-pass result.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +28,7 @@ from ..capture import LayerInfo, get_layer
 from ..datasets import Batch, ImageDataset
 from ..models.model import Model
 from ..models.preprocessing import Preprocessing
-from ..stats import INPUT, Accumulator, Engine, LayerStats, num_batches, update_states
+from ..stats import INPUT, Accumulator, Engine, LayerStats, num_batches, pack_arrays, unpack_arrays, update_states
 from .activity import LayerActivity, layer_activity
 from .locality import DEFAULT_RADIUS, LayerLocality, LocalityAccumulator
 from .probe import pool_features
@@ -39,17 +37,6 @@ __all__ = ["THUMBNAIL_SIZE", "FeatureAccumulator", "ThumbnailAccumulator", "Scan
 
 #: side of the stored input thumbnails, in pixels
 THUMBNAIL_SIZE = 64
-
-
-def _npz(**arrays: Any) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def _unnpz(data: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(data)) as z:
-        return {k: z[k] for k in z.files}
 
 
 class FeatureAccumulator:
@@ -85,12 +72,14 @@ class FeatureAccumulator:
     def to_bytes(self) -> bytes:
         """A compact snapshot (npz)."""
         samples, rows = self.result()
-        return _npz(samples=samples, rows=rows, channels=np.array([self.channels]), done=np.array(sorted(self.done), np.int64))
+        return pack_arrays(
+            {"samples": samples, "rows": rows, "channels": np.array([self.channels]), "done": np.array(sorted(self.done), np.int64)}
+        )
 
     @classmethod
     def from_bytes(cls, layer: str, data: bytes, device: torch.device | str = "cpu") -> FeatureAccumulator:
         """The state :meth:`to_bytes` wrote (kept on the host whatever ``device``)."""
-        a = _unnpz(data)
+        a = unpack_arrays(data)
         out = cls(layer, int(a["channels"][0]))
         if len(a["samples"]):
             out._samples, out._rows = [a["samples"]], [a["rows"]]
@@ -132,12 +121,19 @@ class ThumbnailAccumulator:
         """A compact snapshot (npz)."""
         keys = sorted(self.images)
         pixels = np.stack([self.images[i] for i in keys]) if keys else np.zeros((0, self.size, self.size, 3), np.uint8)
-        return _npz(samples=np.array(keys, np.int64), pixels=pixels, size=np.array([self.size]), done=np.array(sorted(self.done), np.int64))
+        return pack_arrays(
+            {
+                "samples": np.array(keys, np.int64),
+                "pixels": pixels,
+                "size": np.array([self.size]),
+                "done": np.array(sorted(self.done), np.int64),
+            }
+        )
 
     @classmethod
     def from_bytes(cls, layer: str, data: bytes, device: torch.device | str = "cpu") -> ThumbnailAccumulator:
         """The state :meth:`to_bytes` wrote: pictures only (it can be merged and read, not updated)."""
-        a = _unnpz(data)
+        a = unpack_arrays(data)
         out = cls(None, int(a["size"][0]))
         out.images = {int(i): a["pixels"][k] for k, i in enumerate(a["samples"])}
         out.done = {int(b) for b in a["done"]}

@@ -11,7 +11,19 @@ capture, datasets and models, never the atlas, the analysis, the CLI or the serv
 >>> states["blocks.3"].top(7)        # doctest: +SKIP
 """
 
-from .accumulators import ACTIVE_THRESHOLD, EMPTY, INPUT, Accumulator, ExactSum, LayerStats, StatsAccumulator, TopK, UnitStats
+from .accumulators import (
+    ACTIVE_THRESHOLD,
+    EMPTY,
+    INPUT,
+    Accumulator,
+    ExactSum,
+    LayerStats,
+    StatsAccumulator,
+    TopK,
+    UnitStats,
+    pack_arrays,
+    unpack_arrays,
+)
 from .engines import (
     ENGINES,
     Engine,
@@ -28,6 +40,8 @@ from .engines import (
 )
 
 __all__ = [
+    "pack_arrays",
+    "unpack_arrays",
     "ACTIVE_THRESHOLD",
     "EMPTY",
     "INPUT",

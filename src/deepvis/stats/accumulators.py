@@ -49,10 +49,26 @@ __all__ = [
     "UnitStats",
     "StatsAccumulator",
     "LayerStats",
+    "pack_arrays",
+    "unpack_arrays",
 ]
 
 #: the pseudo-layer name of the preprocessed input batch (N, C, H, W), for accumulators that read it
 INPUT = "<input>"
+
+
+def pack_arrays(arrays: dict[str, Any]) -> bytes:
+    """Named arrays as one device-independent byte string (npz): the form every accumulator's
+    ``to_bytes`` takes (checkpoints, transfer between workers)."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def unpack_arrays(data: bytes) -> dict[str, np.ndarray]:
+    """The arrays :func:`pack_arrays` packed, by name."""
+    with np.load(io.BytesIO(data)) as z:
+        return {k: z[k] for k in z.files}
 
 
 class Accumulator(Protocol):
@@ -414,15 +430,12 @@ class LayerStats:
             "map_size": np.array(self.map_size if self.map_size else (-1, -1), np.int64),
             "done": np.array(sorted(self.done), np.int64),
         }
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        return buf.getvalue()
+        return pack_arrays(arrays)
 
     @classmethod
     def from_bytes(cls, layer: str, data: bytes, device: torch.device | str = "cpu") -> LayerStats:
         """The state :meth:`to_bytes` wrote, on ``device``."""
-        with np.load(io.BytesIO(data)) as z:
-            a = {k: z[k] for k in z.files}
+        a = unpack_arrays(data)
         units, k = a["values"].shape
         ms = tuple(int(v) for v in a["map_size"])
         out = cls(layer, units, k, None if ms[0] < 0 else (ms[0], ms[1]), device)
