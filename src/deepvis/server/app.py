@@ -57,6 +57,24 @@ def _json_error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers={"cache-control": "no-store"})
 
 
+class _TooLarge(Exception):
+    """An upload's body is over its size cap (declared in Content-Length, or found while streaming)."""
+
+
+async def _capped_body(request: Request, cap: int) -> AsyncIterator[bytes]:
+    """The request body's chunks, raising :class:`_TooLarge` as soon as it is known to exceed ``cap`` bytes
+    (a declared Content-Length over the cap, or a malformed one, is refused before reading)."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > cap):
+        raise _TooLarge
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > cap:
+            raise _TooLarge
+        yield chunk
+
+
 class Toolbox:
     """The state of one running toolbox: the model, the frame engine, the guard, the page's files."""
 
@@ -366,16 +384,10 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         if s is None:
             return _json_error(404, "unknown page session: reload the page")
         cap = config.max_upload_bytes
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > cap):
+        try:
+            chunks = [chunk async for chunk in _capped_body(request, cap)]
+        except _TooLarge:
             return _json_error(413, f"upload too large: the limit is {cap // (1024 * 1024)} MB")
-        chunks: list[bytes] = []
-        total = 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > cap:
-                return _json_error(413, f"upload too large: the limit is {cap // (1024 * 1024)} MB")
-            chunks.append(chunk)
         label = (name or "upload")[:200]
         try:
             image = await run_in_threadpool(
@@ -422,20 +434,17 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         if s is None:
             return _json_error(404, "unknown page session: reload the page")
         cap = config.max_video_bytes
-        length = request.headers.get("content-length")
-        too_large = f"video too large for the server to decode: the limit is {cap // (1024 * 1024)} MB"
-        if length is not None and (not length.isdigit() or int(length) > cap):
-            return _json_error(413, too_large)
         label = (name or "video")[:200]
         with tempfile.TemporaryDirectory(prefix="deepvis-video-") as tmp:
             src = Path(tmp) / "upload.bin"
             total = 0
             with open(src, "wb") as f:  # a fixed name in a private folder: the client's name is only a label
-                async for chunk in request.stream():
-                    total += len(chunk)
-                    if total > cap:
-                        return _json_error(413, too_large)
-                    f.write(chunk)
+                try:
+                    async for chunk in _capped_body(request, cap):
+                        total += len(chunk)
+                        f.write(chunk)
+                except _TooLarge:
+                    return _json_error(413, f"video too large for the server to decode: the limit is {cap // (1024 * 1024)} MB")
             if total == 0:
                 return _json_error(400, f"{label} is empty (0 bytes)")
             try:
