@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..choices import EMBEDDINGS
 from ..errors import DeepvisError
 
 __all__ = ["PALETTE", "ClusterResult", "cluster_features", "cluster_map", "umap_available"]
@@ -117,8 +118,8 @@ def cluster_features(
         raise ValueError("one sample index per feature row is needed")
     if n < 2:
         raise ValueError("clustering needs at least two inputs")
-    if embedding not in ("auto", "pca", "umap"):
-        raise ValueError("embedding must be auto, pca or umap")
+    if embedding not in EMBEDDINGS:
+        raise ValueError(f"embedding must be one of {', '.join(EMBEDDINGS)}")
     if embedding == "umap" and not umap_available():
         raise DeepvisError("a UMAP map needs the umap-learn package (pip install umap-learn); or use PCA")
     Z = StandardScaler().fit_transform(X)

@@ -30,6 +30,7 @@ from PIL import Image
 from .._progress import progress_bar
 from ..atlas import open_atlas
 from ..capture import LOGITS, LayerInfo, get_layer, layer_table
+from ..choices import EMBEDDINGS
 from ..datasets import ImageDataset, iter_batches
 from ..errors import DeepvisError, InputError, LayerError
 from ..models.identity import check_identity
@@ -58,8 +59,6 @@ __all__ = [
 DEFAULT_EPSILONS = (1.0, 2.0, 4.0, 8.0)
 #: up to this many inputs, the scan keeps every thumbnail; beyond, thumbnails are loaded when needed
 THUMBNAIL_CACHE_LIMIT = 2048
-#: the 2-D maps of the clusters: UMAP when installed (auto), PCA, or UMAP
-EMBEDDINGS = ("auto", "pca", "umap")
 #: units per layer (most active by mean, by max) whose top inputs are read from an atlas
 _ATLAS_UNITS_SHOWN = 8
 #: (option, its `deepvis report` flag, its least value)

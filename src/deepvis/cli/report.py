@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..choices import DATASET_SPEC_HELP
+from ..choices import DATASET_SPEC_HELP, EMBEDDINGS
 from .common import add_engine_options, add_json_option, add_model_options, add_output_option, engine_from_args, model_from_args, print_json
 
 
@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cluster-layers", metavar="L1,L2", help="layers to cluster (default: every summarized layer)")
     p.add_argument(
         "--map",
-        choices=("auto", "pca", "umap"),
+        choices=EMBEDDINGS,
         default="auto",
         help="2-D map of the clusters: UMAP when installed (auto), or PCA (default: %(default)s)",
     )
