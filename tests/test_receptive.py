@@ -239,7 +239,7 @@ def test_probe_batch_falls_back_only_when_the_network_fails_past_the_layer(monke
 
     monkeypatch.setattr(receptive, "layer_table", broken)
     with pytest.raises(ModelError, match="not a size problem"):  # any other error is not turned into a batch size
-        layer_field(m, "conv", (24, 24))
+        layer_field(m, "conv", (24, 24), method="probe")  # the graph path (the default here) runs no probe
 
 
 def test_bad_layers_and_positions(default_model):
@@ -270,3 +270,204 @@ def test_crops_are_padded_to_the_full_field():
     assert not inside.clipped and crop(image, inside).shape == (13, 13)
     with pytest.raises(DeepvisError, match="20x20"):
         crop(np.zeros((10, 10)), rf)
+
+
+def test_crops_of_fields_larger_than_the_input_are_input_sized_and_centred():
+    # four k=3 s=2 convs: a 31-px field at stride 16 on a 20-px input, larger than the input
+    layers: list[nn.Module] = []
+    for i in range(4):
+        layers += [nn.Conv2d(3 if i == 0 else 2, 2, 3, stride=2, padding=1), nn.ReLU()]
+    m = Model(nn.Sequential(*layers).eval(), Preprocessing((20, 20)))
+    rf = receptive_field(m, "6:0@0,1")
+    assert rf.size == (31, 31) and rf.field == (-15, 1, 16, 32) and rf.clipped
+    image = np.arange(400, dtype=np.int32).reshape(20, 20)
+    c = crop(image, rf, fill=-1)
+    # the window: 20 px centred on the field's centre (0.5 and 16.5) -> rows [-10, 10), columns [6, 26)
+    assert c.shape == (20, 20)
+    assert (c[:10] == -1).all() and (c[:, 14:] == -1).all()
+    assert (c[10:, :14] == image[0:10, 6:20]).all()
+
+
+# -- exact fields from the graph, also larger than the input ------------------------------------------
+def _k3s2(depth: int) -> nn.Module:
+    chans = [3] + [2] * depth
+    return nn.Sequential(*(nn.Sequential(nn.Conv2d(a, b, 3, stride=2, padding=1), nn.ReLU()) for a, b in zip(chans, chans[1:])))
+
+
+@pytest.mark.parametrize("depth", [3, 5, 6])
+def test_deep_k3_s2_stacks_by_formula_also_past_the_input(depth):
+    net = _k3s2(depth).eval()
+    n = 40
+    m = Model(net, Preprocessing((n, n)))
+    before = snapshot(net)
+    geo = layer_field(m, str(depth - 1))
+    size, stride = 2 ** (depth + 1) - 1, 2**depth  # 1 + sum 2·2^i; each conv adds 2 taps of the current jump
+    assert geo.source == "graph" and geo.whole_image is None
+    assert geo.size == (size, size) and geo.stride == (stride, stride) and geo.offset == (1 - stride, 1 - stride)
+    h = geo.output_size[0]
+    for i in range(h):
+        rf = geo.at((i, i))
+        top = stride * i + 1 - stride
+        assert rf.field == (top, top, top + size, top + size)
+        assert rf.box == (max(top, 0), max(top, 0), min(top + size, n), min(top + size, n))
+        assert rf.clipped == (top < 0 or top + size > n)
+    assert geo.at((h - 1, 0)).clipped
+    assert_unchanged(net, before)
+    assert all(not mod._forward_hooks and not mod._forward_pre_hooks for mod in net.modules())
+    assert not torch._C._is_torch_function_mode_enabled()
+
+
+def test_graph_and_probe_agree_and_a_larger_canvas_shows_the_full_probe_field():
+    net = _k3s2(5).eval()
+    m = Model(net, Preprocessing((40, 40)))
+    small = layer_field(m, "4", method="graph")  # 63 px on a 40-px input
+    big = layer_field(m, "4", (160, 160), method="probe")  # the probe sees the whole field on a 160-px canvas
+    assert small.size == big.size == (63, 63) and small.stride == big.stride == (32, 32)
+    assert layer_field(m, "4", (160, 160), method="graph").rows == big.rows
+    r18 = Model(torchvision.models.resnet18().eval(), Preprocessing((64, 64)))
+    for layer in ("maxpool", "layer1", "layer2"):
+        graph, probe = layer_field(r18, layer, method="graph"), layer_field(r18, layer, method="probe")
+        assert graph.source == "graph" and probe.source == "probe"
+        assert [graph.rows.lo, graph.rows.hi, graph.cols.lo, graph.cols.hi] == [probe.rows.lo, probe.rows.hi, probe.cols.lo, probe.cols.hi]
+        wide = layer_field(r18, layer, (224, 224), method="probe")
+        assert graph.size == wide.size and graph.stride == wide.stride, layer  # layer2: 99 px > 64 px
+
+
+DEEP = {
+    # (constructor, layer, position, size, stride, clipped) for a 224-px input: fields larger than the input
+    "resnet50 layer3": (torchvision.models.resnet50, "layer3", (3, 3), 267, 16, True),
+    "resnet50 layer4": (torchvision.models.resnet50, "layer4", (3, 3), 427, 32, True),
+    "alexnet features.12": (torchvision.models.alexnet, "features.12", (3, 3), 195, 32, True),
+}
+
+
+@pytest.fixture(scope="module")
+def torchvision_nets():
+    torch.manual_seed(0)
+    return {"resnet50": torchvision.models.resnet50().eval(), "alexnet": torchvision.models.alexnet().eval()}
+
+
+@pytest.mark.parametrize("name", list(DEEP))
+def test_deep_torchvision_layers_whose_fields_exceed_the_input(name, torchvision_nets):
+    build, layer, pos, size, stride, clipped = DEEP[name]
+    net = torchvision_nets[build.__name__]
+    before = snapshot(net)
+    m = Model(net, Preprocessing((224, 224)))
+    geo = layer_field(m, layer)
+    assert geo.source == "graph" and geo.size == (size, size) and geo.stride == (stride, stride)
+    rf = geo.at(pos)
+    assert rf.size == (size, size) and rf.clipped is clipped
+    top, left, bottom, right = rf.field
+    assert rf.box == (max(top, 0), max(left, 0), min(bottom, 224), min(right, 224))
+    assert_unchanged(net, before)
+
+
+def test_alexnet_feature12_field_is_195_px_and_clipped(torchvision_nets):
+    m = Model(torchvision_nets["alexnet"], Preprocessing((224, 224)))
+    rf = receptive_field(m, "features.12:0@3,3")
+    assert rf.field == (30, 30, 225, 225) and rf.box == (30, 30, 224, 224) and rf.clipped
+    assert rf.to_dict()["clipped"] is True
+
+
+# -- the whole image, with the reason -------------------------------------------------------------------
+class _Hybrid(nn.Module):
+    """A conv stem, one attention block over its positions, back to a map, then a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, stride=4)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.after = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        a = self.stem(x)
+        n, c, h, w = a.shape
+        t = a.flatten(2).transpose(1, 2)
+        t = t + self.attn(t, t, t, need_weights=False)[0]
+        return self.after(t.transpose(1, 2).reshape(n, c, h, w))
+
+
+class _SelfAttention(nn.Module):
+    """Hand-written attention (softmax of q·kᵀ), as in many user models."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, t):
+        q, k, v = self.qkv(t).chunk(3, dim=-1)
+        return torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v
+
+
+class _HandHybrid(_Hybrid):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = _SelfAttention()  # type: ignore[assignment]  # a different attention module
+
+    def forward(self, x):
+        a = self.stem(x)
+        n, c, h, w = a.shape
+        t = self.attn(a.flatten(2).transpose(1, 2))
+        return self.after(t.transpose(1, 2).reshape(n, c, h, w))
+
+
+class _Squeeze(nn.Module):
+    """A conv, then x · sigmoid(mean(x)) (squeeze-excitation) and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.gate = nn.Identity()
+        self.fc = nn.Linear(4 * 30 * 30, 5)
+
+    def forward(self, x):
+        a = self.conv(x)
+        g = self.gate(a * torch.sigmoid(a.mean((2, 3), keepdim=True)))
+        return self.fc(g.flatten(1))
+
+
+@pytest.mark.parametrize("cls", [_Hybrid, _HandHybrid])
+def test_after_attention_the_field_is_the_whole_image(cls):
+    torch.manual_seed(0)
+    net = cls().eval()
+    before = snapshot(net)
+    m = Model(net, Preprocessing((32, 32)))
+    stem = layer_field(m, "stem")
+    assert stem.size == (4, 4) and stem.stride == (4, 4) and stem.whole_image is None
+    geo = layer_field(m, "after")
+    assert geo.whole_image is not None and "attention" in geo.whole_image and "attn" in geo.whole_image
+    assert geo.output_size == (8, 8) and geo.size == (32, 32)
+    assert geo.at((0, 0)).box == geo.at((7, 7)).box == (0, 0, 32, 32) and not geo.at((0, 0)).clipped
+    assert geo.at((2, 5)).box == _support_box(m, "after", (2, 5), 32)  # the gradient agrees
+    assert_unchanged(net, before)
+
+
+def test_global_pooling_and_fully_connected_layers_see_the_whole_image():
+    net = _Squeeze().eval()
+    m = Model(net, Preprocessing((32, 32)))
+    assert layer_field(m, "conv").size == (3, 3)
+    gate = layer_field(m, "gate")
+    assert gate.whole_image is not None and "global pooling" in gate.whole_image
+    fc = layer_field(m, "fc")
+    assert fc.whole_image is not None and fc.at(None).box == (0, 0, 32, 32)
+    with pytest.raises(DeepvisError, match="cannot be composed"):
+        layer_field(load_model_unet(), "fuse", method="graph")  # upsampling: the probe's work
+
+
+def load_model_unet() -> Model:
+    ns: dict = {}
+    exec(textwrap.dedent(USER_MODEL), ns)
+    return Model(ns["build"]().eval(), Preprocessing((32, 32)))
+
+
+def test_vit_token_layers_see_the_whole_image_after_the_first_attention_block():
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32).eval()
+    m = Model(vit, Preprocessing((32, 32)))
+    patches = layer_field(m, "conv_proj")
+    assert patches.size == (8, 8) and patches.stride == (8, 8) and patches.whole_image is None
+    for layer in ("encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1.mlp"):
+        geo = layer_field(m, layer)
+        reason = geo.whole_image or ""
+        assert reason.startswith("attention") and "encoder.layers.encoder_layer_0.self_attention" in reason, (layer, reason)
+        assert geo.at(None).box == (0, 0, 32, 32)

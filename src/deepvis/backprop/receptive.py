@@ -1,16 +1,27 @@
-"""Receptive fields for any architecture, from the support of gradients, and receptive-field crops.
+"""Receptive fields for any architecture, and receptive-field crops.
 
-The receptive field of a unit at (y, x) of a layer is the input region that can influence it. It is
-measured, not derived from a list of known layer types, so branches, padding (also TensorFlow-style
-"same" padding), dilation, strides, upsampling and global operations (squeeze-excitation, attention:
-the whole image) are all handled:
+The receptive field of a unit at (y, x) of a layer is the input region that can influence it. Two
+ways to get it, tried in this order (``method="auto"``):
 
-* one probe forward pass on a fixed random input, in which every elementwise nonlinearity (ReLU,
-  SiLU, clamp, ...) passes gradients straight through and every 2-D max pooling passes them to its
-  whole window (the forward values are unchanged), so that no input-dependent mask hides a pixel;
-* one backward pass per output row (seeded on the whole row, all channels) and per output column,
-  batched: the rows of the input whose gradient is non-zero are the field's rows at that output row
-  (and likewise for columns). The field of (y, x) is the box rows(y) × cols(x).
+* **the graph** (:mod:`.graph_field`): kernel, stride, padding and dilation composed along the executed
+  graph of one forward pass, branches united; exact, also when the field is larger than the input (a
+  427-px field on a 224-px input is 427 px at stride 32). A global operation before the layer
+  (attention, global pooling, a fully connected layer, normalization over the whole map) makes the field
+  the whole image, with the reason in :attr:`LayerField.whole_image`.
+* **the probe**, for what the graph does not compose (upsampling, slicing, reflection padding, windowed
+  attention, layers that are not (N, C, H, W) maps), measured from the support of gradients, so any
+  architecture is handled; its full field size is at most what the input shows (a field larger than the
+  input is reported at the input's size there):
+
+  * one probe forward pass on a fixed random input, in which every elementwise nonlinearity (ReLU,
+    SiLU, clamp, ...) passes gradients straight through and every 2-D max pooling passes them to its
+    whole window (the forward values are unchanged), so that no input-dependent mask hides a pixel;
+  * one backward pass per output row (seeded on the whole row, all channels) and per output column,
+    batched: the rows of the input whose gradient is non-zero are the field's rows at that output row
+    (and likewise for columns). The field of (y, x) is the box rows(y) × cols(x).
+
+A gradient counts as non-zero above a small relative threshold on accelerators (cuDNN's Winograd/FFT
+backward algorithms leave tiny non-zeros); on the CPU exactly.
 
 The field of a layer is the union over its channels (channels of a concatenation may see less).
 Results are cached on ``model.cache`` per (layer, input size) (:data:`LAYER_FIELDS`; dropped when the
@@ -33,12 +44,13 @@ from PIL import Image
 from torch.overrides import TorchFunctionMode
 
 from ..capture.hooks import capture
-from ..capture.layers import get_layer, layer_table
-from ..capture.state import frozen
+from ..capture.layers import get_layer, layer_table, resolve_module
+from ..capture.state import eval_mode, frozen
 from ..capture.units import Unit, parse_unit
 from ..errors import DeepvisError, LayerError, UnitError
 from ..models.cache import CacheSlot
 from ..models.model import Model
+from .graph_field import Spatial, Whole, graph_state
 from .rules import OTHER_FUNCS, RELU_FUNCS
 
 __all__ = [
@@ -73,6 +85,11 @@ class AxisField:
     size: int
     stride: float
     length: int  # input pixels along this axis
+
+    @property
+    def offset(self) -> int:
+        """The start of the full field of index 0 (input pixels; negative when it begins in the padding)."""
+        return self.start[0]
 
 
 @dataclass(frozen=True)
@@ -119,6 +136,10 @@ class LayerField:
     output_size: tuple[int, int] | None  # (h, w); None for a vector layer (N, C)
     rows: AxisField
     cols: AxisField
+    #: why every position sees the whole image (e.g. "attention in blocks.0 (Attention)"); None otherwise
+    whole_image: str | None = None
+    #: how the field was found: "graph" (composed, exact) or "probe" (gradient supports)
+    source: str = "probe"
 
     @property
     def size(self) -> tuple[int, int]:
@@ -129,6 +150,11 @@ class LayerField:
     def stride(self) -> tuple[float, float]:
         """Input pixels between the fields of neighbouring positions (rows, columns)."""
         return (self.rows.stride, self.cols.stride)
+
+    @property
+    def offset(self) -> tuple[int, int]:
+        """(top, left) of the full field of position (0, 0), in input pixels (negative: in the padding)."""
+        return (self.rows.offset, self.cols.offset)
 
     def at(self, position: tuple[int, int] | None) -> ReceptiveField:
         """The field of ``position`` (y, x); None (or a vector layer): the whole map's field."""
@@ -151,6 +177,9 @@ class LayerField:
             "output_size": list(self.output_size) if self.output_size else None,
             "size": list(self.size),
             "stride": [round(s, 4) for s in self.stride],
+            "offset": list(self.offset),
+            "whole_image": self.whole_image,
+            "source": self.source,
         }
 
 
@@ -296,13 +325,22 @@ def _supports(model: Model, layer: str, x0: torch.Tensor, seeds: list[tuple[str,
             else:
                 seed[k, :, :, list(idx)] = 1.0
         (g,) = torch.autograd.grad(a, xb, grad_outputs=seed)
-        support = (g != 0).any(dim=1).cpu()  # (B, H, W)
+        support = _nonzero(g).any(dim=1).cpu()  # (B, H, W)
         for k, (axis, _idx) in enumerate(part):
             if axis in ("row", "all"):
                 found.append(support[k].any(dim=1))
             if axis in ("col", "all"):
                 found.append(support[k].any(dim=0))
     return found
+
+
+def _nonzero(g: torch.Tensor) -> torch.Tensor:
+    """Where the gradient ``g`` (B, C, H, W) is not zero: exactly on the CPU; elsewhere above a small
+    fraction of each example's largest magnitude (cuDNN's Winograd/FFT backward leaves tiny non-zeros)."""
+    if g.device.type == "cpu":
+        return g != 0
+    peak = g.detach().abs().flatten(1).amax(dim=1).view(-1, *([1] * (g.ndim - 1)))
+    return g.abs() > peak * (torch.finfo(g.dtype).eps * 64)
 
 
 def _decode(mask: torch.Tensor, rows: tuple[int, ...], centre: float, stride: float, size: int) -> list[tuple[int, int]] | None:
@@ -429,29 +467,86 @@ def _span(mask: torch.Tensor) -> tuple[int, int]:
     return int(nz[0]), int(nz[-1])
 
 
-def layer_field(model: Model, layer: str, input_size: tuple[int, int] | None = None) -> LayerField:
+def layer_field(model: Model, layer: str, input_size: tuple[int, int] | None = None, *, method: str = "auto") -> LayerField:
     """The receptive-field geometry of every position of ``layer``.
 
     Args:
         model: the network (left as it was found).
         layer: a layer name (see :func:`deepvis.capture.layer_table`).
         input_size: the input (H, W) in pixels; default: the model's input size.
+        method: ``"auto"`` (the graph where it composes, else the probe; see the module notes),
+            ``"graph"`` (a :class:`DeepvisError` where it does not compose) or ``"probe"``.
 
     Returns:
-        A :class:`LayerField` (fields in input pixels), cached in :data:`LAYER_FIELDS` per layer and
-        input size until the module's structure changes.
+        A :class:`LayerField` (fields in input pixels). The ``"auto"`` result is cached in
+        :data:`LAYER_FIELDS` per layer and input size until the module's structure changes.
     """
+    if method not in ("auto", "graph", "probe"):
+        raise DeepvisError(f"unknown receptive-field method {method!r}: choose auto, graph or probe")
     size = input_size if input_size is not None else model.preprocessing.input_size
     hw = (int(size[0]), int(size[1]))
     entries = model.cache.entries(model.module)
-    cached = entries.get(LAYER_FIELDS, (layer, hw))
-    if cached is not None:
-        return cached
-    get_layer(model, layer)  # a clear error for an unknown layer
+    if method == "auto":
+        cached = entries.get(LAYER_FIELDS, (layer, hw))
+        if cached is not None:
+            return cached
+    info = get_layer(model, layer)  # a clear error for an unknown layer
     shape = (model.preprocessing.channels, int(hw[0]), int(hw[1]))
     dtype = next((p.dtype for p in model.module.parameters() if p.is_floating_point()), torch.float32)
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(1, *shape, generator=gen).to(device=model.device, dtype=dtype)
+    geo = None if method == "probe" else _graph_field(model, layer, x0, hw, calls=info.calls, strict=method == "graph")
+    if geo is None:
+        geo = _probe_field(model, layer, x0, hw, shape)
+    return entries.put(LAYER_FIELDS, (layer, hw), geo) if method == "auto" else geo
+
+
+def _graph_field(model: Model, layer: str, x0: torch.Tensor, hw: tuple[int, int], *, calls: int, strict: bool) -> LayerField | None:
+    """The field composed along the graph (:mod:`.graph_field`); None where it does not compose (a
+    :class:`DeepvisError` saying why when ``strict``)."""
+    module = model.module
+    with eval_mode(module):
+        state, out = graph_state(module, resolve_module(module, layer), x0, calls)
+    h, w = hw
+    if isinstance(state, Whole):
+        grid = (int(out.shape[-2]), int(out.shape[-1])) if out.ndim == 4 else None
+        rows = _whole_axis(grid[0] if grid else 1, h)
+        cols = _whole_axis(grid[1] if grid else 1, w)
+        return LayerField(layer, hw, grid, rows, cols, whole_image=state.reason, source="graph")
+    if isinstance(state, Spatial) and out.ndim == 4 and (state.rdim, state.cdim) == (2, 3):
+        r, c = state.rows, state.cols
+        if (r.lo > r.hi).any() or (c.lo > c.hi).any():
+            raise DeepvisError(f"layer {layer} has positions that see only padding: no receptive field there")
+        rows = AxisField(
+            tuple(int(v) for v in r.lo),
+            tuple(int(v) for v in r.hi),
+            tuple(r.offset + r.jump * i for i in range(len(r.lo))),
+            r.size,
+            float(r.jump),
+            h,
+        )
+        cols = AxisField(
+            tuple(int(v) for v in c.lo),
+            tuple(int(v) for v in c.hi),
+            tuple(c.offset + c.jump * i for i in range(len(c.lo))),
+            c.size,
+            float(c.jump),
+            w,
+        )
+        return LayerField(layer, hw, (len(r.lo), len(c.lo)), rows, cols, source="graph")
+    if strict:
+        why = getattr(state, "reason", "its output is not an (N, C, H, W) map")
+        raise DeepvisError(f"the receptive field of {layer} cannot be composed from the graph: {why}")
+    return None
+
+
+def _whole_axis(n: int, length: int) -> AxisField:
+    """``n`` positions that each see all ``length`` input pixels."""
+    return AxisField((0,) * n, (length - 1,) * n, (0,) * n, length, 0.0, length)
+
+
+def _probe_field(model: Model, layer: str, x0: torch.Tensor, hw: tuple[int, int], shape: tuple[int, int, int]) -> LayerField:
+    """The field measured from gradient supports (see the module notes)."""
     with torch.no_grad():
         out = capture(model, x0, [layer])[layer]
     batch = _probe_batch(model, layer, shape)
@@ -466,8 +561,7 @@ def layer_field(model: Model, layer: str, input_size: tuple[int, int] | None = N
         raise DeepvisError(f"layer {layer} does not depend on the input: it has no receptive field")
     row_field = _axis([lo for lo, _ in rows], [hi for _, hi in rows], shape[1])
     col_field = _axis([lo for lo, _ in cols], [hi for _, hi in cols], shape[2])
-    geo = LayerField(layer, hw, (h, w) if out.ndim == 4 else None, row_field, col_field)
-    return entries.put(LAYER_FIELDS, (layer, hw), geo)
+    return LayerField(layer, hw, (h, w) if out.ndim == 4 else None, row_field, col_field)
 
 
 def receptive_field(
@@ -499,7 +593,11 @@ def crop(array: np.ndarray, rf: ReceptiveField, *, fill: float | tuple[float, ..
 @overload
 def crop(array: torch.Tensor, rf: ReceptiveField, *, fill: float | tuple[float, ...] = 0) -> torch.Tensor: ...
 def crop(array: np.ndarray | torch.Tensor, rf: ReceptiveField, *, fill: float | tuple[float, ...] = 0) -> np.ndarray | torch.Tensor:
-    """The full field of ``rf`` cut from ``array`` and padded with ``fill`` where it runs past the input.
+    """The field of ``rf`` cut from ``array`` and padded with ``fill`` where it runs past the input.
+
+    The window is the full field, except along an axis where the field is larger than the input (deep
+    layers): there it is the input's size, centred on the field's centre, so a crop is never larger
+    than the image it comes from and the unit's centre stays in the middle of it.
 
     Args:
         array: an image (H, W) or (H, W, C) numpy array, or a tensor (C, H, W) such as a backprop
@@ -508,13 +606,15 @@ def crop(array: np.ndarray | torch.Tensor, rf: ReceptiveField, *, fill: float | 
         fill: the value (or one value per channel) outside the input.
 
     Returns:
-        The crop, the same kind as ``array``, of the full field size: (fh, fw[, C]) or (C, fh, fw).
+        The crop, the same kind as ``array``: (fh, fw[, C]) or (C, fh, fw), where (fh, fw) is the field's
+        size capped at the input's.
     """
     H, W = rf.input_size
     hw = tuple(array.shape[-2:]) if isinstance(array, torch.Tensor) else tuple(array.shape[:2])
     if hw != (H, W):
         raise DeepvisError(f"cannot crop: the array is {hw[0]}x{hw[1]} but the field is for a {H}x{W} input")
-    top, left, bottom, right = rf.field
+    top, bottom = _window(rf.field[0], rf.field[2], H)
+    left, right = _window(rf.field[1], rf.field[3], W)
     t0, l0, b0, r0 = max(top, 0), max(left, 0), min(bottom, H), min(right, W)
     fh, fw = bottom - top, right - left
     if isinstance(array, torch.Tensor):
@@ -527,6 +627,14 @@ def crop(array: np.ndarray | torch.Tensor, rf: ReceptiveField, *, fill: float | 
     out[...] = fill
     out[t0 - top : b0 - top, l0 - left : r0 - left] = array[t0:b0, l0:r0]
     return out
+
+
+def _window(lo: int, hi: int, n: int) -> tuple[int, int]:
+    """The half-open span [lo, hi) of a field along one axis, shrunk to ``n`` pixels around its centre when longer."""
+    if hi - lo <= n:
+        return lo, hi
+    start = (lo + hi - n) // 2
+    return start, start + n
 
 
 def crop_image(image: Image.Image, rf: ReceptiveField, *, fill: int | tuple[int, ...] = 0) -> Image.Image:

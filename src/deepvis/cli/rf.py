@@ -24,8 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "rf",
         help="print the receptive field of a unit (any architecture)",
         description="Print the input region that can influence a unit: LAYER (the whole map), LAYER@Y,X or "
-        "LAYER:C@Y,X (the channel does not change the field). Measured from gradient supports, so it works for "
-        "any architecture; near the borders the field is clipped by the image. With --image and -o, also write "
+        "LAYER:C@Y,X (the channel does not change the field). Composed exactly from the kernels, strides, padding "
+        "and dilation of the executed graph (also when the field is larger than the input), or measured from "
+        "gradient supports where the graph does not compose; after attention, global pooling or a fully "
+        "connected layer the field is the whole image. The box is clipped to the image (marked clipped). "
+        "With --image and -o, also write "
         "the field's crop of that image (as the model sees it), padded at the borders to the full field size.",
     )
     p.add_argument("--unit", required=True, metavar="LAYER[:C][@Y,X]", help="e.g. blocks.3@5,5, blocks.3:17@5,5 or blocks.3")
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         with atomic_path(out) as tmp:
             crop_image(image, rf).save(tmp, format=fmt)
     if args.json:
-        print_json({**rf.to_dict(), "layer_field": geo.to_dict(), "output": str(out) if out else None})
+        print_json({**rf.to_dict(), "whole_image": geo.whole_image, "layer_field": geo.to_dict(), "output": str(out) if out else None})
         return 0
     top, left, bottom, right = rf.box
     where = f"{layer}@{pos[0]},{pos[1]}" if pos else f"{layer} (whole map)"
@@ -83,9 +86,18 @@ def run(args: argparse.Namespace) -> int:
         ft, fl, fb, fr = rf.field
         print(f"  clipped by the border; full field rows {ft} to {fb - 1}, columns {fl} to {fr - 1}")
     h, w = geo.input_size
-    sy, sx = geo.stride
     grid = f"{geo.output_size[0]}x{geo.output_size[1]} map, " if geo.output_size else ""
-    print(f"  layer {layer}: {grid}field {geo.size[0]}x{geo.size[1]} px, stride {sy:g}x{sx:g} px, input {h}x{w}")
+    if geo.whole_image is not None:
+        print(f"  layer {layer}: {grid}field: the whole image, because of {geo.whole_image}; input {h}x{w}")
+    else:
+        sy, sx = geo.stride
+        oy, ox = geo.offset
+        notes = [f"field of (0,0) starts at {oy},{ox}"]
+        if geo.size[0] > h or geo.size[1] > w:
+            notes.append("the field is larger than the input")
+        if geo.source != "graph":
+            notes.append("measured from gradients, at most the input's size")
+        print(f"  layer {layer}: {grid}field {geo.size[0]}x{geo.size[1]} px, stride {sy:g}x{sx:g} px, input {h}x{w}; {'; '.join(notes)}")
     if out is not None:
         print(f"wrote {out}", file=sys.stderr)
     return 0
