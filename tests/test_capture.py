@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from deepvis.capture import Unit, capture, check_unit, get_layer, layer_table, parse_unit, parse_unit_set
+from deepvis.capture import Unit, capture, check_unit, get_layer, layer_table, module_device, parse_unit, parse_unit_set
 from deepvis.capture.hooks import ALL_MODULES, INPLACE_OUTPUTS, RESOLVED_MODULES
 from deepvis.capture.layers import LAYER_TABLES
 from deepvis.errors import LayerError, UnitError
@@ -257,3 +257,22 @@ def test_model_cache_travels_empty():
     for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
         assert len(clone.cache) == 0
         assert [i.name for i in layer_table(clone)] == [i.name for i in layer_table(model)]
+
+
+def test_device_comes_from_buffers_when_there_are_no_parameters():
+    """A module with only buffers gets its probe and its input on the buffers' device (meta: no CUDA needed)."""
+
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("scale", torch.ones(1, 3, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            assert x.device == self.scale.device
+            return x * self.scale
+
+    net = nn.Sequential(Scale()).to("meta")
+    assert module_device(net).type == "meta"
+    assert layer_table(net, (3, 8, 8))[0].shape == (3, 8, 8)
+    assert capture(net, torch.randn(1, 3, 8, 8), ["0"])["0"].device.type == "meta"
+    assert hooks_left(net) == []

@@ -576,9 +576,9 @@ def receptive_field(
     Without a position: the field of the whole map. The channel does not matter (see the module notes).
     """
     if isinstance(unit, Unit):
-        layer, pos = unit.layer, unit.position
+        layer, pos = unit.no_token("the receptive field").layer, unit.position
     elif ":" in unit:
-        u = parse_unit(unit)
+        u = parse_unit(unit).no_token("the receptive field")
         layer, pos = u.layer, u.position
     else:
         layer, pos = unit, None

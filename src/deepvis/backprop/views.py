@@ -129,6 +129,7 @@ def backprop_views(
     ulist = [parse_unit(u) if isinstance(u, str) else u for u in ([units] if isinstance(units, (Unit, str)) else list(units))]
     if not ulist:
         raise UnitError("no unit given")
+    ulist = [u.no_token("the backprop view") for u in ulist]
     n = xb.shape[0]
     if len(ulist) == 1 and n > 1:
         ulist = ulist * n

@@ -1,13 +1,19 @@
-"""Capture: unit addressing, the layer table, hooks and the early-stopping forward pass."""
+"""Capture: unit addressing, the layer table and its layouts, hooks and the early-stopping forward pass."""
 
-from .hooks import capture, forward_with_logits
-from .layers import LayerInfo, check_unit, get_layer, layer_table, resolve_module
+from .hooks import capture, forward_with_logits, prefix_key
+from .layers import LayerInfo, check_unit, get_layer, layer_table, module_device, resolve_module
+from .layouts import Layout, parse_layout, parse_layout_options
 from .state import eval_mode, frozen
 from .units import LOGITS, Unit, parse_unit, parse_unit_set
 
 __all__ = [
     "capture",
     "forward_with_logits",
+    "prefix_key",
+    "Layout",
+    "parse_layout",
+    "parse_layout_options",
+    "module_device",
     "LayerInfo",
     "layer_table",
     "get_layer",

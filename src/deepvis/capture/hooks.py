@@ -4,6 +4,11 @@ Hooks are registered for the duration of one call and removed on every path, err
 model's training flags are restored. Outputs that the network later modifies in place (e.g. a module
 output followed by ``ReLU(inplace=True)``) are detected through the tensor version counter and
 recaptured as copies, so what is returned is always the module's output as it was produced.
+
+With a :class:`Model`, outputs come back in the canonical form of their layout (see :mod:`.layouts`):
+(N, C, H, W) for maps, channels-last maps (a permuted view) and the patch tokens of token layers (a
+reshaped view; ``prefix=True`` adds ``"LAYER@prefix"``: the prefix tokens as (N, C, P)); (N, C) for
+vectors. Views cost no copy, so a token layer costs no more per element than a map layer.
 """
 
 from __future__ import annotations
@@ -18,14 +23,15 @@ from torch import nn
 from ..errors import LayerError
 from ..models.cache import CacheEntries, CacheSlot
 from ..models.model import Model
-from .layers import layer_table, resolve_module
+from .layers import layer_table, module_device, resolve_module
+from .layouts import Layout
 from .state import eval_mode
 
-__all__ = ["capture", "forward_with_logits", "CAPTURE_FACTS", "RESOLVED_MODULES", "ALL_MODULES", "INPLACE_OUTPUTS"]
+__all__ = ["capture", "forward_with_logits", "prefix_key", "CAPTURE_FACTS", "RESOLVED_MODULES", "ALL_MODULES", "INPLACE_OUTPUTS"]
 
-#: (call count per layer, layer -> the earlier layer it is an alias of), from the layer table at the
-#: model's input size
-CAPTURE_FACTS: CacheSlot[None, tuple[dict[str, int], dict[str, str]]] = CacheSlot("capture_facts")
+#: (call count per layer, layer -> the earlier layer it is an alias of, layer -> layout), from the layer
+#: table at the model's input size and declared layouts
+CAPTURE_FACTS: CacheSlot[tuple[object, ...], tuple[dict[str, int], dict[str, str], dict[str, Layout]]] = CacheSlot("capture_facts")
 #: the module each layer name resolves to
 RESOLVED_MODULES: CacheSlot[str, nn.Module] = CacheSlot("resolved_modules")
 #: every module of the network, in ``module.modules()`` order (for the training-flag context)
@@ -34,14 +40,24 @@ ALL_MODULES: CacheSlot[None, list[nn.Module]] = CacheSlot("all_modules")
 INPLACE_OUTPUTS: CacheSlot[None, set[str]] = CacheSlot("inplace_outputs")
 
 
+#: layouts whose outputs are already in the canonical form
+_AS_PRODUCED = frozenset(("maps", "vector"))
+
+
 class _StopForward(Exception):
     """Raised inside a hook once every requested layer has been captured."""
 
 
-def _table_facts(model: Model) -> tuple[dict[str, int], dict[str, str]]:
-    """(call count per layer, layer -> the earlier layer it is an alias of) from a Model's layer table."""
-    table = layer_table(model)
-    return {i.name: i.calls for i in table}, {i.name: i.same_as for i in table if i.same_as}
+def prefix_key(layer: str) -> str:
+    """The key under which ``capture(..., prefix=True)`` returns a token layer's prefix tokens."""
+    return f"{layer}@prefix"
+
+
+def _table_facts(model: Model) -> tuple[dict[str, int], dict[str, str], dict[str, Layout]]:
+    """(call count per layer, layer -> the earlier layer it is an alias of, layer -> layout) from a
+    Model's full layer table."""
+    table = layer_table(model, everything=True)
+    return {i.name: i.calls for i in table}, {i.name: i.same_as for i in table if i.same_as}, {i.name: i.layout for i in table}
 
 
 def capture(
@@ -51,8 +67,9 @@ def capture(
     *,
     stop_early: bool = True,
     grad: bool = False,
+    prefix: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Run ``x`` through the model and return each requested layer's output.
+    """Run ``x`` through the model and return each requested layer's output in its canonical form.
 
     Args:
         model: a :class:`Model` (its layer table tells how often each module runs and which layers
@@ -63,10 +80,17 @@ def capture(
             (its last call, for a module that runs several times).
         grad: keep the outputs attached to the autograd graph (for gradients to the input); otherwise
             nothing is recorded for autograd.
+        prefix: also return the prefix tokens (class, distillation, register tokens) of each token
+            layer, as (N, C, P) under :func:`prefix_key` (``"LAYER@prefix"``).
 
     Returns:
         ``{layer: output}``: (N, C, H, W) or (N, C) tensors, each the module's output as it was
-        produced (copied when the network later modifies it in place).
+        produced (copied when the network later modifies it in place), in the canonical form of its
+        layout when ``model`` is a :class:`Model` (channels-last maps permuted, token layers' patches
+        as (N, C, H, W) views); a bare ``nn.Module``'s outputs as produced.
+
+    Raises:
+        LayerError: a layer that is not viewable (its reason, e.g. a layout that cannot be told).
     """
     module = model.module if isinstance(model, Model) else model
     wanted = list(dict.fromkeys(layers))
@@ -76,9 +100,15 @@ def capture(
     entries: CacheEntries | None = None
     counts: dict[str, int] = {}
     alias: dict[str, str] = {}
+    layouts: dict[str, Layout] = {}
     if isinstance(model, Model):
         entries, of = model.cache.entries(module), model
-        counts, alias = entries.get_or_compute(CAPTURE_FACTS, None, lambda: _table_facts(of))
+        key = tuple(sorted(model.layouts.items()))
+        counts, alias, layouts = entries.get_or_compute(CAPTURE_FACTS, key, lambda: _table_facts(of))
+        for n in wanted:
+            lay = layouts.get(n)
+            if lay is not None and lay.kind not in _AS_PRODUCED and not lay.viewable:
+                raise LayerError(f"layer {n!r} is not viewable: {lay.reason}")
     names = list(dict.fromkeys(alias.get(n, n) for n in wanted))  # hook each distinct output once
     if entries is not None:
         targets = {n: entries.get_or_compute(RESOLVED_MODULES, n, functools.partial(resolve_module, module, n)) for n in names}
@@ -87,7 +117,7 @@ def capture(
         targets = {n: resolve_module(module, n) for n in names}
         all_modules = None
     expected = {n: counts.get(n, 1) for n in names}
-    device = next((p.device for p in module.parameters()), x.device)
+    device = module_device(module, x.device)
     if x.device != device:
         x = x.to(device)
     # layers whose output the network later modifies in place are captured as copies; a Model
@@ -104,7 +134,15 @@ def capture(
     missing = [n for n in names if n not in out]
     if missing:
         raise LayerError(f"layer {missing[0]!r} did not produce a tensor in the forward pass")
-    return {n: out[alias.get(n, n)] for n in wanted}
+    result = {n: out[alias.get(n, n)] for n in wanted}
+    for n in wanted:
+        lay = layouts.get(n)
+        if lay is not None and lay.kind not in _AS_PRODUCED:  # a view in the canonical form (no copy)
+            t = result[n]
+            result[n] = lay.to_canonical(t)
+            if prefix and lay.kind == "tokens":
+                result[prefix_key(n)] = lay.prefix_tokens(t)
+    return result
 
 
 def _run(

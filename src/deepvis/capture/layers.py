@@ -1,8 +1,14 @@
-"""The layer table: every module whose output is a (N, C, H, W) or (N, C) tensor, in execution order."""
+"""The layer table: every module whose output is a tensor, in execution order, with its layout.
+
+Viewable layers (maps, channels-last maps, tokens, vectors; see :mod:`.layouts`) are listed with their
+canonical per-example shape (C, H, W) or (C,); ``layer_table(..., everything=True)`` adds the others
+with the reason they are not viewable.
+"""
 
 from __future__ import annotations
 
 import difflib
+import itertools
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -12,18 +18,29 @@ from torch import nn
 from ..errors import LayerError, UnitError
 from ..models.cache import CacheSlot
 from ..models.model import Model
+from .layouts import GUESSED, Layout, detect_layout, says_nhwc, token_geometry
 from .state import eval_mode
 from .units import LOGITS, Unit
 
-__all__ = ["LayerInfo", "layer_table", "get_layer", "resolve_module", "check_unit", "LAYER_TABLES"]
+__all__ = ["LayerInfo", "layer_table", "get_layer", "resolve_module", "check_unit", "module_device", "LAYER_TABLES", "FULL_LAYER_TABLES"]
+
+
+def module_device(module: nn.Module, default: torch.device | None = None) -> torch.device:
+    """The device of the module's first parameter or buffer (``default``, else the CPU, when it has none)."""
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        return t.device
+    return default if default is not None else torch.device("cpu")
 
 
 @dataclass(frozen=True)
 class LayerInfo:
     """A capturable layer.
 
-    ``name`` is the module path (``logits`` for the model's output), ``shape`` the output shape of one
-    example — (C, H, W) for maps, (C,) for vectors — at the model's input size, ``calls`` how many
+    ``name`` is the module path (``logits`` for the model's output), ``shape`` the canonical output
+    shape of one example — (C, H, W) for maps, channels-last maps and the patch grid of token layers,
+    (C,) for vectors; the raw shape for layers that are not viewable — at the model's input size,
+    ``raw_shape`` the output shape as the module produces it (without N), ``layout`` how it is read
+    (:class:`~deepvis.capture.layouts.Layout`: its ``kind``, prefix tokens, grid, reason), ``calls`` how many
     times the module runs in one forward pass (deepvis captures the last call), ``order`` its position
     in execution order (the order in which modules finish), ``same_as`` the first layer that produced
     the very same tensor with the same values (capture hooks that layer instead: fewer hooks).
@@ -36,24 +53,51 @@ class LayerInfo:
     order: int
     #: an earlier layer whose output is this layer's output, value for value (e.g. an ``Identity``)
     same_as: str | None = None
+    #: how the output is read; ``maps`` unless the table found otherwise
+    layout: Layout = Layout("maps")
+    #: the output shape of one example as the module produces it (default: ``shape``)
+    raw_shape: tuple[int, ...] = ()
 
     @property
     def units(self) -> int:
+        """Channels (the first axis of the canonical shape)."""
         return self.shape[0]
 
     @property
     def spatial(self) -> bool:
-        return len(self.shape) == 3
+        """True when the canonical form has rows and columns (C, H, W)."""
+        return self.viewable and len(self.shape) == 3
+
+    @property
+    def viewable(self) -> bool:
+        """True when every tool can show the layer (see :mod:`.layouts`)."""
+        return self.layout.viewable
+
+    @property
+    def prefix(self) -> tuple[str, ...]:
+        """The prefix token names of a token layer (``cls``, ``dist``, ``reg0`` ...), else empty."""
+        return self.layout.prefix
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
         d["shape"] = list(self.shape)
+        d["raw_shape"] = list(self.raw_shape or self.shape)
         d["units"] = self.units
+        d["layout"] = self.layout.kind
+        d["prefix_tokens"] = list(self.layout.prefix)
+        d["viewable"] = self.viewable
+        if self.layout.grid is not None:
+            d["grid"] = list(self.layout.grid)
+        if not self.viewable or self.layout.reason:
+            d["reason"] = self.layout.reason
         return d
 
 
-#: a Model's layer table per input shape (C, H, W)
-LAYER_TABLES: CacheSlot[tuple[int, ...], list[LayerInfo]] = CacheSlot("layer_table")
+#: a Model's layer table (its viewable layers) per input shape (C, H, W), followed by the sorted
+#: declared layouts when there are any
+LAYER_TABLES: CacheSlot[tuple[object, ...], list[LayerInfo]] = CacheSlot("layer_table")
+#: every layer, viewable or not (``layer_table(..., everything=True)``), per the same key
+FULL_LAYER_TABLES: CacheSlot[tuple[object, ...], list[LayerInfo]] = CacheSlot("full_layer_table")
 
 
 def resolve_module(module: nn.Module, name: str) -> nn.Module:
@@ -73,96 +117,191 @@ def resolve_module(module: nn.Module, name: str) -> nn.Module:
         raise LayerError(f"no layer named {name!r} in the model{hint} (see `deepvis layers`)") from None
 
 
-def layer_table(model: Model | nn.Module, input_shape: tuple[int, ...] | None = None) -> list[LayerInfo]:
-    """List the model's capturable layers by running one probe forward pass.
+def _probe(module: nn.Module, input_shape: tuple[int, ...], on_call: Callable[[str, nn.Module, object], None]) -> None:
+    """One forward pass of zeros (1, *input_shape) with a hook on every module calling ``on_call(name, module, output)``."""
+    handles = []
+    try:
+        for name, m in module.named_modules():
+            handles.append(m.register_forward_hook(lambda mod, _i, out, name=name or LOGITS: on_call(name, mod, out)))
+        with torch.no_grad(), eval_mode(module):
+            module(torch.zeros(1, *input_shape, device=module_device(module)))
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _second_size(input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Another input size whose rows and columns change by different factors (1/2 and 3/4)."""
+    c, h, w = input_shape
+    return (c, max(1, h // 2), max(1, (3 * w) // 4))
+
+
+def layer_table(
+    model: Model | nn.Module,
+    input_shape: tuple[int, ...] | None = None,
+    *,
+    everything: bool = False,
+    layouts: dict[str, str] | None = None,
+) -> list[LayerInfo]:
+    """List the model's layers by running a probe forward pass (and a second one at another input size
+    when a layout is not told by the model, see :mod:`.layouts`).
 
     Args:
         model: a :class:`Model`, or a bare ``nn.Module`` (then ``input_shape`` is needed).
         input_shape: one example's input shape (C, H, W); default: the model's input size.
+        everything: also list the layers that are not viewable (their ``layout.reason`` says why).
+        layouts: declared layouts ``{layer: kind}`` (default: the Model's ``layouts`` attribute);
+            kinds as in :func:`~deepvis.capture.layouts.parse_layout`.
 
     Returns:
         One :class:`LayerInfo` per layer, in execution order; on a :class:`Model` cached per input
-        shape in :data:`LAYER_TABLES` (dropped when the module's structure changes).
+        shape and declarations (dropped when the module's structure changes).
     """
     module = model.module if isinstance(model, Model) else model
     if input_shape is None:
         if not isinstance(model, Model):
             raise ValueError("input_shape is needed for a bare nn.Module")
         input_shape = model.preprocessing.input_shape
-    key = tuple(input_shape)
+    if layouts is None:
+        layouts = dict(getattr(model, "layouts", None) or {})
+    key: tuple[object, ...] = (*input_shape, tuple(sorted(layouts.items()))) if layouts else tuple(input_shape)
     entries = model.cache.entries(module) if isinstance(model, Model) else None
-    found = entries.get(LAYER_TABLES, key) if entries is not None else None
+    slot = FULL_LAYER_TABLES if everything else LAYER_TABLES
+    found = entries.get(slot, key) if entries is not None else None
     if found is not None:
         return found
-    named = list(module.named_modules())
+    rows = _build_table(module, tuple(input_shape), layouts)
+    viewable = [r for r in rows if r.viewable]
+    if entries is not None:
+        entries.put(FULL_LAYER_TABLES, key, rows)
+        entries.put(LAYER_TABLES, key, viewable)
+    return rows if everything else viewable
+
+
+def _build_table(module: nn.Module, input_shape: tuple[int, ...], layouts: dict[str, str]) -> list[LayerInfo]:
     calls: dict[str, int] = {}
     shapes: dict[str, tuple[int, ...] | None] = {}
-    types: dict[str, str] = {}
+    mods: dict[str, nn.Module] = {}
     order: dict[str, int] = {}
     producer: dict[tuple[int, int], str] = {}  # (tensor id, version) -> first layer that output it
     same_as: dict[str, str | None] = {}
     keep: list[torch.Tensor] = []  # keeps outputs alive so that tensor ids stay unique during the probe
-    handles = []
 
-    def make(name: str, m: nn.Module) -> Callable[[nn.Module, object, object], None]:
-        def hook(_m: nn.Module, _inp: object, out: object) -> None:
-            calls[name] = calls.get(name, 0) + 1
-            types[name] = type(m).__name__
-            order.setdefault(name, len(order))
-            if not (isinstance(out, torch.Tensor) and out.ndim in (2, 4)):
-                shapes[name] = None
-                order.pop(name)
-                return
-            shapes[name] = tuple(out.shape[1:])
-            keep.append(out)
-            sig = (id(out), out._version)
-            first = producer.setdefault(sig, name)
-            same_as[name] = first if first != name and calls[name] == 1 else None
-
-        return hook
+    def first_call(name: str, m: nn.Module, out: object) -> None:
+        calls[name] = calls.get(name, 0) + 1
+        mods[name] = m
+        order.setdefault(name, len(order))
+        if not isinstance(out, torch.Tensor):
+            shapes[name] = None
+            order.pop(name)
+            return
+        shapes[name] = tuple(out.shape)
+        keep.append(out)
+        sig = (id(out), out._version)
+        first = producer.setdefault(sig, name)
+        same_as[name] = first if first != name and calls[name] == 1 else None
 
     try:
-        for name, m in named:
-            handles.append(m.register_forward_hook(make(name or LOGITS, m)))
-        device = next((p.device for p in module.parameters()), torch.device("cpu"))
-        with torch.no_grad(), eval_mode(module):
-            module(torch.zeros(1, *input_shape, device=device))
+        _probe(module, input_shape, first_call)
     except Exception as exc:
         raise LayerError(f"the model fails on an input of shape {tuple(input_shape)}: {type(exc).__name__}: {exc}") from exc
-    finally:
-        for h in handles:
-            h.remove()
+    keep.clear()
+    hw = (input_shape[-2], input_shape[-1])
+    tokens = token_geometry(module, hw)
+    nhwc = says_nhwc(module)
+    lengths = frozenset(shape[1] for shape in shapes.values() if shape is not None and len(shape) == 3)
+
+    def detect(second: dict[str, tuple[int, ...] | None], hw2: tuple[int, int]) -> dict[str, Layout]:
+        out = {}
+        for name, shape in shapes.items():
+            if shape is None:
+                continue
+            s2 = second.get(name)
+            out[name] = detect_layout(
+                name,
+                mods[name],
+                shape,
+                1,
+                hw=hw,
+                tokens=tokens,
+                nhwc_model=nhwc,
+                declared=layouts,
+                second=(s2, hw2) if s2 is not None else None,
+                lengths=lengths,
+            )
+        return out
+
+    found = detect({}, hw)
+    # layouts read from the shape alone, or not told at all, are measured by a second probe when the model takes one
+    unsure = [n for n, lay in found.items() if lay.reason == GUESSED or (lay.kind == "none" and "cannot tell" in lay.reason)]
+    if unsure:
+        second_shape = _second_size(input_shape)
+        shapes2: dict[str, tuple[int, ...] | None] = {}
+
+        def record(name: str, _m: nn.Module, out: object) -> None:
+            shapes2[name] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+
+        try:
+            _probe(module, second_shape, record)
+        except Exception:  # many models accept one input size only: the first probe decides then
+            shapes2 = {}
+        if shapes2:
+            again = detect(shapes2, (second_shape[-2], second_shape[-1]))
+            found.update({n: again[n] for n in unsure})
     rows: list[LayerInfo] = []
+    n_view = 0
     for name in sorted(order, key=order.__getitem__):
         shape = shapes.get(name)
-        if shape is None or (name == LOGITS and len(shape) != 1):
+        if shape is None:
             continue
-        src = same_as.get(name)
-        if src is not None and (calls.get(src) != 1 or src == LOGITS):
+        layout = found[name]
+        if name == LOGITS and layout.kind != "vector":
+            continue
+        raw = shape[1:]
+        src = same_as.get(name) if layout.viewable else None
+        if src is not None and (calls.get(src) != 1 or src == LOGITS or not found[src].viewable):
             src = None
-        rows.append(LayerInfo(name, types[name], shape, calls[name], len(rows), src))
-    if entries is not None:
-        entries.put(LAYER_TABLES, key, rows)
+        view_order = n_view if layout.viewable else -1
+        n_view += layout.viewable
+        rows.append(LayerInfo(name, type(mods[name]).__name__, layout.canonical_shape(raw), calls[name], view_order, src, layout, raw))
     return rows
 
 
 def get_layer(model: Model, name: str, input_shape: tuple[int, ...] | None = None) -> LayerInfo:
-    """The :class:`LayerInfo` of layer ``name`` (at ``input_shape``, default the model's input), or a
-    clear error naming close matches."""
-    table = layer_table(model, input_shape)
-    for info in table:
+    """The :class:`LayerInfo` of viewable layer ``name`` (at ``input_shape`` (C, H, W), default the model's input),
+    or a one-line :class:`LayerError`: close matches for an unknown name, the reason (and how to declare
+    the layout) for a layer that is not viewable."""
+    for info in layer_table(model, input_shape):
         if info.name == name:
             return info
     resolve_module(model.module, name)  # raises with suggestions when the module does not exist
-    raise LayerError(f"layer {name!r} does not output a (N,C,H,W) or (N,C) tensor; see `deepvis layers` for usable layers")
+    for info in layer_table(model, input_shape, everything=True):
+        if info.name == name:
+            reason = info.layout.reason
+            if reason.startswith("cannot tell"):
+                raise LayerError(reason)
+            shape = "x".join(str(s) for s in info.raw_shape)
+            raise LayerError(f"layer {name!r} (output {shape} per example) is not viewable: {reason}; see `deepvis layers --all`")
+    raise LayerError(f"layer {name!r} does not output a tensor; see `deepvis layers` for usable layers")
 
 
 def check_unit(model: Model, unit: Unit, input_shape: tuple[int, ...] | None = None) -> LayerInfo:
-    """Validate a unit against its layer: the layer exists, the channel is in range, the position lies
-    inside the map (at ``input_shape``, default the model's input). Returns the layer's info."""
+    """Validate a unit against its layer: the layer exists and is viewable, the channel is in range, the
+    position lies inside the map or patch grid, a prefix token (``@cls``, ``@reg0``, ``@1``) exists in
+    the layer (at ``input_shape`` (C, H, W), default the model's input). Returns the layer's info; a one-line
+    :class:`UnitError` otherwise."""
     info = get_layer(model, unit.layer, input_shape)
     if not 0 <= unit.channel < info.units:
         raise UnitError(f"unit {unit} is out of range: layer {info.name} has {info.units} units (0-{info.units - 1})")
+    if unit.token is not None:
+        if info.layout.kind != "tokens":
+            raise UnitError(
+                f"unit {unit}: layer {info.name} is a {info.layout.kind} layer without prefix tokens, so @{unit.token} does not apply"
+            )
+        try:
+            info.layout.token_index(unit.token)
+        except ValueError as exc:
+            raise UnitError(f"unit {unit}: {exc}") from None
     if unit.position is not None:
         if not info.spatial:
             raise UnitError(f"unit {unit}: layer {info.name} has no spatial map, so @Y,X does not apply")
@@ -170,5 +309,6 @@ def check_unit(model: Model, unit: Unit, input_shape: tuple[int, ...] | None = N
         y, x = unit.position
         if not (0 <= y < h and 0 <= x < w):
             at = f" at {input_shape[-2]}x{input_shape[-1]} px" if input_shape is not None else ""
-            raise UnitError(f"unit {unit}: position is outside the {h}x{w} map of {info.name}{at}")
+            what = "patch grid" if info.layout.kind == "tokens" else "map"
+            raise UnitError(f"unit {unit}: position is outside the {h}x{w} {what} of {info.name}{at}")
     return info

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     with open_atlas(args.atlas) as atlas:
         if args.unit is None:
             return _list(atlas, args)
-        unit = parse_unit(args.unit)
+        unit = parse_unit(args.unit).no_token("the atlas")
         if unit.position is not None:
             raise DeepvisError(f"atlas units have no position: write {unit.layer}:{unit.channel}")
         if not args.output:

@@ -52,7 +52,7 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    """--model, --weights, --labels, --input-size, --device (and --debug).
+    """--model, --weights, --labels, --input-size, --device, --layout (and --debug).
 
     Marks the command as one that runs a model: :func:`deepvis.cli.main` restarts the process once with
     the allocator settings before it runs (see :mod:`deepvis.allocator`).
@@ -63,6 +63,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--labels", metavar="FILE", help="class names, one per line (or a JSON list)")
     g.add_argument("--input-size", type=int, metavar="PX", help="override the model's input size (square)")
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default: %(default)s)")
+    g.add_argument(
+        "--layout",
+        action="append",
+        metavar="LAYER=KIND",
+        help="declare a layer's layout when deepvis cannot tell it: nchw, nhwc, tokens:P, tokens:P:HxW, vector or none (repeatable)",
+    )
     p.set_defaults(runs_model=True)
     add_common_options(p)
 
@@ -117,9 +123,13 @@ def existing_input(text: str) -> Path:
 
 def model_from_args(args: argparse.Namespace) -> Model:
     """Load the model that the options of :func:`add_model_options` name."""
-    from ..models import load_model  # the library (torch) is imported when a command runs, never at --help
+    from ..capture import parse_layout_options  # the library (torch) is imported when a command runs, never at --help
+    from ..models import load_model
 
-    return load_model(args.model, weights=args.weights, labels=args.labels, device=args.device, input_size=args.input_size)
+    layouts = parse_layout_options(getattr(args, "layout", None))  # a malformed --layout fails before the model loads
+    model = load_model(args.model, weights=args.weights, labels=args.labels, device=args.device, input_size=args.input_size)
+    model.layouts.update(layouts)
+    return model
 
 
 def print_json(obj: Any) -> None:

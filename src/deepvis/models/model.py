@@ -29,6 +29,9 @@ class Model:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     name: str = "custom"
     class_names: list[str] | None = None
+    #: declared layer layouts ``{layer: kind}`` (``nchw``, ``nhwc``, ``tokens:P``, ...; see
+    #: :mod:`deepvis.capture.layouts`), for layers whose layout deepvis cannot tell
+    layouts: dict[str, str] = field(default_factory=dict)
     #: facts derived from the module's structure (layer tables, resolved modules, receptive fields),
     #: dropped when the structure changes (moved, cast, a submodule replaced; see :mod:`.cache`);
     #: not part of the model's identity

@@ -179,7 +179,7 @@ def resolve_targets(
         if isinstance(t, str):
             t = parse_unit(t)
         if isinstance(t, Unit):
-            check_unit(model, t, shape)
+            check_unit(model, t.no_token("activation maximization"), shape)
             label = model.short_label(t.channel) if t.is_class and model.class_names else None
             out.append(objective_for_unit(t, kind, label))
         elif isinstance(t, Objective):
