@@ -343,3 +343,18 @@ def test_summary_options_are_checked_in_one_place_and_recorded(tiny_summary):
         .items()
         if k != "layers"
     }
+
+
+def test_the_report_json_records_the_model_identity(tmp_path):
+    from deepvis.analysis import SummaryOptions, summarize
+    from deepvis.datasets import open_dataset
+    from deepvis.models import Model, Preprocessing, model_identity
+
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)
+    )
+    model = Model(net, Preprocessing((32, 32)))
+    ds = open_dataset("demo")
+    s = summarize(model, ds, SummaryOptions(layers=("1",), max_images=4, epsilons=(), cluster_layers=()))
+    rec = s.to_dict()["identity"]
+    assert rec == model_identity(model) and rec["input_size"] == [32, 32] and len(rec["model_hash"]) == 16

@@ -404,3 +404,82 @@ def test_labels_from_the_model_are_shown_as_text(browser):
             assert pg.evaluate("window.pwned === undefined")
         finally:
             pg.close()
+
+
+# -- the summary pane ---------------------------------------------------------------------------------------------
+SUMMARY = "window.deepvis.summary"
+
+
+def test_the_summary_pane_counts_the_frames_and_resets(page, server):
+    page.select_option("#sample-select", "coffee")
+    wait(page, "window.deepvis.frames > 0")
+    layer = page.evaluate("window.deepvis.last.layer")
+    wait(page, f"{SUMMARY} && {SUMMARY}.layer === {layer!r} && {SUMMARY}.images === 1")
+    assert page.evaluate(f"{SUMMARY}.source") == "live"
+    assert "1 frame seen" in page.inner_text("#summary-source")
+    assert "%" in page.inner_text("#summary [data-field='sparsity']")
+    assert page.locator("#summary-by-mean .unit-chip").count() == 8
+    # the reset key empties it
+    page.focus("#grid")
+    page.keyboard.press("z")
+    wait(page, f"{SUMMARY}.images === 0")
+    assert page.inner_text("#summary [data-field='inputs']") == "0" and page.locator("#summary .unit-chip").count() == 0
+    # live frames: it updates as they arrive
+    page.click("#src-camera")
+    wait(page, f"{SUMMARY}.images >= 3")
+    n = page.evaluate(f"{SUMMARY}.images")
+    wait(page, f"{SUMMARY}.images > {n}")
+    assert page.evaluate(f"{SUMMARY}.sparsity") is not None
+    page.keyboard.press("f")  # freeze: the camera stops
+
+
+def test_clicking_a_most_active_unit_selects_it(page, server):
+    page.select_option("#sample-select", "chelsea")
+    wait(page, f"window.deepvis.frames > 0 && {SUMMARY} && {SUMMARY}.images > 0")
+    chip = page.locator("#summary-by-max .unit-chip").nth(2)
+    unit = int(chip.get_attribute("data-unit"))
+    assert unit == page.evaluate(f"{SUMMARY}.most_active_by_max[2].unit")
+    chip.click()
+    wait(page, f"window.deepvis.last.unit === {unit}")
+    assert f"unit={unit}" in page.url
+
+
+def test_with_a_report_the_summary_pane_shows_its_numbers(browser, default_model, tmp_path):
+    import json
+
+    import torch
+
+    from deepvis.analysis.activity import layer_activity
+    from deepvis.capture import capture, layer_table
+    from deepvis.server.engine import default_layer
+    from deepvis.stats import LayerStats
+
+    layer = default_layer(layer_table(default_model))
+    x = torch.randn(2, 3, *default_model.preprocessing.input_size)
+    a = capture(default_model, x, [layer])[layer].detach()
+    st = LayerStats(layer, a.shape[1], 2, tuple(a.shape[2:]))
+    st.update(a, torch.arange(2))
+    act = layer_activity(st, tuple(a.shape[1:]))
+    report = {
+        "model": default_model.name,
+        "dataset": "two-random",
+        "activity": {layer: act.to_dict()},
+        "locality": {layer: {"locality": [0.5] * a.shape[1]}},
+        "sensitivity": None,
+    }
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report).replace("-Infinity", "null").replace("Infinity", "null").replace("NaN", "null"))
+    app = create_app(ServerConfig(model=default_model, report=path, token=TOKEN, backprop=False, synthesis=False))
+    with LiveServer(app, TOKEN) as srv:
+        pg = browser.new_page()
+        try:
+            pg.goto(srv.url("/", layer=layer, test="1"))
+            wait(pg, f"window.deepvis && window.deepvis.ready && {SUMMARY} && {SUMMARY}.layer === {layer!r}")
+            assert pg.evaluate(f"{SUMMARY}.source") == "report" and pg.evaluate(f"{SUMMARY}.images") == 2
+            assert "report.json" in pg.inner_text("#summary-source")
+            shown = [int(u) for u in pg.locator("#summary-by-mean .unit-chip").evaluate_all("(bs) => bs.map((b) => b.dataset.unit)")]
+            assert shown == act.most_active("mean")
+            assert pg.inner_text("#summary [data-field='locality (median)']") == "0.500"
+            assert pg.is_hidden("#summary-reset")  # nothing live to reset
+        finally:
+            pg.close()

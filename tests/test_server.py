@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -924,3 +925,159 @@ def test_atlas_paths_outside_the_atlas_are_never_served(model, tiny_atlas, tmp_p
     (atlas / "index.sqlite").write_bytes(b"not a database")
     with pytest.raises(DeepvisError):
         make_app(model, atlas=atlas)
+
+
+# -- the summary pane ------------------------------------------------------------------------------------------
+def _summary(engine, s, **kw) -> dict:
+    engine.send_summary(s, **kw)
+    msgs = [json.loads(m) for m in engine.take(s) if isinstance(m, str)]
+    return next(m for m in msgs if m["type"] == "summary")
+
+
+def _show_frames(engine, s, seqs, seed) -> None:
+    for seq in seqs:
+        engine.submit_frame(s, _raw(None, seq, seed=seed))
+        assert _wait(lambda: "frame" in s.latest, 30)
+        engine.take(s)
+
+
+def test_the_live_summary_of_a_still_scene_is_its_activation_statistics(model):
+    """After N frames of the same image, the running statistics are that image's: known answers."""
+    from deepvis.capture import capture
+    from deepvis.server.frames import frame_image
+
+    engine = LiveEngine(model)
+    s = engine.open_session(_Loop())  # type: ignore[arg-type]
+    engine.start()
+    try:
+        layer = s.settings.layer
+        assert _summary(engine, s)["images"] == 0
+        _show_frames(engine, s, range(1, 5), seed=3)
+        raw = _raw(None, 0, seed=3)
+        x = engine.processor.to_input(frame_image(raw.pixels, raw.width, raw.height, raw.fmt, model))
+        a = capture(model, x, [layer])[layer][0].flatten(1).double()
+        mean, mx = a.mean(1).numpy(), a.amax(1).numpy()
+        m = _summary(engine, s)
+        assert m["source"] == "live" and m["layer"] == layer and m["images"] == 4 and "4 frames" in m["origin"]
+        assert m["units"] == a.shape[0]
+        assert m["sparsity"] == pytest.approx(float((a <= 0).double().mean()), abs=1e-6)
+        dead = [int(u) for u in np.flatnonzero(mx <= 0)]
+        assert m["dead"] == len(dead) and m["dead_units"] == dead
+        by_mean = [int(u) for u in np.argsort(-mean, kind="stable")[:8]]
+        assert [r["unit"] for r in m["most_active_by_mean"]] == by_mean
+        for r in m["most_active_by_mean"]:
+            assert r["mean"] == pytest.approx(mean[r["unit"]], rel=1e-5, abs=1e-6)
+            assert r["max"] == pytest.approx(mx[r["unit"]], rel=1e-5, abs=1e-6)
+        assert [r["unit"] for r in m["most_active_by_max"]] == [int(u) for u in np.argsort(-mx, kind="stable")[:8]]
+        assert m["locality"] is None and m["sensitivity"] is None  # not known live
+
+        # another unit of the layer is redrawn from the same frame: not counted again
+        engine.update_settings(s, {"unit": 1}, ("raw",))
+        assert _wait(lambda: "frame" in s.latest, 30)
+        engine.take(s)
+        assert _summary(engine, s)["images"] == 4
+        # reset empties it; the next frame counts again
+        m = _summary(engine, s, reset=True)
+        assert m["images"] == 0 and m["sparsity"] is None and m["most_active_by_mean"] == []
+        _show_frames(engine, s, [10], seed=3)
+        assert _summary(engine, s)["images"] == 1
+        # another layer starts afresh
+        other = next(n for n in ("conv1", "conv2") if n != layer)
+        engine.update_settings(s, {"layer": other}, ("raw",))
+        assert _wait(lambda: "frame" in s.latest, 30)
+        engine.take(s)
+        m = _summary(engine, s)
+        assert m["layer"] == other and m["images"] == 1
+    finally:
+        engine.close()
+
+
+def _report_json(model, layer: str, tmp_path, **top) -> tuple:
+    """A report's JSON for ``layer`` of ``model``: its activity over 3 random inputs, a locality and a sensitivity."""
+    from deepvis.analysis.activity import layer_activity
+    from deepvis.capture import capture
+    from deepvis.stats import LayerStats
+
+    x = torch.randn(3, 3, *model.preprocessing.input_size)
+    a = capture(model, x, [layer])[layer].detach()
+    st = LayerStats(layer, a.shape[1], 2, tuple(a.shape[2:]))
+    st.update(a, torch.arange(3))
+    act = layer_activity(st, tuple(a.shape[1:]))
+    units = a.shape[1]
+    data = {
+        "model": "tiny",
+        "dataset": "three-random",
+        "activity": {layer: act.to_dict()},
+        "locality": {layer: {"layer": layer, "locality": [0.25] * (units - 1) + [None]}},
+        "sensitivity": {"layers": [layer], "epsilons": [0.1, 0.2], "kinds": ["noise"], "mean_change": {"noise": [[0.5], [0.75]]}},
+        **top,
+    }
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(data).replace("-Infinity", "null").replace("Infinity", "null").replace("NaN", "null"))
+    return str(path), act
+
+
+def test_with_a_report_the_summary_is_the_reports_and_other_layers_stay_live(model, tmp_path):
+    from deepvis.analysis.activity import activity_from_dict
+
+    path, act = _report_json(model, "conv2", tmp_path)
+    back = activity_from_dict(json.loads(Path(path).read_text())["activity"]["conv2"])
+    assert back.most_active("mean") == act.most_active("mean") and back.dead_units == act.dead_units
+    app = make_app(model, report=path, synthesis=False, backprop=False)
+    engine = app.state.toolbox.engine
+    s = engine.open_session(_Loop())  # type: ignore[arg-type]
+    engine.update_settings(s, {"layer": "conv2"}, ("raw",))
+    m = _summary(engine, s)
+    assert m["source"] == "report" and "report.json" in m["origin"] and m["images"] == 3
+    assert [r["unit"] for r in m["most_active_by_mean"]] == act.most_active("mean")
+    assert m["sparsity"] == pytest.approx(act.layer_sparsity, abs=1e-6) and m["dead"] == len(act.dead_units)
+    assert m["locality"] == {"median": 0.25}
+    assert m["sensitivity"] == {"epsilons": [0.1, 0.2], "mean_change": {"noise": [0.5, 0.75]}}
+    engine.update_settings(s, {"layer": "conv1"}, ("raw",))
+    assert _summary(engine, s)["source"] == "live"
+
+
+def test_a_report_of_another_model_is_refused_in_one_line(model, tmp_path):
+    from deepvis.errors import ModelError
+    from deepvis.models.identity import model_identity
+
+    other = tiny_model(size=40)
+    path, _ = _report_json(other, "conv2", tmp_path)  # conv2 maps are 20x20 there, 16x16 here
+    with pytest.raises(ModelError, match="was made for another model.*layer conv2 has shape"):
+        make_app(model, report=path, synthesis=False)
+    # a report that records its model's identity is checked by the one identity policy
+    ident = model_identity(model)
+    path, _ = _report_json(model, "conv2", tmp_path, identity={**ident, "model_hash": "0" * len(ident["model_hash"])})
+    with pytest.raises(ModelError, match="with other weights"):
+        make_app(model, report=path, synthesis=False)
+    path, _ = _report_json(model, "conv2", tmp_path, identity=ident)
+    make_app(model, report=path, synthesis=False)
+    (tmp_path / "bad.json").write_text("{not json")
+    from deepvis.errors import InputError
+
+    with pytest.raises(InputError, match="cannot read the report"):
+        make_app(model, report=str(tmp_path / "bad.json"), synthesis=False)
+
+
+def test_the_atlas_statistics_become_the_summary_of_its_mined_layers(model, tiny_atlas):
+    app = make_app(model, atlas=tiny_atlas, synthesis=False, backprop=False)
+    toolbox = app.state.toolbox
+    mined = toolbox.engine.summaries.layers
+    assert mined
+    s = toolbox.engine.open_session(_Loop())  # type: ignore[arg-type]
+    toolbox.engine.update_settings(s, {"layer": mined[0]}, ("raw",))
+    m = _summary(toolbox.engine, s)
+    assert m["source"] == "atlas" and m["images"] > 0 and len(m["most_active_by_mean"]) > 0
+
+
+def test_the_page_asks_for_its_summary_over_the_websocket(client):
+    with open_ws(client) as ws:
+        receive_until(ws, is_type("hello"))
+        ws.send_bytes(frame_message(1, 32, 32))
+        receive_until(ws, is_frame)
+        ws.send_text(json.dumps({"type": "summary"}))
+        m, _ = receive_until(ws, is_type("summary"))
+        assert m["images"] == 1 and m["source"] == "live"
+        ws.send_text(json.dumps({"type": "summary", "reset": True}))
+        m, _ = receive_until(ws, is_type("summary"))
+        assert m["images"] == 0

@@ -19,14 +19,15 @@ map maximum, with the position of that maximum), whether the report's scan compu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ..stats import ACTIVE_THRESHOLD, EMPTY, LayerStats, UnitStats
 
-__all__ = ["ACTIVE_THRESHOLD", "TopInput", "LayerActivity", "layer_activity", "activity_from_unit_stats"]
+__all__ = ["ACTIVE_THRESHOLD", "TopInput", "LayerActivity", "layer_activity", "activity_from_unit_stats", "activity_from_dict"]
 
 
 @dataclass(frozen=True)
@@ -190,3 +191,49 @@ def layer_activity(state: LayerStats, shape: Sequence[int]) -> LayerActivity:
     act.top_values = state.topk.values.cpu().numpy().astype(np.float64)
     act.top_positions = np.where(filled, state.topk.positions.cpu().numpy(), -1)
     return act
+
+
+def activity_from_dict(d: Mapping[str, Any], *, source: str | None = None) -> LayerActivity:
+    """The :class:`LayerActivity` that :meth:`LayerActivity.to_dict` wrote (a report's JSON ``activity`` entry).
+
+    Args:
+        d: the dict (JSON nulls, written for NaN or infinite values, are read back as NaN).
+        source: where the numbers come from; None keeps the dict's ``source``.
+
+    Returns:
+        The layer's activity: the same statistics as the report's (top inputs up to the longest list).
+    """
+
+    def arr(name: str) -> np.ndarray:
+        return np.array([np.nan if v is None else float(v) for v in d[name]], dtype=np.float64)
+
+    shape = tuple(int(s) for s in d["shape"])
+    top = [list(t) for t in d.get("top") or []]
+    units = len(d["mean"])
+    k = max([len(t) for t in top] + [1])
+    w = shape[2] if len(shape) == 3 else 1
+    samples = np.full((units, k), -1, dtype=np.int64)
+    values = np.full((units, k), -np.inf)
+    positions = np.full((units, k), -1, dtype=np.int64)
+    for u, entries in enumerate(top[:units]):
+        for r, t in enumerate(entries):
+            samples[u, r] = int(t["sample"])
+            values[u, r] = np.nan if t.get("value") is None else float(t["value"])
+            p = t.get("position")
+            positions[u, r] = int(p[0]) * w + int(p[1]) if p else -1
+    return LayerActivity(
+        layer=str(d["layer"]),
+        shape=shape,
+        images=int(d["images"]),
+        mean=arr("mean"),
+        mean_max=arr("mean_max"),
+        max=arr("max"),
+        min=arr("min"),
+        sparsity=arr("sparsity"),
+        frac_zero=arr("frac_zero"),
+        frac_inputs_active=arr("frac_inputs_active"),
+        top_samples=samples,
+        top_values=values,
+        top_positions=positions,
+        source=str(d.get("source", "computed")) if source is None else source,
+    )

@@ -33,7 +33,7 @@ from ..capture import LOGITS, LayerInfo, get_layer, layer_table
 from ..choices import EMBEDDINGS
 from ..datasets import ImageDataset, iter_batches
 from ..errors import DeepvisError, InputError, LayerError
-from ..models.identity import check_identity
+from ..models.identity import check_identity, model_identity
 from ..models.model import Model
 from ..stats import Engine, make_engine
 from .activity import LayerActivity, TopInput, activity_from_unit_stats
@@ -203,7 +203,9 @@ class DatasetSummary:
     ``samples`` are the dataset indices analysed (unreadable ones are in ``skipped``), ``labels`` their
     class indices into ``classes`` (−1: unlabelled; None without classes). ``layers`` in depth order.
     ``activity`` covers every layer, ``locality`` the spatial ones, ``probes`` and ``clusters`` the layers
-    they were run on; ``sensitivity`` is None when no perturbation size was given.
+    they were run on; ``sensitivity`` is None when no perturbation size was given. ``identity`` is the
+    model's :func:`~deepvis.models.identity.model_identity` (weights hash, input size), recorded in the
+    JSON so that a reader (the live toolbox's ``--report``) can tell whether the report fits its model.
     """
 
     model: str
@@ -222,6 +224,7 @@ class DatasetSummary:
     probes: dict[str, ProbeResult]
     clusters: dict[str, ClusterResult]
     thumbnails: dict[int, Image.Image] = field(default_factory=dict, repr=False)
+    identity: dict[str, object] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     #: loads the thumbnail of a dataset sample that the scan did not keep (None: no thumbnails)
@@ -315,6 +318,7 @@ class DatasetSummary:
         return _jsonable_dict(
             {
                 "model": self.model,
+                "identity": self.identity,
                 "dataset": self.dataset,
                 "settings": self.settings,
                 "layers": [i.to_dict() for i in self.layers],
@@ -526,6 +530,7 @@ def summarize(
     }
     return DatasetSummary(
         model=model.name,
+        identity=model_identity(model),
         dataset=dataset.spec,
         settings=settings,
         layers=infos,

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import DeepvisError
-from .common import add_model_options
+from .common import add_model_options, model_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +21,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "request needs, so other pages and users cannot drive the server.",
     )
     p.add_argument("--atlas", metavar="ATLAS", help="an atlas folder (see `deepvis atlas`): top images and synthesized images per unit")
+    p.add_argument(
+        "--report",
+        metavar="JSON",
+        help="a report's JSON (see `deepvis report`): the summary pane shows its activity, locality and sensitivity "
+        "for the layers it covers (other layers: live statistics of the frames seen)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: %(default)s)")
     p.add_argument(
@@ -82,7 +88,7 @@ def url_for(host: str, port: int, token: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until Ctrl-C; a model that cannot be loaded or an atlas of another model is a one-line error."""
+    """Serve until Ctrl-C; a model that cannot be loaded or an atlas or report of another model is a one-line error."""
     # imported here, not at the top: they import torch and the web stack, and `deepvis --help` must not
     import torch
     import uvicorn
@@ -95,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.atlas is not None and not Path(args.atlas).is_dir():
         raise DeepvisError(f"atlas folder not found: {args.atlas}")
+    if args.report is not None and not Path(args.report).is_file():
+        raise DeepvisError(f"report not found: {args.report}")
     sock = bind(args.host, args.port)
     try:
         port = sock.getsockname()[1]
@@ -102,12 +110,9 @@ def run(args: argparse.Namespace) -> int:
         if args.host in ("0.0.0.0", "::", ""):
             allowed += machine_names()
         config = ServerConfig(
-            model=args.model,
-            weights=args.weights,
-            labels=args.labels,
-            input_size=args.input_size,
-            device=args.device,
+            model=model_from_args(args),  # the model options of every command, --layout included
             atlas=args.atlas,
+            report=args.report,
             host=args.host,
             port=port,
             allowed_hosts=tuple(allowed),

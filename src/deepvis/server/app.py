@@ -36,6 +36,7 @@ from .protocol import BACKPROP_MODES, RAW_BACKPROP, READABLE_BACKPROP, ProtocolE
 from .security import Guard, GuardMiddleware, new_token
 from .session import Frame, RawFrame, Session
 from .static_files import StaticFiles
+from .summary import StoredSummaries
 from .synthesis import SynthesisService
 from .unitviews import backprop_filters, layer_geometry, unit_view
 from .video import ServerVideo, decode_video
@@ -97,6 +98,9 @@ class Toolbox:
             max_sessions=config.max_sessions,
         )
         self.atlas = AtlasView(config.atlas, model) if config.atlas is not None else None
+        if config.atlas is not None or config.report is not None:
+            # after AtlasView: the atlas was checked against the model by the identity policy
+            self.engine.summaries = StoredSummaries(model, self.engine.processor.table, atlas=config.atlas, report=config.report)
         self.synthesis: SynthesisService | None = None
         if config.synthesis:
             self.synthesis = SynthesisService(replica(model), self.engine.post_event, self.synth_params)
@@ -293,6 +297,8 @@ class Toolbox:
             if not (_is_int(index) and _is_int(seq)) or not 0 <= index < len(video.frames):
                 raise ProtocolError(f"video frame index must be 0-{len(video.frames) - 1}")
             await asyncio.to_thread(self.submit_video_frame, session, video, index, seq)
+        elif kind == "summary":
+            await asyncio.to_thread(self.engine.send_summary, session, reset=msg.get("reset") is True)
         elif kind == "ping":
             self.engine.post_event(session, text("pong", t=msg.get("t"), status=self.engine.status()))
         else:

@@ -23,7 +23,7 @@ class ServerConfig:
 
     ``model`` is a model spec (see ``deepvis models``) or a loaded :class:`~deepvis.models.Model`;
     ``weights``/``labels``/``input_size``/``device`` apply to a spec. ``atlas`` is an atlas folder
-    (optional). ``host``/``port`` are where the server listens (used in the printed URL and to accept
+    (optional); ``report`` a report's JSON (optional). ``host``/``port`` are where the server listens (used in the printed URL and to accept
     that name in the ``Host`` header). ``token`` is the launch token (None: a random one per app).
     ``allowed_hosts`` adds host names the browser may use (e.g. this machine's name when listening on
     0.0.0.0). ``max_sessions`` caps the pages served at once.
@@ -35,6 +35,8 @@ class ServerConfig:
     input_size: int | None = None
     device: str = "auto"
     atlas: str | os.PathLike[str] | None = None
+    #: a report's JSON (``deepvis report``): the summary pane shows its numbers for the layers it covers
+    report: str | os.PathLike[str] | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     token: str | None = None

@@ -39,6 +39,7 @@ from ..models.model import Model
 from .frames import FrameProcessor, choose_memory_format, frame_image
 from .protocol import READABLE_BACKPROP, ViewSettings, pack, text
 from .session import Frame, Message, RawFrame, Session
+from .summary import StoredSummaries
 
 __all__ = ["LiveEngine", "LatestJobs", "WorkLoop", "TooManySessions", "replica", "default_layer", "error_message"]
 
@@ -279,8 +280,11 @@ class LiveEngine:
         max_sessions: int = 16,
         max_events: int = 64,
         tune_memory_format: bool = True,
+        summaries: StoredSummaries | None = None,
     ) -> None:
         self.model = model
+        #: the summary pane's numbers read from an atlas or a report (layers without them: live statistics)
+        self.summaries = summaries
         # the frame loop runs on a private copy too: the user's network is never hooked or converted
         self.frame_model = replica(model)
         fmt = choose_memory_format(self.frame_model) if tune_memory_format else torch.contiguous_format
@@ -380,6 +384,18 @@ class LiveEngine:
         session.change_settings(new)
         return new
 
+    def summary_message(self, session: Session, layer: str) -> str:
+        """The page's ``summary`` message for ``layer``: the stored numbers when there are some, else its live statistics."""
+        stored = self.summaries.get(layer) if self.summaries is not None else None
+        return text("summary", **(stored if stored is not None else session.summary.fields(layer)))
+
+    def send_summary(self, session: Session, *, reset: bool = False) -> None:
+        """Send the page its summary of the selected layer (``reset``: forget its live statistics first).
+        Called from the event loop's thread pool, outside the frame loop."""
+        if reset:
+            session.summary.reset()
+        session.put_latest("summary", self.summary_message(session, session.settings.layer))
+
     def post_event(self, session: Session, msg: Message) -> None:
         """Queue an event message for a page (thread-safe)."""
         session.put_event(msg)
@@ -423,10 +439,18 @@ class LiveEngine:
             self._rate.tick(time.monotonic())
         if not session.frame_done(frame_done, settings, msg, (time.perf_counter() - start) * 1000):
             return
+        self._summarize(session, frame_done, settings.layer)
         if self.unit_views is not None and settings.backprop != "off":
             self.unit_views.submit(session, "backprop", (x, settings, frame_done.seq))
         if self.geometry is not None and session.ask_geometry(settings.layer):
             self.geometry.submit(session, "rf", settings.layer)
+
+    def _summarize(self, session: Session, frame: Frame, layer: str) -> None:
+        """Count the frame in the page's live statistics of ``layer`` (once per frame; not for a layer
+        with stored numbers). The page asks for the summary itself (:meth:`send_summary`)."""
+        stored = self.summaries is not None and self.summaries.get(layer) is not None
+        if not stored and frame.activations is not None and frame.activations.layer == layer:
+            session.summary.update(frame, layer, frame.activations.acts)
 
     def _frame_failed(self, job: FrameJob, exc: Exception) -> None:
         session, frame, _ = job

@@ -23,6 +23,7 @@ from PIL import Image
 
 from .frames import DiffState, LayerActivations
 from .protocol import ViewSettings, text
+from .summary import LiveSummary
 from .video import ServerVideo
 
 __all__ = ["Session", "Frame", "RawFrame", "SessionStats", "Message"]
@@ -99,6 +100,8 @@ class Session:
         self.max_events = max_events
         #: the running mean of the diff view; used by the frame loop only (one frame of a page at a time)
         self.diff = DiffState()
+        #: the summary pane's running statistics of the selected layer (its own lock: see LiveSummary)
+        self.summary = LiveSummary()
         self._cond = cond
         self._settings = settings
         self._pending: RawFrame | Frame | None = None

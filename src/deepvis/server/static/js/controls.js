@@ -118,6 +118,7 @@ export class Controls {
       nextSample: () => this.stepSample(1), prevSample: () => this.stepSample(-1),
       playPause: () => app.sources.togglePlay(), stepVideo: () => app.sources.step(),
       toggleHelp: () => this.toggleHelp(),
+      resetSummary: () => app.summary.reset(),
       escape: () => {
         if (!$('help').hidden) $('help').hidden = true;
         else app.sendSettings({ gain: 1, gamma: 1, backprop: OFF, diff: false, position: null });

@@ -36,6 +36,7 @@ export const BINDINGS = [
   [['w'], 'prevSample', 'previous sample photo'],
   [['p'], 'playPause', 'play / pause the video'],
   [['.'], 'stepVideo', 'step the video one frame'],
+  [['z'], 'resetSummary', 'reset the layer summary\'s live statistics'],
   [['h', '?'], 'toggleHelp', 'show / hide this help'],
   [['Escape'], 'escape', 'close help; otherwise reset boost, backprop and diff'],
 ];

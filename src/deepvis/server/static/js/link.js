@@ -37,6 +37,7 @@ export class Link {
         app.showError(m.message);
         break;
       case 'synthesis': app.atlas.onSynthesis(m); break;
+      case 'summary': app.summary.show(m); break;
       default: break;
     }
   }

@@ -4,6 +4,7 @@
 //   panes.js     drawing
 //   controls.js  the controls built from hello, mouse and keys, and what they do
 //   sources.js   inputs (camera, video, image, samples); atlas.js: "what the unit likes"
+//   summary.js   the selected layer's summary (sparsity, dead and most active units)
 //   probe.js     the tests' read-only window into the figures, only with &test=1 in the URL
 
 import { $ } from './dom.js';
@@ -13,6 +14,7 @@ import { Link } from './link.js';
 import { Panes } from './panes.js';
 import { installProbe } from './probe.js';
 import { Sources } from './sources.js';
+import { SummaryPane } from './summary.js';
 import { Figures, PageState } from './state.js';
 
 class App {
@@ -27,6 +29,7 @@ class App {
     this.sources = new Sources(this, $('video'), $('input-canvas'));
     this.atlas = new AtlasPane(this, $('atlas-pane'));
     this.controls = new Controls(this);
+    this.summary = new SummaryPane(this);
     if (!this.token) {
       this.showError('this page needs the URL that deepvis serve printed (it ends with ?token=...)', true);
       return;

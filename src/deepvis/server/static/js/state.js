@@ -96,6 +96,7 @@ export class Figures {
     this.patternTiles = 0;
     this.rf = null; // the receptive field boxed on the input: [y0, x0, y1, x1]
     this.synthesis = null; // the last synthesis progress message
+    this.summary = null; // the last summary message (summary.js)
     this.resultTimes = [];
   }
 

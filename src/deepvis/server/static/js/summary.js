@@ -1,0 +1,77 @@
+// The summary pane: sparsity, dead units and the most active units of the selected layer, with its
+// locality and sensitivity where known. The page asks for a `summary` message (server/summary.py)
+// every ASK_MS while results arrive and whenever the layer changes: live statistics of the frames
+// seen on this page (reset with the button or z), or the numbers of the atlas / report the server
+// was started with, and it says which. A most active unit is a button: clicking it selects the unit.
+
+/** How often (ms) the page asks for its summary while results arrive (server/summary.py: SUMMARY_INTERVAL). */
+const ASK_MS = 500;
+
+import { $, el, fmt, setChildren } from './dom.js';
+
+export class SummaryPane {
+  /** app: {state, figures, conn, controls} (see main.js). */
+  constructor(app) {
+    this.app = app;
+    this.last = null;
+    this.askedFrames = -1;
+    this.askedLayer = null;
+    $('summary-reset').addEventListener('click', () => this.reset());
+    setInterval(() => this.tick(), ASK_MS);
+  }
+
+  /** Ask for the summary when results arrived or the layer changed since the last question. */
+  tick() {
+    const layer = this.app.state.settings?.layer;
+    if (!layer || !this.app.conn.open) return;
+    const frames = this.app.figures.frames;
+    if (frames === this.askedFrames && layer === this.askedLayer) return;
+    this.askedFrames = frames;
+    this.askedLayer = layer;
+    this.app.conn.send({ type: 'summary' });
+  }
+
+  /** Ask the server to forget the live statistics (it answers with the emptied summary). */
+  reset() {
+    this.app.conn.send({ type: 'summary', reset: true });
+  }
+
+  /** A `summary` message arrived: show it if it is the selected layer's. */
+  show(m) {
+    this.last = m;
+    this.app.figures.summary = m;
+    const layer = this.app.state.settings?.layer;
+    if (layer && m.layer !== layer) return;
+    $('summary-source').textContent = m.origin;
+    $('summary-reset').hidden = m.source !== 'live';
+    const pct = (x) => (x === null || x === undefined ? '–' : `${fmt(100 * x, 1)}%`);
+    const rows = [
+      ['inputs', String(m.images)],
+      ['sparsity', pct(m.sparsity)],
+      ['dead units', m.dead === null ? '–' : `${m.dead} of ${m.units}${m.dead_units.length ? `: ${m.dead_units.join(', ')}${m.dead > m.dead_units.length ? ', …' : ''}` : ''}`],
+      ['locality (median)', m.locality ? fmt(m.locality.median ?? NaN, 3) : '–'],
+      ['sensitivity', m.sensitivity ? sensitivityText(m.sensitivity) : '–'],
+    ];
+    const table = el('table', { className: 'summary-table' },
+      el('tbody', {}, ...rows.map(([k, v]) => el('tr', {}, el('th', {}, k), el('td', { dataset: { field: k } }, v)))));
+    setChildren($('summary'), table,
+      this.unitList('most active by mean', m.most_active_by_mean, 'mean', 'by-mean'),
+      this.unitList('most active by max', m.most_active_by_max, 'max', 'by-max'));
+  }
+
+  unitList(title, rows, key, id) {
+    if (!rows.length) return null;
+    const buttons = rows.map((r) => {
+      const b = el('button', { type: 'button', className: 'unit-chip', title: `select unit ${r.unit}`, dataset: { unit: String(r.unit) } },
+        `${r.unit} `, el('span', { className: 'note' }, fmt(r[key] ?? NaN, 2)));
+      b.addEventListener('click', () => this.app.controls.setUnit(r.unit));
+      return b;
+    });
+    return el('div', { className: 'summary-units', id: `summary-${id}` }, el('span', { className: 'note' }, `${title}: `), ...buttons);
+  }
+}
+
+function sensitivityText(s) {
+  const kinds = Object.keys(s.mean_change || {});
+  return kinds.map((k) => `${k}: ${s.mean_change[k].map((v, i) => `ε=${s.epsilons?.[i] ?? '?'} → ${fmt(v ?? NaN, 3)}`).join(', ')}`).join('; ') || '–';
+}

@@ -1,0 +1,257 @@
+"""The summary pane: sparsity, dead units and the most active units of the selected layer.
+
+The numbers are the report's (:class:`deepvis.analysis.activity.LayerActivity`, built from the one
+statistics engine :mod:`deepvis.stats`), from one of three sources, said in each message:
+
+* ``report``: ``deepvis serve --report report.json`` — the report's ``activity``, ``locality`` and
+  ``sensitivity`` of the layer;
+* ``atlas``: ``deepvis serve --atlas DIR`` — the statistics rows the atlas recorded for its mined layers;
+* ``live``: any other layer — running statistics (:class:`~deepvis.stats.LayerStats`) over the frames
+  this page has shown, one update per new frame in the frame loop (a few small tensor operations on
+  the activations' device, no host sync), reset on demand. They restart when the page selects
+  another layer.
+
+The page asks for its summary (a ``summary`` message) every :data:`SUMMARY_INTERVAL` seconds while
+frames arrive, on a layer change and after a reset; the answer is built outside the frame loop
+(turning the running sums into per-unit numbers costs about a millisecond per thousand units), so the
+frame loop pays only for the update.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..analysis.activity import LayerActivity, activity_from_dict, activity_from_unit_stats, layer_activity
+from ..atlas import open_atlas
+from ..capture import LayerInfo
+from ..errors import InputError, ModelError
+from ..models.identity import check_identity
+from ..models.model import Model
+from ..stats import LayerStats
+
+__all__ = ["SUMMARY_INTERVAL", "MOST_ACTIVE", "LiveSummary", "StoredSummaries", "summary_fields"]
+
+log = logging.getLogger("deepvis.server")
+
+#: the page asks for its live summary at most this often (seconds; static/js/summary.js has the same figure)
+SUMMARY_INTERVAL = 0.5
+#: most active units listed (by mean and by max)
+MOST_ACTIVE = 8
+#: dead units listed by number (the count is always sent)
+MAX_DEAD_LISTED = 64
+
+
+def _num(x: float | None) -> float | None:
+    """A statistic as JSON can carry it: None for a missing, NaN or infinite value, else rounded to 6 decimals."""
+    return None if x is None or not math.isfinite(x) else round(float(x), 6)
+
+
+def summary_fields(
+    act: LayerActivity | None,
+    *,
+    layer: str,
+    source: str,
+    origin: str,
+    locality: Sequence[float | None] | None = None,
+    sensitivity: Mapping[str, Any] | None = None,
+    n: int = MOST_ACTIVE,
+) -> dict[str, Any]:
+    """The fields of a ``summary`` message for one layer (JSON-ready).
+
+    Args:
+        act: the layer's activity (None: nothing counted yet).
+        layer: the layer's name.
+        source: ``"live"``, ``"atlas"`` or ``"report"``.
+        origin: one line saying where the numbers come from, for the page.
+        locality: per-unit locality in [0, 1] (the report's), or None where unknown.
+        sensitivity: the layer's ``{"epsilons": [...], "mean_change": {kind: [...]}}`` or None.
+        n: how many most active units to list by mean and by max.
+
+    Returns:
+        ``layer``, ``source``, ``origin``, ``images`` (inputs counted), ``units``, ``sparsity`` (fraction of
+        activations ≤ 0), ``dead`` (count) and ``dead_units`` (the first :data:`MAX_DEAD_LISTED`),
+        ``most_active_by_mean`` / ``most_active_by_max`` (``[{"unit", "mean", "max"}]``), ``locality``
+        (``{"median"}`` or None) and ``sensitivity`` (or None). Numbers are None when unknown.
+    """
+    out: dict[str, Any] = {"layer": layer, "source": source, "origin": origin, "locality": None, "sensitivity": None}
+    if act is None or act.images == 0:
+        out.update(images=0, units=act.units if act is not None else None, sparsity=None, dead=None, dead_units=[])
+        out.update(most_active_by_mean=[], most_active_by_max=[])
+    else:
+        dead = act.dead_units
+
+        def rows(units: list[int]) -> list[dict[str, Any]]:
+            return [{"unit": u, "mean": _num(float(act.mean[u])), "max": _num(float(act.max[u]))} for u in units]
+
+        out.update(
+            images=act.images,
+            units=act.units,
+            sparsity=_num(act.layer_sparsity),
+            dead=len(dead),
+            dead_units=dead[:MAX_DEAD_LISTED],
+            most_active_by_mean=rows(act.most_active("mean", n)),
+            most_active_by_max=rows(act.most_active("max", n)),
+        )
+    if locality is not None:
+        values = np.array([np.nan if v is None else float(v) for v in locality], dtype=np.float64)
+        med = float(np.nanmedian(values)) if np.isfinite(values).any() else float("nan")
+        out["locality"] = {"median": _num(med)}
+    if sensitivity is not None:
+        out["sensitivity"] = sensitivity
+    return out
+
+
+class LiveSummary:
+    """Running statistics of one page's selected layer over the frames it has shown.
+
+    The frame loop calls :meth:`update` with each new frame's activations; the page's reset (event
+    loop) calls :meth:`reset`. Both take the summary's own lock, held only for a few tensor operations.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state: LayerStats | None = None
+        self._shape: tuple[int, ...] = ()
+        self._last_frame: object | None = None
+
+    def reset(self) -> None:
+        """Forget every frame counted (the layer's statistics start again from the next frame)."""
+        with self._lock:
+            self._state, self._last_frame = None, None
+
+    def update(self, frame: object, layer: str, acts: torch.Tensor) -> None:
+        """Count one frame's activations of ``layer``, (C, H, W) or (C,), once per ``frame`` object.
+
+        A frame redrawn (another unit, another setting) is not counted again; another layer than the
+        one counted so far starts its statistics afresh.
+        """
+        with self._lock:
+            if self._state is None or self._state.layer != layer or tuple(acts.shape) != self._shape:
+                maps = (int(acts.shape[1]), int(acts.shape[2])) if acts.ndim == 3 else None
+                self._state = LayerStats(layer, int(acts.shape[0]), 1, maps, acts.device)
+                self._shape, self._last_frame = tuple(acts.shape), None
+            if frame is self._last_frame:
+                return
+            self._last_frame = frame
+            samples = torch.full((1,), self._state.stats.images, dtype=torch.int64, device=acts.device)
+            self._state.update(acts[None], samples)
+
+    def activity(self, layer: str) -> LayerActivity | None:
+        """The statistics of ``layer`` so far (None: no frame of it counted since the last reset)."""
+        with self._lock:
+            if self._state is None or self._state.layer != layer or self._state.stats.images == 0:
+                return None
+            return layer_activity(self._state, self._shape)
+
+    def fields(self, layer: str) -> dict[str, Any]:
+        """The ``summary`` message fields of the live statistics of ``layer``."""
+        act = self.activity(layer)
+        frames = act.images if act is not None else 0
+        return summary_fields(act, layer=layer, source="live", origin=f"live: {frames} frame{'s' if frames != 1 else ''} seen on this page")
+
+
+class StoredSummaries:
+    """The summaries of the layers an atlas mined or a report covers (the report's win: they also hold
+    locality and sensitivity). Read once, when the app is built.
+
+    Raises :class:`~deepvis.errors.ModelError` (one line) for a report made for another model: by the
+    one identity policy when the report records its model's identity, else when one of its layers is
+    missing from this model or has another shape. :class:`~deepvis.errors.InputError` for a report
+    that cannot be read.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        table: Sequence[LayerInfo],
+        *,
+        atlas: str | os.PathLike[str] | None = None,
+        report: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self._fields: dict[str, dict[str, Any]] = {}
+        shapes = {i.name: tuple(i.shape) for i in table}
+        if atlas is not None:
+            self._read_atlas(Path(atlas), shapes)
+        if report is not None:
+            self._read_report(Path(report), model, shapes)
+
+    @property
+    def layers(self) -> list[str]:
+        """The layers with stored numbers."""
+        return sorted(self._fields)
+
+    def get(self, layer: str) -> dict[str, Any] | None:
+        """The ``summary`` message fields of ``layer`` (None: no stored numbers for it)."""
+        return self._fields.get(layer)
+
+    def _read_atlas(self, root: Path, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        # the atlas fits the model: AtlasView checked it by the identity policy when the app was built
+        with open_atlas(root) as atlas:
+            samples = atlas.meta.get("samples")
+            dataset = atlas.meta.get("dataset")
+            for rec in atlas.layers():
+                if not rec.mined or rec.name not in shapes:
+                    continue
+                act = activity_from_unit_stats(rec.name, shapes[rec.name], atlas.stats(rec.name), None, 1, source="atlas")
+                origin = f"atlas {root.name}: {act.images} inputs of {dataset or 'its dataset'}"
+                if samples is not None and int(samples) != act.images:
+                    origin += f" ({samples} samples)"
+                self._fields[rec.name] = summary_fields(act, layer=rec.name, source="atlas", origin=origin)
+
+    def _read_report(self, path: Path, model: Model, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"cannot read the report {path}: {exc}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("activity"), dict):
+            raise InputError(f"{path} is not a deepvis report's JSON (it has no 'activity'): give the .json that `deepvis report` wrote")
+        what = f"report {path}"
+        fix = "serve the model it was made for (same weights and --input-size), make a report of this model, or drop --report"
+        recorded = data.get("identity")
+        identity: dict[str, Any] = recorded if isinstance(recorded, dict) else data
+        if "model_hash" in identity:
+            check_identity(identity, model, what=what, fix=fix)
+        else:
+            log.warning("%s records no model identity (weights hash): its layers are checked by name and shape only", what)
+        activity: dict[str, Any] = data["activity"]
+        for name, d in activity.items():
+            if name not in shapes:
+                raise ModelError(f"{what} was made for another model (it has layer {name!r}, this model has none): {fix}")
+            if tuple(d.get("shape") or ()) != shapes[name]:
+                raise ModelError(
+                    f"{what} was made for another model (layer {name} has shape {d.get('shape')}, here {list(shapes[name])}): {fix}"
+                )
+        locality = data.get("locality") or {}
+        sens = data.get("sensitivity")
+        for name, d in activity.items():
+            act = activity_from_dict(d, source="report")
+            loc = locality.get(name, {}).get("locality") if isinstance(locality.get(name), dict) else None
+            self._fields[name] = summary_fields(
+                act,
+                layer=name,
+                source="report",
+                origin=f"report {path.name}: {act.images} inputs of {data.get('dataset') or 'its dataset'}",
+                locality=loc,
+                sensitivity=_layer_sensitivity(sens, name),
+            )
+
+
+def _layer_sensitivity(sens: Any, layer: str) -> dict[str, Any] | None:
+    """One layer's part of a report's ``sensitivity``: its epsilons and mean change per perturbation kind."""
+    if not isinstance(sens, dict) or layer not in (sens.get("layers") or []):
+        return None
+    li = sens["layers"].index(layer)
+    return {
+        "epsilons": sens.get("epsilons"),
+        "mean_change": {k: [row[li] for row in rows] for k, rows in (sens.get("mean_change") or {}).items()},
+    }
