@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable, Hashable
 from typing import Any, Generic, TypeVar
 
+import torch
 from torch import nn
 
 __all__ = ["CacheSlot", "CacheEntries", "ModelCache", "structure_signature"]
@@ -57,7 +58,12 @@ def structure_signature(module: nn.Module) -> tuple[Any, ...]:
     mods = [module]
     for m in mods:  # breadth-first: the list grows while it is walked (cheaper than named_modules())
         mods.extend([c for c in m._modules.values() if c is not None])
-    tensors = [(id(t), t.shape, t.dtype, t.device) for m in mods for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+    # reading shape/dtype/device dispatches through any active TorchFunctionMode (the backprop rules run
+    # capture inside one): skip that dispatch, these reads need none (3 per tensor, ~1000 on lite0)
+    with torch._C.DisableTorchFunction():
+        tensors = [
+            (id(t), t.shape, t.dtype, t.device) for m in mods for t in (*m._parameters.values(), *m._buffers.values()) if t is not None
+        ]
     return (mods, tensors)
 
 
