@@ -36,7 +36,7 @@ from .protocol import BACKPROP_MODES, RAW_BACKPROP, READABLE_BACKPROP, ProtocolE
 from .security import Guard, GuardMiddleware, new_token
 from .session import Frame, RawFrame, Session
 from .static_files import StaticFiles
-from .summary import StoredSummaries
+from .summary import SUMMARY_INTERVAL, StoredSummaries
 from .synthesis import SynthesisService
 from .unitviews import backprop_filters, layer_geometry, unit_view
 from .video import ServerVideo, decode_video
@@ -129,7 +129,8 @@ class Toolbox:
         """What a page learns when it connects (in ``hello``, and from ``/api/info``): the model, its
         layers, the default settings, the sample photos, the colormaps (256 RGB triples each) and the
         library's lists of normalizations, backprop modes (``off`` first) and filters, from which the
-        page builds its controls; what is available (backprop view, atlas, synthesis); upload limits."""
+        page builds its controls; what is available (backprop view, atlas, synthesis); how often the page
+        asks for its summary; upload limits."""
         m = self.model
         p = m.preprocessing
         return {
@@ -163,6 +164,7 @@ class Toolbox:
             },
             "atlas": self.atlas.info() if self.atlas is not None else {"available": False},
             "synthesis": {"available": self.synthesis is not None},
+            "summary": {"interval_s": SUMMARY_INTERVAL},
             "limits": {
                 "max_upload_bytes": self.config.max_upload_bytes,
                 "max_upload_pixels": self.config.max_upload_pixels,

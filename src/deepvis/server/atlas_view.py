@@ -12,7 +12,6 @@ pictures would describe other units.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sqlite3
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from ..atlas import Atlas, AtlasError, open_atlas, unit_dir
 from ..errors import DeepvisError
 from ..models.identity import check_identity
 from ..models.model import Model
+from .protocol import json_float
 
 __all__ = ["AtlasView", "IMAGE_KINDS"]
 
@@ -33,11 +33,6 @@ IMAGE_KINDS = ("synth", "synth_raw", "crop", "view")
 
 
 _T = TypeVar("_T")
-
-
-def _json_float(x: float | None) -> float | None:
-    """A statistic as JSON can carry it: rounded to 6 decimals; None for a missing, NaN or infinite value."""
-    return None if x is None or not math.isfinite(x) else round(float(x), 6)
 
 
 class AtlasView:
@@ -93,7 +88,7 @@ class AtlasView:
         stats = None
         if r.stats is not None:
             s = r.stats
-            stats = {k: _json_float(getattr(s, k, None)) for k in ("mean", "std", "max", "min", "mean_max", "frac_active")}
+            stats = {k: json_float(getattr(s, k, None)) for k in ("mean", "std", "max", "min", "mean_max", "frac_active")}
         return {
             "layer": layer,
             "unit": unit,
@@ -101,7 +96,7 @@ class AtlasView:
             "top": [
                 {
                     "rank": t.rank,
-                    "value": _json_float(t.value),
+                    "value": json_float(t.value),
                     "label": t.label,
                     "name": Path(t.key).name if t.key else None,
                     "position": list(t.position) if t.position is not None else None,
@@ -110,7 +105,7 @@ class AtlasView:
                 }
                 for t in r.top
             ],
-            "synth": {"value": _json_float(r.synth.value), "source": "atlas"} if r.synth is not None else None,
+            "synth": {"value": json_float(r.synth.value), "source": "atlas"} if r.synth is not None else None,
             "stats": stats,
         }
 

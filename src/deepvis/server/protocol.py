@@ -34,6 +34,7 @@ from ..errors import DeepvisError
 from ..render import NORMALIZATIONS, Normalize
 
 __all__ = [
+    "json_float",
     "pack",
     "unpack",
     "text",
@@ -112,6 +113,12 @@ def unpack(data: bytes) -> tuple[dict[str, Any], memoryview]:
 def text(type_: str, **fields: Any) -> str:
     """A text message ``{"type": type_, **fields}``."""
     return json.dumps({"type": type_, **fields}, separators=(",", ":"), allow_nan=False)
+
+
+def json_float(x: float | None) -> float | None:
+    """A statistic as JSON can carry it to the page: rounded to 6 decimals; None for a missing, NaN or
+    infinite value (JSON has no NaN)."""
+    return None if x is None or not math.isfinite(x) else round(float(x), 6)
 
 
 def _num(d: Mapping[str, Any], key: str, default: float, lo: float, hi: float) -> float:

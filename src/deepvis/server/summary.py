@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -38,22 +37,18 @@ from ..errors import InputError, ModelError
 from ..models.identity import check_identity
 from ..models.model import Model
 from ..stats import LayerStats
+from .protocol import json_float
 
 __all__ = ["SUMMARY_INTERVAL", "MOST_ACTIVE", "LiveSummary", "StoredSummaries", "summary_fields"]
 
 log = logging.getLogger("deepvis.server")
 
-#: the page asks for its live summary at most this often (seconds; static/js/summary.js has the same figure)
+#: the page asks for its live summary at most this often (seconds; sent to it in ``hello``)
 SUMMARY_INTERVAL = 0.5
 #: most active units listed (by mean and by max)
 MOST_ACTIVE = 8
 #: dead units listed by number (the count is always sent)
 MAX_DEAD_LISTED = 64
-
-
-def _num(x: float | None) -> float | None:
-    """A statistic as JSON can carry it: None for a missing, NaN or infinite value, else rounded to 6 decimals."""
-    return None if x is None or not math.isfinite(x) else round(float(x), 6)
 
 
 def summary_fields(
@@ -91,12 +86,12 @@ def summary_fields(
         dead = act.dead_units
 
         def rows(units: list[int]) -> list[dict[str, Any]]:
-            return [{"unit": u, "mean": _num(float(act.mean[u])), "max": _num(float(act.max[u]))} for u in units]
+            return [{"unit": u, "mean": json_float(float(act.mean[u])), "max": json_float(float(act.max[u]))} for u in units]
 
         out.update(
             images=act.images,
             units=act.units,
-            sparsity=_num(act.layer_sparsity),
+            sparsity=json_float(act.layer_sparsity),
             dead=len(dead),
             dead_units=dead[:MAX_DEAD_LISTED],
             most_active_by_mean=rows(act.most_active("mean", n)),
@@ -105,7 +100,7 @@ def summary_fields(
     if locality is not None:
         values = np.array([np.nan if v is None else float(v) for v in locality], dtype=np.float64)
         med = float(np.nanmedian(values)) if np.isfinite(values).any() else float("nan")
-        out["locality"] = {"median": _num(med)}
+        out["locality"] = {"median": json_float(med)}
     if sensitivity is not None:
         out["sensitivity"] = sensitivity
     return out

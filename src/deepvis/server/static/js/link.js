@@ -53,6 +53,7 @@ export class Link {
     state.luts = Object.fromEntries(Object.entries(m.colormaps).map(([k, v]) => [k, lut32(v)]));
     controls.build(m);
     atlas.configure(m.atlas, m.synthesis);
+    this.app.summary.hello(m);
     state.settings = { ...m.default_settings };
     panes.fillLayers();
     // the URL's layer and unit win on the first connection; after a reconnect, keep what was shown

@@ -1,11 +1,9 @@
 // The summary pane: sparsity, dead units and the most active units of the selected layer, with its
 // locality and sensitivity where known. The page asks for a `summary` message (server/summary.py)
-// every ASK_MS while results arrive and whenever the layer changes: live statistics of the frames
+// every `summary.interval_s` seconds (from the server's hello) while results arrive and whenever the
+// layer changes: live statistics of the frames
 // seen on this page (reset with the button or z), or the numbers of the atlas / report the server
 // was started with, and it says which. A most active unit is a button: clicking it selects the unit.
-
-/** How often (ms) the page asks for its summary while results arrive (server/summary.py: SUMMARY_INTERVAL). */
-const ASK_MS = 500;
 
 import { $, el, fmt, setChildren } from './dom.js';
 
@@ -16,8 +14,14 @@ export class SummaryPane {
     this.last = null;
     this.askedFrames = -1;
     this.askedLayer = null;
+    this.timer = null;
     $('summary-reset').addEventListener('click', () => this.reset());
-    setInterval(() => this.tick(), ASK_MS);
+  }
+
+  /** The server's hello: ask for the summary at the interval it gives (server/summary.py: SUMMARY_INTERVAL). */
+  hello(m) {
+    if (this.timer !== null) clearInterval(this.timer);
+    this.timer = setInterval(() => this.tick(), m.summary.interval_s * 1000);
   }
 
   /** Ask for the summary when results arrived or the layer changed since the last question. */
