@@ -10,7 +10,9 @@ from torch import nn
 
 from deepvis.analysis import SummaryOptions, summarize
 from deepvis.datasets import open_dataset
+from deepvis.errors import DeepvisError
 from deepvis.models import Model, Preprocessing
+from deepvis.stats import RayEngine, worker_device
 
 ray = pytest.importorskip("ray")
 
@@ -49,6 +51,12 @@ def test_ray_scan_equals_local_scan(tmp_path):
     local = summarize(model, ds, options, progress=False)
     try:
         remote = summarize(model, ds, options, engine="ray", workers=2, progress=False)
+        # the driver's device reaches the workers: a CPU model gives CPU workers that reserve no GPU
+        pool = RayEngine(model, ds, workers=1)
+        try:
+            assert pool.device == "cpu" and pool.worker_devices == ["cpu"]
+        finally:
+            pool.close()
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -65,3 +73,10 @@ def test_ray_scan_equals_local_scan(tmp_path):
     assert np.array_equal(local.locality["relu1"].locality, remote.locality["relu1"].locality, equal_nan=True)
     assert local.thumbnails.keys() == remote.thumbnails.keys()
     assert all(local.thumbnails[i].tobytes() == remote.thumbnails[i].tobytes() for i in local.thumbnails)
+
+
+def test_worker_device_follows_the_driver():
+    assert worker_device(torch.device("cpu")) == "cpu"
+    assert worker_device(torch.device("cuda", 1)) == "cuda"  # Ray assigns each worker its GPU
+    with pytest.raises(DeepvisError, match="cpu or cuda, not on meta"):
+        worker_device(torch.device("meta"))

@@ -23,6 +23,7 @@ from ..models.model import Model
 from ..pixels import to_uint8
 from ..predictions import top_k
 from ..render import normalize_activations
+from ..runtime import synchronize
 from .protocol import ViewSettings
 
 __all__ = [
@@ -100,9 +101,11 @@ def choose_memory_format(model: Model, *, repeats: int = 3, margin: float = 0.9)
             model.module.to(memory_format=fmt)
             xx = x.contiguous(memory_format=fmt)
             model.module(xx)
+            synchronize(x.device)  # CUDA runs asynchronously: time the kernels, not their launch
             start = time.perf_counter()
             for _ in range(repeats):
                 model.module(xx)
+            synchronize(x.device)
             seconds[fmt] = time.perf_counter() - start
     best = torch.channels_last if seconds[torch.channels_last] < margin * seconds[torch.contiguous_format] else torch.contiguous_format
     model.module.to(memory_format=best)

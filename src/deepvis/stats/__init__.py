@@ -37,6 +37,7 @@ from .engines import (
     mine,
     num_batches,
     update_states,
+    worker_device,
 )
 
 __all__ = [
@@ -63,4 +64,5 @@ __all__ = [
     "update_states",
     "num_batches",
     "batch_indices",
+    "worker_device",
 ]

@@ -31,7 +31,6 @@ from ..choices import ENGINES
 from ..datasets import Batch, ImageDataset, iter_batches
 from ..errors import DeepvisError
 from ..models.model import Model
-from ..runtime import resolve_device
 from .accumulators import INPUT, Accumulator
 
 __all__ = [
@@ -43,6 +42,7 @@ __all__ = [
     "LocalEngine",
     "RayEngine",
     "make_engine",
+    "worker_device",
     "mine",
     "update_states",
     "num_batches",
@@ -219,12 +219,13 @@ class LocalEngine(Engine):
 
 
 class _Worker:
-    """A Ray actor: one copy of the model and the dataset, on its own GPU when it has one."""
+    """A Ray actor: one copy of the model and the dataset, on the driver's device type (``cpu``, or
+    ``cuda``: the GPU Ray assigned to this actor, which it sees as ``cuda:0``)."""
 
-    def __init__(self, model: Model, dataset: ImageDataset, threads: int, decode_threads: int) -> None:
+    def __init__(self, model: Model, dataset: ImageDataset, threads: int, decode_threads: int, device: str = "cpu") -> None:
         if threads > 0:
             torch.set_num_threads(threads)
-        self.model = model.to(resolve_device("auto"))
+        self.model = model.to(torch.device(device))
         self.dataset = dataset
         self.decode_threads = decode_threads
 
@@ -245,6 +246,14 @@ class _Worker:
         return str(self.model.device)
 
 
+def worker_device(device: torch.device) -> str:
+    """The device a Ray worker computes on for a driver model on ``device``: ``cpu`` or ``cuda``
+    (each worker's own GPU); other device types are refused in one line."""
+    if device.type in ("cpu", "cuda"):
+        return device.type
+    raise DeepvisError(f"the ray engine runs workers on cpu or cuda, not on {device}: use --device cpu or cuda")
+
+
 def _portable(model: Model) -> Model:
     """A CPU copy of the model to ship to workers (the model itself when it already lives on the CPU)."""
     if model.device.type == "cpu":
@@ -254,10 +263,16 @@ def _portable(model: Model) -> Model:
 
 
 class RayEngine(Engine):
-    """A pool of Ray actors, each holding the model (on a GPU when the cluster has them) and the dataset.
+    """A pool of Ray actors, each holding the model and the dataset on the driver's device type.
 
-    With no ``address`` Ray starts locally in this process (``workers`` actors, default 2 on a machine
-    without GPUs, else one per GPU); with an address (``ray://host:10001`` or ``auto``) it joins that
+    Device policy: the workers compute on the device type of the model given here (the driver's
+    ``--device``). A CPU model gives CPU workers that reserve no GPU, also on a cluster that has GPUs;
+    a CUDA model gives workers that each reserve a GPU share from Ray and use the GPU Ray assigns
+    them (the driver's device index does not carry over: Ray chooses the GPUs), and a cluster without
+    GPUs is refused in one line.
+
+    With no ``address`` Ray starts locally in this process (``workers`` actors, default 2 for CPU
+    workers, else one per GPU); with an address (``ray://host:10001`` or ``auto``) it joins that
     cluster. Each actor reserves ``cpus_per_worker`` CPUs (default: an equal share) and runs PyTorch
     with ``threads`` threads (default: as many as this process, so CPU results match the local engine
     bit for bit). The model and the dataset's sample list are sent through Ray's object store, so the nodes
@@ -284,6 +299,9 @@ class RayEngine(Engine):
         self._started = False
         self._samples = len(dataset)
         self.actors: list[Any] = []
+        #: the device type every worker computes on (``cpu`` or ``cuda``) and what each worker reported
+        self.device: str = worker_device(model.device)
+        self.worker_devices: list[str] = []
         if not ray.is_initialized():
             kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=True)
             if address is None:
@@ -296,12 +314,16 @@ class RayEngine(Engine):
             self._started = True
         try:
             res = ray.cluster_resources()
-            gpus = int(res.get("GPU", 0))
             cpus = int(res.get("CPU", 1))
+            gpus = int(res.get("GPU", 0)) if self.device == "cuda" else 0
+            if self.device == "cuda" and gpus == 0:
+                raise DeepvisError(
+                    f"the model is on {model.device} but the Ray cluster has no GPUs: use --device cpu or join a cluster with GPUs"
+                )
             n = workers or (gpus if gpus else min(2, cpus))
             if n < 1:
                 raise DeepvisError("the ray engine needs at least one worker")
-            per_gpu = 1 if gpus >= n else (gpus / n if gpus else 0)
+            per_gpu = (1 if gpus >= n else gpus / n) if gpus else 0
             per_cpu = cpus_per_worker if cpus_per_worker is not None else max(1, cpus // n)
             # the driver's thread count by default: CPU kernels may sum in another order with another
             # number of threads, and the Ray engine promises the local engine's exact results
@@ -309,8 +331,8 @@ class RayEngine(Engine):
             actor = ray.remote(_Worker).options(num_cpus=per_cpu, num_gpus=per_gpu, max_concurrency=1)
             model_ref = ray.put(_portable(model))
             data_ref = ray.put(dataset)
-            self.actors = [actor.remote(model_ref, data_ref, threads, decode_threads) for _ in range(n)]
-            ray.get([a.ready.remote() for a in self.actors])
+            self.actors = [actor.remote(model_ref, data_ref, threads, decode_threads, self.device) for _ in range(n)]
+            self.worker_devices = ray.get([a.ready.remote() for a in self.actors])
         except BaseException:
             self.close()
             raise
