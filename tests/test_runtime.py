@@ -63,3 +63,35 @@ def test_resolve_device_errors_are_one_line():
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(Exception, match="unknown device 'gpu7'"):
         resolve_device("gpu7")
+
+
+def test_batch_size_from_a_memory_budget():
+    from deepvis.runtime import choose_batch_size
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert choose_batch_size(cpu, 10**6, cpu_batch=8) == 8  # the CPU keeps its micro-batches
+    gib = 2**30
+    assert choose_batch_size(gpu, 100 * 2**20, cpu_batch=8, free_bytes=4 * gib) == 30  # 0.75 x 4 GiB / 100 MiB
+    assert choose_batch_size(gpu, 2**20, cpu_batch=8, free_bytes=80 * gib, upper=256) == 256
+    assert choose_batch_size(gpu, 8 * gib, cpu_batch=8, free_bytes=4 * gib) == 1
+
+
+def test_halve_on_oom_retries_smaller_then_says_so():
+    from deepvis.errors import DeepvisError
+    from deepvis.runtime import halve_on_oom
+
+    tried = []
+
+    def run(batch):
+        tried.append(batch)
+        if batch > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return batch
+
+    assert halve_on_oom(run, 32, what="the optimize batch") == 4 and tried == [32, 16, 8, 4]
+
+    def never(batch):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(DeepvisError, match="the optimize batch does not fit"):
+        halve_on_oom(never, 4, what="the optimize batch")

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 
 from .errors import DeepvisError
 
-__all__ = ["resolve_device", "synchronize", "deterministic"]
+_T = TypeVar("_T")
+
+__all__ = ["resolve_device", "synchronize", "deterministic", "free_memory", "choose_batch_size", "halve_on_oom"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -89,3 +92,50 @@ def deterministic(enabled: bool = True) -> Iterator[None]:
         torch.use_deterministic_algorithms(saved_algos[0], warn_only=saved_algos[1])
         if saved_env is None:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` now (CUDA: what the driver reports free plus what PyTorch's caching
+    allocator holds unused), or None for devices whose memory deepvis does not budget (the CPU)."""
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def choose_batch_size(
+    device: torch.device,
+    bytes_per_item: int,
+    *,
+    cpu_batch: int,
+    upper: int = 256,
+    headroom: float = 0.75,
+    free_bytes: int | None = None,
+) -> int:
+    """How many items to put in one batch on ``device``.
+
+    On the CPU: ``cpu_batch`` (small batches keep the CPU's caches warm and its progress visible).
+    On a GPU: as many items of ``bytes_per_item`` (the peak memory one item costs) as fit in
+    ``headroom`` of the free memory (``free_bytes``, default :func:`free_memory`), at least 1 and at
+    most ``upper``. Pair it with :func:`halve_on_oom`, since the estimate can be off.
+    """
+    free = free_memory(device) if free_bytes is None else free_bytes
+    if free is None:
+        return max(1, cpu_batch)
+    return int(max(1, min(upper, int(free * headroom) // max(1, bytes_per_item))))
+
+
+def halve_on_oom(run: Callable[[int], _T], batch: int, *, what: str) -> _T:
+    """``run(batch)``, retried with half the batch each time the device runs out of memory; a
+    one-line :class:`DeepvisError` (naming ``what``) when even one item does not fit."""
+    while True:
+        try:
+            return run(batch)
+        except torch.OutOfMemoryError as exc:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if batch <= 1:
+                raise DeepvisError(
+                    f"{what} does not fit in the device's memory even one at a time: use a smaller input size or --device cpu"
+                ) from exc
+            batch = max(1, batch // 2)
