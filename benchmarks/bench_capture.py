@@ -1,12 +1,13 @@
 """Capture overhead: capturing every layer and rendering one layer's grid vs a bare forward pass.
 
-Default model, batch 1, 224 px, CPU. Target: ratio <= 1.3.
+Default model, batch 1, 224 px, CPU (or --device cuda). Target: ratio <= 1.3.
 Runs with the allocator settings the deepvis command uses (set DEEPVIS_NO_ALLOCATOR_TUNING=1 to see
-glibc's defaults). Run: python benchmarks/bench_capture.py
+glibc's defaults). Run: python benchmarks/bench_capture.py [--device cuda]
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -22,10 +23,14 @@ from deepvis.capture import capture, layer_table  # noqa: E402
 from deepvis.io import load_image, sample_path  # noqa: E402
 from deepvis.models import load_model  # noqa: E402
 from deepvis.render import tile_grid  # noqa: E402
+from deepvis.runtime import synchronize  # noqa: E402
 
 
 def main() -> None:
-    model = load_model("default", device="cpu")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    model = load_model("default", device=args.device)
     x = model.preprocess(load_image(sample_path("coffee")))
     names = [r.name for r in layer_table(model)]
     capture(model, x, names)  # learn which outputs are modified in place
@@ -42,8 +47,12 @@ def main() -> None:
         acts = capture(model, x, ["blocks.3", "logits"], stop_early=False)
         tile_grid(acts["blocks.3"][0])
 
-    t = interleaved({"bare": bare, "all": all_layers_and_grid, "one": one_layer_and_grid}, repeats=40)
-    print(f"torch threads: {torch.get_num_threads()}, allocator tuned: {allocator_tuned()}, layers captured: {len(names)}")
+    t = interleaved(
+        {"bare": bare, "all": all_layers_and_grid, "one": one_layer_and_grid}, repeats=40, sync=lambda: synchronize(model.device)
+    )
+    print(
+        f"device: {model.device}, torch threads: {torch.get_num_threads()}, allocator tuned: {allocator_tuned()}, layers captured: {len(names)}"
+    )
     print(f"bare forward:                          {t['bare'] * 1e3:7.2f} ms")
     print(f"capture all layers + render grid:      {t['all'] * 1e3:7.2f} ms   ratio {t['all'] / t['bare']:.2f} (target <= 1.3)")
     print(f"capture one layer + logits + grid:     {t['one'] * 1e3:7.2f} ms   ratio {t['one'] / t['bare']:.2f}")

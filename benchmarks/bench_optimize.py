@@ -1,6 +1,6 @@
 """Activation maximization: throughput vs Lucent, step overhead, and recognizability of class images.
 
-Default model (EfficientNet-Lite0), CPU. Three sections, printed as they finish:
+Default model (EfficientNet-Lite0), CPU (or ``--device cuda``). Three sections, printed as they finish:
 
 * ``speed`` — seconds per unit (wall clock, and CPU time, which other processes on a shared machine
   disturb less) for ``--units`` units of ``--layers`` optimized together by deepvis
@@ -41,6 +41,7 @@ from deepvis.capture import capture  # noqa: E402
 from deepvis.models import load_model  # noqa: E402
 from deepvis.optimize import get_preset, optimize_batch, resolve_targets, visualize  # noqa: E402
 from deepvis.pixels import to_uint8  # noqa: E402
+from deepvis.runtime import synchronize  # noqa: E402
 
 CLASSES = ("goldfinch", "flamingo", "monarch", "jellyfish", "volcano", "strawberry")
 
@@ -64,9 +65,9 @@ def lucent():
     return render, objectives, transform
 
 
-def lucent_model():
+def lucent_model(device: torch.device):
     """A separate copy of the default model for Lucent, which hooks every module and never unhooks."""
-    return copy.deepcopy(load_model("default", device="cpu").module).eval()
+    return copy.deepcopy(load_model("default", device=device).module).eval()
 
 
 def lucent_render(lib, base, layer: str, unit: int, *, steps: int, normalize_like=None):
@@ -87,7 +88,7 @@ def lucent_render(lib, base, layer: str, unit: int, *, steps: int, normalize_lik
 def bench_speed(args, model) -> None:
     print(f"\n== speed: {args.units} units, {args.steps} steps, {args.size} px, preset {args.preset} ==")
     lib = lucent()
-    lmod = lucent_model() if lib else None
+    lmod = lucent_model(model.device) if lib else None
     for layer in args.layers:
         units = [f"{layer}:{i}" for i in range(args.units)]
         visualize(model, units[:2], preset=args.preset, steps=2, size=args.size)  # warm-up: layer table, first allocations
@@ -132,11 +133,19 @@ def bench_ratio(args, model) -> None:
             step_t: list[float] = []
             for _ in range(args.ratio_rounds):
                 for _ in range(2):
+                    synchronize(model.device)
                     t0 = time.perf_counter()
                     bare()
+                    synchronize(model.device)
                     bare_t.append(time.perf_counter() - t0)
                 stamps: list[float] = []
-                optimize_batch(model, objs, settings, size=hw, on_step=lambda t, stamps=stamps: stamps.append(time.perf_counter()))
+                optimize_batch(
+                    model,
+                    objs,
+                    settings,
+                    size=hw,
+                    on_step=lambda t, stamps=stamps: (synchronize(model.device), stamps.append(time.perf_counter())),
+                )
                 step_t += [b - a for a, b in zip(stamps, stamps[1:])]  # full steps (the last one is measure-only)
             b, s = statistics.median(bare_t), statistics.median(step_t)
             print(
@@ -149,7 +158,7 @@ def bench_ratio(args, model) -> None:
 def bench_recog(args, model) -> None:
     from PIL import Image
 
-    judge = load_model("lite2", device="cpu")
+    judge = load_model("lite2", device=model.device)
     idx = [model.class_index(c) for c in args.classes]
     units = [f"logits:{i}" for i in idx]
     print(
@@ -183,7 +192,7 @@ def bench_recog(args, model) -> None:
             montage([r.raw_image() for r in res], labels=list(args.classes), cols=len(res)).save(out_dir / f"recog_{preset}.png")
     lib = lucent()
     if lib:
-        lmod = lucent_model()
+        lmod = lucent_model(model.device)
         for label, norm in (("Lucent defaults", None), ("Lucent + model norm", model.preprocessing)):
             t = time.perf_counter()
             arrs = [lucent_render(lib, lmod, "labels", i, steps=args.lucent_steps, normalize_like=norm) for i in idx]
@@ -213,10 +222,11 @@ def main() -> None:
     ap.add_argument("--lucent-steps", type=int, default=512, help="Lucent's steps for the recognizability rows (its default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save", metavar="DIR", help="save the class images here")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the judge and Lucent's copy run there too)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    print(f"torch threads: {torch.get_num_threads()}, allocator tuned: {allocator_tuned()}, device: cpu")
-    model = load_model("default", device="cpu")
+    model = load_model("default", device=args.device)
+    print(f"torch threads: {torch.get_num_threads()}, allocator tuned: {allocator_tuned()}, device: {model.device}")
     sections = args.sections.split(",")
     if "speed" in sections:
         bench_speed(args, model)
