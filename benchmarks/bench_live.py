@@ -1,6 +1,6 @@
 """The live toolbox end to end: the real page in headless Chromium with a fake 30 fps camera.
 
-Starts ``deepvis serve`` (default model, CPU) as its own process, opens the page in Debian's Chromium
+Starts ``deepvis serve`` (default model, CPU or ``--device cuda``) as its own process, opens the page in Debian's Chromium
 (/usr/bin/chromium) with Chromium's fake camera, and measures, for the backprop view off and then on:
 
 * frames/s: live grid results drawn by the page per second;
@@ -17,7 +17,7 @@ Targets (ratios, so that they travel between machines): efficiency >= 0.5 with b
 camera's rate), >= 0.3 with the backprop view on; p95 <= 5 bare forwards; browser CPU <= 10 ms per
 drawn frame.
 
-Run: python benchmarks/bench_live.py [--seconds 15] [--model default] [--layer NAME] [--repeat N]
+Run: python benchmarks/bench_live.py [--seconds 15] [--model default] [--device cuda] [--layer NAME] [--repeat N]
 (--repeat runs both conditions N times, alternating, and prints the median of each figure.)
 """
 
@@ -52,11 +52,11 @@ def wait(page, expr: str, timeout: float = 60.0):
     raise RuntimeError(f"timed out waiting for {expr}")
 
 
-def start_server(model: str, extra_env: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, extra_env: list[str], device: str = "cpu") -> tuple[subprocess.Popen, str]:
     env = dict(os.environ)
     env.update(kv.split("=", 1) for kv in extra_env)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deepvis", "serve", "--port", "0", "--model", model, "--device", "cpu"],
+        [sys.executable, "-m", "deepvis", "serve", "--port", "0", "--model", model, "--device", device],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -91,30 +91,33 @@ BARE_FORWARD = """
 import statistics, sys, time
 import torch
 from deepvis.models import load_model
+from deepvis.runtime import synchronize
 from deepvis.server.frames import choose_memory_format
-if len(sys.argv) > 2:
-    torch.set_num_threads(int(sys.argv[2]))
-m = load_model(sys.argv[1], device="cpu")
+if len(sys.argv) > 3:
+    torch.set_num_threads(int(sys.argv[3]))
+m = load_model(sys.argv[1], device=sys.argv[2])
 fmt = choose_memory_format(m)
-x = torch.zeros(1, *m.preprocessing.input_shape).contiguous(memory_format=fmt)
+x = torch.zeros(1, *m.preprocessing.input_shape, device=m.device).contiguous(memory_format=fmt)
 times = []
 with torch.no_grad():
     for _ in range(5):
         m.module(x)
     for _ in range(40):
+        synchronize(m.device)
         t = time.perf_counter()
         m.module(x)
+        synchronize(m.device)
         times.append(time.perf_counter() - t)
 print(1000 * statistics.median(times), torch.get_num_threads())
 """
 
 
-def bare_forward(model: str, threads: int | None) -> tuple[float, int]:
+def bare_forward(model: str, threads: int | None, device: str = "cpu") -> tuple[float, int]:
     """(milliseconds per batch-1 forward, threads) of ``model`` alone, in a child process set up as
     ``deepvis serve`` sets itself up (passive OpenMP waiting, the same memory-layout choice)."""
     env = allocator_env() or dict(os.environ)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    cmd = [sys.executable, "-c", BARE_FORWARD, model] + ([str(threads)] if threads else [])
+    cmd = [sys.executable, "-c", BARE_FORWARD, model, device] + ([str(threads)] if threads else [])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.split()
     return float(out[0]), int(out[1])
 
@@ -182,7 +185,7 @@ def run_once(args: argparse.Namespace) -> tuple[str, dict[str, dict[str, float]]
     """One run of the server and the page: both conditions measured, in order (off, then on)."""
     from playwright.sync_api import sync_playwright
 
-    proc, url = start_server(args.model, args.server_env)
+    proc, url = start_server(args.model, args.server_env, args.device)
     url += "&test=1"  # the page's probe: window.deepvis, its live figures
     profile = tempfile.mkdtemp(prefix="deepvis-bench-")
     if args.layer:
@@ -222,6 +225,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=5.0, help="seconds before measuring (default: %(default)s)")
     ap.add_argument("--repeat", type=int, default=1, help="runs of both conditions; figures are medians (default: %(default)s)")
     ap.add_argument("--model", default="default")
+    ap.add_argument("--device", default="cpu", help="the server's and the bare forward's device (default: %(default)s)")
     ap.add_argument("--layer", help="layer to show (default: the page's default layer)")
     ap.add_argument("--inflight", type=int, help="frames the page keeps on their way (default: the page's)")
     ap.add_argument("--threads", type=int, help="the server's --threads (default: PyTorch's choice); the bare forward uses the same")
@@ -235,11 +239,11 @@ def main() -> None:
     threads = 0
     layer = "?"
     for _ in range(max(1, args.repeat)):
-        ms, threads = bare_forward(args.model, args.threads)
+        ms, threads = bare_forward(args.model, args.threads, args.device)
         bare.append(ms)
         layer, results = run_once(args)
         runs.append(results)
-    ms, threads = bare_forward(args.model, args.threads)
+    ms, threads = bare_forward(args.model, args.threads, args.device)
     bare.append(ms)
     bare_ms = statistics.median(bare)
 
