@@ -1,0 +1,117 @@
+"""CPU and CUDA give the same results (within float32 rounding, TF32 off). Skipped where there is no GPU.
+
+Tolerances: relative to the largest magnitude of the CPU result; cuDNN and CPU kernels sum in other
+orders, so bit equality is not expected across devices (it is within one device, in deterministic mode).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepvis.runtime import deterministic
+
+pytestmark = pytest.mark.cuda
+
+TOL = 1e-3
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+
+
+@pytest.fixture()
+def pair(default_model):
+    """The default model on the CPU and a copy on CUDA."""
+    import copy
+
+    gpu = copy.deepcopy(default_model).to("cuda")
+    yield default_model, gpu
+    del gpu
+    torch.cuda.empty_cache()
+
+
+def test_capture_matches(pair, sample_images):
+    from deepvis.capture import capture
+
+    cpu, gpu = pair
+    x = cpu.preprocess(sample_images["coffee"])
+    names = ["blocks.1", "blocks.3", "blocks.5", "logits"]
+    with deterministic():
+        a, b = capture(cpu, x, names), capture(gpu, x.cuda(), names)
+    for n in names:
+        assert b[n].device.type == "cuda"
+        assert _rel(a[n], b[n]) < TOL, n
+
+
+@pytest.mark.parametrize("mode", ["gradient", "deconv", "guided"])
+def test_backprop_views_match(pair, sample_images, mode):
+    from deepvis.backprop import backprop_view
+
+    cpu, gpu = pair
+    x = cpu.preprocess(sample_images["coffee"])
+    with deterministic():
+        a = backprop_view(cpu, x, "blocks.3:7@7,7", mode).grad
+        b = backprop_view(gpu, x.cuda(), "blocks.3:7@7,7", mode).grad
+    assert _rel(a, b) < TOL
+
+
+def test_receptive_fields_match(pair):
+    from deepvis.backprop import layer_field
+
+    cpu, gpu = pair
+    for layer in ("blocks.2", "blocks.4"):
+        a, b = layer_field(cpu, layer, method="probe"), layer_field(gpu, layer, method="probe")
+        assert (a.size, a.stride, a.offset) == (b.size, b.stride, b.offset), layer
+
+
+def test_optimize_batched_equals_alone_and_repeats(pair):
+    from deepvis.optimize import visualize
+
+    _, gpu = pair
+    units = ["blocks.3:1", "blocks.3:2", "logits:281"]
+    with deterministic():
+        together = [r.image for r in visualize(gpu, units, steps=6, size=64, batch_size=3)]
+        again = [r.image for r in visualize(gpu, units, steps=6, size=64, batch_size=3)]
+        alone = [r.image for r in visualize(gpu, units, steps=6, size=64, batch_size=1)]
+    for t, a, s in zip(together, again, alone, strict=True):
+        assert torch.equal(t, a)  # same device, deterministic mode: bit for bit
+        assert float((t - s).abs().max()) <= 2.0  # of 255: batching changes only the summation order
+
+
+def test_mining_top_k_matches(pair):
+    from deepvis.capture import layer_table
+    from deepvis.datasets import open_dataset
+    from deepvis.stats import LayerStats, mine
+
+    ds = open_dataset("demo")
+    tops = []
+    for model in pair:
+        info = {i.name: i for i in layer_table(model)}["blocks.3"]
+        states = {"blocks.3": LayerStats("blocks.3", info.units, 9, info.shape[1:], model.device)}
+        with deterministic():
+            for _ in mine(model, ds, states, range(2), 16, indices=range(32), workers=1):
+                pass
+        tops.append(states["blocks.3"])
+    a, b = tops
+    same = sum([s for _, s, _ in a.top(u)] == [s for _, s, _ in b.top(u)] for u in range(a.units))
+    assert same >= 0.95 * a.units  # near-ties may swap across devices
+    for u in range(a.units):
+        for (va, _, _), (vb, _, _) in zip(a.top(u), b.top(u), strict=True):
+            assert abs(va - vb) <= TOL * max(1.0, abs(va))
+
+
+def test_live_frame_matches(pair, sample_images):
+    from deepvis.server.frames import FrameProcessor
+    from deepvis.server.protocol import ViewSettings
+
+    cpu, gpu = pair
+    settings = ViewSettings(layer="blocks.3")
+    outs = []
+    for model in pair:
+        proc = FrameProcessor(model)
+        outs.append(proc.process(proc.to_input(sample_images["coffee"]), settings))
+    a, b = outs
+    assert [p["index"] for p in a.header["predictions"][:3]] == [p["index"] for p in b.header["predictions"][:3]]
+    assert a.header["layer"] == b.header["layer"] == "blocks.3"
