@@ -102,6 +102,13 @@ def update_states(model: Model, x: torch.Tensor, samples: torch.Tensor, states: 
         st.update(acts[st.layer], samples)
 
 
+def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (a small CPU tensor) on ``device``; to CUDA through pinned memory without a host sync."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _fold(
     model: Model,
     dataset: ImageDataset,
@@ -118,7 +125,7 @@ def _fold(
         _expect(batch, b, want)
         need = [st for st in states.values() if b not in st.done]
         if batch.indices:
-            update_states(model, batch.x, torch.tensor(batch.indices, dtype=torch.int64), need)
+            update_states(model, batch.x, _on_device(torch.tensor(batch.indices, dtype=torch.int64), batch.x.device), need)
         for st in need:
             st.done.add(b)
         yield MiningStep(b, len(batch.indices), batch.skipped)
