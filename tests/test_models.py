@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import random
+import socket
+import time
 import urllib.error
 from pathlib import Path
 
@@ -12,7 +16,7 @@ from torch import nn
 
 from deepvis.capture import capture
 from deepvis.errors import ModelError, WeightsError
-from deepvis.models import Preprocessing, load_model, read_state_dict
+from deepvis.models import Preprocessing, WeightsSource, load_model, model_hash, model_identity, read_state_dict
 from deepvis.models.efficientnet_lite import lite_checkpoint_renamer
 from deepvis.predictions import top_k
 
@@ -87,7 +91,14 @@ def empty_offline_hubs(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "huggingface/hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)  # torch.hub reads $TORCH_HOME on each call
+    monkeypatch.setattr(socket, "create_connection", _no_network)  # the reachability check finds no host
     return home
+
+
+def _no_network(address, timeout=None, *a, **k):
+    """``socket.create_connection`` of a machine without a network: fails at once (never connects)."""
+    assert timeout is not None and timeout <= 3.0, f"reachability check without a short timeout ({timeout})"
+    raise OSError(f"[Errno 101] Network is unreachable: {address}")
 
 
 def test_torchvision_pretrained_offline_is_one_clear_error(empty_offline_hubs):
@@ -233,3 +244,152 @@ def test_to_image_rounds_half_up_and_clips():
     rgb = Preprocessing((2, 2))
     x = rgb.normalize(torch.full((3, 2, 2), 10 / 255))
     assert (np.asarray(rgb.to_image(x)) == 10).all()
+
+
+# -- random weights (--weights random) ----------------------------------------------------------------------
+@pytest.mark.parametrize("spec", ["timm:resnet18", "torchvision:resnet18", "default"])
+def test_random_weights_are_deterministic_and_leave_the_global_rng(spec):
+    torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    a = load_model(spec, weights="random", device="cpu")
+    b = load_model(spec, weights="random", device="cpu")
+    assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
+    assert (np.random.get_state()[1] == states[2]).all()  # the caller's random streams are untouched
+    assert model_hash(a) == model_hash(b)
+    assert a.weights == WeightsSource.random(0) and a.weights.untrained and str(a.weights) == "random (seed 0)"
+    assert model_identity(a)["weights"] == "random (seed 0)"
+    assert a.name == spec and a.class_names is not None and len(a.class_names) == 1000
+
+
+def test_random_weights_differ_from_the_trained_ones(default_model):
+    rand = load_model("default", weights="random", device="cpu")
+    assert default_model.weights.kind == "pretrained" and str(default_model.weights) == "pretrained"
+    assert model_hash(rand) != model_hash(default_model)
+    assert [n for n, _ in rand.module.named_parameters()] == [n for n, _ in default_model.module.named_parameters()]
+
+
+def test_random_googlenet_has_the_pretrained_architecture():
+    model = load_model("torchvision:googlenet", weights="random", device="cpu")
+    assert model.module.aux1 is None and model.module.transform_input  # as the published model, no auxiliary heads
+
+
+def test_random_weights_for_a_user_factory_is_one_line(user_file):
+    with pytest.raises(ModelError, match=r"^--weights random applies to built-in, torchvision: and timm: models; .*gray makes its own"):
+        load_model(f"{user_file}:gray", weights="random")
+    model = load_model(f"{user_file}:gray", device="cpu")
+    assert model.weights.kind == "module" and not model.weights.untrained
+
+
+def test_weights_file_is_recorded(tmp_path):
+    import torchvision
+
+    path = _tiny_state(torchvision.models.resnet18(weights=None), tmp_path / "r18.pth")
+    model = load_model("torchvision:resnet18", weights=path, device="cpu")
+    assert model.weights == WeightsSource.file(str(path)) and str(model.weights) == str(path)
+
+
+def test_cli_says_untrained_once_and_records_it(capsys):
+    from deepvis.cli import main
+
+    assert main(["layers", "--model", "timm:resnet18", "--weights", "random", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("random weights (seed 0): untrained") == 1 and len(err.strip().splitlines()) == 1
+    data = json.loads(out)
+    assert data["model"] == "timm:resnet18" and data["weights"] == "random (seed 0)"
+    assert main(["layers", "--json"]) == 0  # trained weights: no note
+    out, err = capsys.readouterr()
+    assert err == "" and json.loads(out)["weights"] == "pretrained"
+
+
+def test_help_of_weights_says_random(capsys):
+    from deepvis.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["layers", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--weights FILE|random" in text and "'random': the architecture untrained" in text
+
+
+def test_optimize_records_the_weights():
+    from deepvis.optimize import visualize
+
+    model = load_model("timm:resnet18", weights="random", device="cpu", input_size=32)
+    res = visualize(model, ["layer1:0"], steps=1, size=32)[0]
+    assert res.to_dict()["weights"] == "random (seed 0)"
+
+
+# -- offline hubs: the local caches without any network call, else one fast line -----------------------------
+def test_offline_hub_fails_at_once_with_one_line(empty_offline_hubs, capfd, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the socket check decides
+    for spec in ("timm:vit_tiny_patch16_224", "torchvision:resnet18"):
+        t0 = time.perf_counter()
+        with pytest.raises(ModelError) as err:
+            load_model(spec)
+        assert time.perf_counter() - t0 < 10
+        msg = str(err.value)
+        assert "\n" not in msg and "cannot be reached" in msg and "--weights random" in msg and "--weights FILE" in msg
+    out, errout = capfd.readouterr()
+    assert out == "" and errout == ""  # no retries, no "Downloading: ..."
+
+
+def test_hf_hub_offline_flag_is_respected(empty_offline_hubs):
+    with pytest.raises(ModelError, match="HF_HUB_OFFLINE is set; pass --weights FILE"):
+        load_model("timm:resnet18")
+
+
+def _fake_hf_cache(root: Path, repo: str, filename: str, payload: dict) -> Path:
+    """A Hugging Face hub cache entry as huggingface_hub writes it: refs/main names a snapshot holding the file."""
+    from safetensors.torch import save_file
+
+    folder = root / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0123abcd")
+    snap = folder / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    save_file(payload, str(snap / filename))
+    return snap / filename
+
+
+def test_timm_weights_in_the_hf_cache_load_without_network(empty_offline_hubs, capfd, monkeypatch):
+    import huggingface_hub
+    import timm
+
+    def no_download(*a, **k):
+        raise AssertionError("a network call for cached weights")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    monkeypatch.setattr(huggingface_hub.file_download, "hf_hub_download", no_download)
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", no_download)  # timm's own reference
+    torch.manual_seed(5)
+    src = timm.create_model("resnet18", pretrained=False)
+    hub_id = timm.models.get_pretrained_cfg("resnet18").hf_hub_id
+    _fake_hf_cache(empty_offline_hubs / "huggingface/hub", hub_id, "model.safetensors", src.state_dict())
+    capfd.readouterr()
+    model = load_model("timm:resnet18", device="cpu")
+    assert model.weights == WeightsSource.pretrained(f"hf-hub:{hub_id}")
+    for k, v in src.state_dict().items():
+        assert torch.equal(model.module.state_dict()[k], v), k
+    assert capfd.readouterr().err == ""
+
+
+def test_torchvision_weights_in_the_torch_hub_cache_load_without_network(empty_offline_hubs, capfd):
+    import torchvision
+
+    torch.manual_seed(6)
+    src = torchvision.models.resnet18(weights=None)
+    url = torchvision.models.ResNet18_Weights.DEFAULT.url
+    ckpt = empty_offline_hubs / "torch" / "hub" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    torch.save(src.state_dict(), ckpt / url.rsplit("/", 1)[1])
+    capfd.readouterr()
+    model = load_model("torchvision:resnet18", device="cpu")
+    assert model.weights.kind == "pretrained" and model.weights.detail == "ResNet18_Weights.IMAGENET1K_V1"
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.module(x), src.eval()(x))
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""  # no "Downloading: ..."

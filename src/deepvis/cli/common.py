@@ -33,6 +33,7 @@ __all__ = [
     "image_format",
     "existing_input",
     "model_from_args",
+    "untrained_note",
     "print_json",
     "progress",
     "IMAGE_FORMATS",
@@ -59,7 +60,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     """
     g = p.add_argument_group("model")
     g.add_argument("--model", default="default", help=f"the model: {MODEL_SPEC_HELP} (default: %(default)s)")
-    g.add_argument("--weights", metavar="FILE", help="checkpoint to load: .safetensors or a PyTorch state dict (never unpickles code)")
+    g.add_argument(
+        "--weights",
+        metavar="FILE|random",
+        help="checkpoint to load: .safetensors or a PyTorch state dict (never unpickles code); or 'random': the architecture "
+        "untrained, with random weights (seed 0, the same every run; built-ins, torchvision:NAME, timm:NAME)",
+    )
     g.add_argument("--labels", metavar="FILE", help="class names, one per line (or a JSON list)")
     g.add_argument("--input-size", type=int, metavar="PX", help="override the model's input size (square)")
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default: %(default)s)")
@@ -122,14 +128,28 @@ def existing_input(text: str) -> Path:
 
 
 def model_from_args(args: argparse.Namespace) -> Model:
-    """Load the model that the options of :func:`add_model_options` name."""
+    """Load the model that the options of :func:`add_model_options` name.
+
+    A model with random weights (``--weights random``) is announced with one line on stderr
+    (:func:`untrained_note`), so that no output of an untrained network passes for a trained one's.
+    """
     from ..capture import parse_layout_options  # the library (torch) is imported when a command runs, never at --help
     from ..models import load_model
 
     layouts = parse_layout_options(getattr(args, "layout", None))  # a malformed --layout fails before the model loads
     model = load_model(args.model, weights=args.weights, labels=args.labels, device=args.device, input_size=args.input_size)
     model.layouts.update(layouts)
+    note = untrained_note(model)
+    if note is not None:
+        print(note, file=sys.stderr)
     return model
+
+
+def untrained_note(model: Model) -> str | None:
+    """The one-line stderr note for a model with random weights, or None for trained weights."""
+    if not model.weights.untrained:
+        return None
+    return f"deepvis: note: {model.name} has random weights (seed {model.weights.seed}): untrained, for exploring the architecture only"
 
 
 def print_json(obj: Any) -> None:

@@ -42,8 +42,15 @@ def model_hash(model: Model) -> str:
 
 def model_identity(model: Model) -> dict[str, Any]:
     """The facts a stored result records about its model: ``model`` (the spec it was loaded from, for
-    messages), ``model_hash`` (:func:`model_hash`) and ``input_size`` ([H, W] in pixels)."""
-    return {"model": model.name, "model_hash": model_hash(model), "input_size": list(model.preprocessing.input_size)}
+    messages), ``weights`` (where its weights came from, e.g. ``"pretrained"`` or ``"random (seed 0)"``:
+    :class:`~deepvis.models.model.WeightsSource`; for messages), ``model_hash`` (:func:`model_hash`)
+    and ``input_size`` ([H, W] in pixels)."""
+    return {
+        "model": model.name,
+        "weights": model.weights.label,
+        "model_hash": model_hash(model),
+        "input_size": list(model.preprocessing.input_size),
+    }
 
 
 def identity_mismatch(recorded: Mapping[str, Any], model: Model, *, current: Mapping[str, Any] | None = None) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from PIL import Image
@@ -13,7 +14,66 @@ from ..errors import UnitError
 from .cache import ModelCache
 from .preprocessing import Preprocessing
 
-__all__ = ["Model"]
+__all__ = ["Model", "WeightsSource", "WeightsKind", "RANDOM_WEIGHTS", "RANDOM_SEED"]
+
+#: where a model's weights came from: its published training (``pretrained``), a seeded random
+#: initialization (``random``: the architecture untrained), a checkpoint file (``file``), or whatever
+#: the module held when it was handed over (``module``: a user's factory or ``Model(module)``)
+WeightsKind = Literal["pretrained", "random", "file", "module"]
+
+#: the ``weights=`` value (and ``--weights`` word) that asks for the architecture with random weights
+RANDOM_WEIGHTS = "random"
+#: the seed of those random weights (two loads give the same weights and the same model hash)
+RANDOM_SEED = 0
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where a model's weights came from (:attr:`Model.weights`).
+
+    ``kind`` is one of :data:`WeightsKind`; ``detail`` says more: the checkpoint's path (``file``), where
+    published weights were read from (``pretrained``: a hub id, a package or a URL), or nothing.
+    ``seed`` is the seed of ``random`` weights. ``str()`` gives the short label that outputs record:
+    ``"pretrained"``, ``"random (seed 0)"``, the checkpoint's path, or ``"the module's own"``.
+    """
+
+    kind: WeightsKind = "module"
+    detail: str = ""
+    seed: int | None = None
+
+    @classmethod
+    def pretrained(cls, detail: str = "") -> WeightsSource:
+        """Published trained weights, read from ``detail`` (a hub id, a package, a URL)."""
+        return cls("pretrained", detail)
+
+    @classmethod
+    def random(cls, seed: int = RANDOM_SEED) -> WeightsSource:
+        """A random initialization with ``seed``: the architecture untrained."""
+        return cls("random", "", seed)
+
+    @classmethod
+    def file(cls, path: str) -> WeightsSource:
+        """A checkpoint file (its path as given)."""
+        return cls("file", str(path))
+
+    @property
+    def untrained(self) -> bool:
+        """True for random weights: every output of such a model says so."""
+        return self.kind == "random"
+
+    @property
+    def label(self) -> str:
+        """The short label recorded in outputs (see the class notes)."""
+        if self.kind == "random":
+            return f"random (seed {self.seed})"
+        if self.kind == "file":
+            return self.detail
+        if self.kind == "pretrained":
+            return "pretrained"
+        return "the module's own"
+
+    def __str__(self) -> str:
+        return self.label
 
 
 @dataclass(eq=False)
@@ -22,13 +82,16 @@ class Model:
 
     ``module`` is the user's network (deepvis never changes it permanently), ``preprocessing`` how it
     wants its input, ``class_names`` one name per output logit when known (ImageNet descriptions for
-    ImageNet models). ``name`` is the string the model was loaded from.
+    ImageNet models). ``name`` is the string the model was loaded from, ``weights`` where its weights
+    came from (:class:`WeightsSource`; ``weights.untrained`` for random weights).
     """
 
     module: nn.Module
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     name: str = "custom"
     class_names: list[str] | None = None
+    #: where the weights came from (pretrained, random with its seed, a file, the module's own)
+    weights: WeightsSource = field(default_factory=WeightsSource)
     #: declared layer layouts ``{layer: kind}`` (``nchw``, ``nhwc``, ``tokens:P``, ...; see
     #: :mod:`deepvis.capture.layouts`), for layers whose layout deepvis cannot tell
     layouts: dict[str, str] = field(default_factory=dict)

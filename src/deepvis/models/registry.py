@@ -13,19 +13,20 @@ from ..choices import MODEL_SPEC_HELP
 from ..errors import ModelError
 from ..runtime import resolve_device
 from .efficientnet_lite import LITE_VARIANTS, build_efficientnet_lite, lite_checkpoint_renamer
-from .hubs import build_timm, build_torchvision
+from .hubs import build_timm, build_torchvision, seeded_init
 from .labels import read_labels
-from .model import Model
+from .model import RANDOM_SEED, RANDOM_WEIGHTS, Model, WeightsSource
 from .user import build_user_model, is_user_spec
 from .weights import load_weights, read_state_dict
 
-__all__ = ["ModelEntry", "ModelRegistry", "registry", "load_model", "register_model", "MODEL_SPEC_HELP"]
+__all__ = ["ModelEntry", "ModelRegistry", "registry", "load_model", "register_model", "is_random_weights", "MODEL_SPEC_HELP"]
 
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A built-in model: ``build(pretrained)`` returns the model; ``weights_renamer`` (optional) maps a
-    checkpoint's key names in another scheme onto the module's."""
+    """A built-in model: ``build(pretrained)`` returns the model (``build(False)``: the architecture
+    without its trained weights); ``weights_renamer`` (optional) maps a checkpoint's key names in another
+    scheme onto the module's."""
 
     name: str
     description: str
@@ -88,6 +89,12 @@ for _v, (_pkg, _cls, _stages, _size, _crop) in LITE_VARIANTS.items():
         registry.add(replace(_entry, name="lite0"))
 
 
+def is_random_weights(weights: str | os.PathLike[str] | None) -> bool:
+    """True when ``weights`` asks for random weights (the string :data:`~deepvis.models.model.RANDOM_WEIGHTS`,
+    ``"random"``; a file of that name is given as a path such as ``./random``)."""
+    return isinstance(weights, str) and weights == RANDOM_WEIGHTS
+
+
 def load_model(
     spec: str = "default",
     *,
@@ -103,7 +110,10 @@ def load_model(
         spec: a built-in name (``default``, ``lite1``, ``lite2``), ``torchvision:NAME``, ``timm:NAME``,
             ``path/to/file.py:factory`` or ``package.module:factory``.
         weights: a checkpoint that replaces the model's own weights (``.safetensors`` or a PyTorch
-            state dict; never unpickles code).
+            state dict; never unpickles code), or ``"random"``: the architecture with random weights,
+            the same every time (seed :data:`~deepvis.models.model.RANDOM_SEED` in a forked RNG; the
+            global random state is untouched), for built-ins, ``torchvision:NAME`` and ``timm:NAME``.
+            :attr:`Model.weights` records which.
         labels: class names, one per output logit: a text file (one per line) or a JSON list.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a
             :class:`torch.device`; None leaves the module where it is.
@@ -112,31 +122,50 @@ def load_model(
         reg: the registry of built-ins (default: :data:`registry`).
 
     Returns:
-        The :class:`Model`, whose :attr:`~Model.preprocessing` says how it wants its (N, C, H, W) input.
+        The :class:`Model`, whose :attr:`~Model.preprocessing` says how it wants its (N, C, H, W) input
+        and :attr:`~Model.weights` where its weights came from.
 
     Raises:
-        ModelError: an unknown name, a factory that fails, pretrained weights that cannot be fetched.
+        ModelError: an unknown name, a factory that fails, pretrained weights that cannot be fetched
+            (not in the local cache and the host unreachable: one line, at once), ``"random"`` for a
+            user's factory.
         WeightsError: a checkpoint that cannot be read or does not fit the model.
     """
     reg = reg or registry
     spec = spec.strip()
     if not spec:
         raise ModelError("empty model name: " + MODEL_SPEC_HELP)
+    rand = is_random_weights(weights)
+    seed = RANDOM_SEED if rand else None
+    file = None if rand else weights
     entry = reg.get(spec)
     if entry is not None:
-        model = entry.build(weights is None)
-        if weights is not None:
-            sd = read_state_dict(weights)
+        if rand:
+            with seeded_init(RANDOM_SEED):
+                model = entry.build(False)
+            model.weights = WeightsSource.random(RANDOM_SEED)
+        else:
+            model = entry.build(file is None)
+            model.weights = WeightsSource.pretrained(spec)
+        if file is not None:
+            sd = read_state_dict(file)
             renamer = entry.weights_renamer if entry.weights_renamer and any(k.startswith("_") for k in sd) else None
-            load_weights(model.module, sd, rename=renamer, what=str(weights))
+            load_weights(model.module, sd, rename=renamer, what=str(file))
+            model.weights = WeightsSource.file(str(file))
     elif spec.startswith("torchvision:"):
-        model = build_torchvision(spec.split(":", 1)[1], weights)
+        model = build_torchvision(spec.split(":", 1)[1], file, seed=seed)
     elif spec.startswith("timm:"):
-        model = build_timm(spec.split(":", 1)[1], weights)
+        model = build_timm(spec.split(":", 1)[1], file, seed=seed)
     elif is_user_spec(spec):
+        if rand:
+            raise ModelError(
+                f"--weights random applies to built-in, torchvision: and timm: models; {spec} makes its own weights "
+                "(seed them in the factory)"
+            )
         model = build_user_model(spec)
-        if weights is not None:
-            load_weights(model.module, weights)
+        if file is not None:
+            load_weights(model.module, file)
+            model.weights = WeightsSource.file(str(file))
     else:
         raise ModelError(f"unknown model {spec!r}: use {MODEL_SPEC_HELP}")
     model.name = spec
