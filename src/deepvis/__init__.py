@@ -9,6 +9,10 @@ The library (this package) never imports the CLI or the server. The main entry p
 >>> views = deepvis.backprop_view(model, model.preprocess(image), "blocks.3:7", mode="guided")
 >>> results = deepvis.visualize(model, ["blocks.3:7", "logits:967"], preset=3)
 
+In Jupyter every result shows itself (a picture or a table), and ``deepvis.show(model, image, layer=, unit=)``,
+``deepvis.layers(model)`` and ``deepvis.toolbox(model)`` (the live toolbox in the cell) come from
+:mod:`deepvis.notebook`.
+
 ``import deepvis`` imports nothing heavy: each name below is imported from its module on first use (torch
 alone takes about 2 s to import, and ``deepvis --help`` must answer at once). ``deepvis.capture`` is the
 function :func:`deepvis.capture.capture`, as it always was; the sub-package keeps its name in imports
@@ -45,6 +49,7 @@ _EXPORTS: dict[str, str] = {
     "open_dataset": "deepvis.datasets",
     **dict.fromkeys(("build_atlas", "open_atlas"), "deepvis.atlas"),
     **dict.fromkeys(("summarize", "write_report"), "deepvis.analysis"),
+    **dict.fromkeys(("show", "toolbox", "layers"), "deepvis.notebook"),
 }
 
 if TYPE_CHECKING:  # the same names, for type checkers and editors (re-exported: see __all__)
@@ -56,12 +61,15 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors (re-exported:
     from .errors import DeepvisError, InputError, LayerError, ModelError, UnitError, WeightsError  # noqa: F401
     from .io import load_image, read_frames, resolve_input, sample_path, sample_photos  # noqa: F401
     from .models import Model, Preprocessing, load_model, register_model  # noqa: F401
+    from .notebook import layers, show, toolbox  # noqa: F401
     from .optimize import visualize  # noqa: F401
     from .predictions import Prediction, top_k  # noqa: F401
     from .render import montage, tile_grid  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
+    if name == "notebook":  # the Jupyter layer (deepvis.notebook.as_model, ...), imported on first use too
+        return importlib.import_module("deepvis.notebook")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'deepvis' has no attribute {name!r}")

@@ -26,7 +26,8 @@ class ServerConfig:
     (optional); ``report`` a report's JSON (optional). ``host``/``port`` are where the server listens (used in the printed URL and to accept
     that name in the ``Host`` header). ``token`` is the launch token (None: a random one per app).
     ``allowed_hosts`` adds host names the browser may use (e.g. this machine's name when listening on
-    0.0.0.0). ``max_sessions`` caps the pages served at once.
+    0.0.0.0). ``frame_origins`` are the origins allowed to frame the page (``deepvis.toolbox``: the notebook's;
+    none: no page may). ``max_sessions`` caps the pages served at once.
     """
 
     model: str | Model = "default"
@@ -41,6 +42,7 @@ class ServerConfig:
     port: int = 8000
     token: str | None = None
     allowed_hosts: tuple[str, ...] = field(default_factory=tuple)
+    frame_origins: tuple[str, ...] = field(default_factory=tuple)
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_upload_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS
     max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES

@@ -10,6 +10,9 @@
   drive the toolbox from the user's browser. Clients that send no ``Origin`` (curl, scripts) are not
   browsers and still need the token.
 * WebSockets are refused before they are accepted; the rest gets 403 with a one-line reason.
+* No page may frame the toolbox (``X-Frame-Options: DENY``, CSP ``frame-ancestors 'none'``), except the
+  origins named in ``frame_ancestors`` (the notebook's own origin, for ``deepvis.toolbox``): then every
+  response says ``frame-ancestors <those origins>`` instead, and other pages still cannot frame it.
 
 :class:`GuardMiddleware` is plain ASGI so that it sees WebSocket handshakes too.
 """
@@ -24,7 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["Guard", "GuardMiddleware", "new_token", "LOCAL_HOSTNAMES", "SECURITY_HEADERS"]
+__all__ = ["Guard", "GuardMiddleware", "new_token", "frame_ancestors", "LOCAL_HOSTNAMES", "SECURITY_HEADERS"]
 
 LOCAL_HOSTNAMES = ("localhost", "127.0.0.1", "::1")
 #: headers added to every HTTP response
@@ -40,6 +43,25 @@ _UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 def new_token() -> str:
     """A fresh random token (32 bytes of entropy, URL-safe)."""
     return secrets.token_urlsafe(32)
+
+
+def frame_ancestors(origins: Iterable[str] = ()) -> str:
+    """The CSP ``frame-ancestors`` directive allowing exactly ``origins`` (``scheme://host[:port]``; none: ``'none'``).
+
+    Raises ValueError for anything that is not a plain http(s) origin (a path, a wildcard, a quote...).
+    """
+    checked = []
+    for origin in origins:
+        parts = urlsplit(origin)
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.netloc
+            or origin != f"{parts.scheme}://{parts.netloc}"
+            or any(c in origin for c in "*'\" ;,")
+        ):
+            raise ValueError(f"{origin!r} is not an origin such as http://localhost:8888")
+        checked.append(origin)
+    return "frame-ancestors " + (" ".join(checked) if checked else "'none'")
 
 
 def _hostname(host: str) -> str | None:
@@ -62,13 +84,26 @@ def _hostname(host: str) -> str | None:
 
 
 class Guard:
-    """Token, Host and Origin checks (see module docstring)."""
+    """Token, Host and Origin checks, and the framing policy (see module docstring).
 
-    def __init__(self, token: str, allowed_hosts: Iterable[str] = ()) -> None:
+    ``frame_origins``: the origins that may frame the page (none: no page may).
+    """
+
+    def __init__(self, token: str, allowed_hosts: Iterable[str] = (), frame_origins: Iterable[str] = ()) -> None:
         if len(token) < 16:
             raise ValueError("the token must be at least 16 characters")
         self.token = token
         self.allowed_hosts = {h.strip().lower().strip("[]") for h in (*LOCAL_HOSTNAMES, *allowed_hosts) if h.strip()}
+        self.frame_origins = tuple(frame_origins)
+        #: the CSP directive of the framing policy (the page's own CSP ends with it)
+        self.frame_policy = frame_ancestors(self.frame_origins)
+        #: headers added to every HTTP response: :data:`SECURITY_HEADERS`, or with framing allowed for
+        #: ``frame_origins``, those without ``X-Frame-Options`` and with a CSP saying who may frame
+        self.headers: tuple[tuple[bytes, bytes], ...] = (
+            SECURITY_HEADERS
+            if not self.frame_origins
+            else (*(h for h in SECURITY_HEADERS if h[0] != b"x-frame-options"), (b"content-security-policy", self.frame_policy.encode()))
+        )
 
     def token_ok(self, supplied: str | None) -> bool:
         return supplied is not None and hmac.compare_digest(supplied.encode(), self.token.encode())
@@ -156,7 +191,7 @@ class GuardMiddleware:
                     "headers": [
                         (b"content-type", b"text/plain; charset=utf-8"),
                         (b"content-length", str(len(body)).encode()),
-                        *SECURITY_HEADERS,
+                        *self.guard.headers,
                     ],
                 }
             )
@@ -166,7 +201,7 @@ class GuardMiddleware:
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 present = {k.lower() for k, _ in message.get("headers", [])}
-                message = {**message, "headers": [*message.get("headers", []), *(h for h in SECURITY_HEADERS if h[0] not in present)]}
+                message = {**message, "headers": [*message.get("headers", []), *(h for h in self.guard.headers if h[0] not in present)]}
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -55,8 +55,9 @@ class StaticFiles:
         """The asset called ``name`` (e.g. ``js/main.js``), or None."""
         return self.assets.get(name)
 
-    def index(self, token: str, host: str) -> tuple[str, str]:
-        """The page, with the token on every asset URL; returns (html, its Content-Security-Policy)."""
+    def index(self, token: str, host: str, *, frame_policy: str = "frame-ancestors 'none'") -> tuple[str, str]:
+        """The page, with the token on every asset URL; returns (html, its Content-Security-Policy), which ends
+        with ``frame_policy`` (:func:`deepvis.server.security.frame_ancestors`)."""
         nonce = secrets.token_urlsafe(16)
         q = "?token=" + token
         imports = {f"/static/{n}": f"/static/{n}{q}" for n in sorted(self.assets) if n.endswith(".js")}
@@ -70,6 +71,6 @@ class StaticFiles:
             "img-src 'self' blob: data:; "
             "media-src 'self' blob: mediastream:; "
             f"connect-src 'self' ws://{ws} wss://{ws}; "
-            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+            f"base-uri 'none'; form-action 'none'; {frame_policy}"
         )
         return page, csp
