@@ -192,19 +192,16 @@ def test_cannot_tell_is_one_line_and_hidden():
     assert get_layer(model, "act").layout.kind == "maps-last"
 
 
-def test_tools_that_do_not_read_prefix_tokens_refuse_them():
+def test_tools_read_prefix_tokens():
     from deepvis.backprop import backprop_view, receptive_field
     from deepvis.optimize import visualize
 
-    # a silent fallback to the patch grid would be a wrong picture: each tool says it cannot read @cls
+    # every tool reads @cls as the class token's vector, never the patch grid (known answers: tests/test_prefix_tokens.py)
     unit = parse_unit("block:2@cls")
     model = _wrap(_TinyViT(), 32)
     x = torch.zeros(1, 3, 32, 32)
-    assert parse_unit("block:2@1,1").no_token("x") == parse_unit("block:2@1,1")
-    for call in (
-        lambda: visualize(model, [unit], steps=1, size=32),
-        lambda: backprop_view(model, x, unit),
-        lambda: receptive_field(model, unit),
-    ):
-        with pytest.raises(UnitError, match="does not read prefix tokens"):
-            call()
+    (res,) = visualize(model, [unit], steps=1, size=32)
+    assert res.unit == "block:2@cls" and res.value == 7
+    assert backprop_view(model, x, unit, "gradient").activation == 7
+    assert receptive_field(model, unit).input_independent  # here the class token never meets the patches
+    assert hooks_left(model.module) == []

@@ -29,9 +29,10 @@ from PIL import Image
 
 from .._progress import progress_bar
 from ..atlas import open_atlas
-from ..capture import LOGITS, LayerInfo, get_layer, layer_table
+from ..capture import LOGITS, LayerInfo, get_layer, layer_table, token_layer, token_layer_info
 from ..choices import EMBEDDINGS
 from ..datasets import ImageDataset, iter_batches
+from ..display import html_table, panel
 from ..errors import DeepvisError, InputError, LayerError
 from ..models.identity import check_identity, model_identity
 from ..models.model import Model
@@ -39,6 +40,7 @@ from ..stats import Engine, make_engine
 from .activity import LayerActivity, TopInput, activity_from_unit_stats
 from .clusters import ClusterResult, cluster_features, umap_available
 from .locality import DEFAULT_RADIUS, LayerLocality
+from .plots import histogram, render_svg
 from .probe import ProbeResult, probe_accuracy
 from .scan import THUMBNAIL_SIZE, scan_dataset
 from .sensitivity import KINDS, SensitivityResult, measure_sensitivity
@@ -85,7 +87,10 @@ class SummaryOptions:
     ``perturbations`` kinds, on ``sensitivity_images`` inputs. Probes: ``probe_folds`` folds (labelled
     datasets). Clusters: ``cluster_k`` clusters for each of ``cluster_layers`` (None: every layer;
     empty: none), mapped in 2-D by ``embedding`` (auto, pca, umap). ``thumbnails``: keep input
-    thumbnails for the report; ``seed``: of perturbations, folds and k-means.
+    thumbnails for the report; ``seed``: of perturbations, folds and k-means. ``class_token``: each
+    summarized token layer with a class token is followed by that token as its own vector layer
+    ``LAYER@cls`` (its C units; the layer's own rows, the patch grid, are unchanged). Any prefix token
+    can also be named in ``layers`` (``blocks.5@reg0``).
     """
 
     layers: tuple[str, ...] | None = None
@@ -104,6 +109,7 @@ class SummaryOptions:
     thumbnails: bool = True
     atlas: str | os.PathLike[str] | None = None
     seed: int = 0
+    class_token: bool = True
 
     def __post_init__(self) -> None:
         # normalize sequences to tuples (the options are hashable and compare by value)
@@ -189,11 +195,19 @@ def select_indices(n: int, max_images: int | None) -> list[int]:
     return sorted({int(v) for v in np.round(np.linspace(0, n - 1, max_images))})
 
 
-def _order_layers(model: Model, layers: Sequence[str]) -> list[LayerInfo]:
+def _order_layers(model: Model, layers: Sequence[str], *, class_token: bool = False) -> list[LayerInfo]:
+    """The layers' infos in execution order; with ``class_token``, each token layer that has a class
+    token is followed by it (the pseudo-layer ``LAYER@cls``, a vector of C units)."""
     infos = {}
     for name in dict.fromkeys(layers):
         infos[name] = get_layer(model, name)
-    return sorted(infos.values(), key=lambda i: i.order)
+    if class_token:
+        for info in list(infos.values()):
+            key = token_layer(info.name, "cls")
+            if info.layout.kind == "tokens" and "cls" in info.prefix and key not in infos:
+                infos[key] = token_layer_info(info, "cls")
+    # a prefix token shares its layer's place in the order: the stable sort keeps it right after its layer
+    return sorted(sorted(infos.values(), key=lambda i: "@" in i.name), key=lambda i: i.order)
 
 
 @dataclass
@@ -312,6 +326,28 @@ class DatasetSummary:
         if layer in self.clusters:
             out["clusters"] = self.clusters[layer].to_dict()
         return _jsonable_dict(out)
+
+    def _repr_html_(self) -> str:
+        """The per-layer table and each layer's sparsity histogram (IPython's display protocol); the full
+        report is :func:`deepvis.analysis.write_report` (``deepvis.notebook.show_report`` shows it in a cell)."""
+        rows = []
+        for info in self.layers:
+            act, loc, probe = self.activity[info.name], self.locality.get(info.name), self.probes.get(info.name)
+            median = float(np.nanmedian(loc.locality)) if loc is not None and np.isfinite(loc.locality).any() else None
+            rows.append(
+                (info.name, info.shape, act.units, len(act.dead_units), act.layer_sparsity, median, probe.accuracy if probe else None)
+            )
+        header = ("layer", "shape", "units", "dead", "sparsity", "locality (median)", "probe accuracy")
+        plots = "".join(
+            render_svg(
+                histogram(f"sparsity-{i}", f"{name}: sparsity of its units", a.sparsity, x_label="sparsity", lo=0.0, hi=1.0),
+                width=280,
+                height=140,
+            )
+            for i, (name, a) in enumerate(self.activity.items())
+        )
+        title = f"{self.model} on {self.dataset}: {len(self.samples)} inputs, {len(self.layers)} layers"
+        return panel(html_table(rows, header), f"<div style='display:flex;flex-wrap:wrap'>{plots}</div>", title=title)
 
     def to_dict(self) -> dict[str, object]:
         """Every number of the summary, JSON-ready (NaN and infinities become null)."""
@@ -439,7 +475,7 @@ def summarize(
     names = list(o.layers) if o.layers else default_layers(model)
     if not names:
         raise LayerError("no layer to summarize")
-    infos = _order_layers(model, names)
+    infos = _order_layers(model, names, class_token=o.class_token)
     names = [i.name for i in infos]
     indices = select_indices(len(dataset), o.max_images)
     all_labels = dataset.label_indices()

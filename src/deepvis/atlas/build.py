@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .._progress import progress_bar
 from .._version import __version__
-from ..capture import LayerInfo, get_layer, parse_unit_set
+from ..capture import LayerInfo, get_layer, parse_unit_set, token_layer, token_layer_info
 from ..datasets import ImageDataset, open_dataset
 from ..errors import DeepvisError
 from ..models.identity import model_identity
@@ -68,6 +68,15 @@ def build_atlas(
     if options.top < 1 or options.batch_size < 1:
         raise DeepvisError("--top and --batch-size must be at least 1")
     infos = [get_layer(model, name) for name in dict.fromkeys(options.layers)]
+    if options.prefix_tokens:  # every prefix token of each token layer, as its own vector layer LAYER@TOKEN
+        named = {i.name for i in infos}
+        infos += [
+            token_layer_info(i, t)
+            for i in list(infos)
+            if i.layout.kind == "tokens"
+            for t in i.prefix
+            if token_layer(i.name, t) not in named
+        ]
     unit_sets = {info.name: parse_unit_set(options.units or "all", info.units) for info in infos}
     meta = {
         **model_identity(model),

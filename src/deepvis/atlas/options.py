@@ -34,7 +34,9 @@ class AtlasOptions:
     that get views and synthesized images (a unit set like ``0-15``; None = all; mining always covers
     every unit); ``views``: make crops and backprop views (``view_mode``: deconv, guided or gradient);
     ``synthesis``: None to skip it; ``decode_threads``: image decoding threads per process;
-    ``checkpoint_seconds``: how often mining progress is saved.
+    ``checkpoint_seconds``: how often mining progress is saved. A prefix token of a token layer is mined
+    as its own vector layer ``LAYER@TOKEN`` (``blocks.5@cls``) when ``layers`` names it, or for every
+    prefix token of every token layer in ``layers`` with ``prefix_tokens``.
     """
 
     layers: tuple[str, ...]
@@ -47,6 +49,7 @@ class AtlasOptions:
     synthesis: SynthesisOptions | None = field(default_factory=SynthesisOptions)
     decode_threads: int = 4
     checkpoint_seconds: float = 30.0
+    prefix_tokens: bool = False
 
     def layer_params(self) -> dict[str, Any]:
         """The per-layer parameters an atlas records (and checks when it is continued)."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..capture import Unit, split_token_layer
 from ..io import load_image
 from ..render import caption, hstack, montage
 from .store import UnitRecord
@@ -39,7 +40,9 @@ def unit_pane(rec: UnitRecord, *, tile: int = 96) -> Image.Image:
         panels.append(Image.new("RGB", (side, side), _MISSING))
     panels += [crops, views]
     body = hstack(panels)
-    lines = [f"{rec.layer}:{rec.unit}    synthesized | top {k} inputs (crops) | their views"]
+    token = split_token_layer(rec.layer) is not None  # a prefix token sees the whole image: no crops
+    what = "whole inputs (a prefix token)" if token else "crops"
+    lines = [f"{Unit(rec.layer, rec.unit)}    synthesized | top {k} inputs ({what}) | their views"]
     if rec.stats is not None:
         s = rec.stats
         lines.append(

@@ -23,6 +23,7 @@ mixing or overwriting results. Adding layers (or units) to an atlas is allowed.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .._fs import atomic_path
+from ..display import html_table, img_tag, panel
 from ..errors import DeepvisError, InputError
 from ..models.identity import IDENTITY_KEYS
 from ..stats import LayerStats, UnitStats
@@ -158,6 +160,37 @@ class UnitRecord:
     stats: UnitStats | None
     top: list[TopImage]
     synth: SynthImage | None
+
+    def _repr_html_(self) -> str:
+        """The unit's pane (IPython's display protocol): its synthesized image, the top inputs' crops and views
+        (rank, value, label; gray: not made yet), and its statistics. ``unit_pane`` draws the same as one PNG."""
+
+        def tile(path: Path | None, caption: str) -> str:
+            pic = (
+                img_tag(path.read_bytes(), width=96)
+                if path is not None and path.is_file()
+                else "<div style='width:96px;height:96px;background:#3c3c3c'></div>"
+            )
+            return f"<figure style='margin:0;text-align:center'>{pic}<figcaption>{html.escape(caption)}</figcaption></figure>"
+
+        row = "<div style='display:flex;flex-wrap:wrap;gap:4px;margin:4px 0'>{}</div>"
+        synth = tile(self.synth.image if self.synth is not None else None, "synthesized")
+        crops = "".join(tile(t.crop, f"{t.rank + 1}: {t.value:.3g} {t.label or ''}") for t in self.top)
+        views = "".join(tile(t.view, f"{t.rank + 1}: view") for t in self.top)
+        s = self.stats
+        stats = (
+            html_table(
+                [
+                    ("mean", s.mean),
+                    ("max", s.max),
+                    ("mean of maxima", s.mean_max),
+                    ("active on", f"{100 * s.frac_active:.0f}% of {s.images} inputs"),
+                ]
+            )
+            if s is not None
+            else ""
+        )
+        return panel(row.format(synth + crops), row.format(views), stats, title=f"{self.layer}:{self.unit}")
 
 
 # -- reading --------------------------------------------------------------------------------------------

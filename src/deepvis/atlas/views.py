@@ -7,6 +7,10 @@ padded with black to the full field size), and the backprop view of the unit see
 original toolbox did (:func:`signed_display`): 0.5 + 0.5·g / s with s the 99.5th percentile of |g|
 (gray = no influence, signed per channel). The k inputs of one unit go through the network as one
 batch, so a unit's views never depend on other units.
+
+A prefix token of a token layer (the atlas layer ``LAYER@TOKEN``, e.g. ``blocks.5@cls``) has no position
+and, after attention, sees the whole image: its "crops" are the whole inputs as the model saw them, and
+its views are uncropped.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 from PIL import Image
 
 from ..backprop import backprop_views, crop, crop_image, filter_map, layer_field
-from ..capture import Unit, get_layer
+from ..capture import Unit, get_layer, split_token_layer
 from ..choices import BACKPROP_MODES, BackpropMode
 from ..datasets import ImageDataset
 from ..errors import DeepvisError, InputError
@@ -58,7 +62,7 @@ def unit_views(model: Model, dataset: ImageDataset, task: UnitTask) -> list[Unit
     """Crops and views for every unit of a ``views`` task (see the module docs)."""
     mode = _view_mode(task.opts.get("mode", "deconv"))
     info = get_layer(model, task.layer)
-    field = layer_field(model, task.layer)
+    field = None if split_token_layer(task.layer) is not None else layer_field(model, task.layer)  # a token: the whole input
     pre = model.preprocessing
     out = []
     for unit, entries in zip(task.units, task.entries):
@@ -77,6 +81,10 @@ def unit_views(model: Model, dataset: ImageDataset, task: UnitTask) -> list[Unit
             units = [Unit(task.layer, unit, pos[rank] if info.spatial else None) for rank, _ in loaded]
             results = backprop_views(model, x, units, mode)
             for k, ((rank, _im), r) in enumerate(zip(loaded, results)):
+                if field is None:
+                    crops[rank] = png_bytes(pre.to_image(x[k]))
+                    views[rank] = png_bytes(signed_display(r.grad, pre.channels))
+                    continue
                 rf = field.at(pos[rank] if info.spatial else None)
                 crops[rank] = png_bytes(crop_image(pre.to_image(x[k]), rf, fill=0))
                 views[rank] = png_bytes(signed_display(torch.as_tensor(crop(r.grad, rf, fill=0.0)), pre.channels))

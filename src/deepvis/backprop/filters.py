@@ -12,6 +12,8 @@ magnitude (or a percentile of it; so a dead unit's all-zero view is black, or mi
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,13 +24,15 @@ from ..choices import BackpropFilter as Filter
 from ..errors import DeepvisError
 from ..pixels import to_uint8
 from ..render.colormap import apply_colormap
-from .views import BackpropResult
+
+if TYPE_CHECKING:  # views draws its results with backprop_image
+    from .views import BackpropResult
 
 __all__ = ["FILTERS", "Filter", "filter_map", "backprop_image", "overlay", "gaussian_blur_reflect"]
 
 
 def _grad(g: BackpropResult | torch.Tensor | np.ndarray) -> torch.Tensor:
-    if isinstance(g, BackpropResult):
+    if not isinstance(g, (torch.Tensor, np.ndarray)):  # a BackpropResult
         g = g.grad
     t = torch.as_tensor(g).detach().float().cpu()
     if t.ndim == 2:
@@ -48,7 +52,7 @@ def gaussian_blur_reflect(x: torch.Tensor, sigma: float) -> torch.Tensor:
     if sigma <= 0:
         return x
     radius = max(1, int(3 * sigma + 0.5))
-    r = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    r = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     k = torch.exp(-(r**2) / (2 * sigma**2))
     k = k / k.sum()
     t = x[None, None]

@@ -23,6 +23,12 @@ ways to get it, tried in this order (``method="auto"``):
 A gradient counts as non-zero above a small relative threshold on accelerators (cuDNN's Winograd/FFT
 backward algorithms leave tiny non-zeros); on the CPU exactly.
 
+The field of a prefix token of a token layer (``blocks.5:17@cls``) is measured the same way, from the
+support of the token's gradient: after the first attention block it is the whole image (with the
+reason read from the graph), and before any attention a token that no input pixel reaches (the class
+token at ``pos_drop``: a learned constant plus its position embedding) is reported as input-independent
+(:attr:`ReceptiveField.input_independent`), with an empty box, rather than as a box.
+
 The field of a layer is the union over its channels (channels of a concatenation may see less).
 Results are cached on ``model.cache`` per (layer, input size) (:data:`LAYER_FIELDS`; dropped when the
 module's structure changes). Near the borders the field is clipped by the image;
@@ -40,13 +46,14 @@ from typing import Any, overload
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch.overrides import TorchFunctionMode
 
 from ..capture.hooks import capture
 from ..capture.layers import get_layer, layer_table, resolve_module
 from ..capture.state import eval_mode, frozen
-from ..capture.units import Unit, parse_unit
+from ..capture.units import Unit, parse_unit, split_token_layer, token_layer
+from ..display import png_bytes
 from ..errors import DeepvisError, LayerError, UnitError
 from ..models.cache import CacheSlot
 from ..models.model import Model
@@ -94,10 +101,14 @@ class AxisField:
 
 @dataclass(frozen=True)
 class ReceptiveField:
-    """The receptive field of one position of a layer (``position`` None: of the whole map).
+    """The receptive field of one position of a layer (``position`` None: of the whole map), or of one
+    prefix token of a token layer (``token``).
 
     ``box`` is the part inside the input, ``field`` the full field (top, left, bottom, right; half-open,
     may extend past the input at the borders), ``size`` (height, width) of the full field.
+    ``whole_image`` says why the field is the whole image (e.g. attention), when it is and the reason is
+    known; ``input_independent`` is True for a unit that no input pixel reaches (box and field are then
+    the empty (0, 0, 0, 0)).
     """
 
     layer: str
@@ -105,6 +116,9 @@ class ReceptiveField:
     input_size: tuple[int, int]
     box: Box
     field: Box
+    token: str | None = None
+    whole_image: str | None = None
+    input_independent: bool = False
 
     @property
     def size(self) -> tuple[int, int]:
@@ -115,6 +129,22 @@ class ReceptiveField:
         """True when the full field extends past the input (a border unit)."""
         return self.box != self.field
 
+    def draw(self, image: Image.Image | None = None) -> Image.Image:
+        """The field drawn on ``image`` (the input, resized to ``input_size``; None: a gray canvas): the box
+        inside the input in yellow (dashed-looking double line when clipped at a border)."""
+        h, w = self.input_size
+        out = (image.convert("RGB").resize((w, h)) if image is not None else Image.new("RGB", (w, h), (90, 90, 90))).copy()
+        d = ImageDraw.Draw(out)
+        top, left, bottom, right = self.box
+        d.rectangle((left, top, right - 1, bottom - 1), outline=(255, 220, 0), width=2)
+        if self.clipped:
+            d.rectangle((left + 3, top + 3, right - 4, bottom - 4), outline=(255, 120, 0), width=1)
+        return out
+
+    def _repr_png_(self) -> bytes:
+        """:meth:`draw` on a gray canvas, as PNG (IPython's display protocol)."""
+        return png_bytes(self.draw())
+
     def to_dict(self) -> dict[str, object]:
         return {
             "layer": self.layer,
@@ -124,6 +154,9 @@ class ReceptiveField:
             "field": list(self.field),
             "size": list(self.size),
             "clipped": self.clipped,
+            "token": self.token,
+            "whole_image": self.whole_image,
+            "input_independent": self.input_independent,
         }
 
 
@@ -483,6 +516,9 @@ def layer_field(model: Model, layer: str, input_size: tuple[int, int] | None = N
     """
     if method not in ("auto", "graph", "probe"):
         raise DeepvisError(f"unknown receptive-field method {method!r}: choose auto, graph or probe")
+    split = split_token_layer(layer)
+    if split is not None:
+        raise LayerError(f"{layer} is a prefix token, not a map: use receptive_field(model, '{split[0]}:0@{split[1]}')")
     size = input_size if input_size is not None else model.preprocessing.input_size
     hw = (int(size[0]), int(size[1]))
     entries = model.cache.entries(model.module)
@@ -571,20 +607,52 @@ def receptive_field(
     *,
     input_size: tuple[int, int] | None = None,
 ) -> ReceptiveField:
-    """The receptive field of ``unit`` (``LAYER:C@Y,X``, a :class:`Unit`, or a layer name with ``position``).
+    """The receptive field of ``unit`` (``LAYER:C@Y,X``, ``LAYER:C@cls``, a :class:`Unit`, or a layer
+    name (``blocks.5@cls`` for a prefix token) with ``position``).
 
     Without a position: the field of the whole map. The channel does not matter (see the module notes).
+    A prefix token's field is measured (see the module notes): the whole image after attention (with
+    ``whole_image`` saying why), or ``input_independent`` when no input pixel reaches it.
     """
-    if isinstance(unit, Unit):
-        layer, pos = unit.no_token("the receptive field").layer, unit.position
-    elif ":" in unit:
-        u = parse_unit(unit).no_token("the receptive field")
-        layer, pos = u.layer, u.position
-    else:
-        layer, pos = unit, None
+    if isinstance(unit, str):
+        unit = parse_unit(unit) if ":" in unit else Unit(unit, 0)
+    layer, pos = unit.layer, unit.position
     if position is not None:
+        if unit.token is not None:
+            raise UnitError(f"unit {unit} is a prefix token: it has no position")
         pos = (int(position[0]), int(position[1]))
+    size = input_size if input_size is not None else model.preprocessing.input_size
+    if unit.token is not None:
+        return _token_field(model, layer, unit.token, (int(size[0]), int(size[1])))
     return layer_field(model, layer, input_size).at(pos)
+
+
+def _token_field(model: Model, layer: str, token: str, hw: tuple[int, int]) -> ReceptiveField:
+    """The field of prefix token ``token`` of token layer ``layer`` at input size ``hw``: the support of
+    the gradient of the whole token (all channels, structural gradients as in the probe) on the input."""
+    key = token_layer(layer, token)
+    get_layer(model, key, (model.preprocessing.channels, *hw))  # a one-line error for a missing token
+    shape = (model.preprocessing.channels, hw[0], hw[1])
+    dtype = next((p.dtype for p in model.module.parameters() if p.is_floating_point()), torch.float32)
+    x0 = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)).to(device=model.device, dtype=dtype)
+    xb = x0.clone().requires_grad_(True)
+    with frozen(model.module), _ProbeMode():
+        a = capture(model, xb, [key], grad=True)[key]
+    g = torch.autograd.grad(a, xb, grad_outputs=torch.ones_like(a), allow_unused=True)[0] if a.requires_grad else None
+    support = _nonzero(g).any(dim=1)[0].cpu() if g is not None else torch.zeros(hw, dtype=torch.bool)
+    if not bool(support.any()):
+        empty = (0, 0, 0, 0)
+        return ReceptiveField(key, None, hw, empty, empty, token=token, input_independent=True)
+    (top, bottom), (left, right) = _span(support.any(dim=1)), _span(support.any(dim=0))
+    box = (top, left, bottom + 1, right + 1)
+    whole = None
+    if box == (0, 0, hw[0], hw[1]):
+        try:
+            whole = layer_field(model, layer, hw).whole_image
+        except DeepvisError:  # the token layer's grid has no composed field: the measured support says it
+            whole = None
+        whole = whole or "measured: every input pixel reaches the token"
+    return ReceptiveField(key, None, hw, box, box, token=token, whole_image=whole)
 
 
 # -- crops -------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Unit views on an input: which input pixels drive a unit (gradient, deconvnet, guided backprop).
 
 The backward pass starts at one unit of one layer (``logits`` for class scores): its whole channel
-map, one position (``@Y,X``), or the position where the map peaks (``at="max"``). The seed is the
+map, one position (``@Y,X``), the position where the map peaks (``at="max"``), or one channel of a
+prefix token of a token layer (``blocks.5:17@cls``: the class token's vector, read through
+:func:`deepvis.capture.unit_index` like every unit). The seed is the
 unit's own activation there (as in the original toolbox: the view is the gradient of ½·a², so a dead
 unit gives an empty view), or 1 with ``seed="one"`` (the plain gradient of the unit). The forward pass
 stops at the unit's layer; the user's model is left unchanged (eval mode and ``requires_grad`` flags
@@ -21,12 +23,14 @@ from PIL import Image
 from ..capture.hooks import capture
 from ..capture.layers import get_layer
 from ..capture.state import frozen
-from ..capture.units import Unit, parse_unit
+from ..capture.units import Unit, parse_unit, unit_index
 from ..choices import BACKPROP_SEEDS as SEEDS
 from ..choices import BackpropSeed as Seed
+from ..display import png_bytes
 from ..errors import DeepvisError, UnitError
 from ..models.cache import CacheSlot
 from ..models.model import Model
+from .filters import backprop_image
 from .rules import MODES, Mode, NonlinearityError, plain_nonlinearities, relu_rules
 
 __all__ = ["BackpropResult", "PlainGradientWarning", "backprop_view", "backprop_views", "At", "Seed", "SEEDS", "PLAIN_NONLINEARITIES"]
@@ -62,6 +66,11 @@ class BackpropResult:
     layer_shape: tuple[int, ...]
     plain: tuple[str, ...] = ()
 
+    def _repr_png_(self) -> bytes:
+        """The readable view (gradient norm, 99th percentile, as the live toolbox shows it) as PNG, the input's
+        size (IPython's display protocol; :func:`deepvis.backprop.overlay` lays it over the input)."""
+        return png_bytes(backprop_image(self, "norm", percentile=99.0))
+
     def to_dict(self) -> dict[str, object]:
         """JSON-ready metadata (without the gradient itself)."""
         g = self.grad
@@ -70,6 +79,7 @@ class BackpropResult:
             "layer": self.unit.layer,
             "channel": self.unit.channel,
             "position": list(self.unit.position) if self.unit.position is not None else None,
+            "token": self.unit.token,
             "mode": self.mode,
             "seed": self.seed,
             "activation": self.activation,
@@ -129,7 +139,6 @@ def backprop_views(
     ulist = [parse_unit(u) if isinstance(u, str) else u for u in ([units] if isinstance(units, (Unit, str)) else list(units))]
     if not ulist:
         raise UnitError("no unit given")
-    ulist = [u.no_token("the backprop view") for u in ulist]
     n = xb.shape[0]
     if len(ulist) == 1 and n > 1:
         ulist = ulist * n
@@ -139,7 +148,7 @@ def backprop_views(
     elif len(ulist) != n:
         raise UnitError(f"{len(ulist)} units for {n} inputs: give one unit, one per input, or one input")
     ulist = [_apply_at(u, at) for u in ulist]
-    layers = list(dict.fromkeys(u.layer for u in ulist))
+    layers = list(dict.fromkeys(u.layer_key for u in ulist))
     for name in layers:
         get_layer(model, name)  # a clear error, with suggestions, for an unknown layer
 
@@ -158,28 +167,20 @@ def backprop_views(
     values: list[float] = []
     peaks: list[tuple[int, int] | None] = []
     for i, u in enumerate(ulist):
-        a = acts[u.layer]
-        _check_unit_shape(u, a)
+        a = acts[u.layer_key]
+        index = unit_index(u, tuple(a.shape[1:]))
         entry = seeds.setdefault(id(a), (a, torch.zeros_like(a)))
         s = entry[1]
-        ai = a[i, u.channel].detach()
         peak = None
         if a.ndim == 4:
-            flat = int(ai.argmax())
-            peak = divmod(flat, ai.shape[1])
-        pos = u.position
+            ai = a[i, u.channel].detach()
+            peak = divmod(int(ai.argmax()), ai.shape[1])
         if at == "max" and peak is not None:
-            pos = peak
             u = replace(u, position=peak)
-        if a.ndim == 2:
-            s[i, u.channel] = ai if seed == "activation" else 1.0
-            value = float(ai)
-        elif pos is None:
-            s[i, u.channel] = ai if seed == "activation" else 1.0
-            value = float(ai.max())
-        else:
-            s[i, u.channel, pos[0], pos[1]] = ai[pos] if seed == "activation" else 1.0
-            value = float(ai[pos])
+            index = unit_index(u, tuple(a.shape[1:]))
+        sel = a[i].detach()[index]  # the unit's value, or its whole channel map
+        s[i][index] = sel if seed == "activation" else 1.0
+        value = float(sel.max())
         resolved.append(u)
         values.append(value)
         peaks.append(peak)
@@ -188,7 +189,7 @@ def backprop_views(
     (gx,) = torch.autograd.grad(outs, x_in, grad_outputs=grads)
     gx = gx.detach().float().cpu()
     return [
-        BackpropResult(gx[i], resolved[i], mode, seed, values[i], peaks[i], tuple(acts[resolved[i].layer].shape[1:]), plain)
+        BackpropResult(gx[i], resolved[i], mode, seed, values[i], peaks[i], tuple(acts[resolved[i].layer_key].shape[1:]), plain)
         for i in range(n)
     ]
 
@@ -217,19 +218,6 @@ def _apply_at(u: Unit, at: At) -> Unit:
             raise UnitError(f"unit {u} has a position and at={at} gives another: give one of them")
         return replace(u, position=(int(at[0]), int(at[1])))
     raise DeepvisError(f"bad at={at!r}: use None, 'max' or a (y, x) position")
-
-
-def _check_unit_shape(u: Unit, a: torch.Tensor) -> None:
-    c = a.shape[1]
-    if u.channel >= c:
-        raise UnitError(f"unit {u} is out of range: layer {u.layer} has {c} units (0-{c - 1})")
-    if u.position is not None:
-        if a.ndim != 4:
-            raise UnitError(f"unit {u}: layer {u.layer} has no spatial map, so a position does not apply")
-        h, w = a.shape[2:]
-        y, x = u.position
-        if not (0 <= y < h and 0 <= x < w):
-            raise UnitError(f"unit {u}: position is outside the {h}x{w} map of {u.layer}")
 
 
 def _plain_names(model: Model, x_in: torch.Tensor, layers: list[str]) -> tuple[str, ...]:

@@ -8,7 +8,13 @@ recaptured as copies, so what is returned is always the module's output as it wa
 With a :class:`Model`, outputs come back in the canonical form of their layout (see :mod:`.layouts`):
 (N, C, H, W) for maps, channels-last maps (a permuted view) and the patch tokens of token layers (a
 reshaped view; ``prefix=True`` adds ``"LAYER@prefix"``: the prefix tokens as (N, C, P)); (N, C) for
-vectors. Views cost no copy, so a token layer costs no more per element than a map layer.
+vectors; for attention layers (N, heads, H, W), one query token's row over the key patches (``query``;
+``prefix=True`` adds its weights on the prefix keys, (N, heads, P)). Views cost no copy, so a token layer
+costs no more per element than a map layer.
+
+Attention weights that a model never outputs (timm's fused attention, torchvision's
+``nn.MultiheadAttention`` called with ``need_weights=False``) are made to exist for the one forward pass
+that captures them (:mod:`.attention`), and everything is put back after it.
 """
 
 from __future__ import annotations
@@ -23,9 +29,11 @@ from torch import nn
 from ..errors import LayerError
 from ..models.cache import CacheEntries, CacheSlot
 from ..models.model import Model
+from .attention import WEIGHTS, fused_owner, mha_weights, unfused
 from .layers import layer_table, module_device, resolve_module
-from .layouts import Layout
+from .layouts import Layout, Query
 from .state import eval_mode
+from .units import split_token_layer
 
 __all__ = ["capture", "forward_with_logits", "prefix_key", "CAPTURE_FACTS", "RESOLVED_MODULES", "ALL_MODULES", "INPLACE_OUTPUTS"]
 
@@ -68,6 +76,7 @@ def capture(
     stop_early: bool = True,
     grad: bool = False,
     prefix: bool = False,
+    query: Query = None,
 ) -> dict[str, torch.Tensor]:
     """Run ``x`` through the model and return each requested layer's output in its canonical form.
 
@@ -75,27 +84,40 @@ def capture(
         model: a :class:`Model` (its layer table tells how often each module runs and which layers
             share an output) or a bare ``nn.Module`` (each module assumed to run once).
         x: the model input (N, C, H, W), moved to the model's device when needed.
-        layers: layer names (module paths; ``logits`` names the model's output).
+        layers: layer names (module paths; ``logits`` names the model's output; ``LAYER@TOKEN``, e.g.
+            ``blocks.5@cls``, a prefix token of a token layer as its (N, C) vector, with a :class:`Model`).
         stop_early: end the forward pass as soon as every requested layer has produced its output
             (its last call, for a module that runs several times).
         grad: keep the outputs attached to the autograd graph (for gradients to the input); otherwise
             nothing is recorded for autograd.
         prefix: also return the prefix tokens (class, distillation, register tokens) of each token
-            layer, as (N, C, P) under :func:`prefix_key` (``"LAYER@prefix"``).
+            layer, as (N, C, P) under :func:`prefix_key` (``"LAYER@prefix"``), and of each attention
+            layer the query's weights on the prefix keys, (N, heads, P).
+        query: the query token of attention layers (:data:`~deepvis.capture.layouts.Query`: a prefix
+            token name such as ``"cls"``, or a patch (row, column)); None: the first prefix token (the
+            mean over queries for a model without prefix tokens).
 
     Returns:
         ``{layer: output}``: (N, C, H, W) or (N, C) tensors, each the module's output as it was
         produced (copied when the network later modifies it in place), in the canonical form of its
         layout when ``model`` is a :class:`Model` (channels-last maps permuted, token layers' patches
-        as (N, C, H, W) views); a bare ``nn.Module``'s outputs as produced.
+        as (N, C, H, W) views, attention layers as (N, heads, H, W): the query's row); a bare
+        ``nn.Module``'s outputs as produced.
 
     Raises:
         LayerError: a layer that is not viewable (its reason, e.g. a layout that cannot be told).
+        UnitError: a ``query`` that is not a prefix token or a patch of an attention layer's grid.
     """
     module = model.module if isinstance(model, Model) else model
     wanted = list(dict.fromkeys(layers))
     if not wanted:
         raise LayerError("no layer asked for")
+    split = ((n, split_token_layer(n)) for n in wanted if "@" in n)
+    tokens = {n: pair for n, pair in split if pair is not None}  # prefix-token pseudo-layers LAYER@TOKEN
+    if tokens and not isinstance(model, Model):
+        raise LayerError(f"layer {next(iter(tokens))!r} names a prefix token: capture it with a Model (its layouts tell the tokens)")
+    bases = list(dict.fromkeys(tokens[n][0] if n in tokens else n for n in wanted)) if tokens else wanted
+    token_at: dict[str, int] = {}  # pseudo-layer -> the index of its token among the prefix tokens
     # a Model remembers its layer facts, resolved modules and in-place outputs (checked once per call)
     entries: CacheEntries | None = None
     counts: dict[str, int] = {}
@@ -105,11 +127,21 @@ def capture(
         entries, of = model.cache.entries(module), model
         key = tuple(sorted(model.layouts.items()))
         counts, alias, layouts = entries.get_or_compute(CAPTURE_FACTS, key, lambda: _table_facts(of))
-        for n in wanted:
+        for n in bases:
             lay = layouts.get(n)
             if lay is not None and lay.kind not in _AS_PRODUCED and not lay.viewable:
                 raise LayerError(f"layer {n!r} is not viewable: {lay.reason}")
-    names = list(dict.fromkeys(alias.get(n, n) for n in wanted))  # hook each distinct output once
+            if lay is not None and lay.kind == "attention":
+                lay.query_index(query)  # a bad query fails before the forward pass
+        for n, (base, tok) in tokens.items():
+            lay = layouts.get(base)
+            if lay is None or lay.kind != "tokens":
+                raise LayerError(f"layer {n!r}: {base} is not a token layer, so it has no prefix token {tok!r} (see `deepvis layers`)")
+            try:
+                token_at[n] = lay.token_index(tok)
+            except ValueError as exc:
+                raise LayerError(f"layer {n!r}: {exc}") from None
+    names = list(dict.fromkeys(alias.get(n, n) for n in bases))  # hook each distinct output once
     if entries is not None:
         targets = {n: entries.get_or_compute(RESOLVED_MODULES, n, functools.partial(resolve_module, module, n)) for n in names}
         all_modules = entries.get_or_compute(ALL_MODULES, None, lambda: list(module.modules()))
@@ -117,6 +149,10 @@ def capture(
         targets = {n: resolve_module(module, n) for n in names}
         all_modules = None
     expected = {n: counts.get(n, 1) for n in names}
+    # attention that exists only while asked for (.attention): timm's fused modules whose attn_drop is
+    # wanted run their explicit path; nn.MultiheadAttention's per-head weights come from its own call
+    fused = [m for n in names if (m := fused_owner(module, n)) is not None]
+    weights = {n: m for n, m in targets.items() if isinstance(m, nn.MultiheadAttention) and n.endswith(f".{WEIGHTS}")}
     device = module_device(module, x.device)
     if x.device != device:
         x = x.to(device)
@@ -125,7 +161,9 @@ def capture(
     known: set[str] = entries.get_or_compute(INPLACE_OUTPUTS, None, set) if entries is not None else set()
     copy = {n for n in names if n in known}
     for _attempt in range(2):
-        out, versions = _run(module, x, targets, expected, copy, stop_early=stop_early, grad=grad, all_modules=all_modules)
+        out, versions = _run(
+            module, x, targets, expected, copy, stop_early=stop_early, grad=grad, all_modules=all_modules, fused=fused, weights=weights
+        )
         mutated = {n for n in names if n in out and out[n]._version != versions[n]}
         if not mutated:
             break
@@ -134,14 +172,19 @@ def capture(
     missing = [n for n in names if n not in out]
     if missing:
         raise LayerError(f"layer {missing[0]!r} did not produce a tensor in the forward pass")
-    result = {n: out[alias.get(n, n)] for n in wanted}
-    for n in wanted:
+    result = {n: out[alias.get(n, n)] for n in bases}
+    for n in bases:
         lay = layouts.get(n)
         if lay is not None and lay.kind not in _AS_PRODUCED:  # a view in the canonical form (no copy)
             t = result[n]
-            result[n] = lay.to_canonical(t)
-            if prefix and lay.kind == "tokens":
-                result[prefix_key(n)] = lay.prefix_tokens(t)
+            result[n] = lay.to_canonical(t, query)
+            if prefix and lay.kind in ("tokens", "attention"):
+                result[prefix_key(n)] = lay.prefix_tokens(t, query)
+            for name, (base, _tok) in tokens.items():
+                if base == n:  # the token's (N, C) vector (a view)
+                    result[name] = t[:, token_at[name]]
+    if tokens:  # the requested names in their order (a token layer asked only through its tokens is left out)
+        result = {**{n: result[n] for n in wanted}, **{k: v for k, v in result.items() if k not in bases and k not in tokens}}
     return result
 
 
@@ -155,36 +198,48 @@ def _run(
     stop_early: bool,
     grad: bool,
     all_modules: list[nn.Module] | None = None,
+    fused: list[nn.Module] | None = None,
+    weights: dict[str, nn.MultiheadAttention] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     out: dict[str, torch.Tensor] = {}
     versions: dict[str, int] = {}
     seen = dict.fromkeys(targets, 0)
     remaining = [len(targets)]  # targets not yet at their expected call count
+    weights = weights or {}
     by_module: dict[int, list[str]] = {}
     for n, m in targets.items():
-        by_module.setdefault(id(m), []).append(n)
+        if n not in weights:
+            by_module.setdefault(id(m), []).append(n)
     handles = []
+
+    def record(n: str, output: object) -> None:
+        if not isinstance(output, torch.Tensor):
+            raise LayerError(f"layer {n!r} outputs {type(output).__name__}, not a tensor")
+        seen[n] += 1
+        if seen[n] == expected[n]:
+            remaining[0] -= 1
+        t = output.clone() if n in copy else output
+        out[n], versions[n] = t, t._version
 
     def make(m: nn.Module):
         def hook(_m: nn.Module, _inp: object, output: object) -> None:
             for n in by_module[id(m)]:
-                if not isinstance(output, torch.Tensor):
-                    raise LayerError(f"layer {n!r} outputs {type(output).__name__}, not a tensor")
-                seen[n] += 1
-                if seen[n] == expected[n]:
-                    remaining[0] -= 1
-                t = output.clone() if n in copy else output
-                out[n], versions[n] = t, t._version
+                record(n, output)
             if stop_early and remaining[0] <= 0:
                 raise _StopForward
 
         return hook
 
+    def on_weights(n: str, _m: nn.Module, w: torch.Tensor) -> None:
+        record(n, w)
+        if stop_early and remaining[0] <= 0:
+            raise _StopForward
+
     grad_ctx = contextlib.nullcontext() if grad else torch.no_grad()
     try:
-        for m in {id(m): m for m in targets.values()}.values():
+        for m in {id(m): m for n, m in targets.items() if n not in weights}.values():
             handles.append(m.register_forward_hook(make(m)))
-        with grad_ctx, eval_mode(module, all_modules):
+        with grad_ctx, eval_mode(module, all_modules), unfused(fused or ()), mha_weights(weights, on_weights):
             module(x)
     except _StopForward:
         pass

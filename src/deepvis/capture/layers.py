@@ -18,11 +18,22 @@ from torch import nn
 from ..errors import LayerError, UnitError
 from ..models.cache import CacheSlot
 from ..models.model import Model
+from .attention import exposed_attention, weights_owner
 from .layouts import GUESSED, Layout, detect_layout, says_nhwc, token_geometry
 from .state import eval_mode
-from .units import LOGITS, Unit
+from .units import LOGITS, Unit, split_token_layer
 
-__all__ = ["LayerInfo", "layer_table", "get_layer", "resolve_module", "check_unit", "module_device", "LAYER_TABLES", "FULL_LAYER_TABLES"]
+__all__ = [
+    "LayerInfo",
+    "layer_table",
+    "get_layer",
+    "token_layer_info",
+    "resolve_module",
+    "check_unit",
+    "module_device",
+    "LAYER_TABLES",
+    "FULL_LAYER_TABLES",
+]
 
 
 def module_device(module: nn.Module, default: torch.device | None = None) -> torch.device:
@@ -103,6 +114,9 @@ FULL_LAYER_TABLES: CacheSlot[tuple[object, ...], list[LayerInfo]] = CacheSlot("f
 def resolve_module(module: nn.Module, name: str) -> nn.Module:
     """The submodule at path ``name`` (``logits`` or ``""``: the whole model); a :class:`LayerError`
     naming close matches when there is none."""
+    owner = weights_owner(module, name)  # PATH.attn_weights: an nn.MultiheadAttention's weights (.attention)
+    if owner is not None:
+        return owner
     if name in ("", LOGITS):
         try:
             return module.get_submodule(name) if name else module
@@ -123,7 +137,7 @@ def _probe(module: nn.Module, input_shape: tuple[int, ...], on_call: Callable[[s
     try:
         for name, m in module.named_modules():
             handles.append(m.register_forward_hook(lambda mod, _i, out, name=name or LOGITS: on_call(name, mod, out)))
-        with torch.no_grad(), eval_mode(module):
+        with torch.no_grad(), eval_mode(module), exposed_attention(module, on_call):  # attention weights listed too
             module(torch.zeros(1, *input_shape, device=module_device(module)))
     finally:
         for h in handles:
@@ -267,10 +281,30 @@ def _build_table(module: nn.Module, input_shape: tuple[int, ...], layouts: dict[
     return rows
 
 
+def token_layer_info(base: LayerInfo, token: str) -> LayerInfo:
+    """The :class:`LayerInfo` of the pseudo-layer ``LAYER@TOKEN`` of token layer ``base``: prefix token
+    ``token`` (``cls``, ``reg0``, ``#0``) as a vector of C units, shape (C,), at ``base``'s place in the
+    execution order. A one-line :class:`UnitError` when ``base`` has no such token."""
+    if base.layout.kind != "tokens":
+        raise UnitError(f"layer {base.name} is a {base.layout.kind} layer without prefix tokens, so @{token} does not apply")
+    try:
+        index = base.layout.token_index(token)
+    except ValueError as exc:
+        raise UnitError(f"layer {base.name}: {exc}") from None
+    name = f"{base.name}@{token}"
+    c = base.shape[0]
+    layout = Layout("vector", reason=f"prefix token {base.layout.prefix[index]} (#{index}) of token layer {base.name}")
+    return LayerInfo(name, base.type, (c,), base.calls, base.order, None, layout, (c,))
+
+
 def get_layer(model: Model, name: str, input_shape: tuple[int, ...] | None = None) -> LayerInfo:
     """The :class:`LayerInfo` of viewable layer ``name`` (at ``input_shape`` (C, H, W), default the model's input),
     or a one-line :class:`LayerError`: close matches for an unknown name, the reason (and how to declare
-    the layout) for a layer that is not viewable."""
+    the layout) for a layer that is not viewable. A prefix-token pseudo-layer ``LAYER@TOKEN``
+    (``blocks.5@cls``) is the vector of that token (:func:`token_layer_info`)."""
+    split = split_token_layer(name)
+    if split is not None:
+        return token_layer_info(get_layer(model, split[0], input_shape), split[1])
     for info in layer_table(model, input_shape):
         if info.name == name:
             return info
@@ -287,21 +321,18 @@ def get_layer(model: Model, name: str, input_shape: tuple[int, ...] | None = Non
 
 def check_unit(model: Model, unit: Unit, input_shape: tuple[int, ...] | None = None) -> LayerInfo:
     """Validate a unit against its layer: the layer exists and is viewable, the channel is in range, the
-    position lies inside the map or patch grid, a prefix token (``@cls``, ``@reg0``, ``@1``) exists in
-    the layer (at ``input_shape`` (C, H, W), default the model's input). Returns the layer's info; a one-line
-    :class:`UnitError` otherwise."""
+    position lies inside the map or patch grid, a prefix token (``@cls``, ``@reg0``, ``@#1``) exists in
+    the layer (at ``input_shape`` (C, H, W), default the model's input). Returns the info of the unit's
+    layer (for a prefix token, of its token layer; :func:`get_layer` of ``unit.layer_key`` gives the
+    token's vector); a one-line :class:`UnitError` otherwise."""
     info = get_layer(model, unit.layer, input_shape)
     if not 0 <= unit.channel < info.units:
         raise UnitError(f"unit {unit} is out of range: layer {info.name} has {info.units} units (0-{info.units - 1})")
     if unit.token is not None:
-        if info.layout.kind != "tokens":
-            raise UnitError(
-                f"unit {unit}: layer {info.name} is a {info.layout.kind} layer without prefix tokens, so @{unit.token} does not apply"
-            )
         try:
-            info.layout.token_index(unit.token)
-        except ValueError as exc:
-            raise UnitError(f"unit {unit}: {exc}") from None
+            token_layer_info(info, unit.token)
+        except UnitError as exc:
+            raise UnitError(f"unit {unit}: {str(exc).removeprefix(f'layer {info.name}: ')}") from None
     if unit.position is not None:
         if not info.spatial:
             raise UnitError(f"unit {unit}: layer {info.name} has no spatial map, so @Y,X does not apply")

@@ -5,7 +5,8 @@ Every layer of the layer table gets one :class:`Layout`:
 - ``maps``: (N, C, H, W) feature maps (convolutions, torchvision CNNs);
 - ``maps-last``: (N, H, W, C) feature maps (Swin, timm stages with NHWC output, user models that permute);
 - ``tokens``: (N, L, C) with L = P prefix tokens (class, distillation, register tokens) + an H x W patch grid;
-- ``attention``: (N, heads, Lq, Lk) attention weights over the model's tokens (listed, not drawn yet);
+- ``attention``: (N, heads, Lq, Lk) attention weights over the model's tokens (timm's fused attention and
+  torchvision's ``nn.MultiheadAttention`` are made to produce them: :mod:`.attention`);
 - ``vector``: (N, C);
 - ``none``: anything else, with the reason (windowed batches, per-head features, 3-D outputs that are not
   tokens of the patch grid, a layout that cannot be told).
@@ -13,6 +14,11 @@ Every layer of the layer table gets one :class:`Layout`:
 Every tool reads the canonical form: (C, H, W) per example for ``maps``, ``maps-last`` and the patch tokens
 of ``tokens`` (prefix tokens apart, (C, P)), (C,) for ``vector``. :meth:`Layout.to_canonical` makes the
 canonical tensor as a view (no copy).
+
+An ``attention`` layer's unit is a **head**: its canonical form is one query token's row of the weights
+over the key patch grid, (heads, H, W), the prefix keys apart, (heads, P). The query is a prefix token
+(``cls``, ``#0``) or a patch (row, column); by default the first prefix token (the class token where
+there is one), or the mean over all queries for a model without prefix tokens (:meth:`Layout.query_index`).
 
 Detection, in order: what the user declared (``Model.layouts``, ``--layout LAYER=KIND``); what the model
 says (timm: ``num_prefix_tokens``, ``patch_embed`` patch size and grid, ``cls_token``/``dist_token``/
@@ -32,14 +38,30 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import LayerError
+from ..errors import LayerError, UnitError
 
-__all__ = ["Layout", "KINDS", "VIEWABLE", "parse_layout", "parse_layout_options", "TokenGeometry", "token_geometry", "detect_layout"]
+__all__ = [
+    "Layout",
+    "KINDS",
+    "VIEWABLE",
+    "Query",
+    "parse_query",
+    "parse_layout",
+    "parse_layout_options",
+    "TokenGeometry",
+    "token_geometry",
+    "detect_layout",
+]
 
 #: every layout kind
 KINDS = ("maps", "maps-last", "tokens", "attention", "vector", "none")
-#: the kinds every tool can show through the canonical (C, H, W) / (C,) form
-VIEWABLE = ("maps", "maps-last", "tokens", "vector")
+#: the kinds every tool can show through the canonical (C, H, W) / (C,) form (attention: when its
+#: patch grid is known)
+VIEWABLE = ("maps", "maps-last", "tokens", "attention", "vector")
+
+#: the query token of an attention layer: a prefix token name (``cls``, ``reg0``, ``#K``), a patch
+#: (row, column) of the grid, or None for the default (see :meth:`Layout.query_index`)
+Query = str | tuple[int, int] | None
 
 #: the names a declaration may use for each kind
 _ALIASES = {
@@ -93,7 +115,7 @@ class Layout:
     @property
     def viewable(self) -> bool:
         """True when every tool can show the layer (through the canonical form)."""
-        return self.kind in VIEWABLE
+        return self.kind in VIEWABLE and (self.kind != "attention" or self.grid is not None)
 
     def canonical_shape(self, raw: tuple[int, ...]) -> tuple[int, ...]:
         """The canonical per-example shape, (C, H, W) or (C,), from the raw per-example shape ``raw``
@@ -102,21 +124,69 @@ class Layout:
             return (raw[2], raw[0], raw[1])
         if self.kind == "tokens" and self.grid is not None:
             return (raw[1], *self.grid)
+        if self.kind == "attention" and self.grid is not None:
+            return (raw[0], *self.grid)
         return tuple(raw)
 
-    def to_canonical(self, t: torch.Tensor) -> torch.Tensor:
+    def to_canonical(self, t: torch.Tensor, query: Query = None) -> torch.Tensor:
         """The canonical (N, C, H, W) or (N, C) view of an output ``t`` (no copy): maps-last permuted,
-        tokens' patch part reshaped to the grid; other kinds unchanged."""
+        tokens' patch part reshaped to the grid, an attention layer's ``query`` row over the key patches
+        (N, heads, H, W) (a copy only for the mean over queries); other kinds unchanged."""
         if self.kind == "maps-last":
             return t.permute(0, 3, 1, 2)
         if self.kind == "tokens" and self.grid is not None:
             n, _, c = t.shape
             return t[:, len(self.prefix) :].reshape(n, *self.grid, c).permute(0, 3, 1, 2)
+        if self.kind == "attention" and self.grid is not None:
+            row = self.query_row(t, query)
+            return row[:, :, len(self.prefix) :].reshape(row.shape[0], row.shape[1], *self.grid)
         return t
 
-    def prefix_tokens(self, t: torch.Tensor) -> torch.Tensor:
-        """The prefix tokens of a ``tokens`` output ``t`` (N, L, C) as (N, C, P) (a view)."""
+    def prefix_tokens(self, t: torch.Tensor, query: Query = None) -> torch.Tensor:
+        """The prefix tokens of a ``tokens`` output ``t`` (N, L, C) as (N, C, P) (a view); for an
+        ``attention`` output (N, heads, Lq, Lk), the ``query`` row's weights on the prefix keys (N, heads, P)."""
+        if self.kind == "attention":
+            return self.query_row(t, query)[:, :, : len(self.prefix)]
         return t[:, : len(self.prefix)].transpose(1, 2)
+
+    def query_index(self, query: Query = None) -> int | None:
+        """The position along the queries axis of an attention layer's ``query``: a prefix token by name
+        or ``#K``, a patch (row, column) of the grid; None (the default) is the first prefix token, or,
+        without prefix tokens, no single query (the mean over all queries: returns None).
+
+        Raises:
+            UnitError: a prefix token the layer does not have, or a patch outside the grid (one line).
+        """
+        if query is None:
+            return 0 if self.prefix else None
+        if isinstance(query, str):
+            try:
+                return self.token_index(query)
+            except ValueError as exc:
+                raise UnitError(f"query {query!r}: {exc}") from None
+        y, x = query
+        gh, gw = self.grid if self.grid is not None else (0, 0)
+        if not (0 <= y < gh and 0 <= x < gw):
+            raise UnitError(f"query patch {y},{x} is outside the {gh}x{gw} patch grid")
+        return len(self.prefix) + y * gw + x
+
+    def query_name(self, query: Query = None) -> str:
+        """An attention layer's query as text: a prefix token's name, ``"Y,X"`` for a patch, ``mean`` for
+        the mean over queries (see :meth:`query_index`)."""
+        index = self.query_index(query)
+        if index is None:
+            return "mean"
+        p = len(self.prefix)
+        if index < p:
+            return self.prefix[index]
+        y, x = divmod(index - p, self.grid[1] if self.grid is not None else 1)
+        return f"{y},{x}"
+
+    def query_row(self, t: torch.Tensor, query: Query = None) -> torch.Tensor:
+        """One query's attention weights over every key, (N, heads, Lk), from attention weights ``t``
+        (N, heads, Lq, Lk): a view, or the mean over queries (see :meth:`query_index`)."""
+        q = self.query_index(query)
+        return t.mean(2) if q is None else t[:, :, q]
 
     def token_index(self, token: str) -> int:
         """The position of prefix token ``token`` (a name such as ``cls``/``reg0``, or ``#K``) among the
@@ -196,21 +266,24 @@ def parse_layout(text: str, raw: tuple[int, ...], layer: str) -> Layout:
     """A declared layout for ``layer`` whose per-example output shape is ``raw``.
 
     ``text`` is a kind (``nchw``/``maps``, ``nhwc``/``maps-last``, ``vector``, ``none``) or
-    ``tokens:P`` / ``tokens:P:HxW`` (P prefix tokens; the grid, square when not given).
+    ``tokens:P`` / ``tokens:P:HxW`` (P prefix tokens; the grid, square when not given), or
+    ``attention:P`` / ``attention:P:HxW`` for (heads, L, L) attention weights over such tokens.
     Raises :class:`LayerError` (one line) when it does not fit the shape.
     """
     kind, _, rest = text.strip().lower().partition(":")
     if kind not in _ALIASES:
-        raise LayerError(f"bad layout {text!r} for layer {layer}: use one of nchw, nhwc, tokens:P, tokens:P:HxW, vector, none")
+        raise LayerError(f"bad layout {text!r} for layer {layer}: use one of nchw, nhwc, tokens:P, tokens:P:HxW, attention:P, vector, none")
     kind = _ALIASES[kind]
     ndim = {"maps": 3, "maps-last": 3, "tokens": 2, "vector": 1, "attention": 3}.get(kind)
     if ndim is not None and len(raw) != ndim:
         raise LayerError(f"layout {text!r} does not fit layer {layer}: its output is {_fmt(raw)} per example ({len(raw)}-D)")
-    if kind != "tokens":
+    if kind not in ("tokens", "attention") or (kind == "attention" and not rest):
         return Layout(kind, reason="declared")
+    if kind == "attention" and raw[1] != raw[2]:
+        raise LayerError(f"layout {text!r} does not fit layer {layer}: {_fmt(raw)} is not (heads, L, L)")
     p_text, _, g_text = rest.partition(":")
     p = int(p_text) if p_text.isdigit() else 0
-    n = raw[0] - p
+    n = (raw[0] if kind == "tokens" else raw[2]) - p
     if g_text:
         gh, _, gw = g_text.partition("x")
         if not (gh.isdigit() and gw.isdigit()):
@@ -220,8 +293,24 @@ def parse_layout(text: str, raw: tuple[int, ...], layer: str) -> Layout:
         side = math.isqrt(max(n, 0))
         grid = (side, side)
     if n <= 0 or grid[0] * grid[1] != n:
-        raise LayerError(f"layout {text!r} does not fit layer {layer}: {raw[0]} tokens - {p} prefix is not a {grid[0]}x{grid[1]} grid")
-    return Layout("tokens", tuple(f"tok{i}" for i in range(p)), grid, "declared")
+        raise LayerError(f"layout {text!r} does not fit layer {layer}: {n + p} tokens - {p} prefix is not a {grid[0]}x{grid[1]} grid")
+    return Layout(kind, tuple(f"tok{i}" for i in range(p)), grid, "declared")
+
+
+def parse_query(text: str | None) -> Query:
+    """A query token from text: ``cls`` / ``dist`` / ``reg0`` / ``#K`` (a prefix token) or ``Y,X`` (a patch);
+    None or empty: the default. Raises :class:`UnitError` (one line) when malformed."""
+    if text is None or not text.strip():
+        return None
+    t = text.strip().lower()
+    y, sep, x = t.partition(",")
+    if sep:
+        if not (y.strip().isdigit() and x.strip().isdigit()):
+            raise UnitError(f"bad query {text!r}: write a prefix token (cls, dist, reg0, #0) or a patch Y,X (e.g. 3,5)")
+        return (int(y), int(x))
+    if not ((t[0].isalpha() and t.isalnum()) or (t.startswith("#") and t[1:].isdigit())):
+        raise UnitError(f"bad query {text!r}: write a prefix token (cls, dist, reg0, #0) or a patch Y,X (e.g. 3,5)")
+    return t
 
 
 def parse_layout_options(items: list[str] | None) -> dict[str, str]:
@@ -314,12 +403,14 @@ def detect_layout(
     if len(per) == 1:
         return Layout("vector", reason="(N, C)")
     if len(per) == 3 and tokens is not None and per[1] == per[2] == tokens.length:
-        return Layout("attention", tokens.prefix, tokens.grid, "attention weights (heads, queries, keys); not drawn yet")
+        return Layout("attention", tokens.prefix, tokens.grid, "attention weights (heads, queries, keys): one map per head, a query's row")
     if len(per) == 3 and tokens is not None and per[1] == tokens.length:
         return Layout("none", reason="per-head features (heads, tokens, head dim)")
     if len(per) == 3 and per[1] in lengths and per[0] < per[1]:  # fewer heads than tokens: not a (C, H, W) map
         if per[1] == per[2]:
-            return Layout("attention", reason="attention weights (heads, queries, keys); not drawn yet")
+            return Layout(
+                "attention", reason="attention weights (heads, queries, keys) over tokens whose patch grid the model does not state"
+            )
         return Layout("none", reason="per-head features (heads, tokens, head dim)")
     if len(per) == 2:
         if tokens is not None and per[0] == tokens.length:

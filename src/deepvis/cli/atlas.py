@@ -28,10 +28,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Build a unit atlas in folder ATLAS: one pass over DATASET keeps, for every unit of each layer, its "
         "top-k inputs (conv units: by the maximum of their map) and statistics; then the receptive-field crop and deconv "
         "view of each top input, and the unit's synthesized image. Interrupt it at any time and run the same command "
-        "again to continue. Unreadable images are skipped and listed at the end.",
+        "again to continue. Unreadable images are skipped and listed at the end. A prefix token of a token layer (a ViT's "
+        "class token) is mined as its own layer of C units, LAYER@TOKEN (e.g. --layers blocks.5,blocks.5@cls, or "
+        "--prefix-tokens); its crops are the whole inputs.",
     )
     p.add_argument("dataset", metavar="DATASET", help=DATASET_SPEC_HELP)
-    p.add_argument("--layers", required=True, help="comma-separated layer names (see `deepvis layers`)")
+    p.add_argument("--layers", required=True, help="comma-separated layer names (see `deepvis layers`); LAYER@cls for a prefix token")
+    p.add_argument(
+        "--prefix-tokens",
+        action="store_true",
+        help="also mine every prefix token (class, distillation, register) of each token layer, as LAYER@TOKEN",
+    )
     add_output_option(p, metavar="ATLAS", help="atlas folder (created, or continued when it exists)")
     p.add_argument("-k", "--top", type=int, default=9, help="top inputs kept per unit (default: %(default)s)")
     p.add_argument(
@@ -92,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         synthesis=synthesis,
         decode_threads=args.decode_threads,
         checkpoint_seconds=args.checkpoint_seconds,
+        prefix_tokens=args.prefix_tokens,
     )
     summary = build_atlas(args.output, model, dataset, options, **engine)
     skipped = summary.skipped

@@ -17,7 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "deconv views, with its statistics. Without --unit, list the atlas's layers.",
     )
     p.add_argument("atlas", metavar="ATLAS", help="atlas folder made by `deepvis atlas`")
-    p.add_argument("--unit", metavar="LAYER:CHANNEL", help="the unit, e.g. blocks.3:17")
+    p.add_argument(
+        "--unit",
+        metavar="LAYER:CHANNEL[@TOKEN]",
+        help="the unit, e.g. blocks.3:17, or blocks.5:17@cls for a prefix token (mined as the layer blocks.5@cls)",
+    )
     p.add_argument("-o", "--output", metavar="OUT.png", help="output PNG (needed with --unit)")
     p.add_argument("--tile", type=int, default=96, metavar="PX", help="size of each small image (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the unit's (or the atlas's) record as JSON")
@@ -35,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     with open_atlas(args.atlas) as atlas:
         if args.unit is None:
             return _list(atlas, args)
-        unit = parse_unit(args.unit).no_token("the atlas")
+        unit = parse_unit(args.unit)
         if unit.position is not None:
             raise DeepvisError(f"atlas units have no position: write {unit.layer}:{unit.channel}")
         if not args.output:
@@ -43,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.output)
         if out.suffix.lower() != ".png":
             raise DeepvisError(f"output {out} should be a .png file")
-        rec = atlas.unit(unit.layer, unit.channel)
+        rec = atlas.unit(unit.layer_key, unit.channel)  # a prefix token is its own layer, LAYER@TOKEN
         if not rec.top:
             raise DeepvisError(f"unit {unit} has no entries yet: its layer is not mined (run `deepvis atlas` again to finish)")
         from .._fs import atomic_path

@@ -40,7 +40,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"deepvis: note: {len(untold) - _NOTES} more layers whose layout cannot be told (see --all)", file=sys.stderr)
     rows = [r for r in table if args.all or r.viewable]
     if args.json:
-        print_json({"model": model.name, "input_shape": list(model.preprocessing.input_shape), "layers": [r.to_dict() for r in rows]})
+        print_json(
+            {
+                "model": model.name,
+                "weights": model.weights.label,
+                "input_shape": list(model.preprocessing.input_shape),
+                "layers": [r.to_dict() for r in rows],
+            }
+        )
         return 0
     width = max((len(r.name) for r in rows), default=5)
     print(f"{'layer':<{width}}  {'type':<22} {'layout':<16} {'output shape':<16} units")

@@ -31,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and a JSON file with every number: per layer, the most active and dead units and sparsity; how local units' "
         "responses are; how much each layer changes under small random and adversarial input perturbations; linear-probe "
         "accuracy per layer (labelled datasets); k-means clusters with a 2-D map. Without --layers, the end of each "
-        "resolution stage and the logits are used (see docs/report.md).",
+        "resolution stage and the logits are used (see docs/report.md). A token layer with a class token (ViT) is "
+        "followed by that token as its own layer of C units, LAYER@cls (--no-class-token to leave it out); any prefix "
+        "token can be named in --layers (blocks.5@reg0).",
     )
     p.add_argument("dataset", metavar="DATASET", help=DATASET_SPEC_HELP)
     add_output_option(
@@ -40,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--layers", metavar="L1,L2", help="comma-separated layers (see `deepvis layers`); default: each stage's output and logits"
     )
+    p.add_argument("--no-class-token", action="store_true", help="do not add each token layer's class token as its own layer LAYER@cls")
     p.add_argument("--max-images", type=int, metavar="N", help="use N inputs spread evenly over the dataset (default: all)")
     p.add_argument(
         "--epsilons",
@@ -100,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         embedding=args.map,
         atlas=args.atlas,
         seed=args.seed,
+        class_token=not args.no_class_token,
     )
     report_paths(args.output)  # reject a bad output before the long work
     dataset = open_dataset(args.dataset)

@@ -21,6 +21,7 @@ micro-batched forward and backward passes), :class:`_Ascent` (SGD or Adam), :fun
 from __future__ import annotations
 
 import hashlib
+import html
 import math
 import threading
 from collections.abc import Callable, Sequence
@@ -30,21 +31,26 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .._progress import in_kernel, progress_bar
 from ..capture.hooks import capture
 from ..capture.layers import check_unit, get_layer
 from ..capture.state import frozen
 from ..capture.units import Unit, parse_unit
+from ..display import html_table, img_tag, panel, png_bytes, trace_svg
 from ..errors import DeepvisError, UnitError
 from ..models.model import Model
 from .images import display_image, raw_image
 from .objectives import OBJECTIVE_KINDS, BatchObjective, Channel, Neuron, Objective, objective_for_unit
-from .param import ImageParam
+from .accentuate import Accentuation, FeatureAnchor, StartImage, start_tensor
+from .maco import AttributionMask, MacoParam, alpha_image, masked_image
+from .param import ImageParam, make_param
 from .presets import PAPER_SIZE, Settings, get_preset
-from .regularizers import ClipRange, ClipSmallContribution, ClipSmallNorm, GaussianBlur, L2Decay, Regularizer, StepInfo
+from .regularizers import ClipRange, ClipSmallContribution, ClipSmallNorm, GaussianBlur, L2Decay, Regularizer, StayClose, StepInfo
 from .transforms import RandomAffine
 
 __all__ = [
     "Result",
+    "Results",
     "Target",
     "visualize",
     "optimize_batch",
@@ -90,6 +96,13 @@ class Result:
     model: str
     mean: tuple[float, ...]
     mapping: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: where the model's weights came from (:attr:`deepvis.models.Model.weights`, e.g. ``"random (seed 0)"``)
+    weights: str = ""
+    #: MACO's alpha mask (H, W) in [0, 1]: where the image matters (:mod:`.maco`); None for other parameterizations
+    alpha: torch.Tensor | None = field(default=None, repr=False)
+    #: feature accentuation (a start image given): the anchors and the distances reached from the start
+    #: (``pixel_rms``, ``pixel_max`` in 0–255 levels, ``feature`` relative; :mod:`.accentuate`); None otherwise
+    distance: dict[str, Any] | None = None
 
     def raw_image(self) -> Image.Image:
         """The image exactly as the model saw it (pixels rounded to whole levels)."""
@@ -98,6 +111,14 @@ class Result:
     def display_image(self) -> Image.Image:
         """The contrast-stretched version for viewing (see :func:`deepvis.optimize.images.display_image`)."""
         return display_image(self.image, self.mean)
+
+    def alpha_image(self) -> Image.Image | None:
+        """MACO's alpha mask as a grayscale picture (255: matters most), or None without one."""
+        return None if self.alpha is None else alpha_image(self.alpha)
+
+    def masked_image(self) -> Image.Image | None:
+        """The display image with the alpha mask as its transparency (RGBA), or None without a mask."""
+        return None if self.alpha is None else masked_image(self.display_image(), self.alpha)
 
     def to_dict(self, *, trace: bool = True) -> dict[str, Any]:
         """A JSON-ready record: objective, value, steps, dead flag, seeds, every setting and the model."""
@@ -113,6 +134,7 @@ class Result:
             "dead": self.dead,
             "dead_step": self.dead_step,
             "model": self.model,
+            "weights": self.weights,
             "size": list(self.size),
             "seed": self.seed,
             "element_seed": self.element_seed,
@@ -120,9 +142,44 @@ class Result:
             "model_units": self.mapping,
             "mean_pixel": list(self.mean),
         }
+        if self.alpha is not None:
+            d["alpha_mean"] = float(self.alpha.mean())
+        if self.distance is not None:
+            d["accentuation"] = self.distance
         if trace:
             d["trace"] = self.trace
         return d
+
+    def _repr_png_(self) -> bytes:
+        """The display image as PNG (IPython's display protocol)."""
+        return png_bytes(self.display_image())
+
+    def _repr_html_(self) -> str:
+        """The display image, the objective at every step and the settings (IPython's display protocol)."""
+        facts = [
+            ("value", self.value),
+            ("best step", self.best_step),
+            ("steps run", self.steps_run),
+            ("dead", self.dead),
+            ("seed", self.seed),
+        ]
+        settings = html_table(sorted(self.settings.to_dict().items()), ("setting", "value"))
+        trace = trace_svg(self.trace, title="objective per step")
+        body = f"<div style='display:flex;gap:12px;align-items:flex-start'>{img_tag(self.display_image(), alt=self.objective)}<div>{trace}{html_table(facts)}</div>{settings}</div>"
+        return panel(body, title=f"{self.objective} ({self.model}, {self.size[0]}x{self.size[1]})")
+
+
+class Results(list[Result]):
+    """The results of :func:`visualize`: a plain list, shown in a notebook as a labelled grid."""
+
+    def _repr_html_(self) -> str:
+        """Each result's display image over its label and value (IPython's display protocol)."""
+        cells = [
+            f"<figure style='margin:0;text-align:center'>{img_tag(r.display_image(), alt=r.objective, width=128)}"
+            f"<figcaption>{html.escape(r.label or r.objective)}<br>{r.value:.4g}</figcaption></figure>"
+            for r in self
+        ]
+        return panel("<div style='display:flex;flex-wrap:wrap;gap:8px'>" + "".join(cells) + "</div>", title=f"{len(self)} optimized units")
 
 
 def element_seed(seed: int, name: str) -> int:
@@ -164,10 +221,11 @@ def build_regularizers(settings: Settings, scale: float) -> list[Regularizer]:
 def resolve_targets(
     model: Model, targets: Sequence[Target], *, kind: str = "neuron", size: int | tuple[int, int] | None = None
 ) -> list[Objective]:
-    """Objectives for ``targets`` — :class:`Unit` s, unit strings (``blocks.3:7``, ``logits:281``) or
-    objectives — checked against the model at the canvas ``size``: the layer exists, the channel and
-    position are in range. A unit without a position becomes the neuron at the map's center
-    (``kind="neuron"``) or the channel's mean (``kind="channel"``)."""
+    """Objectives for ``targets`` — :class:`Unit` s, unit strings (``blocks.3:7``, ``logits:281``,
+    ``blocks.5:17@cls``) or objectives — checked against the model at the canvas ``size``: the layer
+    exists, the channel, position and prefix token are in range. A unit without a position becomes the
+    neuron at the map's center (``kind="neuron"``) or the channel's mean (``kind="channel"``); a
+    prefix-token unit is that token's channel value."""
     if not targets:
         raise UnitError("no units to optimize")
     if kind not in OBJECTIVE_KINDS:
@@ -179,7 +237,7 @@ def resolve_targets(
         if isinstance(t, str):
             t = parse_unit(t)
         if isinstance(t, Unit):
-            check_unit(model, t.no_token("activation maximization"), shape)
+            check_unit(model, t, shape)
             label = model.short_label(t.channel) if t.is_class and model.class_names else None
             out.append(objective_for_unit(t, kind, label))
         elif isinstance(t, Objective):
@@ -193,9 +251,9 @@ def resolve_targets(
 
 def _unit_of(o: Objective) -> tuple[str | None, str | None]:
     if isinstance(o, Neuron):
-        return str(Unit(o.layer, o.channel, o.position)), o.label
+        return str(o.unit), o.label
     if isinstance(o, Channel):
-        return str(Unit(o.layer, o.channel)), None
+        return str(o.unit), None
     return None, None
 
 
@@ -218,6 +276,9 @@ def optimize_batch(
     on_step: Callable[[int], None] | None = None,
     should_stop: StopSignal = None,
     micro_batch: int | None = None,
+    start: torch.Tensor | None = None,
+    accentuation: Accentuation | None = None,
+    param: ImageParam | MacoParam | None = None,
 ) -> list[Result]:
     """Optimize one batch: element ``i`` maximizes ``objectives[i]``; one :class:`Result` per element.
 
@@ -232,6 +293,10 @@ def optimize_batch(
         on_step: called with the 0-based step after each step.
         should_stop: a callable or ``threading.Event``; cancels between steps.
         micro_batch: elements per forward and backward pass (None: :func:`auto_micro_batch`).
+        start: feature accentuation (:mod:`.accentuate`): the start images (N, C, H, W) in 0–255 pixels
+            instead of noise; the change from them is regularized and kept within ``accentuation``.
+        accentuation: the anchors of a run with ``start`` (None: :class:`Accentuation` ()).
+        param: replaces the parameterization built from ``settings`` (:func:`.param.make_param`).
 
     Returns:
         One :class:`Result` per element, in the order of ``objectives``.
@@ -240,17 +305,28 @@ def optimize_batch(
     space = _PixelSpace.of(model)
     scale = spatial_scale(model)
     regs = list(build_regularizers(settings, scale) if regularizers is None else regularizers)
-    param = ImageParam(fourier=settings.fourier, decorrelate=settings.decorrelate, decay_power=settings.decay_power)
+    param = make_param(settings) if param is None else param
     warp = RandomAffine(settings.jitter * scale, settings.scale, settings.rotate)
     mb = micro_batch or auto_micro_batch(model.device, size)
     if mb < 1:
         raise DeepvisError(f"micro batch must be at least 1, not {mb}")
-    passes = _Passes(model, objectives, mb, param, warp, size, space.pixel_scale)
     seeds = [element_seed(seed, o.name) for o in objectives]
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    x = space.clip(_start_images(gens, model.preprocessing.channels, size, settings.start_std).to(model.device))
+    passes = _Passes(model, objectives, mb, param, warp, size, space.pixel_scale, space.clip)
+    x0 = close = None
+    if start is not None:  # feature accentuation: start from the images, anchored to them
+        if not param.exact_inverse:
+            raise DeepvisError("a start image needs the pixel or Fourier parameterization, not MACO (it fixes the magnitude)")
+        acc = accentuation or Accentuation()
+        x0 = space.clip(start.to(model.device, torch.float32) - space.mean)
+        close = StayClose(x0, acc.radius)
+        passes.anchor_to(x0, acc, FeatureAnchor.layers_for(objectives, acc.feature_layer))
+        x = x0.clone()
+    else:
+        x = space.clip(_start_images(gens, model.preprocessing.channels, size, settings.start_std).to(model.device))
     best = _BestImages(x, settings.steps)
     alive = _DeadUnits(len(objectives), x.device)
+    mask = AttributionMask(len(objectives), size, x.device) if isinstance(param, MacoParam) else None
     p = param.from_image(x)
     ascent = _Ascent(settings, p)
     with frozen(model.module), torch.enable_grad():
@@ -260,13 +336,29 @@ def optimize_batch(
             v, g_p, g_x, xd = passes.run(p, warp.sample(gens) if warp.active else None)
             best.record(t, v, xd, alive.active)
             alive.record(t, g_x)
+            if mask is not None:
+                mask.record(xd, g_x, alive.active)
             if t < settings.steps - 1:  # the last step is only measured
                 with torch.no_grad():
-                    x_new = _regularize(param.to_image(ascent(p.detach(), g_p, t), size), regs, StepInfo(t, g_x))
-                    p = param.from_image(torch.where(alive.active.view(-1, 1, 1, 1), space.clip(x_new), xd))
+                    x_new = param.to_image(ascent(p.detach(), g_p, t), size)
+                    if x0 is not None and close is not None:  # accentuation: regularize the change, bound it
+                        x_new = close(x0 + _regularize(x_new - x0, regs, StepInfo(t, g_x)))
+                    else:
+                        x_new = _regularize(x_new, regs, StepInfo(t, g_x))
+                    if param.exact_inverse:
+                        x_new = space.clip(x_new)
+                    p = param.from_image(torch.where(alive.active.view(-1, 1, 1, 1), x_new, xd))
             if on_step is not None:
                 on_step(t)
-    return _results(model, objectives, settings, best, alive, space, seed, seeds, scale, size)
+    results = _results(model, objectives, settings, best, alive, space, seed, seeds, scale, size)
+    for i, r in enumerate(results):
+        r.mapping["param"] = param.name
+        if mask is not None:
+            r.alpha = mask.mask()[i].cpu()
+    if x0 is not None:
+        for r, d in zip(results, passes.distances(best.image, x0, accentuation or Accentuation())):
+            r.distance = d
+    return results
 
 
 def auto_micro_batch(device: torch.device, size: tuple[int, int]) -> int:
@@ -312,21 +404,60 @@ class _Passes:
         model: Model,
         objectives: Sequence[Objective],
         micro_batch: int,
-        param: ImageParam,
+        param: ImageParam | MacoParam,
         warp: RandomAffine,
         size: tuple[int, int],
         pixel_scale: torch.Tensor,
+        clip: ClipRange | None = None,
     ) -> None:
         n = len(objectives)
         self.chunks = [slice(i, min(i + micro_batch, n)) for i in range(0, n, micro_batch)]
         self.objectives = [BatchObjective(objectives[sl]) for sl in self.chunks]
         self.layers = self.objectives[0].layers if len(self.chunks) == 1 else BatchObjective(objectives).layers
         self.model, self.param, self.warp, self.size, self.pixel_scale = model, param, warp, size, pixel_scale
+        # a parameterization without an exact inverse (MACO) cannot be clipped: the model sees the clipped image
+        self.clip = clip if not param.exact_inverse else None
+        self.anchor: FeatureAnchor | None = None
+
+    def _forward(self, x: torch.Tensor, layers: Sequence[str], grad: bool) -> dict[str, torch.Tensor]:
+        return capture(self.model, x * self.pixel_scale, list(layers), grad=grad)
+
+    def anchor_to(self, x0: torch.Tensor, acc: Accentuation, element_layers: Sequence[str]) -> None:
+        """Feature accentuation: read the start images ``x0`` (N, C, H, W, from the mean) once and anchor
+        every element to its features (``acc.feature_weight`` 0: the values are still read, no anchor)."""
+        layers = tuple(dict.fromkeys([*self.layers, *element_layers]))
+        refs: dict[str, list[torch.Tensor]] = {k: [] for k in layers}
+        values = []
+        with torch.no_grad():
+            for sl, objective in zip(self.chunks, self.objectives):
+                acts = self._forward(x0[sl], layers, grad=False)
+                values.append(objective(acts))
+                for k in layers:
+                    refs[k].append(acts[k])
+        reference = {k: torch.cat(v) for k, v in refs.items()}
+        self.anchor = FeatureAnchor(acc.feature_weight, element_layers, reference, torch.cat(values))
+        self.layers = layers
+
+    def distances(self, x: torch.Tensor, x0: torch.Tensor, acc: Accentuation) -> list[dict[str, Any]]:
+        """Per element, how far images ``x`` are from the starts ``x0`` (both (N, C, H, W), from the mean):
+        ``pixel_rms`` / ``pixel_max`` (0–255 levels), ``feature`` (relative, in its feature layer), beside the anchors."""
+        d = (x - x0).flatten(1)
+        rms, mx = d.pow(2).mean(1).sqrt().tolist(), d.abs().amax(1).tolist()
+        feats: list[float] = []
+        if self.anchor is not None:
+            with torch.no_grad():
+                for sl in self.chunks:
+                    feats += self.anchor.distance(self._forward(x[sl], self.anchor.layers, grad=False), sl).tolist()
+        layers = self.anchor.element_layers if self.anchor is not None else [None] * len(rms)
+        return [
+            {**acc.to_dict(), "feature_layer": layers[i], "pixel_rms": rms[i], "pixel_max": mx[i], "feature": feats[i] if feats else None}
+            for i in range(len(rms))
+        ]
 
     def run(self, p: torch.Tensor, warp_params: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(values (N,), gradient w.r.t. the parameters, gradient w.r.t. the image, the image), detached."""
         parts = [
-            self._one(p[sl], None if warp_params is None else warp_params[sl], objective)
+            self._one(p[sl], None if warp_params is None else warp_params[sl], objective, sl)
             for sl, objective in zip(self.chunks, self.objectives)
         ]
         if len(parts) == 1:
@@ -335,18 +466,21 @@ class _Passes:
         return v, g_p, g_x, xd
 
     def _one(
-        self, p: torch.Tensor, warp_params: torch.Tensor | None, objective: BatchObjective
+        self, p: torch.Tensor, warp_params: torch.Tensor | None, objective: BatchObjective, sl: slice
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         p = p.detach().requires_grad_(True)
         xi = self.param.to_image(p, self.size)
-        seen = self.warp(xi, warp_params) if warp_params is not None else xi
-        v = objective(capture(self.model, seen * self.pixel_scale, self.layers, grad=True))
+        shown = self.clip(xi) if self.clip is not None else xi
+        seen = self.warp(shown, warp_params) if warp_params is not None else shown
+        acts = self._forward(seen, self.layers, grad=True)
+        v = objective(acts)
+        loss = v if self.anchor is None else v - self.anchor.penalty(acts, sl)
         if self.param.identity:
-            (g_p,) = torch.autograd.grad(v.sum(), [p])
+            (g_p,) = torch.autograd.grad(loss.sum(), [p])
             g_x = g_p
         else:
-            g_p, g_x = torch.autograd.grad(v.sum(), [p, xi])
-        return v.detach(), g_p, g_x, xi.detach()
+            g_p, g_x = torch.autograd.grad(loss.sum(), [p, xi])
+        return v.detach(), g_p, g_x, shown.detach()
 
 
 class _Ascent:
@@ -461,6 +595,7 @@ def _results(
                 model=model.name,
                 mean=mean,
                 mapping=dict(mapping),
+                weights=model.weights.label,
             )
         )
     return results
@@ -479,8 +614,10 @@ def visualize(
     progress: Callable[[int, int], None] | None = None,
     should_stop: StopSignal = None,
     micro_batch: int | None = None,
+    start: StartImage | None = None,
+    accentuation: Accentuation | None = None,
     **overrides: Any,
-) -> list[Result]:
+) -> Results:
     """Activation maximization of many units, ``batch_size`` at a time: one :class:`Result` per target.
 
     ``targets``: :class:`~deepvis.capture.Unit` s, unit strings (``"blocks.3:7"``, ``"logits:281"``) or
@@ -489,27 +626,49 @@ def visualize(
     (``decay=``, ``blur_width=``, ``lr=``, ``jitter=``, … see :class:`Settings`) override it. ``size``:
     the canvas in pixels (default: the model's input size). ``kind``: ``neuron`` (the unit at the map's
     center, the paper's choice) or ``channel`` (the channel's mean) for units without a position.
-    ``progress(done, total)`` is called after every step (``total`` = steps × batches);
+    ``progress(done, total)`` is called after every step (``total`` = steps × batches; None: a progress bar
+    in a Jupyter kernel, nothing elsewhere);
     ``should_stop()`` (or a set ``threading.Event``) cancels after the current step: the results of
     finished batches and of the one in progress (best so far, ``stopped=True``) are returned, later
     targets are left out. Results do not depend on ``batch_size`` or on the order of ``targets``.
     ``micro_batch``: elements per forward/backward pass (default: :func:`auto_micro_batch`).
+    ``start``: feature accentuation (:mod:`.accentuate`): a Pillow image, or 0–255 pixels (C, H, W) or
+    one per target (N, C, H, W), resized to the canvas: every unit starts there and stays within
+    ``accentuation`` (default :class:`Accentuation` (): RMS radius 24 levels, feature weight 1); each
+    result's ``distance`` says how far it went.
     """
     settings = get_preset(preset).replace(steps=steps, **overrides)
     if batch_size < 1:
         raise DeepvisError(f"batch size must be at least 1, not {batch_size}")
     hw = canvas_size(model, size)
     objectives = resolve_targets(model, targets, kind=kind, size=hw)
+    starts = None if start is None else start_tensor(start, len(objectives), model.preprocessing.channels, hw)
     stop = _stop_fn(should_stop)
     chunks = [objectives[i : i + batch_size] for i in range(0, len(objectives), batch_size)]
     total = settings.steps * len(chunks)
     results: list[Result] = []
-    for k, chunk in enumerate(chunks):
-        if k and stop():
-            break
-        base = k * settings.steps
-        on_step = (lambda t, base=base: progress(base + t + 1, total)) if progress is not None else None
-        results += optimize_batch(model, chunk, settings, size=hw, seed=seed, on_step=on_step, should_stop=stop, micro_batch=micro_batch)
-        if results and results[-1].stopped:
-            break
-    return results
+    bar = progress_bar(total=total, desc="optimize", unit="step", enabled=False if progress is not None else in_kernel())
+    report = progress if progress is not None else (lambda done, _total: bar.update(done - bar.n))
+    try:
+        for k, chunk in enumerate(chunks):
+            if k and stop():
+                break
+            base = k * settings.steps
+            on_step = (lambda t, base=base: report(base + t + 1, total)) if progress is not None or not bar.disable else None
+            results += optimize_batch(
+                model,
+                chunk,
+                settings,
+                size=hw,
+                seed=seed,
+                on_step=on_step,
+                should_stop=stop,
+                micro_batch=micro_batch,
+                start=None if starts is None else starts[k * batch_size : k * batch_size + len(chunk)],
+                accentuation=accentuation,
+            )
+            if results and results[-1].stopped:
+                break
+    finally:
+        bar.close()
+    return Results(results)

@@ -7,6 +7,11 @@ compose with ``+``, ``-``, unary ``-``, and ``*`` / ``/`` by a number::
     obj = neuron("blocks.3", 7) - 0.5 * channel("blocks.3", 9)
     obj.name   # 'neuron(blocks.3:7@center) - 0.5*channel(blocks.3:9)'
 
+A prefix token of a token layer (``token="cls"``) is a vector of C units: ``neuron("blocks.5", 17,
+token="cls")`` maximizes channel 17 of the class token (it reads the pseudo-layer ``blocks.5@cls``);
+the values are read through :func:`deepvis.capture.unit_activation`, the one place that says what a
+unit is.
+
 Objectives that are linear in the activations (neurons, channel means, class logits and any linear
 combination of them) also expose :meth:`Objective.linear_weights`; the optimization loop uses it to
 evaluate a batch in which every element has its own objective with one multiply-and-sum, so that
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..capture.units import LOGITS, Unit
+from ..capture.units import LOGITS, Unit, unit_activation, unit_index
 from ..choices import OBJECTIVE_KINDS
 
 __all__ = [
@@ -105,66 +110,81 @@ def _center(shape: tuple[int, ...]) -> tuple[int, int]:
 class Neuron(Objective):
     """The activation of one unit: channel ``channel`` of ``layer`` at ``position`` (row, column); for a
     spatial layer without a position, the center of the map (the paper's choice). On a (N, C) layer,
-    the channel's value (e.g. a class logit when ``layer`` is ``logits``)."""
+    the channel's value (e.g. a class logit when ``layer`` is ``logits``); with ``token`` (``cls``,
+    ``dist``, ``reg0``, ``#0``), the channel's value in that prefix token of a token layer."""
 
     layer: str
     channel: int
     position: tuple[int, int] | None = None
     label: str | None = None
+    token: str | None = None
+
+    @property
+    def unit(self) -> Unit:
+        """The unit this objective reads (its position as given)."""
+        return Unit(self.layer, self.channel, self.position, self.token)
 
     @property
     def layers(self) -> tuple[str, ...]:  # type: ignore[override]
-        return (self.layer,)
+        return (self.unit.layer_key,)
 
     @property
     def name(self) -> str:  # type: ignore[override]
         if self.layer == LOGITS:
             return f"class({self.channel}{' ' + self.label if self.label else ''})"
+        if self.token is not None:
+            return f"neuron({self.unit})"
         pos = "" if self.position is None else f"@{self.position[0]},{self.position[1]}"
         return f"neuron({self.layer}:{self.channel}{pos or '@center'})"
 
-    def _where(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        if len(shape) == 1:
-            return (self.channel,)
-        y, x = self.position if self.position is not None else _center(shape)
-        return (self.channel, y, x)
+    def _at(self, shape: tuple[int, ...]) -> Unit:
+        """The unit read on an output of one example's ``shape``: a map's center when no position is given."""
+        if len(shape) == 3 and self.position is None:
+            return Unit(self.layer, self.channel, _center(shape), self.token)
+        return self.unit
 
     def __call__(self, acts: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        a = acts[self.layer]
-        index: tuple[slice | int, ...] = (slice(None), *self._where(tuple(a.shape[1:])))
-        return a[index]
+        return unit_activation(acts, self._at(tuple(acts[self.layers[0]].shape[1:])))
 
     def linear_weights(self, shapes: Shapes) -> dict[str, torch.Tensor]:
-        shape = shapes[self.layer]
+        key = self.layers[0]
+        shape = shapes[key]
         w = torch.zeros(shape)
-        w[self._where(shape)] = 1.0
-        return {self.layer: w}
+        w[unit_index(self._at(shape), shape)] = 1.0
+        return {key: w}
 
 
 @dataclass(frozen=True, eq=False)
 class Channel(Objective):
-    """The mean of channel ``channel`` of ``layer`` over all positions (its value on a (N, C) layer)."""
+    """The mean of channel ``channel`` of ``layer`` over all positions (its value on a (N, C) layer, and
+    in prefix token ``token`` of a token layer)."""
 
     layer: str
     channel: int
+    token: str | None = None
+
+    @property
+    def unit(self) -> Unit:
+        """The unit this objective reads (the whole channel)."""
+        return Unit(self.layer, self.channel, None, self.token)
 
     @property
     def layers(self) -> tuple[str, ...]:  # type: ignore[override]
-        return (self.layer,)
+        return (self.unit.layer_key,)
 
     @property
     def name(self) -> str:  # type: ignore[override]
-        return f"channel({self.layer}:{self.channel})"
+        return f"channel({self.unit})"
 
     def __call__(self, acts: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        a = acts[self.layer][:, self.channel]
-        return a.flatten(1).mean(1) if a.ndim > 1 else a
+        return unit_activation(acts, self.unit, reduce="mean")
 
     def linear_weights(self, shapes: Shapes) -> dict[str, torch.Tensor]:
-        shape = shapes[self.layer]
-        w = torch.zeros(shape)
-        w[self.channel] = 1.0 / (shape[1] * shape[2]) if len(shape) == 3 else 1.0
-        return {self.layer: w}
+        key = self.layers[0]
+        w = torch.zeros(shapes[key])
+        index = unit_index(self.unit, shapes[key])
+        w[index] = 1.0 / w[index].numel()
+        return {key: w}
 
 
 def _fmt_coef(c: float) -> str:
@@ -232,14 +252,15 @@ class CustomObjective(Objective):
         return self.fn(acts)
 
 
-def neuron(layer: str, unit: int, position: tuple[int, int] | None = None) -> Neuron:
-    """One unit's activation; on a spatial layer at ``position`` (default: the map's center)."""
-    return Neuron(layer, int(unit), position)
+def neuron(layer: str, unit: int, position: tuple[int, int] | None = None, *, token: str | None = None) -> Neuron:
+    """One unit's activation; on a spatial layer at ``position`` (default: the map's center); with
+    ``token``, the channel's value in that prefix token (``cls``, ``dist``, ``reg0``, ``#0``) of a token layer."""
+    return Neuron(layer, int(unit), position, None, token)
 
 
-def channel(layer: str, unit: int) -> Channel:
-    """A channel's mean activation over the whole map."""
-    return Channel(layer, int(unit))
+def channel(layer: str, unit: int, *, token: str | None = None) -> Channel:
+    """A channel's mean activation over the whole map (with ``token``: its value in that prefix token)."""
+    return Channel(layer, int(unit), token)
 
 
 def class_logit(index: int, label: str | None = None) -> Neuron:
@@ -255,14 +276,15 @@ def custom(fn: Callable[[Mapping[str, torch.Tensor]], torch.Tensor], layers: Seq
 def objective_for_unit(unit: Unit, kind: str = "neuron", label: str | None = None) -> Objective:
     """The objective of a :class:`~deepvis.capture.Unit`: a class logit for ``logits:N``; otherwise the
     neuron at the unit's position (``kind="neuron"``, the map's center when the unit has none) or the
-    channel mean (``kind="channel"``; only for units without a position)."""
+    channel mean (``kind="channel"``; only for units without a position). A prefix-token unit
+    (``blocks.5:17@cls``) is that token's channel value either way (named by ``kind``)."""
     if kind not in OBJECTIVE_KINDS:
         raise ValueError(f"kind must be one of {OBJECTIVE_KINDS}, not {kind!r}")
     if unit.is_class:
         return class_logit(unit.channel, label)
     if kind == "channel" and unit.position is None:
-        return channel(unit.layer, unit.channel)
-    return neuron(unit.layer, unit.channel, unit.position)
+        return channel(unit.layer, unit.channel, token=unit.token)
+    return neuron(unit.layer, unit.channel, unit.position, token=unit.token)
 
 
 class BatchObjective:
