@@ -483,3 +483,54 @@ def test_with_a_report_the_summary_pane_shows_its_numbers(browser, default_model
             assert pg.is_hidden("#summary-reset")  # nothing live to reset
         finally:
             pg.close()
+
+
+@pytest.fixture(scope="module")
+def vit_server():
+    from test_server_vit import tiny_vit
+
+    app = create_app(ServerConfig(model=tiny_vit(), token=TOKEN, synthesis=False, backprop=False))
+    with LiveServer(app, TOKEN) as srv:
+        yield srv
+
+
+def test_a_vit_shows_the_prefix_strip_and_attention_per_head_for_a_query(browser, vit_server):
+    pg = browser.new_page()
+    problems: list[str] = []
+    pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    pg.on("console", lambda m: m.type == "error" and problems.append(f"console error: {m.text}"))
+    try:
+        pg.goto(vit_server.url("/", layer="blocks.1", unit="0", test="1"))
+        wait(pg, "window.deepvis && window.deepvis.ready")
+        pg.select_option("#sample-select", "coffee")
+        # a token layer: the patch maps in the grid, the class and distillation tokens in the strip under it
+        wait(pg, "window.deepvis.frames > 0 && window.deepvis.last.layer === 'blocks.1' && window.deepvis.strip !== null")
+        assert pg.evaluate("window.deepvis.strip") == {"names": ["cls", "dist"], "shape": [2, 192]}
+        assert pg.evaluate("!document.getElementById('strip-wrap').hidden") and pg.inner_text("#strip-labels").split() == ["cls", "dist"]
+        assert pg.evaluate("document.getElementById('query-wrap').hidden")
+        assert "cls" in pg.inner_text("#unit-stats") and "dist" in pg.inner_text("#unit-stats")
+        # a strip cell selects its unit at that prefix token (blocks.1:40@dist); a tile, the channel again
+        box = pg.locator("#strip").bounding_box()
+        pg.mouse.click(box["x"] + (40.5 / 192) * box["width"], box["y"] + box["height"] * 0.75)
+        wait(pg, "window.deepvis.last.unit === 40 && window.deepvis.last.token === 'dist'")
+        assert pg.inner_text("#unit-title") == "blocks.1 : 40@dist"
+        pg.keyboard.press("l")
+        wait(pg, "window.deepvis.last.unit === 41 && window.deepvis.last.token === null")
+        # an attention layer: one tile per head, the class token's row by default
+        pg.select_option("#layer-select", "blocks.1.attn.attn_drop")
+        wait(pg, "window.deepvis.last.layer === 'blocks.1.attn.attn_drop' && window.deepvis.last.query === 'cls'")
+        assert pg.evaluate("window.deepvis.last.grid.shape") == [3, 4, 4]
+        assert pg.evaluate("window.deepvis.strip") == {"names": ["cls", "dist"], "shape": [2, 3]}
+        assert pg.evaluate("!document.getElementById('query-wrap').hidden")
+        # the query follows the patch under the cursor on the input
+        pg.select_option("#query-mode", "cursor")
+        box = pg.locator("#input-canvas").bounding_box()
+        pg.mouse.move(box["x"] + box["width"] * 0.9, box["y"] + box["height"] * 0.1)
+        wait(pg, "window.deepvis.last.query === '0,3'")
+        pg.mouse.move(box["x"] + box["width"] * 0.1, box["y"] + box["height"] * 0.6)
+        wait(pg, "window.deepvis.last.query === '2,0'")
+        pg.select_option("#query-mode", "dist")
+        wait(pg, "window.deepvis.last.query === 'dist'")
+    finally:
+        pg.close()
+    assert problems == []

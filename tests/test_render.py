@@ -85,3 +85,26 @@ def test_montage_layout():
     m = montage(ims, pad=1)
     assert m.size == (1 + 3 * 5, 1 + 2 * 5)
     assert m.getpixel((1 + 5 * 1, 1)) == (50, 50, 50)
+
+
+def test_prefix_strip_is_on_the_grids_scale_in_channel_order():
+    from deepvis.render import prefix_strip, stack_below, strip_geometry, strip_values
+    from deepvis.render.strip import STRIP_ROW
+
+    acts = torch.zeros(4, 2, 2)
+    acts[:, 0, 0] = 2.0  # layer scale: 0..2
+    prefix = torch.tensor([[1.0, 4.0], [0.5, -1.0], [2.0, 0.0], [0.0, 1.5]])  # (C=4, P=2)
+    v = strip_values(prefix, acts, "layer")
+    assert v.shape == (2, 4) and np.allclose(v, [[0.5, 0.25, 1.0, 0.0], [1.0, 0.0, 0.0, 0.75]])  # clipped to the grid's range
+    per_channel = strip_values(prefix, acts * torch.arange(1, 5)[:, None, None], "channel")  # channel c's scale 0..2(c+1)
+    assert np.allclose(per_channel[0], [0.5, 0.5 / 4, 2.0 / 6, 0.0])
+    img = prefix_strip(v, ["cls", "dist"], width=80, highlight=None)
+    x0, cw = strip_geometry(["cls", "dist"], 4, 80)
+    assert img.shape == (1 + 2 * (STRIP_ROW + 1), 80, 3)
+    for k in range(2):
+        y = 1 + k * (STRIP_ROW + 1) + STRIP_ROW // 2
+        assert [int(img[y, x0 + c * cw + cw // 2, 0]) for c in range(4)] == [int(round(float(a) * 255 + 1e-9)) for a in v[k]]
+    both = stack_below(np.zeros((5, 70, 3), np.uint8), img)
+    assert both.shape == (5 + 2 + img.shape[0], 80, 3) and tuple(both[0, 75]) == PAD_COLOR
+    with pytest.raises(DeepvisError, match="2 prefix rows but 1 names"):
+        prefix_strip(v, ["cls"], width=80)

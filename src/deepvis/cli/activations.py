@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="tile every channel of a layer for an image or video",
         description="Tile every channel of LAYER for INPUT (an image, a video, or sample:NAME) into one picture, "
         "with the top-k predictions, and print the predictions. For a video, OUT is a video file (.mp4, .webm, ...) "
-        "or a folder (one PNG per frame).",
+        "or a folder (one PNG per frame). A token layer's prefix tokens (cls, dist, reg0 ...) are drawn as a strip under "
+        "the grid; an attention layer is drawn one tile per head: the --query token's attention over the patch grid.",
     )
     p.add_argument("input", metavar="INPUT", help=f"image or video file, or {SAMPLE_HELP}")
     p.add_argument("--layer", required=True, help="layer name (see `deepvis layers`)")
@@ -49,7 +50,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="one scale per layer or per channel (default: %(default)s)",
     )
     add_colormap_option(p)
-    p.add_argument("--unit", type=int, metavar="N", help="highlight channel N")
+    p.add_argument("--unit", type=int, metavar="N", help="highlight channel N (a head of an attention layer)")
+    p.add_argument(
+        "--query",
+        metavar="cls|Y,X",
+        help="attention layers: the query token whose attention is drawn: a prefix token (cls, dist, reg0, #0) or a patch Y,X "
+        "(default: the first prefix token)",
+    )
     p.add_argument("--scale", type=int, metavar="K", help="enlarge each tile K times (default: automatic)")
     p.add_argument("-k", "--top", type=int, default=5, help="predictions to show (0: none; default: %(default)s)")
     p.add_argument("--grid-only", action="store_true", help="write the grid alone, without the input and the predictions")
@@ -63,15 +70,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from .._fs import atomic_path
     from ..activations import activation_views, compose_view
+    from ..capture.layouts import parse_query
     from ..io import is_video, load_image
     from ..render import as_image
 
     if args.every < 1 or (args.max_frames is not None and args.max_frames < 1) or args.top < 0:
         raise DeepvisError("--every and --max-frames must be at least 1, --top at least 0")
+    query = parse_query(args.query)
     src = existing_input(args.input)
     model = model_from_args(args)
-    opts = dict(normalize=args.normalize, colormap=args.colormap, highlight=args.unit, scale=args.scale, k=args.top)
-    render = (lambda v: v.grid) if args.grid_only else (lambda v: compose_view(v))
+    opts = dict(normalize=args.normalize, colormap=args.colormap, highlight=args.unit, scale=args.scale, k=args.top, query=query)
+    render = (lambda v: v.picture) if args.grid_only else (lambda v: compose_view(v))
     out = Path(args.output)
     if is_video(src):
         return _video(args, model, src, out, opts, render)

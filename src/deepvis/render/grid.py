@@ -12,7 +12,7 @@ from ..choices import Normalization as Normalize
 from ..errors import DeepvisError
 from .colormap import apply_colormap
 
-__all__ = ["grid_shape", "normalize_activations", "tile_grid", "tile_origin", "Normalize", "NORMALIZATIONS"]
+__all__ = ["grid_shape", "normalize_activations", "normalization_scale", "tile_grid", "tile_origin", "Normalize", "NORMALIZATIONS"]
 
 #: RGB of the padding between tiles and of the highlight frame
 PAD_COLOR = (40, 40, 40)
@@ -34,19 +34,33 @@ def normalize_activations(acts: torch.Tensor | np.ndarray, mode: Normalize = "la
     [0, 1]. Non-negative maps are divided by their maximum (so 0 stays black); maps with negative
     values are stretched from their minimum to their maximum. A constant map becomes 0.
     """
-    a = acts.detach().float().cpu().numpy() if isinstance(acts, torch.Tensor) else np.asarray(acts, dtype=np.float32)
-    a = a.astype(np.float32, copy=False)
+    a = _as_array(acts)
     if mode == "none":
         return np.clip(a, 0, 1)
+    lo, span = normalization_scale(a, mode)
+    safe = np.where(span > 0, span, 1)
+    return np.where(span > 0, (a - lo) / safe, 0).astype(np.float32)
+
+
+def _as_array(acts: torch.Tensor | np.ndarray) -> np.ndarray:
+    a = acts.detach().float().cpu().numpy() if isinstance(acts, torch.Tensor) else np.asarray(acts, dtype=np.float32)
+    return a.astype(np.float32, copy=False)
+
+
+def normalization_scale(acts: torch.Tensor | np.ndarray, mode: Normalize = "layer") -> tuple[np.ndarray, np.ndarray]:
+    """The scale :func:`normalize_activations` applies to ``acts`` (C, H, W) or (C,): ``(lo, span)``, each
+    a scalar array (``layer``) or shaped (C, 1, ...) (``channel``); a value v is shown as (v - lo) / span
+    (0 where span is 0). ``none``: lo 0, span 1."""
+    a = _as_array(acts)
+    if mode == "none":
+        return np.zeros(()), np.ones(())
     if mode not in NORMALIZATIONS:
         raise DeepvisError(f"unknown normalization {mode!r}: use one of {', '.join(NORMALIZATIONS)}")
     axes = tuple(range(1, a.ndim)) if (mode == "channel" and a.ndim > 1) else None
     lo = a.min(axis=axes, keepdims=True) if axes else np.array(a.min())
     hi = a.max(axis=axes, keepdims=True) if axes else np.array(a.max())
     lo = np.minimum(lo, 0)  # non-negative maps keep 0 as black
-    span = hi - lo
-    safe = np.where(span > 0, span, 1)
-    return np.where(span > 0, (a - lo) / safe, 0).astype(np.float32)
+    return lo, hi - lo
 
 
 def tile_origin(index: int, tile_hw: tuple[int, int], cols: int, pad: int) -> tuple[int, int]:

@@ -86,7 +86,7 @@ class Toolbox:
         hosts = list(config.allowed_hosts)
         if config.host not in ("0.0.0.0", "::", ""):
             hosts.append(config.host)
-        self.guard = Guard(self.token, hosts)
+        self.guard = Guard(self.token, hosts, config.frame_origins)
         self.static = StaticFiles()
         self.samples = {name: path for name, path in sample_photos().items()}
         #: the backprop view's display filters (only ``raw`` when the view is off)
@@ -148,6 +148,8 @@ class Toolbox:
                     "shape": list(i.shape),
                     "same_as": i.same_as,
                     "classes": self.engine.processor.is_class_layer(i.name),
+                    "layout": i.layout.kind,
+                    "prefix": list(i.prefix),
                 }
                 for i in self.engine.processor.table
             ],
@@ -368,7 +370,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
 
     @app.get("/")
     async def index(request: Request) -> Response:
-        page, csp = toolbox.static.index(toolbox.token, request.headers.get("host", ""))
+        page, csp = toolbox.static.index(toolbox.token, request.headers.get("host", ""), frame_policy=toolbox.guard.frame_policy)
         return Response(page, media_type="text/html; charset=utf-8", headers={"content-security-policy": csp, "cache-control": "no-store"})
 
     @app.get("/static/{name:path}")

@@ -2,7 +2,10 @@
 
 Everything the page needs from one frame comes out of one forward pass (the selected layer and the
 logits are captured together). The grid is sent as raw ``uint8`` values, one byte per activation,
-already normalized and boosted; the page tiles them and applies the colormap.
+already normalized and boosted; the page tiles them and applies the colormap. A token layer's prefix
+tokens come apart (blob ``prefix``: (P, C) bytes on the grid's scale, header ``prefix``: their names;
+the selected unit's values in ``unit_stats.prefix``); an attention layer is sent one tile per head, the
+settings' query token's row over the key patches (header ``query``), its prefix keys as the strip.
 """
 
 from __future__ import annotations
@@ -17,14 +20,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..capture import LOGITS, LayerInfo, Unit, capture, check_unit, eval_mode, get_layer, layer_table
+from ..capture import LOGITS, LayerInfo, Unit, capture, check_unit, eval_mode, get_layer, layer_table, prefix_key
 from ..errors import InputError
 from ..models.model import Model
 from ..pixels import to_uint8
 from ..predictions import top_k
-from ..render import normalize_activations
+from ..render import normalize_activations, strip_values
 from ..runtime import synchronize
-from .protocol import ViewSettings
+from .protocol import ViewSettings, json_float
 
 __all__ = [
     "FrameProcessor",
@@ -141,6 +144,10 @@ class LayerActivations:
     layer: str
     acts: torch.Tensor
     predictions: list[dict[str, Any]] | None
+    #: the prefix tokens (C, P) of a token layer (of an attention layer: the query's weights on the prefix keys)
+    prefix: torch.Tensor | None = None
+    #: the query an attention layer's ``acts`` are the row of (None for other layers)
+    query: str | tuple[int, int] | None = None
 
 
 @dataclass
@@ -168,7 +175,7 @@ class FrameProcessor:
         self.has_logits = LOGITS in self._by_name
         n = model.num_classes
         self._class_layers = {i.name for i in self.table if n is not None and i.shape == (n,)}
-        self._checked: tuple[tuple[str, int, tuple[int, int] | None], LayerInfo] | None = None
+        self._checked: tuple[tuple[str, int, tuple[int, int] | None, object, str | None], LayerInfo] | None = None
 
     def layer(self, name: str) -> LayerInfo:
         info = self._by_name.get(name)
@@ -180,10 +187,12 @@ class FrameProcessor:
         The last answer is kept: the frame loop asks again on every frame, and its network (a
         private copy that nothing else changes) gives the same answer for the same unit.
         """
-        key = (settings.layer, settings.unit, settings.position)
+        key = (settings.layer, settings.unit, settings.position, settings.query, settings.token)
         if self._checked is not None and self._checked[0] == key:
             return self._checked[1]
-        info = check_unit(self.model, Unit(settings.layer, settings.unit, settings.position))
+        info = check_unit(self.model, Unit(settings.layer, settings.unit, settings.position, settings.token))
+        if info.layout.kind == "attention":
+            info.layout.query_index(settings.query)  # a query the layer lacks: one line
         self._checked = (key, info)
         return info
 
@@ -206,16 +215,20 @@ class FrameProcessor:
         the view is built from it without a forward pass.
         """
         info = self.check(settings)
-        header: dict[str, Any] = {"type": "frame", "layer": info.name, "unit": settings.unit}
+        header: dict[str, Any] = {"type": "frame", "layer": info.name, "unit": settings.unit, "token": settings.token}
         blobs: dict[str, bytes] = {}
-        if cached is not None and cached.layer == info.name and not settings.diff:
-            a, predictions = cached.acts, cached.predictions
+        query = settings.query if info.layout.kind == "attention" else None
+        pre: torch.Tensor | None = None
+        if cached is not None and cached.layer == info.name and cached.query == query and not settings.diff:
+            a, predictions, pre = cached.acts, cached.predictions, cached.prefix
         else:
             names = [info.name]
             if self.has_logits and info.name != LOGITS:
                 names.append(LOGITS)
-            acts = capture(self.model, x, names, stop_early=True)
+            acts = capture(self.model, x, names, stop_early=True, prefix=bool(info.prefix), query=query)
             a = acts[info.name][0].detach().float()
+            if info.prefix:
+                pre = acts[prefix_key(info.name)][0].detach().float()
             predictions = None
             if self.has_logits:
                 predictions = [
@@ -235,15 +248,32 @@ class FrameProcessor:
             shown = F.avg_pool2d(shown[None], factor, ceil_mode=True)[0]
         header["grid"] = {"shape": list(shown.shape), "factor": factor, "diff": bool(settings.diff)}
         blobs["grid"] = self._grid_bytes(shown, settings)
+        if info.layout.kind == "attention":
+            header["query"] = info.layout.query_name(query)
+        if pre is not None and not settings.diff:
+            header["prefix"] = {"names": list(info.prefix), "shape": [pre.shape[1], pre.shape[0]]}
+            blobs["prefix"] = self._prefix_bytes(pre, shown, settings)
 
         unit = a[settings.unit]
         header["unit_stats"] = self._unit_stats(unit, info, settings)
+        if pre is not None:
+            header["unit_stats"]["prefix"] = [json_float(float(v)) for v in pre[settings.unit]]
         if info.spatial:
             blobs["unit"] = quantize(normalize_activations(unit[None], "channel")[0]).tobytes()
             header["unit_shape"] = list(unit.shape)
         if self.is_class_layer(info.name):
             header["unit_label"] = self.model.label(settings.unit)
-        return FrameOutput(header, blobs, x, LayerActivations(info.name, a, predictions))
+        return FrameOutput(header, blobs, x, LayerActivations(info.name, a, predictions, pre, query))
+
+    @staticmethod
+    def _prefix_bytes(pre: torch.Tensor, shown: torch.Tensor, s: ViewSettings) -> bytes:
+        """The strip's (P, C) bytes: prefix tokens ``pre`` (C, P) on the grid's scale (``shown``), boosted alike."""
+        v = strip_values(pre, shown, s.normalize)
+        if s.gain != 1.0:
+            v = np.clip(v * s.gain, 0.0, 1.0)
+        if s.gamma != 1.0:
+            v = np.power(v, s.gamma)
+        return quantize(v).tobytes()
 
     def _grid_bytes(self, shown: torch.Tensor, s: ViewSettings) -> bytes:
         if s.diff:

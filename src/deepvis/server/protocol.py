@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
@@ -74,6 +75,9 @@ BACKPROP_MODES: tuple[str, ...] = ("off", *MODES)
 
 
 _Name = TypeVar("_Name", bound=str)
+
+#: a query token's name as the page may send it (``cls``, ``reg0``, ``#0``)
+_QUERY_TOKEN = re.compile(r"[A-Za-z]{1,12}\d{0,3}|#\d{1,3}")
 
 
 class ProtocolError(DeepvisError):
@@ -157,7 +161,11 @@ class ViewSettings:
     ``diff`` shows activation minus its running mean; ``backprop`` is the unit view computed in the
     background (``off`` for none) with display filter ``filter``, its magnitudes divided by their
     ``percentile``-th percentile (100: the maximum; lower saturates the strongest values for contrast:
-    :func:`deepvis.backprop.backprop_image`).
+    :func:`deepvis.backprop.backprop_image`). ``query`` is the query token of an attention layer: a
+    prefix token name (``"cls"``, ``"#0"``), a patch [row, column] of its grid, or None (the first prefix
+    token); other layers ignore it. ``token`` selects the unit's prefix token instead of its channel
+    map (``blocks.5:17@cls``, a strip cell); ``position`` and ``token`` exclude each other: the one a
+    message sets clears the other.
     """
 
     layer: str
@@ -170,6 +178,8 @@ class ViewSettings:
     backprop: str = "off"
     filter: str = "raw"
     percentile: float = 100.0
+    query: str | tuple[int, int] | None = None
+    token: str | None = None
 
     @classmethod
     def parse(cls, d: Mapping[str, Any], base: ViewSettings, filters: tuple[str, ...]) -> ViewSettings:
@@ -196,6 +206,26 @@ class ViewSettings:
             ):
                 raise ProtocolError("setting 'position' must be [row, column] or null")
             pos = (int(pos[0]), int(pos[1]))
+        query = merged["query"]
+        if isinstance(query, str):
+            if not _QUERY_TOKEN.fullmatch(query):
+                raise ProtocolError("setting 'query' must be a prefix token name (cls, reg0, #0), [row, column] or null")
+            query = query.lower()
+        elif query is not None:
+            if (
+                not isinstance(query, (list, tuple))
+                or len(query) != 2
+                or not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in query)
+            ):
+                raise ProtocolError("setting 'query' must be a prefix token name (cls, reg0, #0), [row, column] or null")
+            query = (int(query[0]), int(query[1]))
+        token = merged["token"]
+        if token is not None and (not isinstance(token, str) or not _QUERY_TOKEN.fullmatch(token)):
+            raise ProtocolError("setting 'token' must be a prefix token name (cls, reg0, #0) or null")
+        if d.get("token") is not None:
+            pos = None
+        elif d.get("position") is not None or "layer" in d or "unit" in d:
+            token = None
         diff = merged["diff"]
         if not isinstance(diff, bool):
             raise ProtocolError("setting 'diff' must be true or false")
@@ -211,9 +241,12 @@ class ViewSettings:
             backprop=_choice(merged, "backprop", "off", BACKPROP_MODES),
             filter=_choice(merged, "filter", filters[0] if filters else "raw", filters or ("raw",)),
             percentile=_num(merged, "percentile", 100.0, 50.0, 100.0),
+            query=query,
+            token=token.lower() if token is not None else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["position"] = list(self.position) if self.position is not None else None
+        d["query"] = list(self.query) if isinstance(self.query, tuple) else self.query
         return d

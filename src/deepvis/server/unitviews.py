@@ -27,12 +27,13 @@ def unit_view(model: Model, x: torch.Tensor, settings: ViewSettings) -> tuple[di
     """The backprop view of the selected unit on model input ``x`` (1, C, H, W), as the page draws it.
 
     The backward pass starts from the unit's whole channel map seeded with its own activation (as in
-    the original toolbox), or from the pinned position. Returns (header fields, ``{"rgb": H×W×3 uint8}``).
+    the original toolbox), from the pinned position, or from the selected prefix token (``settings.token``:
+    ``blocks.5:17@cls``). Returns (header fields, ``{"rgb": H×W×3 uint8}``).
     ``settings.backprop`` is a mode of :data:`deepvis.backprop.MODES` (the engine never asks for ``off``)
     and ``settings.filter`` one of :data:`deepvis.backprop.FILTERS`: :meth:`ViewSettings.parse` admits
     nothing else; magnitudes are scaled by their ``settings.percentile``-th percentile (100: the maximum).
     """
-    unit = Unit(settings.layer, settings.unit, settings.position)
+    unit = Unit(settings.layer, settings.unit, settings.position, settings.token)
     # the frame loop's input may be channels_last (its own copy of the network is); this copy is not
     result = backprop_view(model, x.contiguous(), unit, cast(Mode, settings.backprop))
     rgb = backprop_image(result, cast(Filter, settings.filter), percentile=settings.percentile)

@@ -2,7 +2,7 @@
 // colormaps, sample photos), the mouse and keyboard bindings, and what each of them does.
 
 import { $, el, setChildren } from './dom.js';
-import { gridShape } from './grid.js';
+import { gridShape, stripHit } from './grid.js';
 import { installKeys, renderHelp } from './keys.js';
 import { OFF } from './state.js';
 
@@ -78,6 +78,20 @@ export class Controls {
       if (u >= 0) this.setUnit(u);
       $('grid').focus();
     });
+    $('strip').addEventListener('click', (e) => {
+      // a strip cell selects its unit (the channel; the unit view shows the channel's patch map)
+      const h = this.state.lastHeader;
+      if (!h || !h.prefix) return;
+      const hit = stripHit(e.target, h.prefix.shape[0], h.prefix.shape[1], e);
+      if (!hit) return;
+      // the cell's unit at that prefix token (LAYER:C@cls): the backprop view starts from the token's value
+      const token = h.prefix.names[hit.row];
+      const info = this.state.layerInfo();
+      if (info && info.layout === 'tokens') this.app.sendSettings({ unit: hit.unit, token, position: null });
+      else this.setUnit(hit.unit);
+    });
+    $('query-mode').addEventListener('change', (e) => this.setQuery(e.target.value));
+    $('input-canvas').addEventListener('mousemove', (e) => this.queryAt(e));
     $('unit-map').addEventListener('click', (e) => {
       const h = this.state.lastHeader;
       if (!h || !h.unit_shape) return;
@@ -85,7 +99,7 @@ export class Controls {
       const y = Math.floor(((e.clientY - box.top) / box.height) * h.unit_shape[0]);
       const x = Math.floor(((e.clientX - box.left) / box.width) * h.unit_shape[1]);
       const pos = this.state.settings.position;
-      app.sendSettings({ position: pos && pos[0] === y && pos[1] === x ? null : [y, x] });
+      app.sendSettings({ position: pos && pos[0] === y && pos[1] === x ? null : [y, x], token: null });
     });
     $('help-btn').addEventListener('click', () => this.toggleHelp());
     $('help-close').addEventListener('click', () => ($('help').hidden = true));
@@ -139,7 +153,7 @@ export class Controls {
     if (!info) return;
     const n = info.shape[0];
     const unit = Math.max(0, Math.min(n - 1, u));
-    if (unit !== this.state.settings.unit) this.app.sendSettings({ unit, position: null });
+    if (unit !== this.state.settings.unit || this.state.settings.token) this.app.sendSettings({ unit, position: null, token: null });
   }
 
   moveUnit(dx, dy) {
@@ -162,6 +176,30 @@ export class Controls {
     if (!b || !b.filters.includes(b.raw.filter)) return;
     const want = on ? b.raw : b.filters.includes(b.readable.filter) ? b.readable : { filter: b.filters[0], percentile: 100 };
     this.app.sendSettings({ filter: want.filter, percentile: want.percentile });
+  }
+
+  /** Attention layers: the query token (a prefix token's name), or 'cursor': the patch under the cursor on the input. */
+  setQuery(value) {
+    const st = this.state;
+    const info = st.layerInfo();
+    st.queryCursor = value === 'cursor';
+    if (st.queryCursor) {
+      const [, gh, gw] = info?.shape ?? [0, 1, 1];
+      this.app.sendSettings({ query: [Math.floor(gh / 2), Math.floor(gw / 2)] });
+    } else this.app.sendSettings({ query: value });
+  }
+
+  /** With the query following the cursor: the patch of an attention layer's grid under the mouse on the input. */
+  queryAt(e) {
+    const st = this.state;
+    const info = st.layerInfo();
+    if (!st.queryCursor || !info || info.layout !== 'attention' || !st.settings) return;
+    const box = e.target.getBoundingClientRect();
+    const [, gh, gw] = info.shape;
+    const y = Math.max(0, Math.min(gh - 1, Math.floor(((e.clientY - box.top) / box.height) * gh)));
+    const x = Math.max(0, Math.min(gw - 1, Math.floor(((e.clientX - box.left) / box.width) * gw)));
+    const q = st.settings.query;
+    if (!Array.isArray(q) || q[0] !== y || q[1] !== x) this.app.sendSettings({ query: [y, x] });
   }
 
   setDiff(on) {

@@ -175,3 +175,23 @@ export function drawRgb(canvas, h, w, rgb) {
   }
   ctx.putImageData(img, 0, 0);
 }
+
+/** The prefix strip (a token layer's class, distillation and register tokens, drawn apart from the
+ * grid; of an attention layer, the query's weights on the prefix keys): uint8 values (P*C, row-major:
+ * one row per token, one cell per unit in the grid's order, on the grid's scale: deepvis.render.strip).
+ * One canvas pixel per value, scaled by CSS to the grid's width, STRIP_ROW CSS pixels per row. */
+export const STRIP_ROW = 10;
+
+export function drawStrip(canvas, rows, cols, values, lut, width) {
+  drawMap(canvas, rows, cols, values, lut);
+  canvas.style.width = `${Math.max(cols, width)}px`;
+  canvas.style.height = `${rows * STRIP_ROW}px`;
+}
+
+/** The strip cell under a mouse event: {row, unit}, or null. */
+export function stripHit(canvas, rows, cols, ev) {
+  const box = canvas.getBoundingClientRect();
+  const unit = Math.floor(((ev.clientX - box.left) / box.width) * cols);
+  const row = Math.floor(((ev.clientY - box.top) / box.height) * rows);
+  return unit >= 0 && unit < cols && row >= 0 && row < rows ? { row, unit } : null;
+}

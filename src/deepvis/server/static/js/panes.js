@@ -2,7 +2,7 @@
 // the receptive-field box, the settings' controls, the status line and the messages.
 
 import { $, el, fmt, setChildren } from './dom.js';
-import { GridView, drawMap, drawRgb } from './grid.js';
+import { GridView, drawMap, drawRgb, drawStrip } from './grid.js';
 import { OFF } from './state.js';
 
 /** Live results update the predictions list at most this often (ms). */
@@ -25,6 +25,7 @@ export class Panes {
     this.unitStatsUnit = null;
     this.statusAt = 0;
     this.errorTimer = null;
+    this.stripKey = null;
   }
 
   // -- the connection ----------------------------------------------------------------------------------
@@ -74,6 +75,7 @@ export class Panes {
     }
     if (!drawn) this.grid.draw(h.grid.shape, st.lastBlobs.grid, st.luts[st.colormap]);
     this.app.figures.patternTiles = drawn || 0;
+    this.drawStrip(h, st.lastBlobs);
     const unit = st.settings?.layer === h.layer ? st.settings.unit : h.unit;
     const key = `${unit}/${this.grid.layout.width}x${this.grid.layout.height}/${this.grid.canvas.style.width}`;
     if (key !== this.highlightKey) {
@@ -82,10 +84,52 @@ export class Panes {
     }
   }
 
+  /** The prefix strip under the grid (a token layer's prefix tokens; an attention layer's prefix keys),
+   * on the grid's colour scale, as wide as the grid; hidden for layers without prefix tokens. */
+  drawStrip(h, blobs) {
+    const wrap = $('strip-wrap');
+    if (!h.prefix || !blobs.prefix) {
+      wrap.hidden = true;
+      this.app.figures.strip = null;
+      return;
+    }
+    const [rows, cols] = h.prefix.shape;
+    const names = h.prefix.names;
+    const key = names.join(' ');
+    if (key !== this.stripKey || wrap.hidden) {
+      this.stripKey = key;
+      setChildren($('strip-labels'), ...names.map((n) => el('div', {}, n)));
+      wrap.hidden = false;
+    }
+    const width = this.grid.canvas.clientWidth - $('strip-labels').offsetWidth - 4;
+    drawStrip($('strip'), rows, cols, blobs.prefix, this.state.luts[this.state.colormap], width);
+    this.app.figures.strip = { names, shape: [rows, cols] };
+  }
+
+  /** The query control of an attention layer: its prefix tokens and "patch under the cursor". */
+  showQuery(s) {
+    const info = this.state.layerInfo(s.layer);
+    const wrap = $('query-wrap');
+    if (!info || info.layout !== 'attention') {
+      wrap.hidden = true;
+      return;
+    }
+    wrap.hidden = false;
+    const sel = $('query-mode');
+    const want = [...info.prefix, 'cursor'];
+    if ([...sel.options].map((o) => o.value).join(' ') !== want.join(' ')) {
+      setChildren(sel, ...info.prefix.map((n) => el('option', { value: n }, n === 'cls' ? 'class token' : n)),
+        el('option', { value: 'cursor' }, 'patch under the cursor'));
+    }
+    const q = s.query;
+    sel.value = Array.isArray(q) || this.state.queryCursor ? 'cursor' : q ?? info.prefix[0] ?? 'cursor';
+    $('query-note').textContent = Array.isArray(q) ? `patch ${q.join(',')} (move over the input)` : this.state.queryCursor ? 'move over the input' : '';
+  }
+
   backprop(h, blobs) {
     if (blobs.rgb) drawRgb($('backprop'), h.h, h.w, blobs.rgb);
     const scale = h.percentile >= 100 ? 'max' : `p${h.percentile}`;
-    $('backprop-note').textContent = `${h.mode} · ${h.filter} · ${scale} · ${h.layer}:${h.unit} · ${fmt(h.ms, 0)} ms`;
+    $('backprop-note').textContent = `${h.mode} · ${h.filter} · ${scale} · ${h.layer}:${h.unit}${h.token ? `@${h.token}` : ''} · ${fmt(h.ms, 0)} ms`;
   }
 
   async input(h, blobs) {
@@ -115,8 +159,9 @@ export class Panes {
     const info = st.layerInfo();
     $('unit-input').max = info ? info.shape[0] - 1 : 0;
     const label = st.unitLabel(s.unit);
-    setChildren($('unit-title'), `${s.layer} : ${s.unit}`, label ? el('span', { className: 'class-label' }, ` — ${label}`) : null);
+    setChildren($('unit-title'), `${s.layer} : ${s.unit}${s.token ? `@${s.token}` : ''}`, label ? el('span', { className: 'class-label' }, ` — ${label}`) : null);
     this.grid.highlight(s.unit);
+    this.showQuery(s);
     const url = new URL(location.href);
     url.searchParams.set('layer', s.layer);
     url.searchParams.set('unit', String(s.unit));
@@ -155,6 +200,8 @@ export class Panes {
     const parts = [`max ${fmt(s.max)}`, `mean ${fmt(s.mean)}`];
     if (s.argmax) parts.push(`strongest at ${s.argmax.join(',')}`);
     if (s.value !== undefined) parts.push(`at pin ${fmt(s.value)}`);
+    if (h.query) parts.push(`query ${h.query}`);
+    if (s.prefix && h.prefix) parts.push(h.prefix.names.map((n, i) => `${n} ${fmt(s.prefix[i])}`).join(' · '));
     if (h.unit_label) parts.push(h.unit_label);
     $('unit-stats').textContent = parts.join(' · ');
   }

@@ -24,6 +24,7 @@ export class PageState {
     this.lastHeader = null; // the last frame result and its payloads
     this.lastBlobs = null;
     this.geometry = new Map(); // layer -> receptive fields of its positions
+    this.queryCursor = false; // attention layers: the query follows the patch under the cursor on the input
   }
 
   /** The backprop settings the server offers, OFF first. */
@@ -97,6 +98,7 @@ export class Figures {
     this.rf = null; // the receptive field boxed on the input: [y0, x0, y1, x1]
     this.synthesis = null; // the last synthesis progress message
     this.summary = null; // the last summary message (summary.js)
+    this.strip = null; // the prefix strip drawn under the grid: {names, shape: [tokens, units]}, null when none
     this.resultTimes = [];
   }
 
