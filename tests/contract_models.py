@@ -65,10 +65,6 @@ class Row:
 
 
 _REG = ("cls", "reg0", "reg1", "reg2", "reg3")
-_HYBRID_BUG = (
-    "capture/layouts: timm HybridEmbed (vit_tiny_r_s16_p8_224) states grid_size (7, 7) and num_prefix_tokens 1, "
-    "but its token layers are not read as tokens ('cannot tell the layout')"
-)
 
 ROWS: tuple[Row, ...] = (
     # torchvision
@@ -100,8 +96,6 @@ ROWS: tuple[Row, ...] = (
         WHOLE,
         ("cls",),
         rf_reason="group_norm",  # the ResNetV2 stem's GroupNorm already spans the whole map
-        declare={"blocks.5": "tokens:1:7x7"},
-        xfail={"layers": _HYBRID_BUG},
     ),
 )
 

@@ -271,3 +271,17 @@ def test_multihead_attention_hooks_are_removed_when_the_forward_raises():
     # a bare nn.Module reads the pseudo-layer too (as produced: (N, heads, L, L))
     raw = capture(net, torch.randn(1, 3, 32, 32), [name])[name]
     assert raw.shape == (1, 2, 17, 17) and torch.allclose(raw.sum(-1), torch.ones(1, 2, 17))
+
+
+def test_attention_layers_see_the_whole_image_and_say_why():
+    from deepvis.backprop import layer_field, receptive_field
+
+    model = _wrap(_tiny_torchvision_vit(), 32)
+    for name in (
+        "encoder.layers.encoder_layer_0.self_attention.attn_weights",
+        "encoder.layers.encoder_layer_1.self_attention.attn_weights",
+    ):
+        f = layer_field(model, name)
+        assert f.output_size == (4, 4) and f.size == (32, 32) and f.stride == (0.0, 0.0)
+        assert f.whole_image is not None and "softmax" in f.whole_image  # even in the first block: normalized over every key
+        assert receptive_field(model, f"{name}:1@2,3").box == (0, 0, 32, 32)

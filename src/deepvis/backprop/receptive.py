@@ -527,6 +527,12 @@ def layer_field(model: Model, layer: str, input_size: tuple[int, int] | None = N
         if cached is not None:
             return cached
     info = get_layer(model, layer)  # a clear error for an unknown layer
+    if info.layout.kind == "attention" and len(info.shape) == 3:
+        # every weight is normalized (softmax) over all keys, so each one depends on every input token
+        grid = (int(info.shape[1]), int(info.shape[2]))
+        why = f"attention weights of {layer}: each is normalized over every key token (softmax)"
+        geo = LayerField(layer, hw, grid, _whole_axis(grid[0], hw[0]), _whole_axis(grid[1], hw[1]), whole_image=why, source="graph")
+        return entries.put(LAYER_FIELDS, (layer, hw), geo) if method == "auto" else geo
     shape = (model.preprocessing.channels, int(hw[0]), int(hw[1]))
     dtype = next((p.dtype for p in model.module.parameters() if p.is_floating_point()), torch.float32)
     gen = torch.Generator().manual_seed(0)

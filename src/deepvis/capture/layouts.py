@@ -236,7 +236,7 @@ def token_geometry(module: nn.Module, hw: tuple[int, int]) -> TokenGeometry | No
     h, w = hw
     pe = getattr(module, "patch_embed", None)
     count = getattr(module, "num_prefix_tokens", None)
-    patch = _pair(getattr(pe, "patch_size", None)) if pe is not None else None
+    patch = _image_patch(pe) if pe is not None else None
     if isinstance(count, int) and patch is not None:
         dyn = getattr(pe, "dynamic_img_pad", False)
         grid = (math.ceil(h / patch[0]), math.ceil(w / patch[1])) if dyn else (h // patch[0], w // patch[1])
@@ -254,6 +254,16 @@ def token_geometry(module: nn.Module, hw: tuple[int, int]) -> TokenGeometry | No
     if isinstance(getattr(module, "class_token", None), torch.Tensor) and isinstance(tv_patch, int) and hasattr(module, "conv_proj"):
         return TokenGeometry(("cls",), (h // tv_patch, w // tv_patch))
     return None
+
+
+def _image_patch(pe: nn.Module) -> tuple[int, int] | None:
+    """The input pixels per token of a timm patch embedding: its ``img_size`` over its ``grid_size``
+    where it states both (a hybrid's ``patch_size`` counts pixels of the CNN's feature map, not of the
+    image: timm ``HybridEmbed``), else its ``patch_size``."""
+    img, grid = _pair(getattr(pe, "img_size", None)), _pair(getattr(pe, "grid_size", None))
+    if img is not None and grid is not None and min(grid) > 0 and img[0] % grid[0] == 0 and img[1] % grid[1] == 0:
+        return (img[0] // grid[0], img[1] // grid[1])
+    return _pair(getattr(pe, "patch_size", None))
 
 
 def says_nhwc(module: nn.Module) -> bool:

@@ -73,7 +73,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         "--layout",
         action="append",
         metavar="LAYER=KIND",
-        help="declare a layer's layout when deepvis cannot tell it: nchw, nhwc, tokens:P, tokens:P:HxW, vector or none (repeatable)",
+        help="declare a layer's layout when deepvis cannot tell it: nchw, nhwc, tokens:P, tokens:P:HxW, attention:P, attention:P:HxW, vector or none (repeatable)",
     )
     p.set_defaults(runs_model=True)
     add_common_options(p)

@@ -50,14 +50,15 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     width = max((len(r.name) for r in rows), default=5)
-    print(f"{'layer':<{width}}  {'type':<22} {'layout':<16} {'output shape':<16} units")
+    lw = max([16, *(len(r.layout.describe()) + 1 for r in rows)])  # "attention 1+14x14" and wider grids fit
+    print(f"{'layer':<{width}}  {'type':<22} {'layout':<{lw}} {'output shape':<16} units")
     for r in rows:
         shape = "x".join(str(s) for s in r.shape)
         if not r.viewable:
-            print(f"{r.name:<{width}}  {r.type:<22} {r.layout.kind:<16} {shape:<16} -  (not viewable: {r.layout.reason})")
+            print(f"{r.name:<{width}}  {r.type:<22} {r.layout.kind:<{lw}} {shape:<16} -  (not viewable: {r.layout.reason})")
             continue
         calls = f"  (runs {r.calls}x; last call shown)" if r.calls > 1 else ""
         raw = "x".join(str(s) for s in r.raw_shape)
         note = f"  (raw {raw})" if r.raw_shape and r.raw_shape != r.shape else ""
-        print(f"{r.name:<{width}}  {r.type:<22} {r.layout.describe():<16} {shape:<16} {r.units}{note}{calls}")
+        print(f"{r.name:<{width}}  {r.type:<22} {r.layout.describe():<{lw}} {shape:<16} {r.units}{note}{calls}")
     return 0
