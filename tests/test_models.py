@@ -393,3 +393,15 @@ def test_torchvision_weights_in_the_torch_hub_cache_load_without_network(empty_o
         assert torch.equal(model.module(x), src.eval()(x))
     out, err = capfd.readouterr()
     assert out == "" and err == ""  # no "Downloading: ..."
+
+
+def test_input_size_builds_vits_for_that_size_and_leaves_convnets_as_they_are():
+    from deepvis.capture import get_layer
+
+    vit = load_model("timm:vit_tiny_patch16_224", weights="random", device="cpu", input_size=96)
+    assert vit.module.patch_embed.img_size == (96, 96) and vit.preprocessing.input_size == (96, 96)
+    info = get_layer(vit, "blocks.0")
+    assert info.layout.describe() == "tokens 1+6x6" and info.shape == (192, 6, 6)
+    assert vit.module(torch.zeros(1, 3, 96, 96)).shape == (1, 1000)
+    cnn = load_model("timm:resnet18", weights="random", device="cpu", input_size=64)  # takes no img_size: built as is
+    assert cnn.preprocessing.input_size == (64, 64) and get_layer(cnn, "layer2").shape == (128, 8, 8)

@@ -107,9 +107,13 @@ def _torch_hub_file(url: str) -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlsplit(url).path))
 
 
-def build_torchvision(name: str, weights: str | os.PathLike[str] | None = None, *, seed: int | None = None) -> Model:
+def build_torchvision(
+    name: str, weights: str | os.PathLike[str] | None = None, *, seed: int | None = None, img_size: tuple[int, int] | None = None
+) -> Model:
     """``torchvision:NAME``: the architecture with its DEFAULT pretrained weights, with ``weights`` (a
-    file), or, with ``seed``, with random weights made by that seed (see :func:`seeded_init`).
+    file), or, with ``seed``, with random weights made by that seed (see :func:`seeded_init`). With random
+    weights, a ViT (``vit_*``, whose position embeddings are sized at construction) is built for a
+    square ``img_size``; every other case keeps the architecture's own construction.
 
     Published weights come from torch.hub's cache (``$TORCH_HOME``) with no network call when they are
     there; otherwise they are downloaded when the host answers, and a one-line :class:`ModelError` says
@@ -130,6 +134,8 @@ def build_torchvision(name: str, weights: str | os.PathLike[str] | None = None, 
         kwargs: dict[str, object] = {}
         if name in ("googlenet", "inception_v3"):  # the pretrained architecture: no auxiliary heads
             kwargs = {"aux_logits": False, "init_weights": True, "transform_input": default is not None}
+        if name.startswith("vit_") and img_size is not None and img_size[0] == img_size[1]:
+            kwargs["image_size"] = img_size[0]
         with seeded_init(seed):
             module = tvm.get_model(name, weights=None, **kwargs)
         source = WeightsSource.random(seed)
@@ -204,7 +210,23 @@ def _timm_cached(cfg: Any) -> tuple[dict[str, Any], str, str] | None:
     return None
 
 
-def _timm_pretrained(name: str) -> tuple[nn.Module, WeightsSource]:
+def _timm_create(name: str, img_size: tuple[int, int] | None, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name, **kwargs)``, built for input ``img_size`` (H, W) where the architecture
+    takes one (ViTs, Swin: their patch grid and position embeddings are sized at construction, and timm
+    resamples published position embeddings to it); architectures without an ``img_size`` argument
+    (convnets) are built as they are, since they take any input size."""
+    import timm
+
+    if img_size is not None:
+        try:
+            return timm.create_model(name, img_size=img_size, **kwargs)
+        except TypeError as exc:
+            if "img_size" not in str(exc):
+                raise
+    return timm.create_model(name, **kwargs)
+
+
+def _timm_pretrained(name: str, img_size: tuple[int, int] | None = None) -> tuple[nn.Module, WeightsSource]:
     """timm's model ``name`` with its published weights: from a local cache without any network call,
     else downloaded when the host answers the reachability check; a one-line ModelError otherwise."""
     import huggingface_hub.constants
@@ -222,7 +244,7 @@ def _timm_pretrained(name: str) -> tuple[nn.Module, WeightsSource]:
     if cached is not None:
         overlay, path, published = cached
         try:
-            module = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
+            module = _timm_create(name, img_size, pretrained=True, pretrained_cfg_overlay=overlay)
         except Exception as exc:  # a truncated or foreign cache file
             raise ModelError(f"cannot load the cached pretrained weights of {spec} from {path} ({_short(exc)}): {OFFLINE_HINT}") from exc
         return module, WeightsSource.pretrained(published)
@@ -232,33 +254,36 @@ def _timm_pretrained(name: str) -> tuple[nn.Module, WeightsSource]:
     if not host_reachable(where):
         raise _unreachable(spec, where)
     try:
-        module = timm.create_model(name, pretrained=True)
+        module = _timm_create(name, img_size, pretrained=True)
     except Exception as exc:  # hub errors, a missing file, ...
         raise ModelError(f"cannot fetch pretrained weights for {spec} ({_short(exc)}): {OFFLINE_HINT}") from exc
     return module, WeightsSource.pretrained(f"hf-hub:{hub_id}" if hub_id else str(url))
 
 
-def build_timm(name: str, weights: str | os.PathLike[str] | None = None, *, seed: int | None = None) -> Model:
+def build_timm(
+    name: str, weights: str | os.PathLike[str] | None = None, *, seed: int | None = None, img_size: tuple[int, int] | None = None
+) -> Model:
     """``timm:NAME``: the architecture with timm's pretrained weights (read from the Hugging Face hub
     cache or torch.hub's when there, else downloaded when the host answers), with ``weights`` (a file),
-    or, with ``seed``, with random weights made by that seed (see :func:`seeded_init`)."""
+    or, with ``seed``, with random weights made by that seed (see :func:`seeded_init`). ``img_size``
+    (H, W) builds architectures whose patch grid is fixed at construction for that input size."""
     import timm
 
     if not timm.is_model(name):
         raise _unknown("timm", name, timm.list_models())
     if seed is not None:
         with seeded_init(seed):
-            module = timm.create_model(name, pretrained=False)
+            module = _timm_create(name, img_size, pretrained=False)
         source = WeightsSource.random(seed)
     elif weights is None:
-        module, source = _timm_pretrained(name)
+        module, source = _timm_pretrained(name, img_size)
     else:
         sd = read_state_dict(weights)
         kwargs: dict[str, Any] = {}
         head = getattr(timm.create_model(name, pretrained=False), "default_cfg", {}).get("classifier")
         if isinstance(head, str) and f"{head}.weight" in sd:
             kwargs["num_classes"] = int(sd[f"{head}.weight"].shape[0])
-        module = timm.create_model(name, pretrained=False, **kwargs)
+        module = _timm_create(name, img_size, pretrained=False, **kwargs)
         load_weights(module, sd, what=str(weights))
         source = WeightsSource.file(str(weights))
     module.eval()

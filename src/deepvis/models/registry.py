@@ -95,6 +95,12 @@ def is_random_weights(weights: str | os.PathLike[str] | None) -> bool:
     return isinstance(weights, str) and weights == RANDOM_WEIGHTS
 
 
+def _pair(size: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 def load_model(
     spec: str = "default",
     *,
@@ -118,7 +124,8 @@ def load_model(
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a
             :class:`torch.device`; None leaves the module where it is.
         input_size: the input resolution in px, square (one number) or (height, width); default the
-            model's own.
+            model's own. timm architectures whose patch grid is fixed at construction (ViTs, Swin) and
+            torchvision ViTs with random weights are built for it.
         reg: the registry of built-ins (default: :data:`registry`).
 
     Returns:
@@ -138,6 +145,8 @@ def load_model(
     rand = is_random_weights(weights)
     seed = RANDOM_SEED if rand else None
     file = None if rand else weights
+    # ViT-like architectures fix their patch grid at construction: they are built for the input size asked for
+    size = _pair(input_size)
     entry = reg.get(spec)
     if entry is not None:
         if rand:
@@ -153,9 +162,9 @@ def load_model(
             load_weights(model.module, sd, rename=renamer, what=str(file))
             model.weights = WeightsSource.file(str(file))
     elif spec.startswith("torchvision:"):
-        model = build_torchvision(spec.split(":", 1)[1], file, seed=seed)
+        model = build_torchvision(spec.split(":", 1)[1], file, seed=seed, img_size=size)
     elif spec.startswith("timm:"):
-        model = build_timm(spec.split(":", 1)[1], file, seed=seed)
+        model = build_timm(spec.split(":", 1)[1], file, seed=seed, img_size=size)
     elif is_user_spec(spec):
         if rand:
             raise ModelError(
