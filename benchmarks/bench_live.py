@@ -17,8 +17,9 @@ Targets (ratios, so that they travel between machines): efficiency >= 0.5 with b
 camera's rate), >= 0.3 with the backprop view on; p95 <= 5 bare forwards; browser CPU <= 10 ms per
 drawn frame.
 
-Run: python benchmarks/bench_live.py [--seconds 15] [--model default] [--device cuda] [--layer NAME] [--repeat N]
-(--repeat runs both conditions N times, alternating, and prints the median of each figure.)
+Run: python benchmarks/bench_live.py [--seconds 15] [--model default] [--device cuda] [--layer NAME] [--repeat N] [--dataset demo]
+(--repeat runs both conditions N times, alternating, and prints the median of each figure; --dataset measures
+the page while the server mines that dataset in the background, `deepvis serve --dataset`.)
 """
 
 from __future__ import annotations
@@ -52,11 +53,12 @@ def wait(page, expr: str, timeout: float = 60.0):
     raise RuntimeError(f"timed out waiting for {expr}")
 
 
-def start_server(model: str, extra_env: list[str], device: str = "cpu") -> tuple[subprocess.Popen, str]:
+def start_server(model: str, extra_env: list[str], device: str = "cpu", dataset: str | None = None) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ)
     env.update(kv.split("=", 1) for kv in extra_env)
+    mining = ["--dataset", dataset] if dataset else []  # mined in the background while the page is measured
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deepvis", "serve", "--port", "0", "--model", model, "--device", device],
+        [sys.executable, "-m", "deepvis", "serve", "--port", "0", "--model", model, "--device", device, *mining],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -185,7 +187,7 @@ def run_once(args: argparse.Namespace) -> tuple[str, dict[str, dict[str, float]]
     """One run of the server and the page: both conditions measured, in order (off, then on)."""
     from playwright.sync_api import sync_playwright
 
-    proc, url = start_server(args.model, args.server_env, args.device)
+    proc, url = start_server(args.model, args.server_env, args.device, args.dataset)
     url += "&test=1"  # the page's probe: window.deepvis, its live figures
     profile = tempfile.mkdtemp(prefix="deepvis-bench-")
     if args.layer:
@@ -229,6 +231,9 @@ def main() -> None:
     ap.add_argument("--layer", help="layer to show (default: the page's default layer)")
     ap.add_argument("--inflight", type=int, help="frames the page keeps on their way (default: the page's)")
     ap.add_argument("--threads", type=int, help="the server's --threads (default: PyTorch's choice); the bare forward uses the same")
+    ap.add_argument(
+        "--dataset", help="the server's --dataset (e.g. demo): the page is measured while the dataset is mined in the background"
+    )
     ap.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE", help="environment variable for the server process")
     args = ap.parse_args()
     if args.threads:
@@ -253,6 +258,7 @@ def main() -> None:
 
     print(
         f"deepvis serve, model {args.model}, layer {layer}, fake camera {CAMERA_FPS} fps, {args.seconds:.0f} s per condition, "
+        f"{f'mining --dataset {args.dataset}, ' if args.dataset else ''}"
         f"{len(runs)} run(s) (medians)"
     )
     print(f"bare forward (batch 1, {threads} threads, no_grad): {bare_ms:.1f} ms (runs: {', '.join(f'{b:.1f}' for b in bare)})")

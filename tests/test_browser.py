@@ -485,6 +485,84 @@ def test_with_a_report_the_summary_pane_shows_its_numbers(browser, default_model
             pg.close()
 
 
+# -- what the unit likes: cropped synthesized images, and a dataset mined in the background ----------------------
+SYNTH_IMG = "document.querySelector('#atlas-pane img.synth-img')"
+
+
+def test_a_synthesized_image_is_shown_cropped_to_the_receptive_field_and_the_toggle_shows_the_canvas(page, server, default_model):
+    from deepvis.backprop import layer_field
+
+    geo = layer_field(default_model, ATLAS_LAYER, (64, 64))  # the atlas's synthesis canvas: 64 px
+    top, left, bottom, right = geo.at((geo.output_size[0] // 2, geo.output_size[1] // 2)).box
+    assert (bottom - top, right - left) != (64, 64)
+    page.goto(server.url("/", layer=ATLAS_LAYER, unit="1", test="1"))
+    loaded = f"(() => {{ const i = {SYNTH_IMG}; return i && i.complete && i.naturalWidth > 0 && i.naturalWidth; }})()"
+    assert wait(page, loaded) == right - left
+    assert page.evaluate(f"{SYNTH_IMG}.naturalHeight") == bottom - top
+    page.check("#synth-whole")  # the whole canvas
+    wait(page, f"{loaded} === 64")
+    assert page.evaluate(f"{SYNTH_IMG}.naturalHeight") == 64
+    page.uncheck("#synth-whole")
+    wait(page, f"{loaded} === {right - left}")
+
+
+def _open(browser, srv, **query):
+    pg = browser.new_page()
+    problems: list[str] = []
+    pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    pg.on("console", lambda m: m.type == "error" and problems.append(f"console error: {m.text}"))
+    pg.goto(srv.url("/", test="1", **query))
+    wait(pg, "window.deepvis && window.deepvis.ready")
+    return pg, problems
+
+
+@pytest.mark.timeout(600)  # mining on a busy 2-core machine
+def test_with_the_demo_dataset_the_unit_pane_shows_top_9_crops_while_the_view_stays_live(browser, default_model):
+    app = create_app(ServerConfig(model=default_model, dataset="demo", token=TOKEN, synthesis=False))
+    with LiveServer(app, TOKEN) as srv:
+        pg, problems = _open(browser, srv)
+        try:
+            layer = pg.evaluate("document.getElementById('layer-select').value")
+            wait(pg, "window.deepvis.mining && !document.getElementById('mining-status').hidden")
+            pg.click("#src-camera")  # live frames while the dataset is mined
+            wait(pg, "window.deepvis.liveFrames >= 3")
+            # within a bounded time the selected unit's top-9 crops and deconv views are shown
+            wait(pg, "window.deepvis.atlasShown && window.deepvis.atlasShown.crops === 9 && window.deepvis.atlasShown.views === 9", 400)
+            shown = "document.querySelectorAll('#atlas-pane .tops img')"
+            wait(pg, f"[...{shown}].length === 18 && [...{shown}].every((i) => i.complete && i.naturalWidth > 0)")
+            assert pg.evaluate("window.deepvis.atlasShown.layer") == layer
+            n = pg.evaluate("window.deepvis.liveFrames")
+            wait(pg, f"window.deepvis.liveFrames > {n} + 2")  # the view is still live
+            assert layer in pg.inner_text("#mining-status")
+            pg.keyboard.press("f")
+        finally:
+            pg.close()
+        assert problems == []
+
+
+@pytest.mark.timeout(600)  # mining on a busy 2-core machine
+def test_a_dataset_with_broken_images_still_serves_and_lists_what_was_skipped(browser, default_model, tmp_path):
+    data = tmp_path / "photos"
+    data.mkdir()
+    for name in ("coffee", "chelsea", "rocket"):
+        p = sample_path(name)
+        shutil.copy(p, data / f"{name}{p.suffix}")
+    (data / "broken.jpg").write_bytes(b"not a JPEG at all")
+    app = create_app(ServerConfig(model=default_model, dataset=str(data), token=TOKEN, synthesis=False, backprop=False))
+    with LiveServer(app, TOKEN) as srv:
+        pg, problems = _open(browser, srv)
+        try:
+            wait(pg, "document.getElementById('mining-skipped') !== null", 240)
+            text = pg.inner_text("#mining-skipped")
+            assert text.startswith("1 unreadable input skipped: broken.jpg (") and "<" not in text
+            wait(pg, "window.deepvis.atlasShown && window.deepvis.atlasShown.crops === 3", 240)
+            pg.select_option("#sample-select", "coffee")
+            wait(pg, "window.deepvis.frames > 0")  # the toolbox serves on
+        finally:
+            pg.close()
+        assert problems == []
+
+
 @pytest.fixture(scope="module")
 def vit_server():
     from test_server_vit import tiny_vit

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from ..stats import Engine, LayerStats, batch_indices, make_engine, num_batches
 from .mining import MiningPlan
 from .options import AtlasOptions, SynthesisOptions
 from .runner import run_task
-from .store import AtlasWriter
+from .store import DEVICE_KEY, AtlasWriter
 from .synthesis import check_synthesis_options
 from .tasks import UnitTask
 from .views import check_view_mode
@@ -39,6 +39,8 @@ class AtlasSummary:
     units_synthesized: int = 0
     skipped: list[tuple[int, str, str]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    #: True when ``should_stop`` ended the build early (mining checkpointed; run again to continue)
+    stopped: bool = False
 
 
 def build_atlas(
@@ -51,6 +53,9 @@ def build_atlas(
     ray_address: str | None = None,
     workers: int | None = None,
     progress: bool | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    allow_other_device: bool = False,
 ) -> AtlasSummary:
     """Build (or resume) the atlas in folder ``output`` for ``options.layers`` of ``model`` over ``dataset``.
 
@@ -60,8 +65,15 @@ def build_atlas(
     resumes where it stopped; parameters that differ from the recorded ones raise
     :class:`~deepvis.atlas.store.AtlasError`. ``engine`` is ``local``, ``ray`` (see
     :class:`~deepvis.atlas.engines.RayEngine`; ``workers`` actors) or an :class:`Engine`.
-    ``progress`` shows a bar per phase (None: when stderr is a terminal).
+    ``progress`` shows a bar per phase (None: when stderr is a terminal). ``on_progress(phase, done, total)``
+    is called as work is done (``mining``: inputs, ``views``: units of this run). ``should_stop()`` is asked
+    before mining and after every batch or unit: when it returns True the build stops at once (mining
+    progress checkpointed, later phases not started) with ``stopped`` set; with a ``should_stop`` that is
+    always True, the call only creates or checks the atlas and records its layers. The device type
+    (``cpu``, ``cuda``) is recorded: resuming on another type raises :class:`~deepvis.atlas.store.AtlasError`
+    unless ``allow_other_device`` (results agree across devices only within float rounding).
     """
+    stop = should_stop or (lambda: False)
     ds = open_dataset(dataset) if isinstance(dataset, (str, os.PathLike)) else dataset
     if not options.layers:
         raise DeepvisError("no layer given: pass at least one layer (see `deepvis layers`)")
@@ -84,13 +96,14 @@ def build_atlas(
         "dataset_hash": ds.fingerprint(),
         "samples": len(ds),
         "deepvis": __version__,
+        DEVICE_KEY: model.device.type,
     }
     summary = AtlasSummary(Path(output), [i.name for i in infos])
     if options.views:
         check_view_mode(model, max(infos, key=lambda i: i.order).name, options.view_mode)
     if options.synthesis is not None:
         check_synthesis_options(model, options.synthesis)
-    with AtlasWriter(Path(output), meta) as writer:
+    with AtlasWriter(Path(output), meta, allow_other_device=allow_other_device) as writer:
         for info in infos:
             writer.ensure_layer(info.name, info.order, info.shape, options.layer_params())
             if options.synthesis is not None:
@@ -98,21 +111,23 @@ def build_atlas(
         eng = None
         try:
             pending = [i for i in infos if not writer.mined(i.name)]
-            if pending:
+            if pending and stop():
+                summary.stopped = True
+            elif pending:
                 eng = eng or make_engine(engine, model, ds, ray_address=ray_address, workers=workers, decode_threads=options.decode_threads)
                 t0 = time.perf_counter()
-                summary.images_mined = _mine(writer, eng, ds, pending, options, progress)
+                summary.images_mined, summary.stopped = _mine(writer, eng, ds, pending, options, progress, on_progress, stop)
                 summary.seconds["mining"] = time.perf_counter() - t0
-            if options.views:
+            if options.views and not summary.stopped:
                 tasks = _view_tasks(writer, infos, unit_sets, options)
                 if tasks:
                     eng = eng or make_engine(
                         engine, model, ds, ray_address=ray_address, workers=workers, decode_threads=options.decode_threads
                     )
                     t0 = time.perf_counter()
-                    summary.units_viewed = _run_views(writer, eng, ds, tasks, progress)
+                    summary.units_viewed, summary.stopped = _run_views(writer, eng, ds, tasks, progress, on_progress, stop)
                     summary.seconds["views"] = time.perf_counter() - t0
-            if options.synthesis is not None:
+            if options.synthesis is not None and not summary.stopped:
                 tasks = _synth_tasks(writer, infos, unit_sets, options.synthesis)
                 if tasks:
                     eng = eng or make_engine(
@@ -133,8 +148,16 @@ def _map_size(info: LayerInfo) -> tuple[int, int] | None:
 
 
 def _mine(
-    writer: AtlasWriter, eng: Engine, ds: ImageDataset, infos: Sequence[LayerInfo], options: AtlasOptions, progress: bool | None
-) -> int:
+    writer: AtlasWriter,
+    eng: Engine,
+    ds: ImageDataset,
+    infos: Sequence[LayerInfo],
+    options: AtlasOptions,
+    progress: bool | None,
+    on_progress: Callable[[str, int, int], None] | None,
+    stop: Callable[[], bool],
+) -> tuple[int, bool]:
+    """Mine ``infos``; returns (inputs mined, stopped early: progress checkpointed, mining not finished)."""
     plan = MiningPlan({i.name: (i.units, _map_size(i)) for i in infos}, options.top, options.batch_size)
     states: dict[str, LayerStats] = {}
     for name, (units, ms) in plan.layers.items():
@@ -154,6 +177,11 @@ def _mine(
             mined += step.images
             skipped += [(i, ds.samples[i].key, why) for i, why in step.skipped]
             bar.update(step.images + len(step.skipped))
+            if on_progress is not None:
+                on_progress("mining", bar.n, len(ds))
+            if stop():
+                writer.save_progress(states.values(), skipped)
+                return mined, True
             if time.monotonic() - last >= options.checkpoint_seconds:
                 writer.save_progress(states.values(), skipped)
                 skipped = []
@@ -161,7 +189,7 @@ def _mine(
     finally:
         bar.close()
     writer.finish_mining(states.values(), ds.samples, skipped)
-    return mined
+    return mined, False
 
 
 def _chunks(items: Sequence[int], size: int) -> list[tuple[int, ...]]:
@@ -196,9 +224,19 @@ def _synth_tasks(
     return tasks
 
 
-def _run_views(writer: AtlasWriter, eng: Engine, ds: ImageDataset, tasks: list[UnitTask], progress: bool | None) -> int:
+def _run_views(
+    writer: AtlasWriter,
+    eng: Engine,
+    ds: ImageDataset,
+    tasks: list[UnitTask],
+    progress: bool | None,
+    on_progress: Callable[[str, int, int], None] | None,
+    stop: Callable[[], bool],
+) -> tuple[int, bool]:
+    """Make and write the views of ``tasks``; returns (units written, stopped early)."""
     n = 0
-    bar = progress_bar(total=sum(len(t.units) for t in tasks), desc="views", unit="unit", enabled=progress)
+    total = sum(len(t.units) for t in tasks)
+    bar = progress_bar(total=total, desc="views", unit="unit", enabled=progress)
     try:
         for results in eng.map(run_task, tasks):
             for r in results:
@@ -207,9 +245,13 @@ def _run_views(writer: AtlasWriter, eng: Engine, ds: ImageDataset, tasks: list[U
                 writer.write_views(r.layer, r.unit, r.crops, r.views)
                 n += 1
             bar.update(len(results))
+            if on_progress is not None:
+                on_progress("views", n, total)
+            if stop():
+                return n, True
     finally:
         bar.close()
-    return n
+    return n, False
 
 
 def _run_synth(writer: AtlasWriter, eng: Engine, tasks: list[UnitTask], progress: bool | None) -> int:

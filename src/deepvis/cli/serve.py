@@ -20,7 +20,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "an image or the sample photos, live. Prints the URL to open; it carries a random token that every "
         "request needs, so other pages and users cannot drive the server.",
     )
-    p.add_argument("--atlas", metavar="ATLAS", help="an atlas folder (see `deepvis atlas`): top images and synthesized images per unit")
+    p.add_argument(
+        "--atlas",
+        metavar="ATLAS",
+        help="an atlas folder (see `deepvis atlas`): top images and synthesized images per unit; with --dataset, "
+        "the folder the mining is kept in (created, or continued where it stopped)",
+    )
+    p.add_argument(
+        "--dataset",
+        metavar="DIR",
+        help="mine this dataset (a folder of images, a .txt list, or demo) in the background for the layer you "
+        "select: each unit's top-9 inputs, their receptive-field crops and deconv views fill the unit pane as they "
+        "come (kept in --atlas, else in a temporary atlas removed at exit)",
+    )
     p.add_argument(
         "--report",
         metavar="JSON",
@@ -99,8 +111,10 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise DeepvisError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
-    if args.atlas is not None and not Path(args.atlas).is_dir():
+    if args.atlas is not None and not Path(args.atlas).is_dir() and args.dataset is None:
         raise DeepvisError(f"atlas folder not found: {args.atlas}")
+    if args.dataset is not None and args.dataset != "demo" and not Path(args.dataset).exists():
+        raise DeepvisError(f"dataset not found: {args.dataset} (give a folder of images, a .txt list of image paths, or demo)")
     if args.report is not None and not Path(args.report).is_file():
         raise DeepvisError(f"report not found: {args.report}")
     sock = bind(args.host, args.port)
@@ -112,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         config = ServerConfig(
             model=model_from_args(args),  # the model options of every command, --layout included
             atlas=args.atlas,
+            dataset=args.dataset,
             report=args.report,
             host=args.host,
             port=port,

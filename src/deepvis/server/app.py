@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import logging
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,16 +23,19 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from ..atlas.store import INDEX_NAME
 from ..capture import LOGITS
+from ..datasets import open_dataset
 from ..errors import DeepvisError, InputError
 from ..io import decode_image, load_image, sample_photos, to_mode
 from ..models import load_model
 from ..models.model import Model
 from ..render import COLORMAPS, NORMALIZATIONS, colormap_lut
-from .atlas_view import IMAGE_KINDS, AtlasView
+from .atlas_view import IMAGE_KINDS, AtlasView, SynthCropper
 from .config import ServerConfig
 from .engine import LiveEngine, TooManySessions, error_message, replica
 from .frames import fit_image
+from .mining import DatasetMiner
 from .protocol import BACKPROP_MODES, RAW_BACKPROP, READABLE_BACKPROP, ProtocolError, ViewSettings, pack, text, unpack
 from .security import Guard, GuardMiddleware, new_token
 from .session import Frame, RawFrame, Session
@@ -97,13 +101,39 @@ class Toolbox:
             geometry=layer_geometry if config.backprop else None,
             max_sessions=config.max_sessions,
         )
-        self.atlas = AtlasView(config.atlas, model) if config.atlas is not None else None
+        #: the dataset miner (``dataset``) and the temporary atlas it fills when no atlas folder was given
+        self.miner: DatasetMiner | None = None
+        self._temp_atlas: Path | None = None
+        atlas_root = Path(config.atlas) if config.atlas is not None else None
+        if config.dataset is not None:
+            dataset = open_dataset(config.dataset)  # a missing or empty dataset: a one-line InputError
+            if atlas_root is None:
+                self._temp_atlas = atlas_root = Path(tempfile.mkdtemp(prefix="deepvis-atlas-"))
+            try:
+                if (atlas_root / INDEX_NAME).exists():  # another model's atlas is refused by the identity policy first
+                    AtlasView(atlas_root, model)
+                self.miner = DatasetMiner(
+                    replica(model),
+                    dataset,
+                    atlas_root,
+                    self._broadcast,
+                    on_change=self._atlas_changed,
+                    top=config.mining_top,
+                    batch_size=config.mining_batch_size,
+                )
+                self.miner.prepare(self.engine.default_settings.layer)  # creates the atlas, or refuses another dataset's
+            except BaseException:
+                self._remove_temp_atlas()
+                raise
+        self.atlas = AtlasView(atlas_root, model) if atlas_root is not None else None
         if config.atlas is not None or config.report is not None:
             # after AtlasView: the atlas was checked against the model by the identity policy
             self.engine.summaries = StoredSummaries(model, self.engine.processor.table, atlas=config.atlas, report=config.report)
         self.synthesis: SynthesisService | None = None
         if config.synthesis:
             self.synthesis = SynthesisService(replica(model), self.engine.post_event, self.synth_params)
+        #: synthesized images cut to their unit's receptive field (its own copy of the network)
+        self.cropper = SynthCropper(replica(model)) if self.synthesis is not None or self.atlas is not None else None
 
     def synth_params(self, layer: str) -> dict[str, Any]:
         """Synthesis parameters for ``layer``: the atlas's when it has them (so images match), else the config's."""
@@ -118,11 +148,36 @@ class Toolbox:
         self.engine.start()
         if self.synthesis is not None:
             self.synthesis.start()
+        if self.miner is not None:
+            s = self.engine.default_settings
+            self.miner.select(s.layer, s.unit)  # the page opens on this layer: mine it from the first minute
+            self.miner.start()
 
     def close(self) -> None:
+        if self.miner is not None:
+            self.miner.close()
         if self.synthesis is not None:
             self.synthesis.close()
         self.engine.close()
+        self._remove_temp_atlas()
+
+    def _remove_temp_atlas(self) -> None:
+        if self._temp_atlas is None:
+            return
+        try:
+            shutil.rmtree(self._temp_atlas)
+        except OSError as exc:  # e.g. a miner that did not stop in time still writing: say where it is left
+            log.warning("could not remove the temporary atlas %s: %s", self._temp_atlas, exc)
+        self._temp_atlas = None
+
+    def _broadcast(self, msg: str) -> None:
+        """Give every page ``msg`` as its newest ``mining`` message (the miner's status)."""
+        for session in self.engine.sessions():
+            self.engine.post_latest(session, "mining", msg)
+
+    def _atlas_changed(self) -> None:
+        if self.atlas is not None:
+            self.atlas.refresh()
 
     # -- what a page learns when it connects --------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -165,6 +220,7 @@ class Toolbox:
                 "raw": RAW_BACKPROP.to_dict(),
             },
             "atlas": self.atlas.info() if self.atlas is not None else {"available": False},
+            "mining": self.miner.status() if self.miner is not None else {"available": False},
             "synthesis": {"available": self.synthesis is not None},
             "summary": {"interval_s": SUMMARY_INTERVAL},
             "limits": {
@@ -236,13 +292,17 @@ class Toolbox:
             units |= set(self.synthesis.units(layer))
         return {"layer": layer, "synth": sorted(units)}
 
-    def atlas_image(self, layer: str, unit: int, kind: str, rank: int) -> bytes | None:
+    def atlas_image(self, layer: str, unit: int, kind: str, rank: int, crop: bool = False) -> bytes | None:
+        """The PNG of one image of a unit (None: none such); ``crop``: a synthesized image cut to the
+        unit's receptive field (dataset crops and views are cut to it already)."""
         if not self._known_unit(layer, unit) or kind not in IMAGE_KINDS or not 0 <= rank < 1000:
             return None
         data = self.atlas.image(layer, unit, kind, rank) if self.atlas is not None else None
         if data is None and kind == "synth" and self.synthesis is not None:
             live = self.synthesis.result(layer, unit)
             data = live.png if live is not None else None
+        if data is not None and crop and kind in ("synth", "synth_raw") and self.cropper is not None:
+            data = self.cropper.crop(data, layer)
         return data
 
     # -- messages from a page ----------------------------------------------------------------------
@@ -279,6 +339,8 @@ class Toolbox:
                 self.engine.post_event(session, text("settings", settings=session.settings.to_dict(), req=req))
                 raise
             self.engine.post_event(session, text("settings", settings=settings.to_dict(), req=req))
+            if self.miner is not None:
+                self.miner.select(settings.layer, settings.unit)
         elif kind == "sample":
             name = msg.get("name")
             if not isinstance(name, str):
@@ -429,9 +491,9 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         return JSONResponse(rec, headers={"cache-control": "no-store"})
 
     @app.get("/api/atlas/image")
-    async def atlas_image(layer: str, unit: int, kind: str, rank: int = 0) -> Response:
+    async def atlas_image(layer: str, unit: int, kind: str, rank: int = 0, crop: int = 0) -> Response:
         try:
-            data = await run_in_threadpool(toolbox.atlas_image, layer, unit, kind, rank)
+            data = await run_in_threadpool(toolbox.atlas_image, layer, unit, kind, rank, crop == 1)
         except DeepvisError as exc:  # the atlas cannot be read: say so in the page
             return _json_error(500, str(exc))
         if data is None:

@@ -7,24 +7,35 @@ gives the file, and the file must lie inside the atlas folder. The atlas is open
 An atlas is served only with the model it was made with (:func:`deepvis.models.identity.check_identity`:
 the same weights and input size); another model's atlas is refused when the app is built, since its
 pictures would describe other units.
+
+Synthesized images are served cropped to the receptive field of the unit they were optimized for (the
+center of the map, on the image's own canvas), as the original toolbox showed them
+(:class:`SynthCropper`); the page can ask for the whole canvas.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sqlite3
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from PIL import Image
+
 from ..atlas import Atlas, AtlasError, open_atlas, unit_dir
+from ..atlas.tasks import png_bytes
+from ..backprop import ReceptiveField, layer_field
 from ..errors import DeepvisError
 from ..models.identity import check_identity
 from ..models.model import Model
+from ..scores import synth_beats_top_k
 from .protocol import json_float
 
-__all__ = ["AtlasView", "IMAGE_KINDS"]
+__all__ = ["AtlasView", "IMAGE_KINDS", "SynthCropper"]
 
 log = logging.getLogger("deepvis.server")
 
@@ -58,6 +69,10 @@ class AtlasView:
             fix="serve the model it was made with (same weights and --input-size), build an atlas of this model, or drop --atlas",
         )
         self.meta = meta
+
+    def refresh(self) -> None:
+        """Read the atlas's layer list again (after a miner recorded a layer or views)."""
+        self.layers = self._read(lambda atlas: {rec.name: rec for rec in atlas.layers()})
 
     def info(self) -> dict[str, Any]:
         return {
@@ -105,7 +120,9 @@ class AtlasView:
                 }
                 for t in r.top
             ],
-            "synth": {"value": json_float(r.synth.value), "source": "atlas"} if r.synth is not None else None,
+            "synth": {"value": json_float(r.synth.value), "source": "atlas", "beats_top_k": synth_beats_top_k(r)}
+            if r.synth is not None
+            else None,
             "stats": stats,
         }
 
@@ -140,3 +157,46 @@ class AtlasView:
             log.warning("atlas image outside the atlas folder or missing: %s", resolved)
             return None
         return resolved.read_bytes()
+
+
+class SynthCropper:
+    """Crops synthesized images to the receptive field of their unit.
+
+    A synthesized image of ``layer`` maximizes the unit at the center of its map, on a canvas of the
+    image's size; the crop is that position's receptive field (:func:`deepvis.backprop.layer_field` at
+    the canvas size), the part inside the canvas. ``model`` is a private copy of the network
+    (receptive fields add temporary hooks), used by one request at a time; fields are cached per layer
+    and canvas size by the library.
+    """
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self._lock = threading.Lock()
+
+    def field(self, layer: str, size: tuple[int, int]) -> ReceptiveField | None:
+        """The receptive field of ``layer``'s center unit on a canvas of ``size`` (H, W) pixels, or None
+        where it is not a box inside the image (a prefix token, attention: the whole image)."""
+        try:
+            with self._lock:
+                geo = layer_field(self.model, layer, size)
+        except DeepvisError as exc:
+            log.debug("no receptive field for %s at %s: %s", layer, size, exc)
+            return None
+        if geo.whole_image is not None:
+            return None
+        center = None if geo.output_size is None else (geo.output_size[0] // 2, geo.output_size[1] // 2)
+        rf = geo.at(center)
+        return None if rf.input_independent else rf
+
+    def crop(self, png: bytes, layer: str) -> bytes:
+        """``png`` (a synthesized image of ``layer``) cut to its unit's receptive field inside the canvas
+        (unchanged when the field covers the whole canvas or is unknown)."""
+        image = Image.open(io.BytesIO(png))
+        image.load()
+        rf = self.field(layer, (image.height, image.width))
+        if rf is None:
+            return png
+        top, left, bottom, right = rf.box
+        if (top, left, bottom, right) == (0, 0, image.height, image.width) or bottom <= top or right <= left:
+            return png
+        return png_bytes(image.crop((left, top, right, bottom)))

@@ -23,7 +23,9 @@ class ServerConfig:
 
     ``model`` is a model spec (see ``deepvis models``) or a loaded :class:`~deepvis.models.Model`;
     ``weights``/``labels``/``input_size``/``device`` apply to a spec. ``atlas`` is an atlas folder
-    (optional); ``report`` a report's JSON (optional). ``host``/``port`` are where the server listens (used in the printed URL and to accept
+    (optional); ``report`` a report's JSON (optional). ``dataset`` (a folder, a ``.txt`` list or
+    ``demo``) is mined in the background for the layers the pages select, into ``atlas`` (created or
+    continued) or, without one, into a temporary atlas removed when the app closes. ``host``/``port`` are where the server listens (used in the printed URL and to accept
     that name in the ``Host`` header). ``token`` is the launch token (None: a random one per app).
     ``allowed_hosts`` adds host names the browser may use (e.g. this machine's name when listening on
     0.0.0.0). ``frame_origins`` are the origins allowed to frame the page (``deepvis.toolbox``: the notebook's;
@@ -38,6 +40,12 @@ class ServerConfig:
     atlas: str | os.PathLike[str] | None = None
     #: a report's JSON (``deepvis report``): the summary pane shows its numbers for the layers it covers
     report: str | os.PathLike[str] | None = None
+    #: a dataset to mine in the background (``deepvis serve --dataset DIR|demo``)
+    dataset: str | os.PathLike[str] | None = None
+    #: inputs kept per unit and inputs per forward pass when mining ``dataset`` (a layer the atlas
+    #: holds already keeps its recorded parameters)
+    mining_top: int = 9
+    mining_batch_size: int = 32
     host: str = "127.0.0.1"
     port: int = 8000
     token: str | None = None

@@ -1,7 +1,9 @@
-// "What the unit likes": the atlas's synthesized image, top-9 dataset crops and their deconv views,
-// on-demand synthesis with visible progress, and the pattern-mode tiles.
+// "What the unit likes": the atlas's synthesized image (cut to the unit's receptive field, or the
+// whole canvas), top-9 dataset crops and their deconv views, on-demand synthesis with visible
+// progress, the dataset miner's progress (deepvis serve --dataset: the pane fills in as results
+// come), and the pattern-mode tiles.
 
-import { el, fmt, setChildren } from './dom.js';
+import { $, el, fmt, setChildren } from './dom.js';
 
 const PATTERN_TILE_MAX = 64;
 const PATTERN_WIDTH = 720;
@@ -20,11 +22,33 @@ export class AtlasPane {
     this.layerUnits = new Map(); // layer -> Set of units with a synthesized image
     this.loading = 0;
     this.queue = [];
+    this.mining = { available: false };
+    this.shown = null; // {layer, unit, complete}: the record on screen (complete: every top input has its crop)
+    this.statusBox = $('mining-status');
+    this.whole = $('synth-whole');
+    this.whole.addEventListener('change', () => {
+      this.patterns.clear();
+      this.refresh();
+      this.redrawSoon();
+    });
   }
 
-  configure(atlas, synthesis) {
+  configure(atlas, synthesis, mining) {
     this.atlas = atlas || { available: false };
     this.synthesis = synthesis || { available: false };
+    this.mining = mining || { available: false };
+    this.statusBox.hidden = !this.mining.available;
+    if (this.mining.available) this.showMining();
+  }
+
+  /** crop=1: synthesized images cut to the unit's receptive field; 0 (the toggle): the whole canvas. */
+  crop() {
+    return this.whole.checked ? 0 : 1;
+  }
+
+  /** Fetch and draw the current unit again. */
+  refresh() {
+    if (this.current) this.show(this.current.layer, this.current.unit, true);
   }
 
   url(path, params) {
@@ -36,15 +60,17 @@ export class AtlasPane {
   }
 
   /** Show what the atlas knows about a unit (called on every selection change). */
-  async show(layer, unit) {
-    if (this.current && this.current.layer === layer && this.current.unit === unit) return;
+  async show(layer, unit, force = false) {
+    if (!force && this.current && this.current.layer === layer && this.current.unit === unit) return;
+    const moved = !this.current || this.current.layer !== layer || this.current.unit !== unit;
     this.current = { layer, unit };
+    if (this.mining.available) this.showMining();
     const req = ++this.request;
     if (!this.atlas.available && !this.synthesis.available) {
       setChildren(this.root, el('p', { className: 'note' }, 'No atlas loaded: start deepvis serve with --atlas ATLAS to see each unit\'s top images and synthesized image.'));
       return;
     }
-    setChildren(this.root, el('p', { className: 'note' }, 'loading…'));
+    if (moved) setChildren(this.root, el('p', { className: 'note' }, 'loading…'));
     let rec;
     try {
       const res = await fetch(this.url('/api/atlas/unit', { layer, unit }));
@@ -65,7 +91,7 @@ export class AtlasPane {
     const synthBox = el('div', { className: 'synth' });
     if (rec.synth) {
       synthBox.append(
-        el('figure', {}, el('img', { src: this.url('/api/atlas/image', { layer, unit, kind: 'synth', v: rec.synth.version ?? 0 }), alt: `synthesized image of ${layer}:${unit}`, className: 'synth-img' }),
+        el('figure', {}, el('img', { src: this.url('/api/atlas/image', { layer, unit, kind: 'synth', v: rec.synth.version ?? 0, crop: this.crop() }), alt: `synthesized image of ${layer}:${unit}`, className: 'synth-img' }),
           el('figcaption', {}, `synthesized${rec.synth.source === 'live' ? ' (this session)' : ''}${rec.synth.value !== null && rec.synth.value !== undefined ? ` · value ${fmt(rec.synth.value)}` : ''}`)),
       );
     } else if (this.synthesis.available) {
@@ -88,6 +114,8 @@ export class AtlasPane {
           el('figcaption', {}, `${fmt(t.value)}${t.label ? ` · ${t.label}` : ''}`)),
       );
       parts.push(el('h4', {}, `Top ${rec.top.length} dataset inputs (crop, deconv)`), el('div', { className: 'tops' }, ...crops));
+    } else if (this.mining.available) {
+      parts.push(el('p', { className: 'note', id: 'tops-pending' }, `top inputs: mining ${this.mining.dataset} for ${layer}…`));
     } else if (rec.in_atlas === false && this.atlas.available) {
       parts.push(el('p', { className: 'note' }, 'no dataset images for this unit in the atlas'));
     }
@@ -95,6 +123,41 @@ export class AtlasPane {
       parts.push(el('p', { className: 'note' }, `dataset: mean ${fmt(rec.stats.mean)} · max ${fmt(rec.stats.max)} · active on ${fmt(100 * (rec.stats.frac_active ?? 0), 0)}% of images`));
     }
     setChildren(this.root, ...parts);
+    const top = rec.top || [];
+    this.shown = { layer, unit, complete: top.length > 0 && top.every((t) => t.crop) };
+    this.app.figures.atlasShown = { layer, unit, tops: top.length, crops: top.filter((t) => t.crop).length, views: top.filter((t) => t.view).length };
+  }
+
+  /** The dataset miner's status (every page gets it, newest wins): progress of the current layer, and
+   * the inputs it could not read. The pane fills in: an incomplete record is fetched again as views come. */
+  onMining(m) {
+    this.mining = m;
+    this.app.figures.mining = m;
+    this.showMining();
+    const cur = this.current;
+    const p = cur ? m.layers[cur.layer] : null;
+    const s = this.shown;
+    if (p && s && s.layer === cur.layer && s.unit === cur.unit && !s.complete && (p.phase === 'views' || p.phase === 'done')) this.refresh();
+  }
+
+  showMining() {
+    const m = this.mining;
+    const layer = this.current ? this.current.layer : null;
+    const p = layer && m.layers ? m.layers[layer] : null;
+    const parts = [];
+    if (!p) parts.push(`dataset ${m.dataset}: ${m.samples} inputs, mined for the layer you select`);
+    else if (p.phase === 'mining') parts.push(`mining ${m.dataset} for ${layer}: `, el('progress', { max: Math.max(1, p.total), value: p.done }), ` ${p.done}/${p.total} inputs`);
+    else if (p.phase === 'views') parts.push(`crops and ${m.view_mode} views of ${layer}: `, el('progress', { max: Math.max(1, p.total), value: p.done }), ` ${p.done}/${p.total} units`);
+    else if (p.phase === 'queued') parts.push(`${layer}: waiting to be mined`);
+    else if (p.phase === 'done') parts.push(`${m.dataset} (${m.samples} inputs) mined for ${layer}`);
+    else parts.push(`mining ${layer} failed: ${p.message}`);
+    if (m.skipped_count) {
+      const listed = m.skipped.map((k) => `${k.name} (${k.reason})`).join('; ');
+      const more = m.skipped_count > m.skipped.length ? ` and ${m.skipped_count - m.skipped.length} more` : '';
+      parts.push(el('span', { className: 'skipped', id: 'mining-skipped' }, `${m.skipped_count} unreadable input${m.skipped_count === 1 ? '' : 's'} skipped: ${listed}${more}`));
+    }
+    setChildren(this.statusBox, ...parts);
+    this.statusBox.hidden = false;
   }
 
   synthesize(layer, unit) {
@@ -204,7 +267,7 @@ export class AtlasPane {
     if (have instanceof HTMLImageElement) return have;
     if (have === undefined) {
       this.patterns.set(key, 'loading');
-      this.queue.push([key, this.url('/api/atlas/image', { layer, unit, kind: 'synth' })]);
+      this.queue.push([key, this.url('/api/atlas/image', { layer, unit, kind: 'synth', crop: this.crop() })]);
       this.pump();
     }
     return null;

@@ -37,6 +37,7 @@ export class Link {
         app.showError(m.message);
         break;
       case 'synthesis': app.atlas.onSynthesis(m); break;
+      case 'mining': app.atlas.onMining(m); break;
       case 'summary': app.summary.show(m); break;
       default: break;
     }
@@ -52,7 +53,7 @@ export class Link {
     panes.hello(m);
     state.luts = Object.fromEntries(Object.entries(m.colormaps).map(([k, v]) => [k, lut32(v)]));
     controls.build(m);
-    atlas.configure(m.atlas, m.synthesis);
+    atlas.configure(m.atlas, m.synthesis, m.mining);
     this.app.summary.hello(m);
     state.settings = { ...m.default_settings };
     panes.fillLayers();

@@ -97,6 +97,8 @@ export class Figures {
     this.patternTiles = 0;
     this.rf = null; // the receptive field boxed on the input: [y0, x0, y1, x1]
     this.synthesis = null; // the last synthesis progress message
+    this.mining = null; // the last dataset-mining status (deepvis serve --dataset)
+    this.atlasShown = null; // the unit record the unit pane shows (atlas.js)
     this.summary = null; // the last summary message (summary.js)
     this.strip = null; // the prefix strip drawn under the grid: {names, shape: [tokens, units]}, null when none
     this.resultTimes = [];
