@@ -23,7 +23,7 @@ import deepvis
 from deepvis import display
 from deepvis.models import Preprocessing
 from deepvis.notebook import LayerTable, as_model, show_report
-from deepvis.notebook.toolbox import _origins_of, notebook_origins
+from deepvis.notebook.live import _origins_of, notebook_origins
 from deepvis.server.security import frame_ancestors
 from test_server_utils import tiny_model
 

@@ -15,10 +15,10 @@ results of the library show themselves already (``_repr_png_``/``_repr_html_``, 
 imported there only when it is already loaded, i.e. in a kernel).
 """
 
+from .live import NotebookToolbox, notebook_origins, toolbox
 from .look import Look, as_model, show
 from .report import ReportFrame, show_report
 from .tables import LayerTable, layers
-from .toolbox import NotebookToolbox, notebook_origins, toolbox
 
 __all__ = [
     "show",
