@@ -115,3 +115,53 @@ def test_live_frame_matches(pair, sample_images):
     a, b = outs
     assert [p["index"] for p in a.header["predictions"][:3]] == [p["index"] for p in b.header["predictions"][:3]]
     assert a.header["layer"] == b.header["layer"] == "blocks.3"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_models_on_cuda(pair, sample_images, dtype):
+    import copy
+
+    from deepvis.capture import capture, layer_table
+    from deepvis.optimize import visualize
+
+    cpu, gpu = pair
+    half = copy.deepcopy(gpu)
+    half.module.to(dtype)
+    assert [i.shape for i in layer_table(half)] == [i.shape for i in layer_table(cpu)]
+    x = half.preprocess(sample_images["coffee"])
+    assert x.dtype == dtype and x.device.type == "cuda"
+    a, b = capture(cpu, cpu.preprocess(sample_images["coffee"]), ["blocks.3", "logits"]), capture(half, x, ["blocks.3", "logits"])
+    assert _rel(a["blocks.3"], b["blocks.3"]) < 5e-2 and _rel(a["logits"], b["logits"]) < 5e-2
+    r = visualize(half, ["blocks.3:1"], steps=4, size=64)[0]
+    assert r.image.dtype == torch.float32 and r.trace[-1] >= r.trace[0]
+
+
+def test_autocast_on_cuda(pair, sample_images):
+    from deepvis.capture import capture
+
+    cpu, gpu = pair
+    x = cpu.preprocess(sample_images["coffee"])
+    a = capture(cpu, x, ["blocks.3"])["blocks.3"]
+    for mixed in ("fp16", "bf16"):
+        b = capture(gpu, x.cuda(), ["blocks.3"], autocast=mixed)["blocks.3"]
+        assert b.dtype != torch.float32 and _rel(a, b) < 5e-2, mixed
+
+
+def test_server_replicas_share_cuda_storage(pair):
+    from deepvis.server.engine import replica
+
+    _, gpu = pair
+    before = torch.cuda.memory_allocated()
+    copies = [replica(gpu) for _ in range(3)]
+    assert torch.cuda.memory_allocated() - before < 2**20  # no weights copied
+    ptrs = [p.data_ptr() for p in gpu.module.parameters()]
+    assert all([p.data_ptr() for p in c.module.parameters()] == ptrs for c in copies)
+
+
+def test_batch_sizes_follow_free_memory(pair):
+    from deepvis.optimize.loop import auto_micro_batch
+    from deepvis.server.synthesis import synthesis_batch
+
+    _, gpu = pair
+    assert 1 <= auto_micro_batch(gpu.device, (224, 224), gpu) <= 256
+    assert 1 <= synthesis_batch(gpu) <= 64

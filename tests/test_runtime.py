@@ -95,3 +95,86 @@ def test_halve_on_oom_retries_smaller_then_says_so():
 
     with pytest.raises(DeepvisError, match="the optimize batch does not fit"):
         halve_on_oom(never, 4, what="the optimize batch")
+
+
+def test_a_batch_size_estimate_is_made_only_when_a_device_budget_exists():
+    from deepvis.runtime import choose_batch_size, item_bytes
+
+    assert item_bytes([(8, 4, 4), (16,)], 4) == (128 + 16) * 4
+    assert item_bytes([(8, 4, 4)], 2, backward=True) == 128 * 2 * 2
+
+    def estimate():
+        raise AssertionError("not on the CPU")
+
+    assert choose_batch_size(torch.device("cpu"), estimate, cpu_batch=8) == 8
+    assert choose_batch_size(torch.device("cuda"), lambda: 2**20, cpu_batch=8, free_bytes=2**24) == 12
+
+
+def test_autocast_settings():
+    from deepvis.errors import DeepvisError
+    from deepvis.runtime import autocast, autocast_dtype
+
+    assert autocast_dtype(None) is None and autocast_dtype("BF16") == torch.bfloat16 and autocast_dtype(torch.float16) == torch.float16
+    with pytest.raises(DeepvisError, match="unknown autocast 'fp8': use bf16 or fp16"):
+        autocast_dtype("fp8")
+    with pytest.raises(DeepvisError, match="not supported"):
+        autocast_dtype(torch.float64)
+    with autocast(torch.device("cpu"), "bf16"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu")
+    with autocast(torch.device("cpu"), None):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_the_deterministic_option_wraps_the_whole_command():
+    import argparse
+
+    from deepvis.cli.common import add_model_options, run_command
+
+    p = argparse.ArgumentParser()
+    add_model_options(p)
+    seen = []
+    p.set_defaults(func=lambda args: seen.append(torch.backends.cudnn.deterministic) or 0)
+    before = _settings()
+    assert run_command(p.parse_args(["--deterministic"])) == 0
+    assert _settings() == before
+    run_command(p.parse_args([]))
+    assert seen == [True, before[0]]
+
+
+def _tiny_model():
+    from torch import nn
+
+    from deepvis.models.model import Model
+    from deepvis.models.preprocessing import Preprocessing
+
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 32 * 32, 4)
+    )
+    return Model(net.eval(), Preprocessing(input_size=(32, 32)))
+
+
+def test_batch_sizes_follow_a_faked_device_budget(monkeypatch):
+    import deepvis.runtime
+    from deepvis.backprop.receptive import _probe_batch
+    from deepvis.capture.layers import activation_bytes
+    from deepvis.optimize.loop import auto_micro_batch
+    from deepvis.server.synthesis import synthesis_batch
+
+    model = _tiny_model()
+    cpu = torch.device("cpu")
+    # the CPU values as they were: no budget
+    assert auto_micro_batch(cpu, (32, 32), model) == 32 and auto_micro_batch(cpu, (448, 448), model) == 8
+    assert synthesis_batch(model) == 8
+    assert _probe_batch(model, "2", (3, 32, 32)) == 64
+    per_item = activation_bytes(model, (3, 32, 32), backward=True)
+    assert per_item == 2 * 4 * (3 * 32 * 32 + 4 * 8 * 32 * 32 + 8 * 32 * 32 + 4)  # input, 4 maps, the flattened map, the logits (once)
+    for budget in (per_item * 4, per_item * 40):
+        monkeypatch.setattr(deepvis.runtime, "free_memory", lambda device, budget=budget: budget)
+        want = int(budget * 0.75) // per_item
+        assert auto_micro_batch(cpu, (32, 32), model) == want
+        assert synthesis_batch(model) == want
+        assert 1 <= _probe_batch(model, "2", (3, 32, 32)) <= 256
+    monkeypatch.setattr(deepvis.runtime, "free_memory", lambda device: 10**15)
+    assert auto_micro_batch(cpu, (32, 32), model) == 256 and synthesis_batch(model) == 64

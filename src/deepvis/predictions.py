@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .models.model import Model
 
-__all__ = ["Prediction", "top_k"]
+__all__ = ["Prediction", "top_k", "top_k_table", "predictions_from_table"]
 
 
 @dataclass(frozen=True)
@@ -24,20 +25,24 @@ class Prediction:
         return {"index": self.index, "label": self.label, "probability": self.probability, "logit": self.logit}
 
 
-def top_k(model: Model, logits: torch.Tensor, k: int = 5) -> list[list[Prediction]]:
-    """Top-``k`` predictions for each row of ``logits`` (N, classes)."""
+def top_k_table(logits: torch.Tensor, k: int = 5) -> torch.Tensor:
+    """The top-``k`` of each row of ``logits`` (N, classes) or (classes,) as one float64 tensor
+    (N, 3, k) on the logits' device: rows of probabilities, logits and class indices (exact as
+    float64). Computed without any host sync; :func:`predictions_from_table` reads it in one copy."""
     logits = logits.detach().float()
     if logits.ndim == 1:
         logits = logits[None]
-    probs = logits.softmax(dim=1)
     k = min(k, logits.shape[1])
-    p, idx = probs.topk(k, dim=1)
-    out = []
-    for row in range(logits.shape[0]):
-        out.append(
-            [
-                Prediction(int(i), model.label(int(i)), float(pp), float(logits[row, int(i)]))
-                for pp, i in zip(p[row].tolist(), idx[row].tolist())
-            ]
-        )
-    return out
+    p, idx = logits.softmax(dim=1).topk(k, dim=1)
+    return torch.stack([p.double(), logits.gather(1, idx).double(), idx.double()], dim=1)
+
+
+def predictions_from_table(model: Model, table: torch.Tensor | Sequence[Sequence[Sequence[float]]]) -> list[list[Prediction]]:
+    """:class:`Prediction` s from a :func:`top_k_table` (a tensor, copied to the host once, or its ``tolist()``)."""
+    rows = table.tolist() if isinstance(table, torch.Tensor) else table
+    return [[Prediction(int(i), model.label(int(i)), float(p), float(v)) for p, v, i in zip(*row)] for row in rows]
+
+
+def top_k(model: Model, logits: torch.Tensor, k: int = 5) -> list[list[Prediction]]:
+    """Top-``k`` predictions for each row of ``logits`` (N, classes), with one device-to-host copy."""
+    return predictions_from_table(model, top_k_table(logits, k))

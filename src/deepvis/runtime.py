@@ -1,4 +1,4 @@
-"""Run-time choices: the compute device and deterministic kernels.
+"""Run-time choices: the compute device, deterministic kernels, autocast and batch sizes.
 
 No device is chosen at import time: every entry point takes ``device="auto"`` and resolves it when
 called. Nothing here changes PyTorch's global settings except inside :func:`deterministic`, which
@@ -17,8 +17,9 @@ rounding.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 import torch
@@ -27,7 +28,24 @@ from .errors import DeepvisError
 
 _T = TypeVar("_T")
 
-__all__ = ["resolve_device", "synchronize", "deterministic", "free_memory", "choose_batch_size", "halve_on_oom"]
+__all__ = [
+    "resolve_device",
+    "synchronize",
+    "deterministic",
+    "Autocast",
+    "AUTOCAST_DTYPES",
+    "autocast_dtype",
+    "autocast",
+    "free_memory",
+    "item_bytes",
+    "choose_batch_size",
+    "halve_on_oom",
+]
+
+#: the ``autocast=`` words (and ``--autocast`` choices) and the dtypes they run the forward pass in
+AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: an autocast setting: None (off), a word of :data:`AUTOCAST_DTYPES`, or ``torch.bfloat16`` / ``torch.float16``
+Autocast = None | str | torch.dtype
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -94,6 +112,33 @@ def deterministic(enabled: bool = True) -> Iterator[None]:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
+def autocast_dtype(value: Autocast) -> torch.dtype | None:
+    """The dtype of an autocast setting (None: off); a one-line :class:`DeepvisError` for anything else."""
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype):
+        if value not in AUTOCAST_DTYPES.values():
+            raise DeepvisError(f"autocast to {value} is not supported: use torch.bfloat16 or torch.float16")
+        return value
+    found = AUTOCAST_DTYPES.get(str(value).lower())
+    if found is None:
+        raise DeepvisError(f"unknown autocast {value!r}: use {' or '.join(AUTOCAST_DTYPES)}")
+    return found
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, value: Autocast) -> Iterator[None]:
+    """Run the block under ``torch.autocast`` on ``device``'s type in ``value``'s dtype (see
+    :func:`autocast_dtype`); None changes nothing. Autocast is per thread: enter it in the thread that
+    runs the forward pass. Weights stay in their dtype; matmuls and convolutions compute in the lower one."""
+    dtype = autocast_dtype(value)
+    if dtype is None:
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=dtype):
+        yield
+
+
 def free_memory(device: torch.device) -> int | None:
     """Bytes free on ``device`` now (CUDA: what the driver reports free plus what PyTorch's caching
     allocator holds unused), or None for devices whose memory deepvis does not budget (the CPU)."""
@@ -103,9 +148,17 @@ def free_memory(device: torch.device) -> int | None:
     return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
+def item_bytes(shapes: Iterable[tuple[int, ...]], element_size: int = 4, *, backward: bool = False) -> int:
+    """A rough peak memory of one item, in bytes: the activations it keeps (one per shape, without
+    the batch axis) of ``element_size`` bytes each, doubled when a backward pass runs (their
+    gradients). An estimate for :func:`choose_batch_size`; :func:`halve_on_oom` covers its errors."""
+    total = sum(math.prod(s) for s in shapes) * element_size
+    return max(1, total * (2 if backward else 1))
+
+
 def choose_batch_size(
     device: torch.device,
-    bytes_per_item: int,
+    bytes_per_item: int | Callable[[], int],
     *,
     cpu_batch: int,
     upper: int = 256,
@@ -115,14 +168,16 @@ def choose_batch_size(
     """How many items to put in one batch on ``device``.
 
     On the CPU: ``cpu_batch`` (small batches keep the CPU's caches warm and its progress visible).
-    On a GPU: as many items of ``bytes_per_item`` (the peak memory one item costs) as fit in
-    ``headroom`` of the free memory (``free_bytes``, default :func:`free_memory`), at least 1 and at
-    most ``upper``. Pair it with :func:`halve_on_oom`, since the estimate can be off.
+    On a GPU: as many items of ``bytes_per_item`` (the peak memory one item costs; a callable is
+    called only then, e.g. :func:`deepvis.capture.layers.activation_bytes`) as fit in ``headroom`` of
+    the free memory (``free_bytes``, default :func:`free_memory`), at least 1 and at most ``upper``.
+    Pair it with :func:`halve_on_oom`, since the estimate can be off.
     """
     free = free_memory(device) if free_bytes is None else free_bytes
     if free is None:
         return max(1, cpu_batch)
-    return int(max(1, min(upper, int(free * headroom) // max(1, bytes_per_item))))
+    per_item = bytes_per_item() if callable(bytes_per_item) else bytes_per_item
+    return int(max(1, min(upper, int(free * headroom) // max(1, per_item))))
 
 
 def halve_on_oom(run: Callable[[int], _T], batch: int, *, what: str) -> _T:

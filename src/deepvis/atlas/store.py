@@ -41,6 +41,7 @@ from ..stats import LayerStats, UnitStats
 
 __all__ = [
     "ATLAS_IDENTITY_KEYS",
+    "DEVICE_KEY",
     "SCHEMA_VERSION",
     "INDEX_NAME",
     "AtlasError",
@@ -58,6 +59,8 @@ SCHEMA_VERSION = 1
 #: the recorded facts a run must share with the atlas it continues: the model's identity
 #: (:data:`deepvis.models.identity.IDENTITY_KEYS`: weights hash and input size) and the dataset's hash
 ATLAS_IDENTITY_KEYS: tuple[str, ...] = (*IDENTITY_KEYS, "dataset_hash")
+#: the meta key of the device type an atlas is built on (``cpu``, ``cuda``): a resumed build on another is refused
+DEVICE_KEY = "device"
 INDEX_NAME = "index.sqlite"
 LOCK_NAME = ".lock"
 
@@ -332,13 +335,17 @@ class _Lock:
 class AtlasWriter:
     """The one writer of an atlas folder (see the module docs for the guarantees).
 
-    ``meta`` are the atlas-level facts (model, model hash, input size, dataset, dataset hash, ...); the
-    keys in ``identity`` must match those already recorded, or :class:`AtlasError` is raised.
+    ``meta`` are the atlas-level facts (model, model hash, input size, dataset, dataset hash, device
+    type, ...); the keys in ``identity`` must match those already recorded, or :class:`AtlasError` is
+    raised. A ``device`` (``"cpu"``, ``"cuda"``) other than the recorded one is refused too, unless
+    ``allow_other_device``: results agree across devices only within float rounding, so a resumed
+    atlas would mix them (the recorded device stays the one the atlas was started on).
     """
 
     root: Path
     meta: dict[str, Any]
     identity: Sequence[str] = ATLAS_IDENTITY_KEYS
+    allow_other_device: bool = False
     _conn: sqlite3.Connection = field(init=False, repr=False)
     _lock: _Lock = field(init=False, repr=False)
 
@@ -379,6 +386,12 @@ class AtlasWriter:
                 raise AtlasError(
                     f"atlas {self.root} was made with {k} {old[k]!r}, not {self.meta.get(k)!r}; "
                     "use the same model and dataset to continue it, or another output folder"
+                )
+            was, now = old.get(DEVICE_KEY), self.meta.get(DEVICE_KEY)
+            if was is not None and now is not None and was != now and not self.allow_other_device:
+                raise AtlasError(
+                    f"atlas {self.root} was built on {was}, this run is on {now}: results differ across devices within float "
+                    f"rounding, so the atlas would mix them; continue it on {was} (--device), or allow it (--allow-other-device)"
                 )
             for k, v in self.meta.items():
                 if k not in old:  # recorded once, by the run that created the atlas

@@ -57,6 +57,7 @@ from ..display import png_bytes
 from ..errors import DeepvisError, LayerError, UnitError
 from ..models.cache import CacheSlot
 from ..models.model import Model
+from ..runtime import choose_batch_size, halve_on_oom, item_bytes
 from .graph_field import Spatial, Whole, graph_state
 from .rules import OTHER_FUNCS, RELU_FUNCS
 
@@ -73,9 +74,11 @@ __all__ = [
 
 Box = tuple[int, int, int, int]  # (top, left, bottom, right), half-open, in input pixels
 
-#: memory budget for the stored activations of one batch of probes
+#: memory budget for the stored activations of one batch of probes on the CPU (on a GPU: its free memory)
 _PROBE_BYTES = 384 * 2**20
 _PROBE_MAX_BATCH = 64
+#: most probes per batch on a GPU
+_PROBE_GPU_MAX_BATCH = 256
 #: probes per batch when the layer table (the activation sizes) is not available at the input size
 _PROBE_FALLBACK_BATCH = 8
 
@@ -322,7 +325,9 @@ def _probe_batch(model: Model, layer: str, input_shape: tuple[int, int, int]) ->
     The sizes come from the layer table at ``input_shape``, which runs the whole network. A model may
     reach ``layer`` at this input size and still fail further on (a classifier head made for another
     size): :func:`layer_table` then raises :class:`LayerError`, and a small fixed batch is used. Any
-    other error goes through.
+    other error goes through. On the CPU the batch keeps the stored activations under ``_PROBE_BYTES``;
+    on a GPU it fills its free memory (:func:`~deepvis.runtime.choose_batch_size`, the stored
+    activations and their gradients per probe).
     """
     try:
         table = layer_table(model, input_shape)
@@ -330,9 +335,11 @@ def _probe_batch(model: Model, layer: str, input_shape: tuple[int, int, int]) ->
         return _PROBE_FALLBACK_BATCH
     order = {i.name: i.order for i in table}
     upto = order.get(layer, len(table))
-    stored = sum(math.prod(i.shape) for i in table if i.order <= upto and i.same_as is None) * 4
-    stored = max(stored, math.prod(input_shape) * 4)
-    return int(max(1, min(_PROBE_MAX_BATCH, _PROBE_BYTES // stored)))
+    shapes = [i.shape for i in table if i.order <= upto and i.same_as is None] or [input_shape]
+    stored = max(item_bytes(shapes), math.prod(input_shape) * 4)
+    cpu = int(max(1, min(_PROBE_MAX_BATCH, _PROBE_BYTES // stored)))
+    element = torch.finfo(model.dtype).bits // 8
+    return choose_batch_size(model.device, lambda: item_bytes(shapes, element, backward=True), cpu_batch=cpu, upper=_PROBE_GPU_MAX_BATCH)
 
 
 def _supports(model: Model, layer: str, x0: torch.Tensor, seeds: list[tuple[str, tuple[int, ...]]], batch: int) -> list[torch.Tensor]:
@@ -340,8 +347,13 @@ def _supports(model: Model, layer: str, x0: torch.Tensor, seeds: list[tuple[str,
 
     A ``row`` seed sets every channel and column of the given output rows to 1 and returns which input
     rows get a non-zero gradient (H,); ``col`` likewise for columns (W,); ``all`` seeds the whole
-    output and returns the rows and then the columns.
+    output and returns the rows and then the columns. ``batch`` probes per pass, halved when the
+    device runs out of memory (:func:`~deepvis.runtime.halve_on_oom`).
     """
+    return halve_on_oom(lambda b: _supports_in(model, layer, x0, seeds, b), batch, what=f"the receptive-field probes of {layer}")
+
+
+def _supports_in(model: Model, layer: str, x0: torch.Tensor, seeds: list[tuple[str, tuple[int, ...]]], batch: int) -> list[torch.Tensor]:
     module = model.module
     found: list[torch.Tensor] = []
     for start in range(0, len(seeds), batch):
@@ -534,13 +546,12 @@ def layer_field(model: Model, layer: str, input_size: tuple[int, int] | None = N
         geo = LayerField(layer, hw, grid, _whole_axis(grid[0], hw[0]), _whole_axis(grid[1], hw[1]), whole_image=why, source="graph")
         return entries.put(LAYER_FIELDS, (layer, hw), geo) if method == "auto" else geo
     shape = (model.preprocessing.channels, int(hw[0]), int(hw[1]))
-    dtype = next((p.dtype for p in model.module.parameters() if p.is_floating_point()), torch.float32)
+    dtype = model.dtype
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(1, *shape, generator=gen).to(device=model.device, dtype=dtype)
-    geo = None if method == "probe" else _graph_field(model, layer, x0, hw, calls=info.calls, strict=method == "graph")
-    if geo is None:
-        geo = _probe_field(model, layer, x0, hw, shape)
-    return entries.put(LAYER_FIELDS, (layer, hw), geo) if method == "auto" else geo
+    composed = None if method == "probe" else _graph_field(model, layer, x0, hw, calls=info.calls, strict=method == "graph")
+    found = composed if composed is not None else _probe_field(model, layer, x0, hw, shape)
+    return entries.put(LAYER_FIELDS, (layer, hw), found) if method == "auto" else found
 
 
 def _graph_field(model: Model, layer: str, x0: torch.Tensor, hw: tuple[int, int], *, calls: int, strict: bool) -> LayerField | None:
@@ -639,7 +650,7 @@ def _token_field(model: Model, layer: str, token: str, hw: tuple[int, int]) -> R
     key = token_layer(layer, token)
     get_layer(model, key, (model.preprocessing.channels, *hw))  # a one-line error for a missing token
     shape = (model.preprocessing.channels, hw[0], hw[1])
-    dtype = next((p.dtype for p in model.module.parameters() if p.is_floating_point()), torch.float32)
+    dtype = model.dtype
     x0 = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)).to(device=model.device, dtype=dtype)
     xb = x0.clone().requires_grad_(True)
     with frozen(model.module), _ProbeMode():

@@ -161,35 +161,43 @@ def backprop_views(
         plain = _plain_names(model, x_in, layers)
         _complain(mode, plain, report.plain, strict)
 
-    # seeds, one tensor per distinct captured tensor (aliased layers share one)
+    # seeds, one tensor per distinct captured tensor (aliased layers share one); the units' values and
+    # their maps' peaks stay on the device until one copy at the end (with at="max", the peaks are
+    # needed first: one copy of all of them)
     seeds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    resolved: list[Unit] = []
-    values: list[float] = []
-    peaks: list[tuple[int, int] | None] = []
+    flat_peaks: dict[int, torch.Tensor] = {}
     for i, u in enumerate(ulist):
         a = acts[u.layer_key]
-        index = unit_index(u, tuple(a.shape[1:]))
+        unit_index(u, tuple(a.shape[1:]))  # a one-line UnitError for a unit outside its layer
+        if a.ndim == 4:
+            flat_peaks[i] = a[i, u.channel].detach().flatten().argmax()
+    peaks: list[tuple[int, int] | None] = [None] * n
+    if at == "max" and flat_peaks:
+        for i, f in zip(flat_peaks, torch.stack(list(flat_peaks.values())).tolist()):
+            peaks[i] = divmod(int(f), acts[ulist[i].layer_key].shape[-1])
+    resolved: list[Unit] = []
+    values: list[torch.Tensor] = []
+    for i, u in enumerate(ulist):
+        a = acts[u.layer_key]
         entry = seeds.setdefault(id(a), (a, torch.zeros_like(a)))
         s = entry[1]
-        peak = None
-        if a.ndim == 4:
-            ai = a[i, u.channel].detach()
-            peak = divmod(int(ai.argmax()), ai.shape[1])
+        peak = peaks[i]
         if at == "max" and peak is not None:
             u = replace(u, position=peak)
-            index = unit_index(u, tuple(a.shape[1:]))
+        index = unit_index(u, tuple(a.shape[1:]))
         sel = a[i].detach()[index]  # the unit's value, or its whole channel map
         s[i][index] = sel if seed == "activation" else 1.0
-        value = float(sel.max())
+        values.append(sel.max().double())
         resolved.append(u)
-        values.append(value)
-        peaks.append(peak)
     outs = [t for t, _ in seeds.values()]
     grads = [g for _, g in seeds.values()]
     (gx,) = torch.autograd.grad(outs, x_in, grad_outputs=grads)
     gx = gx.detach().float().cpu()
+    small = torch.cat([torch.stack(values), *(f.double().view(1) for f in flat_peaks.values())]).tolist()
+    for i, f in zip(flat_peaks, small[n:]):
+        peaks[i] = divmod(int(f), acts[ulist[i].layer_key].shape[-1])
     return [
-        BackpropResult(gx[i], resolved[i], mode, seed, values[i], peaks[i], tuple(acts[resolved[i].layer_key].shape[1:]), plain)
+        BackpropResult(gx[i], resolved[i], mode, seed, small[i], peaks[i], tuple(acts[resolved[i].layer_key].shape[1:]), plain)
         for i in range(n)
     ]
 

@@ -28,7 +28,9 @@ from torch import nn
 
 from ..errors import LayerError
 from ..models.cache import CacheEntries, CacheSlot
-from ..models.model import Model
+from ..models.model import Model, module_dtype
+from ..runtime import Autocast, autocast_dtype
+from ..runtime import autocast as autocast_block
 from .attention import WEIGHTS, fused_owner, mha_weights, unfused
 from .layers import layer_table, module_device, resolve_module
 from .layouts import Layout, Query
@@ -77,13 +79,15 @@ def capture(
     grad: bool = False,
     prefix: bool = False,
     query: Query = None,
+    autocast: Autocast = None,
 ) -> dict[str, torch.Tensor]:
     """Run ``x`` through the model and return each requested layer's output in its canonical form.
 
     Args:
         model: a :class:`Model` (its layer table tells how often each module runs and which layers
             share an output) or a bare ``nn.Module`` (each module assumed to run once).
-        x: the model input (N, C, H, W), moved to the model's device when needed.
+        x: the model input (N, C, H, W), moved to the model's device and cast to its floating dtype
+            when needed (a float32 input to a bfloat16 model is cast; gradients flow back through the cast).
         layers: layer names (module paths; ``logits`` names the model's output; ``LAYER@TOKEN``, e.g.
             ``blocks.5@cls``, a prefix token of a token layer as its (N, C) vector, with a :class:`Model`).
         stop_early: end the forward pass as soon as every requested layer has produced its output
@@ -96,6 +100,9 @@ def capture(
         query: the query token of attention layers (:data:`~deepvis.capture.layouts.Query`: a prefix
             token name such as ``"cls"``, or a patch (row, column)); None: the first prefix token (the
             mean over queries for a model without prefix tokens).
+        autocast: run the forward pass under ``torch.autocast`` in this dtype (``"bf16"``, ``"fp16"``
+            or the torch dtype; see :func:`deepvis.runtime.autocast`); None: the model's own dtype.
+            Outputs then come in the autocast dtype where autocast computed them.
 
     Returns:
         ``{layer: output}``: (N, C, H, W) or (N, C) tensors, each the module's output as it was
@@ -153,16 +160,28 @@ def capture(
     # wanted run their explicit path; nn.MultiheadAttention's per-head weights come from its own call
     fused = [m for n in names if (m := fused_owner(module, n)) is not None]
     weights = {n: m for n, m in targets.items() if isinstance(m, nn.MultiheadAttention) and n.endswith(f".{WEIGHTS}")}
+    mixed = autocast_dtype(autocast)  # a bad word fails before the forward pass
     device = module_device(module, x.device)
-    if x.device != device:
-        x = x.to(device)
+    dtype = module_dtype(module) if x.is_floating_point() else x.dtype
+    if x.device != device or x.dtype != dtype:
+        x = x.to(device, dtype, non_blocking=True)
     # layers whose output the network later modifies in place are captured as copies; a Model
     # remembers them, so only the first capture of such a layer runs the forward pass twice
     known: set[str] = entries.get_or_compute(INPLACE_OUTPUTS, None, set) if entries is not None else set()
     copy = {n for n in names if n in known}
     for _attempt in range(2):
         out, versions = _run(
-            module, x, targets, expected, copy, stop_early=stop_early, grad=grad, all_modules=all_modules, fused=fused, weights=weights
+            module,
+            x,
+            targets,
+            expected,
+            copy,
+            stop_early=stop_early,
+            grad=grad,
+            all_modules=all_modules,
+            fused=fused,
+            weights=weights,
+            mixed=mixed,
         )
         mutated = {n for n in names if n in out and out[n]._version != versions[n]}
         if not mutated:
@@ -200,6 +219,7 @@ def _run(
     all_modules: list[nn.Module] | None = None,
     fused: list[nn.Module] | None = None,
     weights: dict[str, nn.MultiheadAttention] | None = None,
+    mixed: torch.dtype | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     out: dict[str, torch.Tensor] = {}
     versions: dict[str, int] = {}
@@ -239,7 +259,13 @@ def _run(
     try:
         for m in {id(m): m for n, m in targets.items() if n not in weights}.values():
             handles.append(m.register_forward_hook(make(m)))
-        with grad_ctx, eval_mode(module, all_modules), unfused(fused or ()), mha_weights(weights, on_weights):
+        with (
+            grad_ctx,
+            autocast_block(x.device, mixed),
+            eval_mode(module, all_modules),
+            unfused(fused or ()),
+            mha_weights(weights, on_weights),
+        ):
             module(x)
     except _StopForward:
         pass

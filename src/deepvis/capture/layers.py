@@ -17,7 +17,8 @@ from torch import nn
 
 from ..errors import LayerError, UnitError
 from ..models.cache import CacheSlot
-from ..models.model import Model
+from ..models.model import Model, module_dtype
+from ..runtime import item_bytes
 from .attention import exposed_attention, weights_owner
 from .layouts import GUESSED, Layout, detect_layout, says_nhwc, token_geometry
 from .state import eval_mode
@@ -31,6 +32,7 @@ __all__ = [
     "resolve_module",
     "check_unit",
     "module_device",
+    "activation_bytes",
     "LAYER_TABLES",
     "FULL_LAYER_TABLES",
 ]
@@ -132,13 +134,14 @@ def resolve_module(module: nn.Module, name: str) -> nn.Module:
 
 
 def _probe(module: nn.Module, input_shape: tuple[int, ...], on_call: Callable[[str, nn.Module, object], None]) -> None:
-    """One forward pass of zeros (1, *input_shape) with a hook on every module calling ``on_call(name, module, output)``."""
+    """One forward pass of zeros (1, *input_shape), on the module's device and in its floating dtype
+    (a half-precision model gets a half input), with a hook on every module calling ``on_call(name, module, output)``."""
     handles = []
     try:
         for name, m in module.named_modules():
             handles.append(m.register_forward_hook(lambda mod, _i, out, name=name or LOGITS: on_call(name, mod, out)))
         with torch.no_grad(), eval_mode(module), exposed_attention(module, on_call):  # attention weights listed too
-            module(torch.zeros(1, *input_shape, device=module_device(module)))
+            module(torch.zeros(1, *input_shape, device=module_device(module), dtype=module_dtype(module)))
     finally:
         for h in handles:
             h.remove()
@@ -279,6 +282,19 @@ def _build_table(module: nn.Module, input_shape: tuple[int, ...], layouts: dict[
         n_view += layout.viewable
         rows.append(LayerInfo(name, type(mods[name]).__name__, layout.canonical_shape(raw), calls[name], view_order, src, layout, raw))
     return rows
+
+
+def activation_bytes(model: Model, input_shape: tuple[int, ...] | None = None, *, backward: bool = False) -> int:
+    """A rough peak memory of one example through the model, in bytes, for choosing batch sizes
+    (:func:`deepvis.runtime.choose_batch_size`): the outputs of its viewable layers at ``input_shape``
+    (C, H, W; default the model's input size) in its floating dtype, doubled with ``backward``
+    (:func:`deepvis.runtime.item_bytes`). A model that fails at that size counts its input only."""
+    shape = tuple(input_shape) if input_shape is not None else tuple(model.preprocessing.input_shape)
+    try:
+        shapes = [i.shape for i in layer_table(model, shape) if i.same_as is None]
+    except LayerError:
+        shapes = []
+    return item_bytes([shape, *shapes], torch.finfo(model.dtype).bits // 8, backward=backward)
 
 
 def token_layer_info(base: LayerInfo, token: str) -> LayerInfo:

@@ -63,6 +63,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--checkpoint-seconds", type=float, default=30.0, metavar="S", help="save mining progress this often (default: %(default)s)"
     )
+    p.add_argument(
+        "--allow-other-device",
+        action="store_true",
+        help="continue an atlas started on another device type (cpu/cuda): results then mix devices (within float rounding)",
+    )
     add_json_option(p, help="print a JSON summary (with every skipped file)")
     add_model_options(p)
     p.set_defaults(func=run)
@@ -101,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_seconds=args.checkpoint_seconds,
         prefix_tokens=args.prefix_tokens,
     )
-    summary = build_atlas(args.output, model, dataset, options, **engine)
+    summary = build_atlas(args.output, model, dataset, options, allow_other_device=args.allow_other_device, **engine)
     skipped = summary.skipped
     if args.json:
         print_json(

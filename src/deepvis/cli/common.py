@@ -33,6 +33,7 @@ __all__ = [
     "image_format",
     "existing_input",
     "model_from_args",
+    "run_command",
     "untrained_note",
     "print_json",
     "progress",
@@ -53,7 +54,10 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    """--model, --weights, --labels, --input-size, --device, --layout (and --debug).
+    """--model, --weights, --labels, --input-size, --device, --layout, --deterministic (and --debug).
+
+    ``--deterministic`` applies :func:`deepvis.runtime.deterministic` around the whole command
+    (:func:`run_command`).
 
     Marks the command as one that runs a model: :func:`deepvis.cli.main` restarts the process once with
     the allocator settings before it runs (see :mod:`deepvis.allocator`).
@@ -74,6 +78,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         action="append",
         metavar="LAYER=KIND",
         help="declare a layer's layout when deepvis cannot tell it: nchw, nhwc, tokens:P, tokens:P:HxW, attention:P, attention:P:HxW, vector or none (repeatable)",
+    )
+    g.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic GPU kernels for the whole command (cuDNN deterministic, no TF32; see docs/gpu.md); "
+        "the CPU is deterministic without it",
     )
     p.set_defaults(runs_model=True)
     add_common_options(p)
@@ -143,6 +153,17 @@ def model_from_args(args: argparse.Namespace) -> Model:
     if note is not None:
         print(note, file=sys.stderr)
     return model
+
+
+def run_command(args: argparse.Namespace) -> Any:
+    """Run the parsed command (``args.func(args)``), inside :func:`deepvis.runtime.deterministic` when
+    its model options asked for ``--deterministic`` (the settings are restored when it returns)."""
+    if not getattr(args, "deterministic", False):
+        return args.func(args)
+    from ..runtime import deterministic  # torch is imported when a command runs, never at --help
+
+    with deterministic():
+        return args.func(args)
 
 
 def untrained_note(model: Model) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -14,7 +15,7 @@ from ..errors import UnitError
 from .cache import ModelCache
 from .preprocessing import Preprocessing
 
-__all__ = ["Model", "WeightsSource", "WeightsKind", "RANDOM_WEIGHTS", "RANDOM_SEED"]
+__all__ = ["Model", "WeightsSource", "WeightsKind", "RANDOM_WEIGHTS", "RANDOM_SEED", "module_dtype"]
 
 #: where a model's weights came from: its published training (``pretrained``), a seeded random
 #: initialization (``random``: the architecture untrained), a checkpoint file (``file``), or whatever
@@ -25,6 +26,15 @@ WeightsKind = Literal["pretrained", "random", "file", "module"]
 RANDOM_WEIGHTS = "random"
 #: the seed of those random weights (two loads give the same weights and the same model hash)
 RANDOM_SEED = 0
+
+
+def module_dtype(module: nn.Module) -> torch.dtype:
+    """The floating dtype the module computes in: that of its first floating parameter or buffer
+    (``torch.float32`` for a module without any). Inputs deepvis makes or casts for it use this dtype."""
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
 
 
 @dataclass(frozen=True)
@@ -107,17 +117,24 @@ class Model:
             return t.device
         return torch.device("cpu")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the module (:func:`module_dtype`: float32, or float16/bfloat16 for a
+        half-precision model); :meth:`preprocess` makes its inputs in it."""
+        return module_dtype(self.module)
+
     def to(self, device: torch.device | str) -> Model:
         """Move the module to ``device`` (in place) and return self."""
         self.module.to(device)
         return self
 
     def preprocess(self, images: Image.Image | Sequence[Image.Image], *, crop: bool = True) -> torch.Tensor:
-        """One image or a list of images (in :attr:`Preprocessing.pil_mode`) → batch (N, C, H, W) on the model's device."""
+        """One image or a list of images (in :attr:`Preprocessing.pil_mode`) → batch (N, C, H, W) on the
+        model's device, in its floating dtype (:attr:`dtype`; normalized in float32 first)."""
         if isinstance(images, Image.Image):
             images = [images]
         batch = torch.stack([self.preprocessing.to_tensor(im, crop=crop) for im in images])
-        return batch.to(self.device)
+        return batch.to(self.device, self.dtype, non_blocking=True)
 
     @property
     def num_classes(self) -> int | None:

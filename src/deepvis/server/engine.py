@@ -35,7 +35,9 @@ import torch
 
 from ..capture import LayerInfo
 from ..errors import DeepvisError
+from ..models.cache import ModelCache
 from ..models.model import Model
+from ..runtime import Autocast
 from .frames import FrameProcessor, choose_memory_format, frame_image
 from .protocol import READABLE_BACKPROP, ViewSettings, pack, text
 from .session import Frame, Message, RawFrame, Session
@@ -57,13 +59,25 @@ class TooManySessions(DeepvisError):
 
 
 def replica(model: Model) -> Model:
-    """A private copy of the model's network (same weights, preprocessing and names) for a worker thread.
+    """A private copy of the model for a worker thread that shares its weights.
 
-    Capture and the unit views add temporary hooks to the network they run on; threads that share a
-    network would see each other's hooks, so every worker runs on its own copy. Make copies before
-    any thread runs on the network (a copy taken during a forward pass would carry its hooks).
+    Capture and the unit views add temporary hooks to the modules they run on, and ``frozen`` sets
+    the parameters' ``requires_grad`` flags; threads that share modules would see each other's hooks
+    and flags, so every worker runs on its own module objects. The copy's parameters and buffers are
+    new tensors over the same storage (same ``data_ptr``: no memory for the weights; a flag changed on
+    one does not change the other), and everything else of the model (preprocessing, names, weights
+    source, declared layouts) is kept; its cache of derived facts is its own. A copy that is converted
+    (``channels_last``, another dtype) gets converted weights of its own; the others are untouched.
+    Make copies before any thread runs on the network (a copy taken during a forward pass would carry
+    its hooks).
     """
-    return Model(copy.deepcopy(model.module), model.preprocessing, model.name, model.class_names)
+    module = model.module
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = torch.nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = b.detach()
+    return replace(model, module=copy.deepcopy(module, memo), cache=ModelCache())
 
 
 def lower_priority(nice: int, what: str) -> None:
@@ -268,7 +282,9 @@ class LiveEngine:
     unit for a model input ``x`` (1, C, H, W); ``geometry(model, layer) -> dict`` the receptive fields
     of a layer's positions. Both run in a background worker on a replica of the network; None
     disables them. The frame loop runs on its own replica too, converted to ``channels_last`` when
-    that is faster (``tune_memory_format``).
+    that is faster (``tune_memory_format``). ``autocast`` (``"bf16"``, ``"fp16"``; see
+    :func:`deepvis.runtime.autocast`) runs the frame loop's forward passes under autocast. The replicas
+    share the model's weights (:func:`replica`), except a frame-loop copy converted to ``channels_last``.
     """
 
     def __init__(
@@ -281,6 +297,7 @@ class LiveEngine:
         max_events: int = 64,
         tune_memory_format: bool = True,
         summaries: StoredSummaries | None = None,
+        autocast: Autocast = None,
     ) -> None:
         self.model = model
         #: the summary pane's numbers read from an atlas or a report (layers without them: live statistics)
@@ -288,7 +305,7 @@ class LiveEngine:
         # the frame loop runs on a private copy too: the user's network is never hooked or converted
         self.frame_model = replica(model)
         fmt = choose_memory_format(self.frame_model) if tune_memory_format else torch.contiguous_format
-        self.processor = FrameProcessor(self.frame_model, memory_format=fmt)
+        self.processor = FrameProcessor(self.frame_model, memory_format=fmt, autocast=autocast)
         # pages open on a backprop view readable on real photos (when there is one)
         self.default_settings = ViewSettings(layer=default_layer(self.processor.table))
         if unit_view is not None:

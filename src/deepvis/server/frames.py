@@ -21,12 +21,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..capture import LOGITS, LayerInfo, Unit, capture, check_unit, eval_mode, get_layer, layer_table, prefix_key
-from ..errors import InputError
+from ..choices import NORMALIZATIONS, Normalization
+from ..errors import DeepvisError, InputError
 from ..models.model import Model
 from ..pixels import to_uint8
-from ..predictions import top_k
+from ..predictions import predictions_from_table, top_k_table
 from ..render import normalize_activations, strip_values
-from ..runtime import synchronize
+from ..runtime import Autocast, autocast_dtype, synchronize
 from .protocol import ViewSettings, json_float
 
 __all__ = [
@@ -37,6 +38,9 @@ __all__ = [
     "MAX_GRID_VALUES",
     "grid_factor",
     "quantize",
+    "normalize_on_device",
+    "scale_on_device",
+    "device_uint8",
     "frame_image",
     "choose_memory_format",
 ]
@@ -64,6 +68,47 @@ def quantize(x01: np.ndarray) -> np.ndarray:
     """Values in [0, 1] → ``uint8`` 0–255, one byte per value as the page receives them
     (:func:`deepvis.pixels.to_uint8`: rounded half up, clipped)."""
     return to_uint8(x01)
+
+
+def device_uint8(x01: torch.Tensor) -> torch.Tensor:
+    """:func:`quantize` on the tensor's device: values in [0, 1] (float32) → ``uint8`` tensor of the same
+    shape, rounded half up and clipped exactly as :func:`deepvis.pixels.to_uint8` does."""
+    return (x01.float() * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8)
+
+
+def scale_on_device(acts: torch.Tensor, mode: Normalization = "layer") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`deepvis.render.normalization_scale` on the tensor's device: ``(lo, span)`` of ``acts``
+    (C, H, W) or (C,), scalars (``layer``) or shaped (C, 1, ...) (``channel``); ``none``: 0 and 1."""
+    if mode == "none":
+        return acts.new_zeros(()), acts.new_ones(())
+    if mode not in NORMALIZATIONS:
+        raise DeepvisError(f"unknown normalization {mode!r}: use one of {', '.join(NORMALIZATIONS)}")
+    if mode == "channel" and acts.ndim > 1:
+        axes = tuple(range(1, acts.ndim))
+        lo, hi = acts.amin(dim=axes, keepdim=True), acts.amax(dim=axes, keepdim=True)
+    else:
+        lo, hi = acts.min(), acts.max()
+    lo = lo.clamp(max=0)  # non-negative maps keep 0 as black
+    return lo, hi - lo
+
+
+def normalize_on_device(acts: torch.Tensor, mode: Normalization = "layer") -> torch.Tensor:
+    """:func:`deepvis.render.normalize_activations` on the tensor's device (float32 in, float32 out,
+    the same values): one example's activations (C, H, W) or (C,) scaled to [0, 1]."""
+    if mode == "none":
+        return acts.clamp(0, 1)
+    lo, span = scale_on_device(acts, mode)
+    safe = torch.where(span > 0, span, 1.0)
+    return torch.where(span > 0, (acts - lo) / safe, 0.0)
+
+
+def _boost(v: torch.Tensor, s: ViewSettings) -> torch.Tensor:
+    """The toolbox's boost of normalized values: times ``gain`` (clipped to [0, 1]), then ``** gamma``."""
+    if s.gain != 1.0:
+        v = (v * s.gain).clamp(0.0, 1.0)
+    if s.gamma != 1.0:
+        v = v.pow(s.gamma)
+    return v
 
 
 def frame_image(pixels: memoryview | bytes, width: int, height: int, fmt: str, model: Model) -> Image.Image:
@@ -97,7 +142,7 @@ def choose_memory_format(model: Model, *, repeats: int = 3, margin: float = 0.9)
     ``channels_last`` only when it takes less than ``margin`` times the default layout (for many
     convnets on the CPU it saves ~20%). The network is converted in place: call it on a private copy.
     """
-    x = torch.zeros(1, *model.preprocessing.input_shape, device=model.device)
+    x = torch.zeros(1, *model.preprocessing.input_shape, device=model.device, dtype=model.dtype)
     seconds: dict[torch.memory_format, float] = {}
     with torch.no_grad(), eval_mode(model.module):
         for fmt in (torch.contiguous_format, torch.channels_last):
@@ -165,9 +210,18 @@ class FrameOutput:
 class FrameProcessor:
     """Computes the live view of frames for one model; holds no per-page state (that is passed in)."""
 
-    def __init__(self, model: Model, *, k: int = 5, memory_format: torch.memory_format = torch.contiguous_format) -> None:
+    #: on the CPU, the grid, unit map and strip are made with numpy (no copy to save, and faster than
+    #: torch's threads on busy cores); the device path gives the same pixels (the tests compare both)
+    numpy_on_cpu = True
+
+    def __init__(
+        self, model: Model, *, k: int = 5, memory_format: torch.memory_format = torch.contiguous_format, autocast: Autocast = None
+    ) -> None:
         self.model = model
         self.k = k
+        #: the forward pass runs under this autocast (:func:`deepvis.runtime.autocast`; None: off)
+        self.autocast = autocast
+        autocast_dtype(autocast)  # a bad setting fails here, not on the first frame
         #: the layout of model inputs (``torch.channels_last`` when the network was converted to it)
         self.memory_format = memory_format
         self.table = layer_table(model)
@@ -201,8 +255,9 @@ class FrameProcessor:
         return name in self._class_layers
 
     def to_input(self, image: Image.Image) -> torch.Tensor:
-        """A fitted image → model input (1, C, H, W) on the model's device."""
-        x = self.model.preprocessing.to_tensor(fit_image(image, self.model), crop=False)[None].to(self.model.device)
+        """A fitted image → model input (1, C, H, W) on the model's device, in its floating dtype."""
+        x = self.model.preprocessing.to_tensor(fit_image(image, self.model), crop=False)[None]
+        x = x.to(self.model.device, self.model.dtype, non_blocking=True)
         return x.contiguous(memory_format=self.memory_format)
 
     def process(
@@ -219,24 +274,20 @@ class FrameProcessor:
         blobs: dict[str, bytes] = {}
         query = settings.query if info.layout.kind == "attention" else None
         pre: torch.Tensor | None = None
+        table: torch.Tensor | None = None  # the top-k on the device, read with everything else
+        predictions: list[dict[str, Any]] | None = None
         if cached is not None and cached.layer == info.name and cached.query == query and not settings.diff:
             a, predictions, pre = cached.acts, cached.predictions, cached.prefix
         else:
             names = [info.name]
             if self.has_logits and info.name != LOGITS:
                 names.append(LOGITS)
-            acts = capture(self.model, x, names, stop_early=True, prefix=bool(info.prefix), query=query)
+            acts = capture(self.model, x, names, stop_early=True, prefix=bool(info.prefix), query=query, autocast=self.autocast)
             a = acts[info.name][0].detach().float()
             if info.prefix:
                 pre = acts[prefix_key(info.name)][0].detach().float()
-            predictions = None
             if self.has_logits:
-                predictions = [
-                    {"index": p.index, "label": p.label, "probability": round(p.probability, 5)}
-                    for p in top_k(self.model, acts[LOGITS], self.k)[0]
-                ]
-        if predictions is not None:
-            header["predictions"] = predictions
+                table = top_k_table(acts[LOGITS], self.k)[0]
 
         shown = a
         if settings.diff and diff is not None:
@@ -246,20 +297,56 @@ class FrameProcessor:
         factor = grid_factor(tuple(a.shape))
         if factor > 1:
             shown = F.avg_pool2d(shown[None], factor, ceil_mode=True)[0]
+        # off the CPU everything the page gets is computed on the device and comes back in one copy: the
+        # small numbers (float64, reinterpreted as bytes) first, then the uint8 grid, unit map and strip
+        unit = a[settings.unit]
+        numbers = [self._unit_numbers(unit, info, settings)]
+        if table is not None:
+            numbers.append(table.flatten())
+        if pre is not None:
+            numbers.append(pre[settings.unit].double())
+        small = torch.cat(numbers)
+        if a.device.type == "cpu" and self.numpy_on_cpu:
+            blobs["grid"] = self._grid_bytes(shown, settings)
+            if pre is not None and not settings.diff:
+                blobs["prefix"] = self._prefix_bytes(pre, shown, settings)
+            if info.spatial:
+                blobs["unit"] = quantize(normalize_activations(unit[None], "channel")[0]).tobytes()
+            values = small.tolist()
+        else:
+            parts = {"grid": self._grid_values(shown, settings)}
+            if pre is not None and not settings.diff:
+                parts["prefix"] = self._prefix_values(pre, shown, settings)
+            if info.spatial:
+                parts["unit"] = device_uint8(normalize_on_device(unit[None], "channel")[0])
+            blob = torch.cat([small.view(torch.uint8), *(t.flatten() for t in parts.values())]).cpu().numpy()
+            values = blob[: small.numel() * 8].view(np.float64).tolist()
+            offset = small.numel() * 8
+            for name, t in parts.items():
+                blobs[name] = blob[offset : offset + t.numel()].tobytes()
+                offset += t.numel()
+
+        n_stats = len(numbers[0])
+        header["unit_stats"] = self._unit_stats(values[:n_stats], unit, info, settings)
+        rest = values[n_stats:]
+        if table is not None:
+            k = table.shape[1]
+            rows = [rest[:k], rest[k : 2 * k], rest[2 * k : 3 * k]]
+            predictions = [
+                {"index": p.index, "label": p.label, "probability": round(p.probability, 5)}
+                for p in predictions_from_table(self.model, [rows])[0]
+            ]
+            rest = rest[3 * k :]
+        if predictions is not None:
+            header["predictions"] = predictions
         header["grid"] = {"shape": list(shown.shape), "factor": factor, "diff": bool(settings.diff)}
-        blobs["grid"] = self._grid_bytes(shown, settings)
         if info.layout.kind == "attention":
             header["query"] = info.layout.query_name(query)
         if pre is not None and not settings.diff:
             header["prefix"] = {"names": list(info.prefix), "shape": [pre.shape[1], pre.shape[0]]}
-            blobs["prefix"] = self._prefix_bytes(pre, shown, settings)
-
-        unit = a[settings.unit]
-        header["unit_stats"] = self._unit_stats(unit, info, settings)
         if pre is not None:
-            header["unit_stats"]["prefix"] = [json_float(float(v)) for v in pre[settings.unit]]
+            header["unit_stats"]["prefix"] = [json_float(v) for v in rest]
         if info.spatial:
-            blobs["unit"] = quantize(normalize_activations(unit[None], "channel")[0]).tobytes()
             header["unit_shape"] = list(unit.shape)
         if self.is_class_layer(info.name):
             header["unit_label"] = self.model.label(settings.unit)
@@ -267,7 +354,7 @@ class FrameProcessor:
 
     @staticmethod
     def _prefix_bytes(pre: torch.Tensor, shown: torch.Tensor, s: ViewSettings) -> bytes:
-        """The strip's (P, C) bytes: prefix tokens ``pre`` (C, P) on the grid's scale (``shown``), boosted alike."""
+        """The strip's (P, C) bytes on the CPU (numpy; :meth:`_prefix_values` on other devices)."""
         v = strip_values(pre, shown, s.normalize)
         if s.gain != 1.0:
             v = np.clip(v * s.gain, 0.0, 1.0)
@@ -275,7 +362,9 @@ class FrameProcessor:
             v = np.power(v, s.gamma)
         return quantize(v).tobytes()
 
-    def _grid_bytes(self, shown: torch.Tensor, s: ViewSettings) -> bytes:
+    @staticmethod
+    def _grid_bytes(shown: torch.Tensor, s: ViewSettings) -> bytes:
+        """The grid's bytes on the CPU (numpy; :meth:`_grid_values` on other devices)."""
         if s.diff:
             d = shown.cpu().numpy()
             axes = tuple(range(1, d.ndim)) if (s.normalize == "channel" and d.ndim > 1) else None
@@ -291,12 +380,46 @@ class FrameProcessor:
         return quantize(v).tobytes()
 
     @staticmethod
-    def _unit_stats(unit: torch.Tensor, info: LayerInfo, s: ViewSettings) -> dict[str, Any]:
-        stats: dict[str, Any] = {"max": float(unit.max()), "min": float(unit.min()), "mean": float(unit.mean())}
+    def _prefix_values(pre: torch.Tensor, shown: torch.Tensor, s: ViewSettings) -> torch.Tensor:
+        """The strip's (P, C) uint8 values: prefix tokens ``pre`` (C, P) on the grid's scale (``shown``),
+        boosted alike (:func:`deepvis.render.strip_values`, on the device)."""
+        lo, span = scale_on_device(shown, s.normalize)
+        lo, span = (lo.reshape(-1, 1), span.reshape(-1, 1)) if lo.ndim else (lo, span)
+        safe = torch.where(span > 0, span, 1.0)
+        v = torch.where(span > 0, (pre - lo) / safe, 0.0).clamp(0.0, 1.0).T
+        return device_uint8(_boost(v, s))
+
+    @staticmethod
+    def _grid_values(shown: torch.Tensor, s: ViewSettings) -> torch.Tensor:
+        """The grid's uint8 values, shaped like ``shown``: normalized and boosted (or, in the diff view,
+        centred on 0.5 and scaled by the largest magnitude), on the device."""
+        if s.diff:
+            axes = tuple(range(1, shown.ndim)) if (s.normalize == "channel" and shown.ndim > 1) else None
+            mag = shown.abs()
+            scale = mag.amax(dim=axes, keepdim=True) if axes else mag.max()
+            scale = torch.where(scale > 0, scale, 1.0)
+            return device_uint8(0.5 + 0.5 * (shown * (s.gain / scale)).clamp(-1.0, 1.0))
+        return device_uint8(_boost(normalize_on_device(shown, s.normalize), s))
+
+    @staticmethod
+    def _unit_numbers(unit: torch.Tensor, info: LayerInfo, s: ViewSettings) -> torch.Tensor:
+        """The unit's max, min, mean (and for maps its flat argmax and the pinned position's value) as
+        float64 on the device (:meth:`_unit_stats` reads them)."""
+        flat = unit.flatten()
+        out = [flat.max(), flat.min(), flat.mean()]
         if info.spatial:
-            flat = int(unit.argmax())
+            out.append(flat.argmax().to(flat.dtype))
+            if s.position is not None:
+                out.append(unit[s.position[0], s.position[1]])
+        return torch.stack([t.double() for t in out])
+
+    @staticmethod
+    def _unit_stats(values: list[float], unit: torch.Tensor, info: LayerInfo, s: ViewSettings) -> dict[str, Any]:
+        stats: dict[str, Any] = {"max": values[0], "min": values[1], "mean": values[2]}
+        if info.spatial:
+            flat = int(values[3])
             w = unit.shape[1]
             stats["argmax"] = [flat // w, flat % w]
             if s.position is not None:
-                stats["value"] = float(unit[s.position[0], s.position[1]])
+                stats["value"] = values[4]
         return {k: ((round(v, 6) if math.isfinite(v) else None) if isinstance(v, float) else v) for k, v in stats.items()}

@@ -18,17 +18,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..capture import Unit
+from ..capture.layers import activation_bytes
 from ..errors import DeepvisError
 from ..models.model import Model
 from ..optimize import visualize
+from ..runtime import choose_batch_size
 from .engine import WorkLoop, error_message
 from .protocol import text
 from .session import Message, Session
 
-__all__ = ["SynthesisService", "SynthesisJob", "SynthResult", "SynthesisBusy"]
+__all__ = ["SynthesisService", "SynthesisJob", "SynthResult", "SynthesisBusy", "synthesis_batch"]
 
 #: seconds between two progress messages of one job
 PROGRESS_INTERVAL = 0.25
+#: requests optimized together on the CPU (on a GPU: what its free memory holds, at most ``_GPU_BATCH``)
+CPU_BATCH = 8
+_GPU_BATCH = 64
+
+
+def synthesis_batch(model: Model) -> int:
+    """How many requests one synthesis run optimizes together: :data:`CPU_BATCH` on the CPU; on a GPU
+    as many as its free memory holds at the model's input size (:func:`deepvis.runtime.choose_batch_size`)."""
+    return choose_batch_size(model.device, lambda: activation_bytes(model, backward=True), cpu_batch=CPU_BATCH, upper=_GPU_BATCH)
 
 
 class SynthesisBusy(DeepvisError):
@@ -71,7 +82,7 @@ class SynthesisService:
         *,
         max_waiting: int = 8,
         max_results: int = 256,
-        batch: int = 8,
+        batch: int | None = None,
         nice: int = 5,
     ) -> None:
         self.model = model
@@ -79,7 +90,8 @@ class SynthesisService:
         self._params = params
         self.max_waiting = max_waiting
         self.max_results = max_results
-        self.batch = batch
+        #: requests optimized together: ``batch``, or 8 on the CPU and what the GPU's free memory holds there
+        self.batch = batch if batch is not None else synthesis_batch(model)
         self.nice = nice
         self._lock = threading.Condition()
         self._queue: list[SynthesisJob] = []
