@@ -12,12 +12,19 @@ Default model (EfficientNet-Lite0), CPU (or ``--device cuda``). Three sections, 
   most expensive regularizers) and ``robust``. Target: <= 1.15.
 * ``recog`` — the fraction of class images that lite2 ranks in its top 5 for the intended class, for
   each paper preset, unregularized ascent, deepvis's ``robust`` preset and Lucent's defaults (six
-  ImageNet classes; raw images, resized whole to lite2's input).
+  ImageNet classes; raw images, resized whole to lite2's input). Presets 1-4 and ``none`` run with
+  their default calibration (:mod:`deepvis.optimize.calibrate`); ``table`` has both.
+* ``table`` — one row per setting: presets 1–4 and ``none``, each calibrated (the default) and literal
+  (``calibrate=False``), ``robust`` and ``maco`` (when that preset exists): seconds per unit for
+  ``--table-units`` units of each of ``--layers`` optimized together (``--steps`` steps, ``--size``
+  px), the share of those units whose image beats every photo of :data:`deepvis.optimize.calibrate.PHOTOS`
+  (objective above the photos' maximum), and the class images' share in lite2's and lite1's top 5 with
+  the mean probability of the intended class (``--classes`` at ``--recog-size`` px, ``--recog-steps``).
 
 Lucent is not a deepvis dependency: install it into the venv for this benchmark only
 (``pip install --no-deps torch-lucent decorator kornia kornia_rs ipython traitlets pygments``); without
 it the Lucent rows are skipped with a message. Runs with the allocator settings the deepvis command
-uses. Run: ``python benchmarks/bench_optimize.py [--sections speed,ratio,recog]``.
+uses. Run: ``python benchmarks/bench_optimize.py [--sections speed,ratio,recog,table]``.
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ ensure_allocator_tuning()
 
 from deepvis.capture import capture  # noqa: E402
 from deepvis.models import load_model  # noqa: E402
-from deepvis.optimize import get_preset, optimize_batch, resolve_targets, visualize  # noqa: E402
+from deepvis.optimize import PRESETS, get_preset, optimize_batch, resolve_targets, visualize  # noqa: E402
+from deepvis.optimize.calibrate import photo_values  # noqa: E402
 from deepvis.pixels import to_uint8  # noqa: E402
 from deepvis.runtime import synchronize  # noqa: E402
 
@@ -204,9 +212,77 @@ def bench_recog(args, model) -> None:
             )
 
 
+# -- the presets table: speed, units that beat the photos, recognizability, calibrated and literal -----------
+def table_settings() -> list[tuple[str, str, bool | None]]:
+    """(row label, preset, calibrate) for every row; calibrate None: the preset's own (not calibrated)."""
+    rows: list[tuple[str, str, bool | None]] = []
+    for p in ("1", "2", "3", "4", "none"):
+        rows += [(f"{p} calibrated", p, True), (f"{p} literal", p, False)]
+    rows.append(("robust", "robust", None))
+    if "maco" in PRESETS:
+        rows.append(("maco", "maco", None))
+    return rows
+
+
+def bench_table(args, model) -> None:
+    from PIL import Image
+
+    judges = {name: load_model(name, device=model.device) for name in ("lite2", "lite1")}
+    idx = [model.class_index(c) for c in args.classes]
+    classes = [f"logits:{i}" for i in idx]
+    hidden = {layer: [f"{layer}:{i}" for i in range(args.table_units)] for layer in args.layers}
+    hw = (args.size, args.size)
+    photo_max = {layer: photo_values(model, resolve_targets(model, u, size=hw), hw).amax(1) for layer, u in hidden.items()}
+    print(
+        f"\n== presets table: {args.table_units} units of {', '.join(args.layers)} together, {args.steps} steps, {args.size} px "
+        f"(s/unit; units above every photo's value); {len(idx)} classes at {args.recog_size} px, {args.recog_steps} steps, "
+        "raw images judged by lite2 / lite1 (top-5 share, mean probability) =="
+    )
+    if "maco" not in PRESETS:
+        print("  (the maco preset is missing: no maco row)")
+
+    def judge(name: str, images: list[Image.Image]) -> tuple[int, float]:
+        j = judges[name]
+        xb = torch.stack([j.preprocessing.to_tensor(im.convert("RGB"), crop=False) for im in images]).to(model.device)
+        with torch.no_grad():
+            lg = j.module(xb)
+        ranks = [int((lg[i] > lg[i, c]).sum()) for i, c in enumerate(idx)]
+        return sum(r < 5 for r in ranks), float(torch.stack([lg[i].softmax(0)[c] for i, c in enumerate(idx)]).mean())
+
+    header = (
+        f"{'setting':17s} | "
+        + " | ".join(f"{layer} s/unit, beats photos" for layer in args.layers)
+        + " | lite2 top-5 (p) | lite1 top-5 (p)"
+    )
+    print(header, flush=True)
+    for label, preset, calibrate in table_settings():
+        kw = {} if calibrate is None else {"calibrate": calibrate}
+        cells = []
+        for layer, units in hidden.items():
+            synchronize(model.device)
+            t = time.perf_counter()
+            res = visualize(model, units, preset=preset, steps=args.steps, size=args.size, batch_size=len(units), seed=args.seed, **kw)
+            synchronize(model.device)
+            dt = (time.perf_counter() - t) / len(units)
+            beats = sum(r.value > float(m) for r, m in zip(res, photo_max[layer]))
+            cells.append(f"{dt:6.2f} s, {beats:2d}/{len(units)}")
+        res = visualize(
+            model, classes, preset=preset, steps=args.recog_steps, size=args.recog_size, batch_size=len(classes), seed=args.seed, **kw
+        )
+        images = [r.raw_image() for r in res]
+        (h2, p2), (h1, p1) = judge("lite2", images), judge("lite1", images)
+        print(f"{label:17s} | " + " | ".join(cells) + f" | {h2}/{len(idx)} ({p2:.2f}) | {h1}/{len(idx)} ({p1:.2f})", flush=True)
+        if args.save:
+            from deepvis.render import montage
+
+            out_dir = Path(args.save)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            montage(images, labels=list(args.classes), cols=len(images)).save(out_dir / f"table_{label.replace(' ', '_')}.png")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sections", default="speed,ratio,recog")
+    ap.add_argument("--sections", default="speed,ratio,recog,table")
     ap.add_argument("--layers", default="blocks.3,blocks.5", type=lambda s: s.split(","))
     ap.add_argument("--units", type=int, default=64)
     ap.add_argument("--steps", type=int, default=256)
@@ -220,6 +296,7 @@ def main() -> None:
     ap.add_argument("--recog-size", type=int, default=224)
     ap.add_argument("--recog-steps", type=int, default=256, help="steps for every preset (0: each preset's own)")
     ap.add_argument("--lucent-steps", type=int, default=512, help="Lucent's steps for the recognizability rows (its default)")
+    ap.add_argument("--table-units", type=int, default=64, help="units per layer in the presets table (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save", metavar="DIR", help="save the class images here")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the judge and Lucent's copy run there too)")
@@ -234,6 +311,8 @@ def main() -> None:
         bench_ratio(args, model)
     if "recog" in sections:
         bench_recog(args, model)
+    if "table" in sections:
+        bench_table(args, model)
 
 
 if __name__ == "__main__":

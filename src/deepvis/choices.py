@@ -27,6 +27,7 @@ __all__ = [
     "OBJECTIVE_KINDS",
     "LR_POLICIES",
     "OPTIMIZERS",
+    "PARAMETERIZATIONS",
     "PRESET_NAMES",
     "EMBEDDINGS",
     "ENGINES",
@@ -63,9 +64,11 @@ OBJECTIVE_KINDS: tuple[ObjectiveKind, ...] = get_args(ObjectiveKind)
 #: activation maximization's learning-rate policies and optimizers (:class:`deepvis.optimize.Settings`)
 LR_POLICIES: tuple[str, ...] = ("constant", "progress")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+#: image parameterizations of ``deepvis optimize --param`` (pixels, Fourier, MACO: :mod:`deepvis.optimize.maco`)
+PARAMETERIZATIONS: tuple[str, ...] = ("pixel", "fourier", "maco")
 
 #: the names of :data:`deepvis.optimize.PRESETS` (1-4: the paper's Table 1), in that mapping's order
-PRESET_NAMES: tuple[str, ...] = ("1", "2", "3", "4", "none", "robust")
+PRESET_NAMES: tuple[str, ...] = ("1", "2", "3", "4", "none", "robust", "maco")
 
 #: the 2-D map of the report's clusters: UMAP when installed (auto), PCA, or UMAP (:mod:`deepvis.analysis.clusters`)
 EMBEDDINGS: tuple[str, ...] = ("auto", "pca", "umap")

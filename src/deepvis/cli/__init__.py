@@ -28,6 +28,7 @@ from types import MappingProxyType
 from .. import __version__
 from ..allocator import ensure_allocator_tuning
 from ..errors import DeepvisError
+from .common import run_command
 
 __all__ = ["main", "build_parser", "COMMAND_MODULES"]
 
@@ -44,6 +45,7 @@ COMMAND_MODULES = (
     "atlas",
     "atlas_show",
     "report",
+    "score",
     "serve",
 )
 
@@ -85,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # (spinning threads starve the browser and the background workers on small machines)
         ensure_allocator_tuning(START_ENV.get(args.command, {}))
     try:
-        return int(args.func(args) or 0)
+        return int(run_command(args) or 0)
     except DeepvisError as exc:
         if debug:
             raise

@@ -6,6 +6,7 @@ import argparse
 import json
 import re
 import sys
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(contrast-stretched for viewing), <unit>.json (objective trace, best value, every setting), and "
         "montage.png. Presets 1-4 are the paper's Table 1 (0-255 pixels at 227 px, mapped to the model); "
         "every setting can be overridden. A prefix token of a token layer (a ViT's class token) is a vector of units: "
-        "--unit blocks.5:17@cls, or --layer blocks.5 --units 0-15 --token cls.",
+        "--unit blocks.5:17@cls, or --layer blocks.5 --units 0-15 --token cls. MACO (--preset maco or --param maco) also writes "
+        "<unit>_alpha.png and <unit>_masked.png; --from IMAGE starts from a photo (feature accentuation). Class records "
+        "carry quality figures from other models (--judge; see also `deepvis score`).",
     )
     t = p.add_argument_group("what to maximize")
     t.add_argument("--layer", help="layer of the units (see `deepvis layers`)")
@@ -108,6 +111,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--jitter", type=float, help="random shift up to N px (at 227 px) before each step")
     s.add_argument("--scale", type=_scale_range, metavar="LOW,HIGH", help="random scale factor range before each step")
     s.add_argument("--rotate", type=float, metavar="DEG", help="random rotation up to DEG degrees before each step")
+    s.add_argument(
+        "--calibrate",
+        choices=("on", "off"),
+        help="map lr and desired_prog onto each unit's measured gradient and activation scale (default: on for "
+        "presets 1-4 and none; off: the literal Table 1 values; Adam presets are never calibrated)",
+    )
     a = p.add_argument_group("feature accentuation (start from a real image)")
     a.add_argument(
         "--from",
@@ -116,9 +125,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="start every unit from this image (a path or sample:NAME) instead of noise, and stay close to it",
     )
     a.add_argument("--distance", type=float, metavar="LEVELS", help="--from: bound on the RMS change, 0-255 levels (default 24)")
-    a.add_argument(
-        "--feature-weight", type=float, metavar="W", help="--from: weight of the feature anchor (default 1; 0: pixels only)"
-    )
+    a.add_argument("--feature-weight", type=float, metavar="W", help="--from: weight of the feature anchor (default 1; 0: pixels only)")
     q = p.add_argument_group("quality figures (in each <unit>.json and the montage)")
     q.add_argument(
         "--judge",
@@ -211,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
         "jitter": args.jitter,
         "scale": args.scale,
         "rotate": args.rotate,
+        "calibrate": None if args.calibrate is None else args.calibrate == "on",
     }
     if args.param == "pixel":
         overrides["fourier"] = False
@@ -302,7 +310,8 @@ def run(args: argparse.Namespace) -> int:
     labels = [(f"{r.label or ''}" if r.label else (r.unit or r.objective)) for r in results]
     mont = out / "montage.png"
     picture = montage([r.display_image() for r in results], labels=labels, tile=min(160, max(results[0].size)))
-    lines = [f"{lab}: {summary_line(row['scores'])}" for lab, row in zip(labels, rows) if row["scores"] and summary_line(row["scores"])]
+    texts = [f"{lab}: {summary_line(row['scores'])}" for lab, row in zip(labels, rows) if row["scores"] and summary_line(row["scores"])]
+    lines = [part for text in texts for part in textwrap.wrap(text, max(12, picture.width // 6 - 1))]  # ~6 px a character
     if lines:  # the quality figures under the grid (* marks a judge that is the optimized model)
         cap = caption(lines, picture.width)
         framed = Image.new("RGB", (picture.width, picture.height + cap.height), (20, 20, 20))
@@ -331,6 +340,9 @@ def run(args: argparse.Namespace) -> int:
             dist = row["distance"]
             reach = f" (RMS change {dist['pixel_rms']:.3g} of {dist['radius']:.3g} levels)" if dist else ""
             figures = summary_line(row["scores"]) if row["scores"] else ""
-            print(f"{name}: {row['start_value']:.4g} -> {row['value']:.4g} at step {row['best_step']}{reach}{state}" + (f"  [{figures}]" if figures else ""))
+            print(
+                f"{name}: {row['start_value']:.4g} -> {row['value']:.4g} at step {row['best_step']}{reach}{state}"
+                + (f"  [{figures}]" if figures else "")
+            )
         print(f"wrote {len(rows)} units and {mont}", file=sys.stderr)
     return 0

@@ -9,6 +9,7 @@ between steps (:mod:`.regularizers`, :mod:`.transforms`), the settings (:mod:`.p
 Table 1) and the batched loop (:mod:`.loop`) are separate pieces.
 """
 
+from .calibrate import REFERENCE, Calibration, Reference
 from .images import display_image, raw_image
 from .loop import (
     Result,
@@ -60,6 +61,9 @@ __all__ = [
     "Target",
     "Settings",
     "PRESETS",
+    "REFERENCE",
+    "Reference",
+    "Calibration",
     "get_preset",
     "preset_names",
     "PAPER_SIZE",

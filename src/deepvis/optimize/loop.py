@@ -31,18 +31,20 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .. import runtime
 from .._progress import in_kernel, progress_bar
 from ..capture.hooks import capture
-from ..capture.layers import check_unit, get_layer
+from ..capture.layers import activation_bytes, check_unit, get_layer
 from ..capture.state import frozen
 from ..capture.units import Unit, parse_unit
 from ..display import html_table, img_tag, panel, png_bytes, trace_svg
 from ..errors import DeepvisError, UnitError
 from ..models.model import Model
-from .images import display_image, raw_image
-from .objectives import OBJECTIVE_KINDS, BatchObjective, Channel, Neuron, Objective, objective_for_unit
 from .accentuate import Accentuation, FeatureAnchor, StartImage, start_tensor
+from .calibrate import Calibrator, needs_calibration
+from .images import display_image, raw_image
 from .maco import AttributionMask, MacoParam, alpha_image, masked_image
+from .objectives import OBJECTIVE_KINDS, BatchObjective, Channel, Neuron, Objective, objective_for_unit
 from .param import ImageParam, make_param
 from .presets import PAPER_SIZE, Settings, get_preset
 from .regularizers import ClipRange, ClipSmallContribution, ClipSmallNorm, GaussianBlur, L2Decay, Regularizer, StayClose, StepInfo
@@ -103,6 +105,8 @@ class Result:
     #: feature accentuation (a start image given): the anchors and the distances reached from the start
     #: (``pixel_rms``, ``pixel_max`` in 0–255 levels, ``feature`` relative; :mod:`.accentuate`); None otherwise
     distance: dict[str, Any] | None = None
+    #: calibration (:mod:`.calibrate`): the unit's measured scale and the lr / desired_prog it ran with; None when off
+    calibration: dict[str, float] | None = None
 
     def raw_image(self) -> Image.Image:
         """The image exactly as the model saw it (pixels rounded to whole levels)."""
@@ -146,6 +150,8 @@ class Result:
             d["alpha_mean"] = float(self.alpha.mean())
         if self.distance is not None:
             d["accentuation"] = self.distance
+        if self.calibration is not None:
+            d["calibration"] = self.calibration
         if trace:
             d["trace"] = self.trace
         return d
@@ -307,7 +313,7 @@ def optimize_batch(
     regs = list(build_regularizers(settings, scale) if regularizers is None else regularizers)
     param = make_param(settings) if param is None else param
     warp = RandomAffine(settings.jitter * scale, settings.scale, settings.rotate)
-    mb = micro_batch or auto_micro_batch(model.device, size)
+    mb = micro_batch or auto_micro_batch(model.device, size, model)
     if mb < 1:
         raise DeepvisError(f"micro batch must be at least 1, not {mb}")
     seeds = [element_seed(seed, o.name) for o in objectives]
@@ -329,46 +335,50 @@ def optimize_batch(
     mask = AttributionMask(len(objectives), size, x.device) if isinstance(param, MacoParam) else None
     p = param.from_image(x)
     ascent = _Ascent(settings, p)
+    calib = Calibrator(model, objectives, settings, size) if needs_calibration(settings) else None
     with frozen(model.module), torch.enable_grad():
         for t in range(settings.steps):
             if stop():
                 break
             v, g_p, g_x, xd = passes.run(p, warp.sample(gens) if warp.active else None)
+            if t == 0 and calib is not None:  # the first step's gradient sets each unit's scale
+                ascent.lr, ascent.desired_prog = calib.rates(g_p)
             best.record(t, v, xd, alive.active)
             alive.record(t, g_x)
             if mask is not None:
                 mask.record(xd, g_x, alive.active)
             if t < settings.steps - 1:  # the last step is only measured
                 with torch.no_grad():
-                    x_new = param.to_image(ascent(p.detach(), g_p, t), size)
-                    if x0 is not None and close is not None:  # accentuation: regularize the change, bound it
-                        x_new = close(x0 + _regularize(x_new - x0, regs, StepInfo(t, g_x)))
-                    else:
-                        x_new = _regularize(x_new, regs, StepInfo(t, g_x))
-                    if param.exact_inverse:
-                        x_new = space.clip(x_new)
-                    p = param.from_image(torch.where(alive.active.view(-1, 1, 1, 1), x_new, xd))
+                    p = _next_params(param, ascent(p.detach(), g_p, t), p, xd, alive.active, regs, StepInfo(t, g_x), space, size, x0, close)
             if on_step is not None:
                 on_step(t)
     results = _results(model, objectives, settings, best, alive, space, seed, seeds, scale, size)
+    alphas = mask.mask().cpu() if mask is not None else None
     for i, r in enumerate(results):
         r.mapping["param"] = param.name
-        if mask is not None:
-            r.alpha = mask.mask()[i].cpu()
+        if alphas is not None:
+            r.alpha = alphas[i]
+    if calib is not None:
+        for r, c in zip(results, calib.records):
+            r.calibration = c.to_dict()
     if x0 is not None:
         for r, d in zip(results, passes.distances(best.image, x0, accentuation or Accentuation())):
             r.distance = d
     return results
 
 
-def auto_micro_batch(device: torch.device, size: tuple[int, int]) -> int:
-    """Elements per forward/backward pass: all of them on an accelerator; on the CPU at most 32 at
-    224 px or less, fewer for larger images. Measured on 2-core machines with the glibc settings of
-    :mod:`deepvis.allocator`: a pass over 64 images of 128 px costs 2.5-3.5x more per image than two
-    passes over 32 (large activation buffers fall out of the heap), while 16-32 cost the same."""
-    if device.type != "cpu":
-        return 1 << 30
-    return int(max(1, min(32, 32 * 224 * 224 // (size[0] * size[1]))))
+def auto_micro_batch(device: torch.device, size: tuple[int, int], model: Model | None = None) -> int:
+    """Elements per forward/backward pass. On the CPU at most 32 at 224 px or less, fewer for larger
+    images. Measured on 2-core machines with the glibc settings of :mod:`deepvis.allocator`: a pass
+    over 64 images of 128 px costs 2.5-3.5x more per image than two passes over 32 (large activation
+    buffers fall out of the heap), while 16-32 cost the same. On a GPU: as many as its free memory
+    holds (:func:`deepvis.runtime.choose_batch_size`, from ``model``'s activations at the canvas
+    size, at most 256); all of them without a ``model``."""
+    cpu = int(max(1, min(32, 32 * 224 * 224 // (size[0] * size[1]))))
+    if model is None:
+        return cpu if device.type == "cpu" else 1 << 30
+    shape = (model.preprocessing.channels, *size)
+    return runtime.choose_batch_size(device, lambda: activation_bytes(model, shape, backward=True), cpu_batch=cpu)
 
 
 # -- the pieces of optimize_batch: where the image lives, how a step is taken, what is kept ----------
@@ -420,7 +430,13 @@ class _Passes:
         self.anchor: FeatureAnchor | None = None
 
     def _forward(self, x: torch.Tensor, layers: Sequence[str], grad: bool) -> dict[str, torch.Tensor]:
-        return capture(self.model, x * self.pixel_scale, list(layers), grad=grad)
+        # the image stays float32; capture casts it for a half-precision model, the objectives read float32
+        return {k: v.float() for k, v in capture(self.model, x * self.pixel_scale, list(layers), grad=grad).items()}
+
+    def _measure(self, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """A forward pass outside the loop (the model in eval mode, no gradients), as the loop sees it."""
+        with frozen(self.model.module), torch.no_grad():
+            return self._forward(x, layers, grad=False)
 
     def anchor_to(self, x0: torch.Tensor, acc: Accentuation, element_layers: Sequence[str]) -> None:
         """Feature accentuation: read the start images ``x0`` (N, C, H, W, from the mean) once and anchor
@@ -428,12 +444,11 @@ class _Passes:
         layers = tuple(dict.fromkeys([*self.layers, *element_layers]))
         refs: dict[str, list[torch.Tensor]] = {k: [] for k in layers}
         values = []
-        with torch.no_grad():
-            for sl, objective in zip(self.chunks, self.objectives):
-                acts = self._forward(x0[sl], layers, grad=False)
-                values.append(objective(acts))
-                for k in layers:
-                    refs[k].append(acts[k])
+        for sl, objective in zip(self.chunks, self.objectives):
+            acts = self._measure(x0[sl], layers)
+            values.append(objective(acts))
+            for k in layers:
+                refs[k].append(acts[k])
         reference = {k: torch.cat(v) for k, v in refs.items()}
         self.anchor = FeatureAnchor(acc.feature_weight, element_layers, reference, torch.cat(values))
         self.layers = layers
@@ -445,9 +460,8 @@ class _Passes:
         rms, mx = d.pow(2).mean(1).sqrt().tolist(), d.abs().amax(1).tolist()
         feats: list[float] = []
         if self.anchor is not None:
-            with torch.no_grad():
-                for sl in self.chunks:
-                    feats += self.anchor.distance(self._forward(x[sl], self.anchor.layers, grad=False), sl).tolist()
+            for sl in self.chunks:
+                feats += self.anchor.distance(self._measure(x[sl], self.anchor.layers), sl).tolist()
         layers = self.anchor.element_layers if self.anchor is not None else [None] * len(rms)
         return [
             {**acc.to_dict(), "feature_layer": layers[i], "pixel_rms": rms[i], "pixel_max": mx[i], "feature": feats[i] if feats else None}
@@ -492,6 +506,9 @@ class _Ascent:
         self.adam = settings.optimizer == "adam"
         self.m1 = torch.zeros_like(p) if self.adam else None
         self.m2 = torch.zeros_like(p) if self.adam else None
+        #: calibrated SGD (:mod:`.calibrate`): per element (N,) lr and desired_prog; None: the settings' own
+        self.lr: torch.Tensor | None = None
+        self.desired_prog: torch.Tensor | None = None
 
     def __call__(self, p: torch.Tensor, g: torch.Tensor, t: int) -> torch.Tensor:
         s = self.s
@@ -502,11 +519,46 @@ class _Ascent:
             mhat = self.m1 / (1 - b1 ** (t + 1))
             vhat = self.m2 / (1 - b2 ** (t + 1))
             return p + s.lr * mhat / (vhat.sqrt() + eps)
+        per = (-1, *([1] * (g.ndim - 1)))
         if s.lr_policy == "progress":
             g2 = g.flatten(1).pow(2).sum(1)
-            lr = torch.where(g2 > 0, s.desired_prog / g2, torch.full_like(g2, s.lr)).clamp_max(s.lr)
-            return p + lr.view(-1, *([1] * (g.ndim - 1))) * g
+            if self.lr is not None and self.desired_prog is not None:
+                lr = torch.where(g2 > 0, self.desired_prog / g2, self.lr).minimum(self.lr)
+            else:
+                lr = torch.where(g2 > 0, s.desired_prog / g2, torch.full_like(g2, s.lr)).clamp_max(s.lr)
+            return p + lr.view(per) * g
+        if self.lr is not None:
+            return p + self.lr.view(per) * g
         return p + s.lr * g
+
+
+def _next_params(
+    param: ImageParam | MacoParam,
+    p_new: torch.Tensor,
+    p: torch.Tensor,
+    xd: torch.Tensor,
+    active: torch.Tensor,
+    regs: Sequence[Regularizer],
+    info: StepInfo,
+    space: _PixelSpace,
+    size: tuple[int, int],
+    x0: torch.Tensor | None,
+    close: StayClose | None,
+) -> torch.Tensor:
+    """The parameters after a step: the ascent's ``p_new`` made an image, regularized (for accentuation:
+    the change from the start ``x0``, bounded by ``close``), clipped to valid pixels, and back; dead
+    elements keep their image ``xd``. MACO with nothing to apply to the image keeps the phase itself (no
+    image round trip: the model sees the clipped image anyway)."""
+    if not param.exact_inverse and not regs and x0 is None:
+        return torch.where(active.view(-1, *([1] * (p.ndim - 1))), p_new, p)
+    x_new = param.to_image(p_new, size)
+    if x0 is not None and close is not None:
+        x_new = close(x0 + _regularize(x_new - x0, regs, info))
+    else:
+        x_new = _regularize(x_new, regs, info)
+    if param.exact_inverse:
+        x_new = space.clip(x_new)
+    return param.from_image(torch.where(active.view(-1, 1, 1, 1), x_new, xd))
 
 
 def _regularize(x: torch.Tensor, regs: Sequence[Regularizer], info: StepInfo) -> torch.Tensor:

@@ -14,13 +14,25 @@ regularizers and the valid-range clip always act on the image itself whatever is
   steps move along natural color directions.
 
 Both are linear and exactly invertible, and both act on each batch element separately.
+
+* :class:`~deepvis.optimize.maco.MacoParam` (``Settings(maco=True)``) — MACO: ``p`` is the phase, the
+  magnitude is fixed to a natural-image spectrum; its inverse is a projection (``exact_inverse`` False).
+
+:func:`make_param` picks one from the settings.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-__all__ = ["ImageParam", "COLOR_CORRELATION_SQRT", "fourier_scale"]
+from .maco import MacoParam
+
+if TYPE_CHECKING:
+    from .presets import Settings
+
+__all__ = ["ImageParam", "COLOR_CORRELATION_SQRT", "fourier_scale", "make_param"]
 
 #: Symmetric square root of the RGB covariance (0–1 pixels) of the offline sample photos astronaut,
 #: chelsea, china, coffee, flower, grace_hopper, motorcycle and rocket (50 000 random pixels each),
@@ -44,6 +56,9 @@ def fourier_scale(h: int, w: int, decay_power: float = 1.0) -> torch.Tensor:
 
 class ImageParam:
     """Pixel (default), Fourier and/or decorrelated-color parameterization of a batch of images."""
+
+    #: ``from_image`` is the exact inverse of ``to_image`` (so clipping the image clips the parameters)
+    exact_inverse = True
 
     def __init__(self, *, fourier: bool = False, decorrelate: bool = False, decay_power: float = 1.0) -> None:
         self.fourier = bool(fourier)
@@ -102,3 +117,11 @@ class ImageParam:
         h, w = y.shape[-2:]
         spec = torch.fft.rfft2(y, norm="ortho") / self._scale(h, w, y)
         return torch.view_as_real(spec).contiguous()
+
+
+def make_param(settings: Settings) -> ImageParam | MacoParam:
+    """The parameterization ``settings`` asks for: :class:`~deepvis.optimize.maco.MacoParam` when
+    ``settings.maco``, else :class:`ImageParam` (pixels, Fourier and/or decorrelated)."""
+    if settings.maco:
+        return MacoParam()
+    return ImageParam(fourier=settings.fourier, decorrelate=settings.decorrelate, decay_power=settings.decay_power)

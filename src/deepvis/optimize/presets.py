@@ -50,8 +50,13 @@ class Settings:
 
     Beyond the paper (off in its presets): ``optimizer`` ``"adam"`` (``lr`` is then Adam's step size,
     roughly pixels per step; ``lr_policy`` is ignored); ``fourier`` / ``decorrelate`` parameterizations
+    and ``maco`` (phase only, natural magnitude: :mod:`.maco`; excludes the other two)
     (:mod:`.param`); ``jitter`` (px at 227), ``scale`` (factor range) and ``rotate`` (degrees)
     transformation robustness (:mod:`.transforms`).
+
+    ``calibrate``: map ``lr`` and ``desired_prog`` onto the network's measured unit scale
+    (:mod:`.calibrate`; on in the paper's presets and ``none``, off in a hand-made ``Settings``; only
+    plain SGD is calibrated). Changing it keeps the preset's name: the θ are the same, read on another scale.
     """
 
     name: str = "custom"
@@ -69,9 +74,11 @@ class Settings:
     fourier: bool = False
     decay_power: float = 1.0
     decorrelate: bool = False
+    maco: bool = False
     jitter: float = 0.0
     scale: tuple[float, float] = (1.0, 1.0)
     rotate: float = 0.0
+    calibrate: bool = False
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -95,6 +102,8 @@ class Settings:
             problems.append("start std, jitter and rotate must be >= 0")
         if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
             problems.append(f"scale must be a range LOW,HIGH with 0 < LOW <= HIGH, not {self.scale}")
+        if self.maco and (self.fourier or self.decorrelate):
+            problems.append("maco replaces the Fourier and decorrelated parameterizations: switch them off")
         if problems:
             raise DeepvisError("bad optimization settings: " + "; ".join(problems))
 
@@ -106,7 +115,7 @@ class Settings:
             raise DeepvisError(f"unknown optimization setting(s): {', '.join(unknown)}")
         if "scale" in changes:
             changes["scale"] = tuple(float(s) for s in changes["scale"])
-        if changes and "name" not in changes and any(getattr(self, k) != v for k, v in changes.items() if k != "steps"):
+        if changes and "name" not in changes and any(getattr(self, k) != v for k, v in changes.items() if k not in ("steps", "calibrate")):
             changes["name"] = f"{self.name}+custom" if self.name != "custom" else "custom"
         return dataclasses.replace(self, **changes)
 
@@ -121,23 +130,59 @@ class Settings:
     @property
     def beyond_paper(self) -> bool:
         """True when any option outside the paper's method is on: Adam, a Fourier or decorrelated
-        parameterization, or transformation robustness (jitter, scale, rotation)."""
-        return self.optimizer != "sgd" or self.fourier or self.decorrelate or self.jitter > 0 or self.scale != (1.0, 1.0) or self.rotate > 0
+        parameterization, MACO, or transformation robustness (jitter, scale, rotation)."""
+        return (
+            self.optimizer != "sgd"
+            or self.fourier
+            or self.decorrelate
+            or self.maco
+            or self.jitter > 0
+            or self.scale != (1.0, 1.0)
+            or self.rotate > 0
+        )
 
 
 _PAPER = "Yosinski et al. 2015, Table 1"
 
 PRESETS: Mapping[str, Settings] = MappingProxyType(
     {
-        "1": Settings("1", 0.0, 0.5, 4, 50, 0, "progress", 100.0, 2.0, 500, description=f"{_PAPER}, row 1: blur + small-norm clipping"),
+        "1": Settings(
+            "1", 0.0, 0.5, 4, 50, 0, "progress", 100.0, 2.0, 500, calibrate=True, description=f"{_PAPER}, row 1: blur + small-norm clipping"
+        ),
         "2": Settings(
-            "2", 0.3, 0.0, 0, 20, 0, "constant", 100.0, 2.0, 750, description=f"{_PAPER}, row 2: strong decay + small-norm clipping"
+            "2",
+            0.3,
+            0.0,
+            0,
+            20,
+            0,
+            "constant",
+            100.0,
+            2.0,
+            750,
+            calibrate=True,
+            description=f"{_PAPER}, row 2: strong decay + small-norm clipping",
         ),
-        "3": Settings("3", 0.0001, 1.0, 4, 0, 0, "constant", 100.0, 2.0, 1000, description=f"{_PAPER}, row 3: weak decay + blur"),
+        "3": Settings(
+            "3", 0.0001, 1.0, 4, 0, 0, "constant", 100.0, 2.0, 1000, calibrate=True, description=f"{_PAPER}, row 3: weak decay + blur"
+        ),
         "4": Settings(
-            "4", 0.0, 0.5, 4, 0, 90, "progress", 1e8, 2.0, 1000, description=f"{_PAPER}, row 4: blur + small-contribution clipping"
+            "4",
+            0.0,
+            0.5,
+            4,
+            0,
+            90,
+            "progress",
+            1e8,
+            2.0,
+            1000,
+            calibrate=True,
+            description=f"{_PAPER}, row 4: blur + small-contribution clipping",
         ),
-        "none": Settings("none", lr_policy="constant", lr=100.0, steps=500, description="unregularized gradient ascent (for contrast)"),
+        "none": Settings(
+            "none", lr_policy="constant", lr=100.0, steps=500, calibrate=True, description="unregularized gradient ascent (for contrast)"
+        ),
         "robust": Settings(
             "robust",
             decay=0.0001,
@@ -153,6 +198,18 @@ PRESETS: Mapping[str, Settings] = MappingProxyType(
             rotate=10.0,
             description="beyond the paper: preset 3's regularizers + decorrelated Fourier parameterization, "
             "Adam and transformation robustness (jitter, scale, rotation)",
+        ),
+        "maco": Settings(
+            "maco",
+            optimizer="adam",
+            lr=0.5,
+            steps=256,
+            start_std=10.0,
+            maco=True,
+            jitter=16,
+            scale=(1.0, 1.6),
+            description="beyond the paper: MACO (Fel et al. 2023): phase-only Fourier parameterization with a natural "
+            "amplitude spectrum, Adam on the phase and MACO's random crops (zoom 1-1.6x, shift), alpha mask saved",
         ),
     }
 )

@@ -25,6 +25,7 @@ __all__ = [
     "ClipSmallNorm",
     "ClipSmallContribution",
     "ClipRange",
+    "StayClose",
     "gaussian_kernel",
     "gaussian_blur_symmetric",
     "row_percentile",
@@ -199,3 +200,26 @@ class ClipRange(Regularizer):
         low = self.low.to(x.device, x.dtype).view(1, -1, 1, 1)
         high = self.high.to(x.device, x.dtype).view(1, -1, 1, 1)
         return torch.maximum(torch.minimum(x, high), low)
+
+
+class StayClose(Regularizer):
+    """Feature accentuation's pixel anchor: project each element back into the ball of RMS radius
+    ``radius`` (0–255 levels per pixel and channel) around its start image ``x0`` (N, C, H, W, from the
+    mean): ``x ← x0 + (x − x0)·min(1, radius / rms(x − x0))``. ``radius = inf`` never projects."""
+
+    name = "stay_close"
+
+    def __init__(self, x0: torch.Tensor, radius: float) -> None:
+        if not radius > 0:
+            raise ValueError(f"the distance bound must be > 0 levels, not {radius}")
+        self.x0 = x0
+        self.radius = float(radius)
+
+    def __call__(self, x: torch.Tensor, info: StepInfo | None = None) -> torch.Tensor:
+        d = x - self.x0
+        rms = d.pow(2).flatten(1).mean(1).sqrt()
+        k = (self.radius / rms.clamp_min(1e-12)).clamp_max(1.0)
+        return self.x0 + d * k.view(-1, *([1] * (d.ndim - 1)))
+
+    def __repr__(self) -> str:
+        return f"StayClose(radius={self.radius})"
