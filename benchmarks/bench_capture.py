@@ -29,6 +29,7 @@ from deepvis.runtime import synchronize  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--skip-tokens", action="store_true", help="skip the token-layer rows (they build a random ViT-Tiny)")
     args = ap.parse_args()
     model = load_model("default", device=args.device)
     x = model.preprocess(load_image(sample_path("coffee")))
@@ -56,6 +57,39 @@ def main() -> None:
     print(f"bare forward:                          {t['bare'] * 1e3:7.2f} ms")
     print(f"capture all layers + render grid:      {t['all'] * 1e3:7.2f} ms   ratio {t['all'] / t['bare']:.2f} (target <= 1.3)")
     print(f"capture one layer + logits + grid:     {t['one'] * 1e3:7.2f} ms   ratio {t['one'] / t['bare']:.2f}")
+    if not args.skip_tokens:
+        tokens(args.device, t, model, x)
+
+
+def tokens(device: str, t_map: dict[str, float], model, x) -> None:
+    """A token layer against a map layer: capture's cost per captured element, beyond the bare forward.
+
+    ViT-Tiny (timm, random weights: the cost does not depend on the weights) ``blocks.5``, (197, 192)
+    tokens read as 192 maps of 14x14 plus the class token, against the default model's ``blocks.3``
+    (80 maps of 14x14). Target: the token layer costs no more per element than the map layer."""
+    vit = load_model("timm:vit_tiny_patch16_224", weights="random", device=device)
+    xv = vit.preprocess(load_image(sample_path("coffee")))
+    capture(vit, xv, ["blocks.5", "logits"], prefix=True)
+
+    def bare():
+        with torch.no_grad():
+            vit.module(xv)
+
+    def one_token_layer():
+        acts = capture(vit, xv, ["blocks.5", "logits"], stop_early=False, prefix=True)
+        tile_grid(acts["blocks.5"][0])
+
+    t = interleaved({"bare": bare, "one": one_token_layer}, repeats=40, sync=lambda: synchronize(vit.device))
+    map_elems = capture(model, x, ["blocks.3"])["blocks.3"][0].numel()
+    tok_elems = capture(vit, xv, ["blocks.5"])["blocks.5"][0].numel() + 192  # the patch maps and the class token
+    per_map = (t_map["one"] - t_map["bare"]) / map_elems * 1e9
+    per_tok = (t["one"] - t["bare"]) / tok_elems * 1e9
+    print(f"ViT-Tiny bare forward:                 {t['bare'] * 1e3:7.2f} ms")
+    print(f"capture token layer + logits + grid:   {t['one'] * 1e3:7.2f} ms   ratio {t['one'] / t['bare']:.2f}")
+    print(
+        f"capture cost per element: map layer {per_map:.1f} ns ({map_elems} elements), token layer {per_tok:.1f} ns "
+        f"({tok_elems} elements): ratio {per_tok / per_map:.2f} (target <= 1)"
+    )
 
 
 if __name__ == "__main__":
