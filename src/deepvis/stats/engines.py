@@ -92,8 +92,10 @@ def _batch_samples(batches: Iterable[int], batch_size: int, order: Sequence[int]
 
 def update_states(model: Model, x: torch.Tensor, samples: torch.Tensor, states: Iterable[Accumulator]) -> None:
     """Fold one batch into ``states``: ``x`` (B, C, H, W) the preprocessed inputs, ``samples`` (B,) int64
-    their dataset indices. One forward pass captures the layers the states read (stopping after the
-    deepest); a state reading :data:`~.accumulators.INPUT` gets ``x``. Does not touch ``done``."""
+    their dataset indices (moved to ``x``'s device once, without a host sync). One forward pass captures
+    the layers the states read (stopping after the deepest); a state reading
+    :data:`~.accumulators.INPUT` gets ``x``. Does not touch ``done``."""
+    samples = _on_device(samples, x.device)
     states = list(states)
     layers = list(dict.fromkeys(st.layer for st in states if st.layer != INPUT))
     acts = capture(model, x, layers, stop_early=LOGITS not in layers) if layers else {}
@@ -104,7 +106,7 @@ def update_states(model: Model, x: torch.Tensor, samples: torch.Tensor, states: 
 
 def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``t`` (a small CPU tensor) on ``device``; to CUDA through pinned memory without a host sync."""
-    if device.type != "cuda":
+    if t.device == device or device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
@@ -125,7 +127,7 @@ def _fold(
         _expect(batch, b, want)
         need = [st for st in states.values() if b not in st.done]
         if batch.indices:
-            update_states(model, batch.x, _on_device(torch.tensor(batch.indices, dtype=torch.int64), batch.x.device), need)
+            update_states(model, batch.x, torch.tensor(batch.indices, dtype=torch.int64), need)
         for st in need:
             st.done.add(b)
         yield MiningStep(b, len(batch.indices), batch.skipped)
