@@ -117,3 +117,16 @@ def test_hello_describes_layouts_and_prefix_tokens(model):
         layers = {layer["name"]: layer for layer in c.get(f"/api/info?token={TOKEN}").json()["layers"]}
     assert layers["blocks.1"]["layout"] == "tokens" and layers["blocks.1"]["prefix"] == ["cls", "dist"]
     assert layers[ATTN]["layout"] == "attention" and layers[ATTN]["shape"] == [3, 4, 4]
+
+
+def test_the_page_says_when_the_weights_are_random():
+    from deepvis.models import WeightsSource
+
+    vit = tiny_vit()
+    vit.weights = WeightsSource.random()
+    kw = dict(token=TOKEN, allowed_hosts=("testserver",), synthesis=False, backprop=False)
+    with TestClient(create_app(ServerConfig(model=vit, **kw))) as client:
+        info = client.get(f"/api/info?token={TOKEN}").json()["model"]
+    assert info["untrained"] is True and info["weights"] == "random (seed 0)"
+    with TestClient(create_app(ServerConfig(model=tiny_vit(), **kw))) as client:
+        assert client.get(f"/api/info?token={TOKEN}").json()["model"]["untrained"] is False

@@ -195,6 +195,8 @@ class Toolbox:
                 "crop_pct": p.crop_pct,
                 "channels": p.channels,
                 "num_classes": m.num_classes,
+                "weights": m.weights.label,
+                "untrained": m.weights.untrained,
             },
             "layers": [
                 {

@@ -40,7 +40,7 @@ export class Panes {
   }
 
   hello(m) {
-    $('model-name').textContent = `${m.model.name} · ${m.model.input_size.join('×')}`;
+    $('model-name').textContent = `${m.model.name} · ${m.model.input_size.join('×')}${m.model.untrained ? ` · ${m.model.weights}: untrained` : ''}`;
   }
 
   ready() {
