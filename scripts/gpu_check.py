@@ -15,6 +15,8 @@ Sections (each prints one line per figure, and the JSON of all of them goes to `
 3. optimize: the same 4 units twice on the device (deterministic mode: equal?), batch 1 vs batch 2,
    and the device vs the CPU;
 4. mining: top-9 of two layers over 64 demo images, CPU vs the device (same samples, values close);
+   and mining under autocast (fp16 on CUDA, bf16 on the CPU) vs float32 on the same device: the same
+   top-9 samples, values close, the states still float32, and the time of both passes;
 5. host syncs: ``torch.cuda.set_sync_debug_mode("warn")`` around mining, one optimize step and one
    live frame, counting the synchronizing calls each makes (CUDA only);
 6. every script in ``benchmarks/`` with ``--device`` and small settings (their ratios are the figures).
@@ -44,6 +46,10 @@ ROOT = Path(__file__).resolve().parent.parent
 #: relative tolerances of the CPU / device comparisons (float32 kernels sum in other orders; TF32 has a 10-bit mantissa)
 TOL_FP32 = 1e-3
 TOL_TF32 = 2e-2
+#: autocast mining vs float32, relative to the layer's largest top value (fp16: 11-bit mantissa, bf16: 8-bit)
+TOL_AUTOCAST = {"fp16": 1e-2, "bf16": 5e-2}
+#: autocast mining vs float32: the least share of units whose best input is the same (the rest: near-ties)
+SAME_TOP1_AUTOCAST = {"fp16": 0.95, "bf16": 0.85}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -161,7 +167,7 @@ def check_optimize(rep: Report, device: torch.device, quick: bool) -> None:
     model.to("cpu")
 
 
-def _top(model: Any, layers: list[str], n: int) -> dict[str, Any]:
+def _top(model: Any, layers: list[str], n: int, autocast: str | None = None) -> dict[str, Any]:
     from deepvis.capture import layer_table
     from deepvis.datasets import open_dataset
     from deepvis.stats import LayerStats, mine
@@ -170,9 +176,53 @@ def _top(model: Any, layers: list[str], n: int) -> dict[str, Any]:
     infos = {i.name: i for i in layer_table(model)}
     states = {name: LayerStats(name, infos[name].units, 9, infos[name].shape[1:], model.device) for name in layers}
     batch = 16
-    for _ in mine(model, ds, states, range(-(-n // batch)), batch, indices=range(n), workers=2):
+    for _ in mine(model, ds, states, range(-(-n // batch)), batch, indices=range(n), workers=2, autocast=autocast):
         pass
     return states
+
+
+def check_autocast_mining(rep: Report, device: torch.device, quick: bool) -> None:
+    """Mining under autocast (fp16 on CUDA, bf16 on the CPU) vs float32 on the same device."""
+    from deepvis.models import load_model
+    from deepvis.runtime import synchronize
+
+    mixed = "fp16" if device.type == "cuda" else "bf16"
+    model = load_model("default", device=device)
+    layers = ["blocks.3", "blocks.5"]
+    n = 16 if quick else 64
+    _top(model, layers[:1], 16, mixed)  # warm-up (cuDNN's algorithms, the loader)
+    seconds, states = {}, {}
+    for setting in (None, mixed):
+        synchronize(device)
+        t = time.perf_counter()
+        states[setting] = _top(model, layers, n, setting)
+        synchronize(device)
+        seconds[setting] = time.perf_counter() - t
+    for name in layers:
+        full, low = states[None][name], states[mixed][name]
+        scale = float(full.topk.values.abs().max())
+        worst, same, first = 0.0, 0, 0
+        for u in range(full.units):
+            a, b = full.top(u), low.top(u)
+            same += {s for _, s, _ in a} == {s for _, s, _ in b}
+            first += a[0][1] == b[0][1]
+            worst = max(worst, max(abs(va - vb) for (va, _, _), (vb, _, _) in zip(a, b, strict=True)) / max(scale, 1e-6))
+        units = full.units
+        rep.add(
+            "autocast",
+            f"{name}: {mixed} vs fp32 best sample equal, {units} units",
+            f"{first}/{units}",
+            first >= SAME_TOP1_AUTOCAST[mixed] * units,
+        )
+        rep.add(
+            "autocast", f"{name}: {mixed} vs fp32 top-9 sample sets equal", f"{same}/{units}", None, "near-ties swap: shown, not judged"
+        )
+        rep.add(
+            "autocast", f"{name}: {mixed} vs fp32 top-9 values", f"rel err {worst:.2e} (of the layer's max)", worst <= TOL_AUTOCAST[mixed]
+        )
+        rep.add("autocast", f"{name}: states accumulate in float32", str(low.topk.values.dtype), low.topk.values.dtype == torch.float32)
+    rep.add("autocast", f"mining {n} images, fp32 s / {mixed} s", f"{seconds[None]:.2f} / {seconds[mixed]:.2f}", None, "shown, not judged")
+    model.to("cpu")
 
 
 def check_mining(rep: Report, device: torch.device, quick: bool) -> None:
@@ -281,6 +331,7 @@ def main() -> int:
         ("backprop views", check_backprop),
         ("optimize", check_optimize),
         ("mining top-k", check_mining),
+        ("autocast mining", check_autocast_mining),
         ("host syncs", check_syncs),
     ]
     if not args.skip_benchmarks:

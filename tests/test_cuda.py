@@ -102,6 +102,31 @@ def test_mining_top_k_matches(pair):
             assert abs(va - vb) <= TOL * max(1.0, abs(va))
 
 
+@pytest.mark.parametrize(("mixed", "tol", "same_best"), [("fp16", 1e-2, 0.95), ("bf16", 5e-2, 0.85)])
+def test_autocast_mining_finds_the_float32_top_k(pair, mixed, tol, same_best):
+    # fp16 / bf16 autocast mining on CUDA vs float32 mining on CUDA: the best input of almost every
+    # unit, values within the dtype's precision of the layer's largest, the states still float32
+    from deepvis.capture import layer_table
+    from deepvis.datasets import open_dataset
+    from deepvis.stats import LayerStats, mine
+
+    _cpu, gpu = pair
+    ds = open_dataset("demo")
+    info = {i.name: i for i in layer_table(gpu)}["blocks.3"]
+    tops = {}
+    for setting in (None, mixed):
+        states = {"blocks.3": LayerStats("blocks.3", info.units, 9, info.shape[1:], gpu.device)}
+        for _ in mine(gpu, ds, states, range(4), 16, indices=range(64), workers=1, autocast=setting):
+            pass
+        tops[setting] = states["blocks.3"]
+    a, b = tops[None], tops[mixed]
+    assert b.topk.values.dtype == torch.float32 and b.topk.values.device == gpu.device
+    assert sum(a.top(u)[0][1] == b.top(u)[0][1] for u in range(a.units)) >= same_best * a.units
+    scale = float(a.topk.values.abs().max())
+    assert float((a.topk.values - b.topk.values).abs().max()) <= tol * scale
+    assert not torch.equal(a.topk.values, b.topk.values)  # the forward pass did run in the lower precision
+
+
 def test_live_frame_matches(pair, sample_images):
     from deepvis.server.frames import FrameProcessor
     from deepvis.server.protocol import ViewSettings

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import sqlite3
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -185,3 +186,216 @@ def test_resuming_an_atlas_on_another_device_type_is_refused_or_allowed(tmp_path
     build_atlas(tmp_path / "a", _model(), str(data), options, allow_other_device=True)
     with open_atlas(tmp_path / "a") as atlas:
         assert atlas.meta["device"] == "cuda"  # the device it was started on stays recorded
+
+
+# -- autocast in the statistics passes (atlas mining, the report's scan) and on the commands ----------
+# A model whose answers are known: a 1x1 convolution with weights [I; -I] (no bias), so unit c < 3 is
+# input channel c and unit 3 + c its negative. Every image is flat, channel c at a planted level (a
+# permutation of 0, 20, ..., 220): unit c's top inputs are the images with the brightest channel c,
+# unit 3 + c's the darkest, 20 levels (0.16 after normalization) apart, far above bfloat16's rounding.
+PLANTED_SOURCE = """
+from collections import OrderedDict
+
+import torch
+from torch import nn
+from deepvis.models import Model, Preprocessing
+
+
+def planted():
+    conv = nn.Conv2d(3, 6, 1, bias=False)
+    with torch.no_grad():
+        eye = torch.eye(3).view(3, 3, 1, 1)
+        conv.weight.copy_(torch.cat([eye, -eye]))
+    pre = Preprocessing((16, 16), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear", crop_pct=1.0)
+    return Model(nn.Sequential(OrderedDict(mix=conv)).eval(), pre, name="planted")
+"""
+PLANTED_N = 12
+
+
+def _planted_levels() -> np.ndarray:
+    """(images, 3) the planted level of each image's channels, 0-255."""
+    rng = np.random.default_rng(3)
+    return np.stack([rng.permutation(PLANTED_N) * 20 for _ in range(3)], 1)
+
+
+def _planted(tmp_path):
+    """(model spec, dataset folder, the expected top-3 image keys of each of the 6 units, best first)."""
+    (tmp_path / "planted_model.py").write_text(PLANTED_SOURCE)
+    data = tmp_path / "planted"
+    data.mkdir()
+    levels = _planted_levels()
+    for i, lv in enumerate(levels):
+        Image.fromarray(np.broadcast_to(lv.astype(np.uint8), (16, 16, 3)).copy()).save(data / f"im{i:02d}.png")
+    expected = [[f"im{i:02d}.png" for i in np.argsort(-levels[:, c])[:3]] for c in range(3)]
+    expected += [[f"im{i:02d}.png" for i in np.argsort(levels[:, c])[:3]] for c in range(3)]
+    return f"{tmp_path / 'planted_model.py'}:planted", data, expected
+
+
+def _tops(root) -> tuple[list[list[str]], list[list[float]], dict]:
+    with open_atlas(root) as atlas:
+        units = [atlas.unit("mix", u) for u in range(6)]
+        return [[t.key for t in u.top] for u in units], [[t.value for t in u.top] for u in units], dict(atlas.meta)
+
+
+def test_autocast_mining_finds_the_planted_top_images_in_float32(tmp_path):
+    from deepvis.models import load_model
+
+    spec, data, expected = _planted(tmp_path)
+    model = load_model(spec, device="cpu")
+    options = AtlasOptions(layers=("mix",), top=3, batch_size=5, views=False, synthesis=None, decode_threads=0)
+    build_atlas(tmp_path / "fp32", model, str(data), options)
+    build_atlas(tmp_path / "bf16", model, str(data), replace(options, autocast=torch.bfloat16))
+    keys32, values32, meta32 = _tops(tmp_path / "fp32")
+    keys16, values16, meta16 = _tops(tmp_path / "bf16")
+    assert keys32 == expected and keys16 == expected
+    assert meta32["autocast"] is None and meta16["autocast"] == "bf16"  # the dtype is recorded as its word
+    v32, v16 = np.array(values32), np.array(values16)
+
+    def norm(levels):
+        return (np.array(levels) / 255 - 0.5) / 0.5
+
+    known = np.array([norm([220, 200, 180])] * 3 + [-norm([0, 20, 40])] * 3)  # the brightest and the darkest levels
+    assert np.allclose(v32, known, atol=1e-6)
+    assert np.allclose(v16, known, atol=BF16_TOL) and not np.array_equal(v16, v32)  # the forward pass ran in bfloat16
+    # the statistics add up in float32 / exact sums: the means are those of the bfloat16 values, not bfloat16 sums
+    with open_atlas(tmp_path / "bf16") as atlas:
+        means = [atlas.unit("mix", u).stats.mean for u in range(6)]
+    flat = (_planted_levels() / 255 - 0.5) / 0.5
+    want = np.concatenate([flat.mean(0), -flat.mean(0)])
+    assert np.allclose(means, want, atol=BF16_TOL)
+
+
+def test_the_scan_takes_autocast_and_keeps_float32_states(tmp_path):
+    from deepvis.analysis.scan import scan_dataset
+    from deepvis.datasets import open_dataset
+    from deepvis.models import load_model
+    from deepvis.stats import LocalEngine
+
+    spec, data, expected = _planted(tmp_path)
+    model = load_model(spec, device="cpu")
+    ds = open_dataset(str(data))
+    results = {}
+    for mixed in (None, "bf16"):
+        with LocalEngine(model, ds, decode_threads=0) as eng:
+            results[mixed] = scan_dataset(model, ds, range(len(ds)), ["mix"], eng, batch_size=5, top_k=3, thumbnails=False, autocast=mixed)
+    a, b = results[None], results["bf16"]
+    keys = [[ds.samples[int(s)].key for s in row] for row in b.activity["mix"].top_samples]
+    assert keys == expected
+    assert np.array_equal(a.activity["mix"].top_samples, b.activity["mix"].top_samples)
+    assert b.features["mix"].dtype == np.float32 and b.activity["mix"].top_values.dtype == a.activity["mix"].top_values.dtype
+    assert np.allclose(a.features["mix"], b.features["mix"], atol=BF16_TOL) and not np.array_equal(a.features["mix"], b.features["mix"])
+    with pytest.raises(DeepvisError, match="unknown autocast"):
+        scan_dataset(model, ds, range(2), ["mix"], LocalEngine(model, ds, decode_threads=0), autocast="fp8")
+
+
+def test_a_resume_with_another_autocast_is_refused_or_allowed(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    _dataset(data, 4)
+    options = AtlasOptions(layers=("5",), top=2, batch_size=2, views=False, synthesis=None, decode_threads=0, autocast="bf16")
+    build_atlas(tmp_path / "a", _model(), str(data), options)
+    build_atlas(tmp_path / "a", _model(), str(data), options)  # the same setting resumes
+    with pytest.raises(AtlasError, match="was mined with autocast bf16, this run with off") as exc:
+        build_atlas(tmp_path / "a", _model(), str(data), replace(options, autocast=None))
+    assert "\n" not in str(exc.value)
+    build_atlas(tmp_path / "a", _model(), str(data), replace(options, autocast=None), allow_other_autocast=True)
+    with open_atlas(tmp_path / "a") as atlas:
+        assert atlas.meta["autocast"] == "bf16"  # the setting it was mined with stays recorded
+    # an atlas from before autocast was recorded was mined without it
+    build_atlas(tmp_path / "b", _model(), str(data), replace(options, autocast=None))
+    with sqlite3.connect(tmp_path / "b" / "index.sqlite") as c:
+        c.execute("DELETE FROM meta WHERE key = 'autocast'")
+    build_atlas(tmp_path / "b", _model(), str(data), replace(options, autocast=None))
+    with pytest.raises(AtlasError, match="was mined with autocast off, this run with fp16"):
+        build_atlas(tmp_path / "b", _model(), str(data), replace(options, autocast="fp16"))
+    with pytest.raises(DeepvisError, match="unknown autocast 'half'"):
+        AtlasOptions(layers=("5",), autocast="half")
+
+
+def test_the_autocast_option_reaches_the_library(tmp_path, monkeypatch, capsys):
+    import json
+
+    import deepvis.activations
+    from deepvis.cli import build_parser, main
+    from deepvis.cli.common import AUTOCAST_CHOICES
+    from deepvis.runtime import AUTOCAST_DTYPES
+
+    assert tuple(AUTOCAST_DTYPES) == AUTOCAST_CHOICES
+    spec, data, expected = _planted(tmp_path)
+    # atlas: mined under bf16, recorded, the planted answers found; a resume without it is refused in one line
+    out = tmp_path / "atlas"
+    base = ["atlas", str(data), "--model", spec, "--layers", "mix", "-k", "3", "--batch-size", "5", "--decode-threads", "0"]
+    assert main([*base, "-o", str(out), "--no-views", "--no-synthesis", "--autocast", "bf16"]) == 0
+    keys, values, meta = _tops(out)
+    assert meta["autocast"] == "bf16" and keys == expected
+    capsys.readouterr()
+    assert main([*base, "-o", str(out), "--no-synthesis"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "mined with autocast bf16, this run with off" in err and "--allow-other-autocast" in err and "\n" not in err
+    assert main([*base, "-o", str(out), "--no-synthesis", "--allow-other-autocast"]) == 0
+    # report: the scan runs under it and the settings record it
+    rep = tmp_path / "report.html"
+    args = ["report", str(data), "--model", spec, "--layers", "mix", "-o", str(rep), "--epsilons", "0", "--clusters", "2"]
+    assert main([*args, "--no-progress", "--decode-threads", "0", "--autocast", "bf16"]) == 0
+    settings = json.loads(rep.with_suffix(".json").read_text())["settings"]
+    assert settings["autocast"] == "bf16"
+    # activations: capture gets the setting
+    seen = []
+    real = deepvis.activations.capture
+
+    def spy(*a, **kw):
+        seen.append(kw.get("autocast"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(deepvis.activations, "capture", spy)
+    png = tmp_path / "grid.png"
+    image = str(data / "im00.png")
+    assert main(["activations", image, "--model", spec, "--layer", "mix", "-o", str(png), "-k", "0", "--autocast", "bf16"]) == 0
+    assert seen == ["bf16"] and png.stat().st_size > 0
+    # serve: the option lands in the server's config; bad words are refused by argparse
+    p = build_parser()
+    assert p.parse_args(["serve", "--autocast", "fp16"]).autocast == "fp16"
+    assert p.parse_args(["serve"]).autocast is None
+    with pytest.raises(SystemExit):
+        p.parse_args(["atlas", "x", "--layers", "a", "-o", "y", "--autocast", "fp8"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        p.parse_args(["report", "--help"])
+    assert "on the CPU bf16 is the useful one" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_server_runs_its_frames_under_the_configured_autocast():
+    from deepvis.server import ServerConfig, create_app
+
+    app = create_app(ServerConfig(model=_model(), autocast="bf16", backprop=False, synthesis=False))
+    try:
+        assert app.state.toolbox.engine.processor.autocast == "bf16"
+    finally:
+        app.state.toolbox.close()
+
+
+def test_a_ray_worker_mines_under_the_plans_autocast(tmp_path):
+    # the plan carries the setting to Ray's workers: a worker (called here without Ray) gives the
+    # local engine's bfloat16 states, bit for bit, and they differ from float32 ones
+    from deepvis.atlas.mining import MiningPlan
+    from deepvis.datasets import open_dataset
+    from deepvis.models import load_model
+    from deepvis.stats import LayerStats, LocalEngine
+    from deepvis.stats.engines import _batch_samples, _Worker
+
+    spec, data, _expected = _planted(tmp_path)
+    model = load_model(spec, device="cpu")
+    ds = open_dataset(str(data))
+    jobs = _batch_samples(range(3), 5, range(len(ds)))
+    got = {}
+    for mixed in (None, "bf16"):
+        plan = MiningPlan({"mix": (6, (16, 16))}, 3, 5, mixed)
+        parts, images, _skipped = _Worker(model, ds, 0, 0).mine(plan, ["mix"], jobs)
+        assert images == PLANTED_N
+        remote = LayerStats.from_bytes("mix", parts["mix"])
+        local = plan.empty_states()
+        for _ in LocalEngine(model, ds, decode_threads=0).mine(plan, local, range(3)):
+            pass
+        assert torch.equal(remote.topk.values, local["mix"].topk.values)
+        got[mixed] = remote.topk.values
+    assert not torch.equal(got[None], got["bf16"]) and torch.allclose(got[None], got["bf16"], atol=BF16_TOL)

@@ -178,3 +178,58 @@ def test_batch_sizes_follow_a_faked_device_budget(monkeypatch):
         assert 1 <= _probe_batch(model, "2", (3, 32, 32)) <= 256
     monkeypatch.setattr(deepvis.runtime, "free_memory", lambda device: 10**15)
     assert auto_micro_batch(cpu, (32, 32), model) == 256 and synthesis_batch(model) == 64
+
+
+def test_halve_on_oom_tells_the_size_it_settled_on(capsys):
+    from deepvis.runtime import halve_on_oom, oom_note
+
+    told = []
+    assert halve_on_oom(lambda b: b, 8, what="x", on_smaller=lambda a, u: told.append((a, u))) == 8 and told == []
+    assert halve_on_oom(lambda b: b if b <= 3 else _oom(), 12, what="x", on_smaller=lambda a, u: told.append((a, u))) == 3
+    assert told == [(12, 3)]
+    halve_on_oom(lambda b: b if b <= 2 else _oom(), 8, what="the batch", on_smaller=oom_note("the batch"))
+    assert capsys.readouterr().err == "deepvis: note: the batch did not fit in the device's memory 8 at a time: running 2 at a time\n"
+
+
+def _oom():
+    raise torch.OutOfMemoryError("CUDA out of memory (faked)")
+
+
+def test_the_optimize_loop_retries_a_batch_that_runs_out_of_memory_in_halves(monkeypatch, capsys):
+    # a fake device that holds a forward and backward pass over at most 2 images: the loop settles on
+    # 2 per pass, says so once, and its results are those of a run with micro batches of 2 (bit for
+    # bit) and of the unsplit run (batched equals alone: within float rounding)
+    import copy
+
+    from torch import nn
+
+    import deepvis.optimize.loop as loop
+    from deepvis.models.model import Model
+    from deepvis.models.preprocessing import Preprocessing
+    from deepvis.optimize import visualize
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()).eval()
+    model = Model(copy.deepcopy(net), Preprocessing(input_size=(32, 32)), name="tiny")
+    units = [f"3:{u}" for u in range(5)]
+    kw = dict(preset="1", steps=4, size=32, seed=3)
+    unsplit = visualize(model, units, batch_size=5, micro_batch=8, **kw)
+    by_two = visualize(model, units, batch_size=5, micro_batch=2, **kw)
+    passes = []
+    real = loop.capture
+
+    def small_device(m, x, *a, **k):
+        passes.append(x.shape[0])
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (faked)")
+        return real(m, x, *a, **k)
+
+    monkeypatch.setattr(loop, "capture", small_device)
+    capsys.readouterr()
+    fitted = visualize(model, units, batch_size=5, micro_batch=8, **kw)
+    err = capsys.readouterr().err
+    assert passes[:4] == [5, 2, 2, 1] and max(passes[4:]) <= 2  # 5 fails, then 2+2+1 per step from then on
+    assert err.count("did not fit in the device's memory") == 1 and "5 at a time: running 2 at a time" in err
+    for a, b, c in zip(fitted, by_two, unsplit, strict=True):
+        assert torch.equal(a.image, b.image) and a.trace == b.trace
+        assert torch.allclose(a.image, c.image, atol=1e-3) and a.best_step == c.best_step

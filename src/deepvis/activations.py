@@ -26,6 +26,7 @@ from .predictions import Prediction, top_k
 from .render.grid import Normalize, grid_shape, tile_grid
 from .render.montage import caption, hstack
 from .render.strip import prefix_strip, stack_below, strip_values
+from .runtime import Autocast
 
 __all__ = ["ActivationView", "activation_views", "compose_view", "auto_scale"]
 
@@ -79,6 +80,7 @@ def activation_views(
     k: int = 5,
     batch_size: int = 8,
     query: Query = None,
+    autocast: Autocast = None,
 ) -> Iterator[ActivationView]:
     """Yield one :class:`ActivationView` per image, computed in batches of ``batch_size``.
 
@@ -86,6 +88,8 @@ def activation_views(
     the model has an output layer; otherwise it stops at ``layer``). ``query``: the query token of an
     attention layer (a prefix token name such as ``"cls"``, or a patch (row, column); default: the first
     prefix token); a :class:`~deepvis.errors.UnitError` for other layers or a query the layer lacks.
+    ``autocast`` (``"bf16"``, ``"fp16"``; None: off) runs the forward passes under
+    :func:`deepvis.runtime.autocast`; the views' activations come back in float32.
     """
     info = get_layer(model, layer) if highlight is None else check_unit(model, Unit(layer, highlight))
     if query is not None and info.layout.kind != "attention":
@@ -98,7 +102,9 @@ def activation_views(
     def flush() -> Iterator[ActivationView]:
         x = model.preprocess(batch)
         names = [layer, LOGITS] if want_logits else [layer]
-        acts = capture(model, x, names, stop_early=not want_logits, prefix=bool(info.prefix), query=query)
+        acts = capture(model, x, names, stop_early=not want_logits, prefix=bool(info.prefix), query=query, autocast=autocast)
+        if autocast is not None:  # the grids, strips and predictions read float32
+            acts = {name: a.float() for name, a in acts.items()}
         preds = top_k(model, acts[LOGITS], k) if want_logits else [[] for _ in batch]
         for i, im in enumerate(batch):
             a = acts[layer][i]

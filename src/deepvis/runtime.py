@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
@@ -35,11 +36,13 @@ __all__ = [
     "Autocast",
     "AUTOCAST_DTYPES",
     "autocast_dtype",
+    "autocast_name",
     "autocast",
     "free_memory",
     "item_bytes",
     "choose_batch_size",
     "halve_on_oom",
+    "oom_note",
 ]
 
 #: the ``autocast=`` words (and ``--autocast`` choices) and the dtypes they run the forward pass in
@@ -126,6 +129,15 @@ def autocast_dtype(value: Autocast) -> torch.dtype | None:
     return found
 
 
+def autocast_name(value: Autocast) -> str | None:
+    """The word of an autocast setting (``"bf16"``, ``"fp16"``; None: off), as records and options keep
+    it (an atlas's metadata, a report's settings); a one-line :class:`DeepvisError` for a bad setting."""
+    dtype = autocast_dtype(value)
+    if dtype is None:
+        return None
+    return next(word for word, d in AUTOCAST_DTYPES.items() if d == dtype)
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device, value: Autocast) -> Iterator[None]:
     """Run the block under ``torch.autocast`` on ``device``'s type in ``value``'s dtype (see
@@ -180,12 +192,15 @@ def choose_batch_size(
     return int(max(1, min(upper, int(free * headroom) // max(1, per_item))))
 
 
-def halve_on_oom(run: Callable[[int], _T], batch: int, *, what: str) -> _T:
+def halve_on_oom(run: Callable[[int], _T], batch: int, *, what: str, on_smaller: Callable[[int, int], None] | None = None) -> _T:
     """``run(batch)``, retried with half the batch each time the device runs out of memory; a
-    one-line :class:`DeepvisError` (naming ``what``) when even one item does not fit."""
+    one-line :class:`DeepvisError` (naming ``what``) when even one item does not fit.
+    ``on_smaller(asked, used)`` is called once when a smaller batch than asked succeeded (e.g.
+    :func:`oom_note`), so that the caller can say so or keep the smaller size."""
+    asked = batch
     while True:
         try:
-            return run(batch)
+            out = run(batch)
         except torch.OutOfMemoryError as exc:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -194,3 +209,17 @@ def halve_on_oom(run: Callable[[int], _T], batch: int, *, what: str) -> _T:
                     f"{what} does not fit in the device's memory even one at a time: use a smaller input size or --device cpu"
                 ) from exc
             batch = max(1, batch // 2)
+        else:
+            if batch < asked and on_smaller is not None:
+                on_smaller(asked, batch)
+            return out
+
+
+def oom_note(what: str) -> Callable[[int, int], None]:
+    """An ``on_smaller`` for :func:`halve_on_oom` that writes one line on stderr: ``what`` did not fit
+    ``asked`` at a time and runs ``used`` at a time from now on."""
+
+    def note(asked: int, used: int) -> None:
+        print(f"deepvis: note: {what} did not fit in the device's memory {asked} at a time: running {used} at a time", file=sys.stderr)
+
+    return note

@@ -28,6 +28,7 @@ from ..capture import LayerInfo, get_layer
 from ..datasets import Batch, ImageDataset
 from ..models.model import Model
 from ..models.preprocessing import Preprocessing
+from ..runtime import Autocast, autocast_name
 from ..stats import INPUT, Accumulator, Engine, LayerStats, num_batches, pack_arrays, unpack_arrays, update_states
 from .activity import LayerActivity, layer_activity
 from .locality import DEFAULT_RADIUS, LayerLocality, LocalityAccumulator
@@ -153,7 +154,8 @@ class ScanPlan:
     """What the scan keeps (a :class:`~deepvis.stats.StatsPlan`): for each of ``layers`` ((name, output
     shape (C, H, W) or (C,)), in depth order) its activity with ``top_k`` inputs per unit, its locality
     at ``radius`` (spatial layers) and its pooled features; thumbnails of ``thumbnail_size`` pixels
-    shown through ``thumbnails`` (None: no thumbnails); ``batch_size`` inputs per batch."""
+    shown through ``thumbnails`` (None: no thumbnails); ``batch_size`` inputs per batch; ``autocast``
+    the forward pass's autocast (``"bf16"``, ``"fp16"``; None: off; the states accumulate in float32)."""
 
     layers: tuple[tuple[str, tuple[int, ...]], ...]
     top_k: int = 4
@@ -161,6 +163,7 @@ class ScanPlan:
     batch_size: int = 32
     thumbnails: Preprocessing | None = None
     thumbnail_size: int = THUMBNAIL_SIZE
+    autocast: str | None = None
 
     def empty_states(self, device: torch.device | str = "cpu", names: Iterable[str] | None = None) -> dict[str, Accumulator]:
         """Fresh states (``activity:L``, ``locality:L``, ``features:L``, ``thumbnails``); ``names`` picks some."""
@@ -192,10 +195,18 @@ class ScanResult:
     skipped: list[tuple[int, str]]
 
 
-def _plan(model: Model, layers: Sequence[str], top_k: int, radius: float, batch_size: int, thumbnails: bool, size: int) -> ScanPlan:
+def _plan(
+    model: Model, layers: Sequence[str], top_k: int, radius: float, batch_size: int, thumbnails: bool, size: int, autocast: Autocast
+) -> ScanPlan:
     infos = sorted({n: get_layer(model, n) for n in dict.fromkeys(layers)}.values(), key=lambda i: i.order)
     return ScanPlan(
-        tuple((i.name, tuple(i.shape)) for i in infos), top_k, radius, batch_size, model.preprocessing if thumbnails else None, size
+        tuple((i.name, tuple(i.shape)) for i in infos),
+        top_k,
+        radius,
+        batch_size,
+        model.preprocessing if thumbnails else None,
+        size,
+        autocast_name(autocast),
     )
 
 
@@ -235,20 +246,24 @@ def scan(
     thumbnails: bool = True,
     thumbnail_size: int = THUMBNAIL_SIZE,
     on_batch: Callable[[int], object] | None = None,
+    autocast: Autocast = None,
 ) -> ScanResult:
     """One forward pass over ``batches`` recording activity, locality, pooled features and thumbnails for ``layers``.
 
     ``batches`` yields :class:`~deepvis.datasets.Batch` es (``indices`` are dataset indices, each seen
     once); ``on_batch(n)`` is called after each batch with the number of inputs it held or skipped.
+    ``autocast`` (``"bf16"``, ``"fp16"``; None: off) runs the forward passes under
+    :func:`deepvis.runtime.autocast`; every state accumulates in float32 (thumbnails are made from
+    the inputs, which autocast does not change).
     :func:`scan_dataset` does the same over a dataset on an engine (``local`` or ``ray``).
     """
-    plan = _plan(model, layers, top_k, radius, 1, thumbnails, thumbnail_size)
+    plan = _plan(model, layers, top_k, radius, 1, thumbnails, thumbnail_size, autocast)
     states = plan.empty_states(model.device)
     skipped: list[tuple[int, str]] = []
     for batch in batches:
         skipped += batch.skipped
         if batch.indices:
-            update_states(model, batch.x, torch.tensor(batch.indices, dtype=torch.int64), states.values())
+            update_states(model, batch.x, torch.tensor(batch.indices, dtype=torch.int64), states.values(), autocast=plan.autocast)
         if on_batch is not None:
             on_batch(len(batch.indices) + len(batch.skipped))
     return _result(model, plan, states, skipped)
@@ -267,11 +282,12 @@ def scan_dataset(
     thumbnails: bool = True,
     thumbnail_size: int = THUMBNAIL_SIZE,
     on_batch: Callable[[int], object] | None = None,
+    autocast: Autocast = None,
 ) -> ScanResult:
     """:func:`scan` over the samples ``indices`` of ``dataset``, in batches of ``batch_size``
     consecutive entries of ``indices``, on ``engine`` (see :mod:`deepvis.stats.engines`): every engine
-    gives the same result, bit for bit on the same hardware."""
-    plan = _plan(model, layers, top_k, radius, batch_size, thumbnails, thumbnail_size)
+    gives the same result, bit for bit on the same hardware; the forward passes under ``autocast``."""
+    plan = _plan(model, layers, top_k, radius, batch_size, thumbnails, thumbnail_size, autocast)
     states = plan.empty_states(engine.state_device)
     skipped: list[tuple[int, str]] = []
     for step in engine.mine(plan, states, range(num_batches(len(indices), batch_size)), indices=indices):

@@ -36,6 +36,7 @@ from ..display import html_table, panel
 from ..errors import DeepvisError, InputError, LayerError
 from ..models.identity import check_identity, model_identity
 from ..models.model import Model
+from ..runtime import Autocast, autocast_name
 from ..stats import Engine, make_engine
 from .activity import LayerActivity, TopInput, activity_from_unit_stats
 from .clusters import ClusterResult, cluster_features, umap_available
@@ -90,7 +91,10 @@ class SummaryOptions:
     thumbnails for the report; ``seed``: of perturbations, folds and k-means. ``class_token``: each
     summarized token layer with a class token is followed by that token as its own vector layer
     ``LAYER@cls`` (its C units; the layer's own rows, the patch grid, are unchanged). Any prefix token
-    can also be named in ``layers`` (``blocks.5@reg0``).
+    can also be named in ``layers`` (``blocks.5@reg0``). ``autocast``: the scan's forward passes run
+    under autocast (``"bf16"``, ``"fp16"`` or the torch dtype, kept as the word; None: off; see
+    :func:`deepvis.runtime.autocast`); its statistics still accumulate in float32, and the
+    sensitivity analysis (gradients of small perturbations) runs in the model's own dtype.
     """
 
     layers: tuple[str, ...] | None = None
@@ -110,6 +114,7 @@ class SummaryOptions:
     atlas: str | os.PathLike[str] | None = None
     seed: int = 0
     class_token: bool = True
+    autocast: Autocast = None
 
     def __post_init__(self) -> None:
         # normalize sequences to tuples (the options are hashable and compare by value)
@@ -122,6 +127,10 @@ class SummaryOptions:
         if self.atlas is not None:
             object.__setattr__(self, "atlas", os.fspath(self.atlas))
         problems = []
+        try:
+            object.__setattr__(self, "autocast", autocast_name(self.autocast))
+        except DeepvisError as exc:
+            problems.append(f"{exc} (--autocast)")
         if self.layers is not None and not self.layers:
             problems.append("layers is empty (None: the default layers)")
         if self.max_images is not None and self.max_images < 1:
@@ -504,6 +513,7 @@ def summarize(
             radius=o.locality_radius,
             thumbnails=keep,
             on_batch=bar.update,
+            autocast=o.autocast,
         )
     finally:
         bar.close()

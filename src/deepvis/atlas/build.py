@@ -15,11 +15,12 @@ from ..datasets import ImageDataset, open_dataset
 from ..errors import DeepvisError
 from ..models.identity import model_identity
 from ..models.model import Model
+from ..runtime import autocast_name
 from ..stats import Engine, LayerStats, batch_indices, make_engine, num_batches
 from .mining import MiningPlan
 from .options import AtlasOptions, SynthesisOptions
 from .runner import run_task
-from .store import DEVICE_KEY, AtlasWriter
+from .store import AUTOCAST_KEY, DEVICE_KEY, AtlasWriter
 from .synthesis import check_synthesis_options
 from .tasks import UnitTask
 from .views import check_view_mode
@@ -56,6 +57,7 @@ def build_atlas(
     on_progress: Callable[[str, int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     allow_other_device: bool = False,
+    allow_other_autocast: bool = False,
 ) -> AtlasSummary:
     """Build (or resume) the atlas in folder ``output`` for ``options.layers`` of ``model`` over ``dataset``.
 
@@ -72,6 +74,9 @@ def build_atlas(
     always True, the call only creates or checks the atlas and records its layers. The device type
     (``cpu``, ``cuda``) is recorded: resuming on another type raises :class:`~deepvis.atlas.store.AtlasError`
     unless ``allow_other_device`` (results agree across devices only within float rounding).
+    ``options.autocast`` (the mining pass's forward passes; crops, views and synthesis run in the
+    model's own dtype) is recorded too: resuming with another setting raises
+    :class:`~deepvis.atlas.store.AtlasError` unless ``allow_other_autocast``.
     """
     stop = should_stop or (lambda: False)
     ds = open_dataset(dataset) if isinstance(dataset, (str, os.PathLike)) else dataset
@@ -97,13 +102,14 @@ def build_atlas(
         "samples": len(ds),
         "deepvis": __version__,
         DEVICE_KEY: model.device.type,
+        AUTOCAST_KEY: options.autocast,
     }
     summary = AtlasSummary(Path(output), [i.name for i in infos])
     if options.views:
         check_view_mode(model, max(infos, key=lambda i: i.order).name, options.view_mode)
     if options.synthesis is not None:
         check_synthesis_options(model, options.synthesis)
-    with AtlasWriter(Path(output), meta, allow_other_device=allow_other_device) as writer:
+    with AtlasWriter(Path(output), meta, allow_other_device=allow_other_device, allow_other_autocast=allow_other_autocast) as writer:
         for info in infos:
             writer.ensure_layer(info.name, info.order, info.shape, options.layer_params())
             if options.synthesis is not None:
@@ -158,7 +164,7 @@ def _mine(
     stop: Callable[[], bool],
 ) -> tuple[int, bool]:
     """Mine ``infos``; returns (inputs mined, stopped early: progress checkpointed, mining not finished)."""
-    plan = MiningPlan({i.name: (i.units, _map_size(i)) for i in infos}, options.top, options.batch_size)
+    plan = MiningPlan({i.name: (i.units, _map_size(i)) for i in infos}, options.top, options.batch_size, autocast_name(options.autocast))
     states: dict[str, LayerStats] = {}
     for name, (units, ms) in plan.layers.items():
         st = writer.load_checkpoint(name, eng.state_device)

@@ -16,11 +16,13 @@ __all__ = ["MiningPlan"]
 @dataclass(frozen=True)
 class MiningPlan:
     """What to mine: ``layers`` maps a layer to (units, map size (H, W) or None), ``k`` entries per unit,
-    ``batch_size`` inputs per batch (a :class:`~deepvis.stats.StatsPlan`)."""
+    ``batch_size`` inputs per batch, ``autocast`` the forward pass's autocast (``"bf16"``, ``"fp16"``;
+    None: off; the top-k and statistics accumulate in float32 either way) (a :class:`~deepvis.stats.StatsPlan`)."""
 
     layers: dict[str, tuple[int, tuple[int, int] | None]]
     k: int
     batch_size: int
+    autocast: str | None = None
 
     def empty_states(self, device: torch.device | str = "cpu", names: Iterable[str] | None = None) -> dict[str, Accumulator]:
         """Fresh states of the layers ``names`` (default: all), keyed by layer."""

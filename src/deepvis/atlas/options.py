@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..runtime import Autocast, autocast_name
+
 __all__ = ["SynthesisOptions", "AtlasOptions"]
 
 
@@ -36,7 +38,11 @@ class AtlasOptions:
     ``synthesis``: None to skip it; ``decode_threads``: image decoding threads per process;
     ``checkpoint_seconds``: how often mining progress is saved. A prefix token of a token layer is mined
     as its own vector layer ``LAYER@TOKEN`` (``blocks.5@cls``) when ``layers`` names it, or for every
-    prefix token of every token layer in ``layers`` with ``prefix_tokens``.
+    prefix token of every token layer in ``layers`` with ``prefix_tokens``. ``autocast``: the mining
+    pass's forward passes run under autocast (``"bf16"``, ``"fp16"`` or the torch dtype, kept as the
+    word; None: off; see :func:`deepvis.runtime.autocast`); the top-k values and statistics still
+    accumulate in float32, and the crops, backprop views and synthesis never run under it. The atlas
+    records it: a resume with another setting is refused (see :func:`~deepvis.atlas.build_atlas`).
     """
 
     layers: tuple[str, ...]
@@ -50,6 +56,11 @@ class AtlasOptions:
     decode_threads: int = 4
     checkpoint_seconds: float = 30.0
     prefix_tokens: bool = False
+    autocast: Autocast = None
+
+    def __post_init__(self) -> None:
+        # a bad word fails here, in one line; a dtype is kept as its word (what the atlas records)
+        object.__setattr__(self, "autocast", autocast_name(self.autocast))
 
     def layer_params(self) -> dict[str, Any]:
         """The per-layer parameters an atlas records (and checks when it is continued)."""

@@ -42,6 +42,7 @@ from ..stats import LayerStats, UnitStats
 __all__ = [
     "ATLAS_IDENTITY_KEYS",
     "DEVICE_KEY",
+    "AUTOCAST_KEY",
     "SCHEMA_VERSION",
     "INDEX_NAME",
     "AtlasError",
@@ -61,6 +62,9 @@ SCHEMA_VERSION = 1
 ATLAS_IDENTITY_KEYS: tuple[str, ...] = (*IDENTITY_KEYS, "dataset_hash")
 #: the meta key of the device type an atlas is built on (``cpu``, ``cuda``): a resumed build on another is refused
 DEVICE_KEY = "device"
+#: the meta key of the mining pass's autocast (``"bf16"``, ``"fp16"``, None: off; an atlas without it was
+#: mined without autocast): a resumed build with another setting is refused
+AUTOCAST_KEY = "autocast"
 INDEX_NAME = "index.sqlite"
 LOCK_NAME = ".lock"
 
@@ -339,13 +343,15 @@ class AtlasWriter:
     type, ...); the keys in ``identity`` must match those already recorded, or :class:`AtlasError` is
     raised. A ``device`` (``"cpu"``, ``"cuda"``) other than the recorded one is refused too, unless
     ``allow_other_device``: results agree across devices only within float rounding, so a resumed
-    atlas would mix them (the recorded device stays the one the atlas was started on).
+    atlas would mix them (the recorded device stays the one the atlas was started on). An ``autocast``
+    other than the recorded one (none recorded: off) is refused the same way, unless ``allow_other_autocast``.
     """
 
     root: Path
     meta: dict[str, Any]
     identity: Sequence[str] = ATLAS_IDENTITY_KEYS
     allow_other_device: bool = False
+    allow_other_autocast: bool = False
     _conn: sqlite3.Connection = field(init=False, repr=False)
     _lock: _Lock = field(init=False, repr=False)
 
@@ -392,6 +398,12 @@ class AtlasWriter:
                 raise AtlasError(
                     f"atlas {self.root} was built on {was}, this run is on {now}: results differ across devices within float "
                     f"rounding, so the atlas would mix them; continue it on {was} (--device), or allow it (--allow-other-device)"
+                )
+            was, now = old.get(AUTOCAST_KEY), self.meta.get(AUTOCAST_KEY)
+            if old and AUTOCAST_KEY in self.meta and was != now and not self.allow_other_autocast:
+                raise AtlasError(
+                    f"atlas {self.root} was mined with autocast {was or 'off'}, this run with {now or 'off'}: the atlas would "
+                    f"mix precisions; continue it with {'--autocast ' + was if was else 'no --autocast'}, or allow it (--allow-other-autocast)"
                 )
             for k, v in self.meta.items():
                 if k not in old:  # recorded once, by the run that created the atlas

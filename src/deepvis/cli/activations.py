@@ -14,6 +14,7 @@ from ..choices import NORMALIZATIONS
 from ..errors import DeepvisError
 from .common import (
     SAMPLE_HELP,
+    add_autocast_option,
     add_colormap_option,
     add_json_option,
     add_model_options,
@@ -63,6 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--every", type=int, default=1, metavar="N", help="video: use every N-th frame (default: %(default)s)")
     p.add_argument("--max-frames", type=int, metavar="N", help="video: stop after N frames")
     add_json_option(p, "print the predictions (and outputs) as JSON")
+    add_autocast_option(p, "the forward passes")
     add_model_options(p)
     p.set_defaults(func=run)
 
@@ -79,7 +81,15 @@ def run(args: argparse.Namespace) -> int:
     query = parse_query(args.query)
     src = existing_input(args.input)
     model = model_from_args(args)
-    opts = dict(normalize=args.normalize, colormap=args.colormap, highlight=args.unit, scale=args.scale, k=args.top, query=query)
+    opts = dict(
+        normalize=args.normalize,
+        colormap=args.colormap,
+        highlight=args.unit,
+        scale=args.scale,
+        k=args.top,
+        query=query,
+        autocast=args.autocast,
+    )
     render = (lambda v: v.picture) if args.grid_only else (lambda v: compose_view(v))
     out = Path(args.output)
     if is_video(src):

@@ -7,6 +7,7 @@ import sys
 
 from ..choices import BACKPROP_MODES, DATASET_SPEC_HELP
 from .common import (
+    add_autocast_option,
     add_engine_options,
     add_json_option,
     add_model_options,
@@ -68,6 +69,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="continue an atlas started on another device type (cpu/cuda): results then mix devices (within float rounding)",
     )
+    add_autocast_option(p, "the mining pass's forward passes (not the crops, views or synthesis)")
+    p.add_argument(
+        "--allow-other-autocast",
+        action="store_true",
+        help="continue an atlas mined with another --autocast setting: its statistics then mix precisions",
+    )
     add_json_option(p, help="print a JSON summary (with every skipped file)")
     add_model_options(p)
     p.set_defaults(func=run)
@@ -105,8 +112,17 @@ def run(args: argparse.Namespace) -> int:
         decode_threads=args.decode_threads,
         checkpoint_seconds=args.checkpoint_seconds,
         prefix_tokens=args.prefix_tokens,
+        autocast=args.autocast,
     )
-    summary = build_atlas(args.output, model, dataset, options, allow_other_device=args.allow_other_device, **engine)
+    summary = build_atlas(
+        args.output,
+        model,
+        dataset,
+        options,
+        allow_other_device=args.allow_other_device,
+        allow_other_autocast=args.allow_other_autocast,
+        **engine,
+    )
     skipped = summary.skipped
     if args.json:
         print_json(

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "add_common_options",
     "add_model_options",
+    "add_autocast_option",
     "add_json_option",
     "add_output_option",
     "add_colormap_option",
@@ -39,6 +40,7 @@ __all__ = [
     "progress",
     "IMAGE_FORMATS",
     "SAMPLE_HELP",
+    "AUTOCAST_CHOICES",
 ]
 
 #: how the help texts name the bundled sample photos (``sample:NAME``; an unknown name lists them all)
@@ -46,6 +48,10 @@ SAMPLE_HELP = "sample:NAME for a bundled photo (e.g. sample:coffee; a wrong name
 
 #: output picture suffixes -> Pillow format names
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+#: the ``--autocast`` choices: the words of :data:`deepvis.runtime.AUTOCAST_DTYPES` (written out here,
+#: since the CLI's modules do not import torch at ``--help``; a test keeps the two lists equal)
+AUTOCAST_CHOICES = ("bf16", "fp16")
 
 
 def add_common_options(p: argparse.ArgumentParser) -> None:
@@ -87,6 +93,19 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     )
     p.set_defaults(runs_model=True)
     add_common_options(p)
+
+
+def add_autocast_option(p: argparse._ActionsContainer, what: str = "the forward passes over the data") -> None:
+    """``--autocast {bf16,fp16}`` (default off): ``what`` runs under :func:`deepvis.runtime.autocast`.
+    Commands that run forward passes over data have it (activations, atlas, report, serve); it is read
+    back as ``args.autocast`` (None: off) and handed to the library's ``autocast=``."""
+    p.add_argument(
+        "--autocast",
+        choices=AUTOCAST_CHOICES,
+        help=f"run {what} under autocast: the weights stay float32, convolutions and matmuls compute in bfloat16 or "
+        "float16 (faster, and about 1%% (bf16) or 0.1%% (fp16) off float32); statistics still add up in float32. On a GPU "
+        "both help; on the CPU bf16 is the useful one (fp16 there is slow). Default: off (see docs/gpu.md)",
+    )
 
 
 def add_json_option(p: argparse._ActionsContainer, help: str = "print JSON") -> None:

@@ -6,7 +6,16 @@ import argparse
 import sys
 
 from ..choices import DATASET_SPEC_HELP, EMBEDDINGS
-from .common import add_engine_options, add_json_option, add_model_options, add_output_option, engine_from_args, model_from_args, print_json
+from .common import (
+    add_autocast_option,
+    add_engine_options,
+    add_json_option,
+    add_model_options,
+    add_output_option,
+    engine_from_args,
+    model_from_args,
+    print_json,
+)
 
 
 def _floats(text: str) -> list[float]:
@@ -79,6 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_json_option(p, help="print a per-layer summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     add_engine_options(p)
+    add_autocast_option(p, "the scan's forward passes (not the sensitivity analysis)")
     add_model_options(p)
     p.set_defaults(func=run)
 
@@ -104,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         atlas=args.atlas,
         seed=args.seed,
         class_token=not args.no_class_token,
+        autocast=args.autocast,
     )
     report_paths(args.output)  # reject a bad output before the long work
     dataset = open_dataset(args.dataset)

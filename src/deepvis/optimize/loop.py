@@ -26,7 +26,7 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
@@ -49,6 +49,8 @@ from .param import ImageParam, make_param
 from .presets import PAPER_SIZE, Settings, get_preset
 from .regularizers import ClipRange, ClipSmallContribution, ClipSmallNorm, GaussianBlur, L2Decay, Regularizer, StayClose, StepInfo
 from .transforms import RandomAffine
+
+_T = TypeVar("_T")
 
 __all__ = [
     "Result",
@@ -298,7 +300,11 @@ def optimize_batch(
             always runs last).
         on_step: called with the 0-based step after each step.
         should_stop: a callable or ``threading.Event``; cancels between steps.
-        micro_batch: elements per forward and backward pass (None: :func:`auto_micro_batch`).
+        micro_batch: elements per forward and backward pass (None: :func:`auto_micro_batch`). A pass
+            that runs out of device memory is retried with half as many elements per pass
+            (:func:`deepvis.runtime.halve_on_oom`), and the size it settles on is kept for the rest of
+            the run, with one note on stderr; results do not change (each element's result does not
+            depend on its batch companions).
         start: feature accentuation (:mod:`.accentuate`): the start images (N, C, H, W) in 0–255 pixels
             instead of noise; the change from them is regularized and kept within ``accentuation``.
         accentuation: the anchors of a run with ``start`` (None: :class:`Accentuation` ()).
@@ -407,7 +413,8 @@ def _start_images(gens: Sequence[torch.Generator], channels: int, size: tuple[in
 
 class _Passes:
     """One step's forward and backward passes, in micro-batches: each pass reads the layers the whole
-    batch needs and evaluates its own elements' objectives."""
+    batch needs and evaluates its own elements' objectives. Work that runs out of device memory is
+    redone in micro-batches half as large (:meth:`fitting`), which then stay."""
 
     def __init__(
         self,
@@ -420,14 +427,32 @@ class _Passes:
         pixel_scale: torch.Tensor,
         clip: ClipRange | None = None,
     ) -> None:
-        n = len(objectives)
-        self.chunks = [slice(i, min(i + micro_batch, n)) for i in range(0, n, micro_batch)]
-        self.objectives = [BatchObjective(objectives[sl]) for sl in self.chunks]
+        self._all = list(objectives)
+        self.split(micro_batch)
         self.layers = self.objectives[0].layers if len(self.chunks) == 1 else BatchObjective(objectives).layers
         self.model, self.param, self.warp, self.size, self.pixel_scale = model, param, warp, size, pixel_scale
         # a parameterization without an exact inverse (MACO) cannot be clipped: the model sees the clipped image
         self.clip = clip if not param.exact_inverse else None
         self.anchor: FeatureAnchor | None = None
+
+    def split(self, micro_batch: int) -> None:
+        """Run ``micro_batch`` elements per pass from now on."""
+        n = len(self._all)
+        self.micro_batch = micro_batch = max(1, min(micro_batch, n))
+        self.chunks = [slice(i, min(i + micro_batch, n)) for i in range(0, n, micro_batch)]
+        self.objectives = [BatchObjective(self._all[sl]) for sl in self.chunks]
+
+    def fitting(self, work: Callable[[], _T]) -> _T:
+        """``work()`` (passes over :attr:`chunks`), redone in micro-batches half as large each time the
+        device runs out of memory; a smaller size that worked is kept, with one note on stderr."""
+
+        def attempt(micro_batch: int) -> _T:
+            if micro_batch != self.micro_batch:
+                self.split(micro_batch)
+            return work()
+
+        note = runtime.oom_note("the optimized images' forward and backward passes")
+        return runtime.halve_on_oom(attempt, self.micro_batch, what="an optimized image's forward and backward pass", on_smaller=note)
 
     def _forward(self, x: torch.Tensor, layers: Sequence[str], grad: bool) -> dict[str, torch.Tensor]:
         # the image stays float32; capture casts it for a half-precision model, the objectives read float32
@@ -442,15 +467,19 @@ class _Passes:
         """Feature accentuation: read the start images ``x0`` (N, C, H, W, from the mean) once and anchor
         every element to its features (``acc.feature_weight`` 0: the values are still read, no anchor)."""
         layers = tuple(dict.fromkeys([*self.layers, *element_layers]))
-        refs: dict[str, list[torch.Tensor]] = {k: [] for k in layers}
-        values = []
-        for sl, objective in zip(self.chunks, self.objectives):
-            acts = self._measure(x0[sl], layers)
-            values.append(objective(acts))
-            for k in layers:
-                refs[k].append(acts[k])
-        reference = {k: torch.cat(v) for k, v in refs.items()}
-        self.anchor = FeatureAnchor(acc.feature_weight, element_layers, reference, torch.cat(values))
+
+        def read() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+            refs: dict[str, list[torch.Tensor]] = {k: [] for k in layers}
+            values = []
+            for sl, objective in zip(self.chunks, self.objectives):
+                acts = self._measure(x0[sl], layers)
+                values.append(objective(acts))
+                for k in layers:
+                    refs[k].append(acts[k])
+            return {k: torch.cat(v) for k, v in refs.items()}, torch.cat(values)
+
+        reference, values = self.fitting(read)
+        self.anchor = FeatureAnchor(acc.feature_weight, element_layers, reference, values)
         self.layers = layers
 
     def distances(self, x: torch.Tensor, x0: torch.Tensor, acc: Accentuation) -> list[dict[str, Any]]:
@@ -459,9 +488,11 @@ class _Passes:
         d = (x - x0).flatten(1)
         rms, mx = d.pow(2).mean(1).sqrt().tolist(), d.abs().amax(1).tolist()
         feats: list[float] = []
-        if self.anchor is not None:
-            for sl in self.chunks:
-                feats += self.anchor.distance(self._measure(x[sl], self.anchor.layers), sl).tolist()
+        anchor = self.anchor
+        if anchor is not None:
+            feats = self.fitting(
+                lambda: [f for sl in self.chunks for f in anchor.distance(self._measure(x[sl], anchor.layers), sl).tolist()]
+            )
         layers = self.anchor.element_layers if self.anchor is not None else [None] * len(rms)
         return [
             {**acc.to_dict(), "feature_layer": layers[i], "pixel_rms": rms[i], "pixel_max": mx[i], "feature": feats[i] if feats else None}
@@ -469,15 +500,20 @@ class _Passes:
         ]
 
     def run(self, p: torch.Tensor, warp_params: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(values (N,), gradient w.r.t. the parameters, gradient w.r.t. the image, the image), detached."""
-        parts = [
-            self._one(p[sl], None if warp_params is None else warp_params[sl], objective, sl)
-            for sl, objective in zip(self.chunks, self.objectives)
-        ]
-        if len(parts) == 1:
-            return parts[0]
-        v, g_p, g_x, xd = (torch.cat(t) for t in zip(*parts))
-        return v, g_p, g_x, xd
+        """(values (N,), gradient w.r.t. the parameters, gradient w.r.t. the image, the image), detached.
+        Redone in smaller micro-batches when the device runs out of memory (:meth:`fitting`)."""
+
+        def step() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            parts = [
+                self._one(p[sl], None if warp_params is None else warp_params[sl], objective, sl)
+                for sl, objective in zip(self.chunks, self.objectives)
+            ]
+            if len(parts) == 1:
+                return parts[0]
+            v, g_p, g_x, xd = (torch.cat(t) for t in zip(*parts))
+            return v, g_p, g_x, xd
+
+        return self.fitting(step)
 
     def _one(
         self, p: torch.Tensor, warp_params: torch.Tensor | None, objective: BatchObjective, sl: slice

@@ -12,6 +12,11 @@ Both engines do the same two kinds of work and give bit-identical results on the
 
 Work is always split on the same boundaries (whole batches; whole jobs), so every tensor a result
 depends on is computed from the same inputs in the same batch composition on every engine.
+
+Autocast: a plan's ``autocast`` (``"bf16"``, ``"fp16"``; None: off) runs the statistics passes' forward
+pass under :func:`deepvis.runtime.autocast`; the states still accumulate in float32 (top-k values,
+extremes) and exact float64 sums, since every accumulator casts what it reads. Jobs (:meth:`Engine.map`:
+the atlas's receptive-field crops, backprop views and synthesized images) never run under it.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from ..choices import ENGINES
 from ..datasets import Batch, ImageDataset, iter_batches
 from ..errors import DeepvisError
 from ..models.model import Model
+from ..runtime import Autocast
 from .accumulators import INPUT, Accumulator
 
 __all__ = [
@@ -54,11 +60,15 @@ _R = TypeVar("_R")
 
 
 class StatsPlan(Protocol):
-    """What an engine needs to make empty states on a worker: ``batch_size`` samples per batch, and
+    """What an engine needs to make empty states on a worker: ``batch_size`` samples per batch,
+    ``autocast`` the forward pass's autocast (None: off; see :func:`deepvis.runtime.autocast`), and
     ``empty_states(device, names)``, the fresh states of the given names (None: all)."""
 
     @property
     def batch_size(self) -> int: ...
+
+    @property
+    def autocast(self) -> Autocast: ...
 
     def empty_states(self, device: torch.device | str = "cpu", names: Iterable[str] | None = None) -> dict[str, Accumulator]: ...
 
@@ -90,15 +100,18 @@ def _batch_samples(batches: Iterable[int], batch_size: int, order: Sequence[int]
     return [(b, [order[i] for i in batch_indices(b, batch_size, len(order))]) for b in batches]
 
 
-def update_states(model: Model, x: torch.Tensor, samples: torch.Tensor, states: Iterable[Accumulator]) -> None:
+def update_states(
+    model: Model, x: torch.Tensor, samples: torch.Tensor, states: Iterable[Accumulator], *, autocast: Autocast = None
+) -> None:
     """Fold one batch into ``states``: ``x`` (B, C, H, W) the preprocessed inputs, ``samples`` (B,) int64
     their dataset indices (moved to ``x``'s device once, without a host sync). One forward pass captures
-    the layers the states read (stopping after the deepest); a state reading
+    the layers the states read (stopping after the deepest), under ``autocast`` when given (``"bf16"``,
+    ``"fp16"``; the states accumulate in float32 whatever the activations' dtype); a state reading
     :data:`~.accumulators.INPUT` gets ``x``. Does not touch ``done``."""
     samples = _on_device(samples, x.device)
     states = list(states)
     layers = list(dict.fromkeys(st.layer for st in states if st.layer != INPUT))
-    acts = capture(model, x, layers, stop_early=LOGITS not in layers) if layers else {}
+    acts = capture(model, x, layers, stop_early=LOGITS not in layers, autocast=autocast) if layers else {}
     acts[INPUT] = x
     for st in states:
         st.update(acts[st.layer], samples)
@@ -118,16 +131,18 @@ def _fold(
     jobs: Sequence[tuple[int, list[int]]],
     batch_size: int,
     workers: int,
+    autocast: Autocast = None,
 ) -> Iterator[MiningStep]:
-    """Fold the batches ``jobs`` ((batch number, its samples), ascending) into ``states``. Every batch
-    but the sample list's last holds ``batch_size`` samples, so the loader's batches line up with them."""
+    """Fold the batches ``jobs`` ((batch number, its samples), ascending) into ``states``, the forward
+    passes under ``autocast``. Every batch but the sample list's last holds ``batch_size`` samples, so
+    the loader's batches line up with them."""
     todo = [(b, s) for b, s in jobs if any(b not in st.done for st in states.values())]
     stream = iter_batches(dataset, model, batch_size, indices=[i for _b, s in todo for i in s], workers=workers)
     for (b, want), batch in zip(todo, stream):
         _expect(batch, b, want)
         need = [st for st in states.values() if b not in st.done]
         if batch.indices:
-            update_states(model, batch.x, torch.tensor(batch.indices, dtype=torch.int64), need)
+            update_states(model, batch.x, torch.tensor(batch.indices, dtype=torch.int64), need, autocast=autocast)
         for st in need:
             st.done.add(b)
         yield MiningStep(b, len(batch.indices), batch.skipped)
@@ -142,6 +157,7 @@ def mine(
     *,
     indices: Sequence[int] | None = None,
     workers: int = 2,
+    autocast: Autocast = None,
 ) -> Iterator[MiningStep]:
     """Run the model over the given batches and fold them into ``states`` (each reads its ``layer``).
 
@@ -149,11 +165,12 @@ def mine(
     dataset in order). A batch already in a state's ``done`` set is not counted again for that state.
     Yields one :class:`MiningStep` per batch, after the states include it (so the caller may
     checkpoint). Decoding runs in ``workers`` threads, overlapping the forward passes; the forward pass
-    stops at the deepest layer needed.
+    stops at the deepest layer needed and runs under ``autocast`` when given (``"bf16"``, ``"fp16"``:
+    see :func:`deepvis.runtime.autocast`; the states still accumulate in float32).
     """
     order: Sequence[int] = range(len(dataset)) if indices is None else indices
     todo = sorted({b for b in batches if any(b not in st.done for st in states.values())})
-    yield from _fold(model, dataset, states, _batch_samples(todo, batch_size, order), batch_size, workers)
+    yield from _fold(model, dataset, states, _batch_samples(todo, batch_size, order), batch_size, workers, autocast)
 
 
 def _expect(batch: Batch, b: int, want: Sequence[int]) -> None:
@@ -213,7 +230,10 @@ class LocalEngine(Engine):
     def mine(
         self, plan: StatsPlan, states: Mapping[str, Accumulator], batches: Sequence[int], *, indices: Sequence[int] | None = None
     ) -> Iterator[MiningProgress]:
-        for step in mine(self.model, self.dataset, states, batches, plan.batch_size, indices=indices, workers=self.decode_threads):
+        steps = mine(
+            self.model, self.dataset, states, batches, plan.batch_size, indices=indices, workers=self.decode_threads, autocast=plan.autocast
+        )
+        for step in steps:
             yield MiningProgress([step.batch], step.images, step.skipped)
 
     def map(self, fn: Callable[[Model, ImageDataset, _J], _R], jobs: Sequence[_J]) -> Iterator[_R]:
@@ -243,7 +263,7 @@ class _Worker:
     ) -> tuple[dict[str, bytes], int, list[tuple[int, str]]]:
         states = plan.empty_states(self.model.device, names)
         images, skipped = 0, []
-        for step in _fold(self.model, self.dataset, states, jobs, plan.batch_size, self.decode_threads):
+        for step in _fold(self.model, self.dataset, states, jobs, plan.batch_size, self.decode_threads, plan.autocast):
             images += step.images
             skipped += step.skipped
         return {name: st.to_bytes() for name, st in states.items()}, images, skipped
