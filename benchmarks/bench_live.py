@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -71,21 +72,44 @@ def start_server(model: str, extra_env: list[str], device: str = "cpu", dataset:
     return proc, line.split("open ", 1)[1].strip()
 
 
-def cpu_seconds(match: str) -> float:
-    """User + system CPU seconds of every process whose command line contains ``match`` (Linux /proc)."""
+def cpu_by_process(match: str) -> dict[str, float]:
+    """User + system CPU seconds of every process whose command line contains ``match`` (Linux /proc),
+    summed by Chromium's process type (``renderer``, ``gpu-process``, ``utility:NetworkService``, ...;
+    ``main`` for a process without one: Chromium's browser process, or the server)."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+    total: dict[str, float] = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if match.encode() not in f.read():
-                    continue
+                raw = f.read()
+            if match.encode() not in raw:
+                continue
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
         except (FileNotFoundError, ProcessLookupError, IndexError):
             continue  # the process ended meanwhile
+        # (Chromium rewrites its children's command lines into one space-separated string)
+        typ, sub = re.search(rb"--type=([\w-]+)", raw), re.search(rb"--utility-sub-type=([\w.]+)", raw)
+        kind = typ.group(1).decode() if typ else "main"
+        if sub:
+            kind += ":" + sub.group(1).decode().rsplit(".", 1)[-1]
+        total[kind] = total.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return total
+
+
+def cpu_seconds(match: str) -> float:
+    """User + system CPU seconds of every process whose command line contains ``match`` (Linux /proc)."""
+    return sum(cpu_by_process(match).values())
+
+
+#: Chromium's process types, in the breakdown's words
+PROCESS_NAMES = {
+    "renderer": "page",
+    "gpu-process": "compositing",
+    "main": "browser",
+    "utility:NetworkService": "network",
+    "utility:VideoCaptureService": "camera",
+}
 
 
 #: the child that times the bare forward; prints milliseconds per forward (median)
@@ -128,7 +152,7 @@ def measure(page, seconds: float, server_match: str, browser_match: str) -> dict
     """Sample the page's counters for ``seconds``; latencies are collected as they arrive."""
     read = "({f: window.deepvis.frames, b: window.deepvis.backprops, n: window.deepvis.latencyCount, c: window.deepvis.cameraFrames, d: window.deepvis.sessionDropped, s: window.deepvis.skipped, lat: window.deepvis.latencies.slice(-300), ms: window.deepvis.last.ms})"
     start = page.evaluate(read)
-    cpu0 = (cpu_seconds(server_match), cpu_seconds(browser_match))
+    cpu0 = (cpu_seconds(server_match), cpu_by_process(browser_match))
     t0 = time.monotonic()
     lat: list[float] = []
     server_ms: list[float] = []
@@ -143,7 +167,7 @@ def measure(page, seconds: float, server_match: str, browser_match: str) -> dict
         server_ms.append(now["ms"])
     end = page.evaluate(read)
     dt = time.monotonic() - t0
-    cpu1 = (cpu_seconds(server_match), cpu_seconds(browser_match))
+    cpu1 = (cpu_seconds(server_match), cpu_by_process(browser_match))
     frames = max(1, end["f"] - start["f"])
     lat.sort()
     return {
@@ -157,8 +181,22 @@ def measure(page, seconds: float, server_match: str, browser_match: str) -> dict
         "skipped": end["s"] - start["s"],
         "samples": len(lat),
         "server_cpu_ms": 1000 * (cpu1[0] - cpu0[0]) / frames,
-        "browser_cpu_ms": 1000 * (cpu1[1] - cpu0[1]) / frames,
+        "browser_cpu_ms": 1000 * (sum(cpu1[1].values()) - sum(cpu0[1].values())) / frames,
+        **{f"browser_{PROCESS_NAMES.get(k, 'other')}_ms": 1000 * (cpu1[1][k] - cpu0[1].get(k, 0.0)) / frames for k in cpu1[1]},
     }
+
+
+def camera_alone(page, seconds: float, browser_match: str) -> float:
+    """Chromium's CPU milliseconds per second with the camera on and the page frozen (nothing sent,
+    nothing drawn): what the camera costs the browser whatever the page does."""
+    page.keyboard.press("f")  # freeze
+    page.wait_for_timeout(1000)
+    c0, t0 = cpu_seconds(browser_match), time.monotonic()
+    page.wait_for_timeout(seconds * 1000)
+    ms = 1000 * (cpu_seconds(browser_match) - c0) / (time.monotonic() - t0)
+    page.keyboard.press("f")
+    page.wait_for_timeout(1000)
+    return ms
 
 
 #: resolves, at the first animation frame where the last result's ``field`` differs from ``before``,
@@ -207,6 +245,7 @@ def run_once(args: argparse.Namespace) -> tuple[str, dict[str, dict[str, float]]
             page.wait_for_timeout(args.warmup * 1000)
             results[OFF] = measure(page, args.seconds, "deepvis\0serve", profile)
             results[OFF].update(switch_times(page))
+            results[OFF]["camera_alone_ms_per_s"] = camera_alone(page, min(args.seconds, 5.0), profile)
             page.keyboard.press("b")  # the gradient view of the selected unit
             wait(page, "window.deepvis.backprops > 5")
             page.wait_for_timeout(args.warmup * 1000)
@@ -253,7 +292,8 @@ def main() -> None:
     bare_ms = statistics.median(bare)
 
     def med(cond: str, key: str) -> float:
-        vals = [r[cond][key] for r in runs if math.isfinite(r[cond][key])]
+        missing = 0.0 if key.startswith("browser_") else float("nan")  # a process type absent from a run used no CPU
+        vals = [v for r in runs if math.isfinite(v := r[cond].get(key, missing))]
         return statistics.median(vals) if vals else float("nan")
 
     print(
@@ -285,6 +325,14 @@ def main() -> None:
     print(f"target backprop on:  efficiency >= 0.3 -> {'met' if on_fps * bare_ms / 1000 >= 0.3 else 'NOT met'}")
     worst = max(med(OFF, "p95"), med(ON, "p95")) / bare_ms
     print(f"target p95 <= 5 bare forwards -> {'met' if worst <= 5 else 'NOT met'} (worst {worst:.1f})")
+    for cond in (OFF, ON):
+        parts = " + ".join(f"{name} {med(cond, f'browser_{name}_ms'):.1f}" for name in (*PROCESS_NAMES.values(), "other"))
+        print(f"browser CPU ms per drawn frame, {cond}: {med(cond, 'browser_cpu_ms'):.1f} = {parts}")
+    cam = med(OFF, "camera_alone_ms_per_s")
+    print(
+        f"the camera alone (page frozen, same run): {cam:.0f} ms of browser CPU per second, "
+        f"{cam / max(1e-6, med(OFF, 'fps')):.1f} ms per drawn frame at the live rate"
+    )
     cpu = max(med(OFF, "browser_cpu_ms"), med(ON, "browser_cpu_ms"))
     print(f"target browser CPU <= 10 ms per drawn frame -> {'met' if cpu <= 10 else 'NOT met'} (worst {cpu:.1f})")
 

@@ -5,14 +5,19 @@ The tiny model (tests/test_server_utils.py) over a folder of 12 small photos and
 
 from __future__ import annotations
 
+import gc
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -254,3 +259,120 @@ def test_a_synthesized_image_is_cropped_to_the_units_receptive_field(model):
     image = Image.open(io.BytesIO(cropped.content))
     assert image.size == (5, 5)
     assert np.array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(whole.content)))[14:19, 14:19])
+
+
+# -- the temporary atlas (--dataset without --atlas) is removed on every way out -------------------------------
+def _temp_atlases(tmp: Path) -> list[str]:
+    return sorted(p.name for p in tmp.glob("deepvis-atlas-*"))
+
+
+@pytest.fixture
+def tmp_root(tmp_path, monkeypatch) -> Path:
+    """The temporary directory the temporary atlas is made in (and nothing else of this test is)."""
+    root = tmp_path / "tmp"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    return root
+
+
+def test_a_temporary_atlas_of_an_app_never_started_goes_with_the_app(model, photos, tmp_root):
+    app = make_app(model, dataset=str(photos), synthesis=False, backprop=False)
+    root = app.state.toolbox.atlas.root
+    assert root.parent == tmp_root and (root / "index.sqlite").exists()  # prepared: the atlas exists
+    del app
+    gc.collect()
+    assert _temp_atlases(tmp_root) == []
+
+
+def test_a_temporary_atlas_is_removed_when_building_the_app_fails(model, photos, tmp_root, tmp_path):
+    """The miner had made its atlas when the report was refused."""
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"activity": {"nope": {"shape": [3]}}}))
+    with pytest.raises(ModelError, match="was made for another model"):
+        make_app(model, dataset=str(photos), report=report, synthesis=False)
+    assert _temp_atlases(tmp_root) == []
+
+
+def test_a_temporary_atlas_is_removed_when_starting_the_app_fails(model, photos, tmp_root, monkeypatch):
+    app = make_app(model, dataset=str(photos), synthesis=False, backprop=False)
+    toolbox = app.state.toolbox
+
+    def broken_start() -> None:
+        raise RuntimeError("no thread for the miner")
+
+    monkeypatch.setattr(toolbox.miner, "start", broken_start)
+    with pytest.raises(RuntimeError, match="no thread for the miner"), TestClient(app):
+        pass
+    assert _temp_atlases(tmp_root) == [] and not toolbox.engine._frames._thread  # the engine was closed too
+
+
+def test_a_temporary_atlas_of_an_app_never_started_is_removed_at_exit(tmp_path):
+    """A process that builds the app and exits without starting or closing it leaves no atlas behind."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    script = (
+        "import sys, tempfile\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        f"tempfile.tempdir = {str(tmp)!r}\n"
+        "from test_server_utils import tiny_model\n"
+        "from deepvis.server import ServerConfig, create_app\n"
+        "app = create_app(ServerConfig(model=tiny_model(), dataset='demo', synthesis=False, backprop=False))\n"
+        "print(app.state.toolbox.atlas.root, flush=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()).parent == tmp and _temp_atlases(tmp) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_temporary_atlas_is_removed_when_the_server_is_interrupted(photos, tmp_path, sig):
+    """``deepvis serve --dataset`` stopped by Ctrl-C or a TERM signal while it mines."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    factory = tmp_path / "tinynet.py"
+    factory.write_text(
+        f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_server_utils import tiny_model\n"
+        "def build():\n    return tiny_model().module\n"
+    )
+    cmd = [sys.executable, "-m", "deepvis", "serve", "--port", "0", "--model", f"{factory}:build", "--input-size", "32"]
+    proc = subprocess.Popen(
+        [*cmd, "--dataset", str(photos), "--no-backprop"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmp)},
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("deepvis serve: open "), (line, proc.stderr.read() if proc.poll() is not None else "")
+        url = line.split("open ", 1)[1].strip()
+        base, token = url.split("/?token=")
+        mining = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not mining.get("layers"):  # serving, and the miner has begun
+            try:
+                mining = httpx.get(f"{base}/api/info?token={token}", timeout=5).json()["mining"]
+            except httpx.TransportError:
+                time.sleep(0.05)
+        assert mining.get("layers") and len(_temp_atlases(tmp)) == 1
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert proc.returncode in ((130, 0) if sig == signal.SIGINT else (-signal.SIGTERM, 0)), err
+    assert _temp_atlases(tmp) == [], err
+
+
+def test_serve_autocast_reaches_the_dataset_miner_and_is_recorded_in_its_atlas(model, photos, tmp_path):
+    """``deepvis serve --autocast bf16 --dataset``: the miner's forward passes run under autocast (the
+    atlas records it, so a resumed build cannot mix settings), the live frames' too."""
+    app = make_app(model, dataset=str(photos), atlas=str(tmp_path / "atlas"), autocast="bf16")
+    toolbox = app.state.toolbox
+    assert toolbox.engine.processor.autocast == "bf16"
+    assert toolbox.miner is not None and toolbox.miner.base.autocast == "bf16"
+    with open_atlas(tmp_path / "atlas") as atlas:
+        assert atlas.meta["autocast"] == "bf16"
+    toolbox.close()

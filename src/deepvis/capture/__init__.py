@@ -1,6 +1,6 @@
 """Capture: unit addressing, the layer table and its layouts, hooks and the early-stopping forward pass."""
 
-from .hooks import capture, forward_with_logits, prefix_key
+from .hooks import CaptureCancelled, capture, forward_with_logits, prefix_key
 from .layers import LayerInfo, check_unit, get_layer, layer_table, module_device, resolve_module, token_layer_info
 from .layouts import Layout, parse_layout, parse_layout_options
 from .state import eval_mode, frozen
@@ -8,6 +8,7 @@ from .units import LOGITS, Unit, parse_unit, parse_unit_set, split_token_layer, 
 
 __all__ = [
     "capture",
+    "CaptureCancelled",
     "forward_with_logits",
     "prefix_key",
     "Layout",

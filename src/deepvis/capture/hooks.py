@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -37,7 +37,16 @@ from .layouts import Layout, Query
 from .state import eval_mode
 from .units import split_token_layer
 
-__all__ = ["capture", "forward_with_logits", "prefix_key", "CAPTURE_FACTS", "RESOLVED_MODULES", "ALL_MODULES", "INPLACE_OUTPUTS"]
+__all__ = [
+    "capture",
+    "forward_with_logits",
+    "prefix_key",
+    "CaptureCancelled",
+    "CAPTURE_FACTS",
+    "RESOLVED_MODULES",
+    "ALL_MODULES",
+    "INPLACE_OUTPUTS",
+]
 
 #: (call count per layer, layer -> the earlier layer it is an alias of, layer -> layout), from the layer
 #: table at the model's input size and declared layouts
@@ -56,6 +65,15 @@ _AS_PRODUCED = frozenset(("maps", "vector"))
 
 class _StopForward(Exception):
     """Raised inside a hook once every requested layer has been captured."""
+
+
+class CaptureCancelled(Exception):
+    """Raised by :func:`capture` when its ``cancel`` callback answered True during the forward pass
+    (the pass was abandoned between two modules; nothing is returned)."""
+
+
+#: how deep under the network's root ``cancel`` is asked (before each module down to this depth runs)
+CANCEL_DEPTH = 3
 
 
 def prefix_key(layer: str) -> str:
@@ -80,6 +98,7 @@ def capture(
     prefix: bool = False,
     query: Query = None,
     autocast: Autocast = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run ``x`` through the model and return each requested layer's output in its canonical form.
 
@@ -103,6 +122,9 @@ def capture(
         autocast: run the forward pass under ``torch.autocast`` in this dtype (``"bf16"``, ``"fp16"``
             or the torch dtype; see :func:`deepvis.runtime.autocast`); None: the model's own dtype.
             Outputs then come in the autocast dtype where autocast computed them.
+        cancel: asked before each module down to :data:`CANCEL_DEPTH` levels under the root runs
+            (e.g. before each block of a network); True abandons the pass (:class:`CaptureCancelled`).
+            The live toolbox uses it to drop a frame whose layer is no longer shown.
 
     Returns:
         ``{layer: output}``: (N, C, H, W) or (N, C) tensors, each the module's output as it was
@@ -113,6 +135,7 @@ def capture(
 
     Raises:
         LayerError: a layer that is not viewable (its reason, e.g. a layout that cannot be told).
+        CaptureCancelled: ``cancel`` answered True.
         UnitError: a ``query`` that is not a prefix token or a patch of an attention layer's grid.
     """
     module = model.module if isinstance(model, Model) else model
@@ -182,6 +205,7 @@ def capture(
             fused=fused,
             weights=weights,
             mixed=mixed,
+            cancel=cancel,
         )
         mutated = {n for n in names if n in out and out[n]._version != versions[n]}
         if not mutated:
@@ -220,6 +244,7 @@ def _run(
     fused: list[nn.Module] | None = None,
     weights: dict[str, nn.MultiheadAttention] | None = None,
     mixed: torch.dtype | None = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     out: dict[str, torch.Tensor] = {}
     versions: dict[str, int] = {}
@@ -255,10 +280,16 @@ def _run(
         if stop_early and remaining[0] <= 0:
             raise _StopForward
 
+    def check(_m: nn.Module, _inp: object) -> None:
+        if cancel is not None and cancel():
+            raise CaptureCancelled
+
     grad_ctx = contextlib.nullcontext() if grad else torch.no_grad()
     try:
         for m in {id(m): m for n, m in targets.items() if n not in weights}.values():
             handles.append(m.register_forward_hook(make(m)))
+        if cancel is not None:
+            handles.extend(m.register_forward_pre_hook(check) for m in _shallow_modules(module, CANCEL_DEPTH))
         with (
             grad_ctx,
             autocast_block(x.device, mixed),
@@ -273,6 +304,15 @@ def _run(
         for h in handles:
             h.remove()
     return out, versions
+
+
+def _shallow_modules(module: nn.Module, depth: int) -> list[nn.Module]:
+    """``module`` and its descendants down to ``depth`` levels under it."""
+    out, level = [module], [module]
+    for _ in range(depth):
+        level = [c for m in level for c in m.children()]
+        out.extend(level)
+    return out
 
 
 def forward_with_logits(

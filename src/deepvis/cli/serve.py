@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import DeepvisError
-from .common import add_model_options, model_from_args
+from .common import add_autocast_option, add_model_options, model_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -57,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=("critical", "error", "warning", "info", "debug"),
         help="server log level (default: %(default)s)",
     )
+    add_autocast_option(p, "the live frames' and the dataset miner's forward passes")
     add_model_options(p)
     p.set_defaults(func=run)
 
@@ -132,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
             port=port,
             allowed_hosts=tuple(allowed),
             backprop=not args.no_backprop,
+            autocast=args.autocast,
         )
         app = create_app(config)
         token = app.state.toolbox.token

@@ -11,8 +11,8 @@ import contextlib
 import io
 import json
 import logging
-import shutil
 import tempfile
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -35,7 +35,7 @@ from .atlas_view import IMAGE_KINDS, AtlasView, SynthCropper
 from .config import ServerConfig
 from .engine import LiveEngine, TooManySessions, error_message, replica
 from .frames import fit_image
-from .mining import DatasetMiner
+from .mining import DatasetMiner, TemporaryAtlas
 from .protocol import BACKPROP_MODES, RAW_BACKPROP, READABLE_BACKPROP, ProtocolError, ViewSettings, pack, text, unpack
 from .security import Guard, GuardMiddleware, new_token
 from .session import Frame, RawFrame, Session
@@ -100,16 +100,20 @@ class Toolbox:
             unit_view=unit_view if config.backprop else None,
             geometry=layer_geometry if config.backprop else None,
             max_sessions=config.max_sessions,
+            autocast=config.autocast,
         )
         #: the dataset miner (``dataset``) and the temporary atlas it fills when no atlas folder was given
+        #: (removed by close, or when the toolbox is dropped unstarted, or at exit: see TemporaryAtlas)
         self.miner: DatasetMiner | None = None
-        self._temp_atlas: Path | None = None
+        self._temp_atlas: TemporaryAtlas | None = None
         atlas_root = Path(config.atlas) if config.atlas is not None else None
-        if config.dataset is not None:
-            dataset = open_dataset(config.dataset)  # a missing or empty dataset: a one-line InputError
-            if atlas_root is None:
-                self._temp_atlas = atlas_root = Path(tempfile.mkdtemp(prefix="deepvis-atlas-"))
-            try:
+        self.synthesis: SynthesisService | None = None
+        try:
+            if config.dataset is not None:
+                dataset = open_dataset(config.dataset)  # a missing or empty dataset: a one-line InputError
+                if atlas_root is None:
+                    self._temp_atlas = TemporaryAtlas()
+                    atlas_root = self._temp_atlas.path
                 if (atlas_root / INDEX_NAME).exists():  # another model's atlas is refused by the identity policy first
                     AtlasView(atlas_root, model)
                 self.miner = DatasetMiner(
@@ -120,20 +124,25 @@ class Toolbox:
                     on_change=self._atlas_changed,
                     top=config.mining_top,
                     batch_size=config.mining_batch_size,
+                    autocast=config.autocast,
                 )
                 self.miner.prepare(self.engine.default_settings.layer)  # creates the atlas, or refuses another dataset's
-            except BaseException:
-                self._remove_temp_atlas()
-                raise
-        self.atlas = AtlasView(atlas_root, model) if atlas_root is not None else None
-        if config.atlas is not None or config.report is not None:
-            # after AtlasView: the atlas was checked against the model by the identity policy
-            self.engine.summaries = StoredSummaries(model, self.engine.processor.table, atlas=config.atlas, report=config.report)
-        self.synthesis: SynthesisService | None = None
-        if config.synthesis:
-            self.synthesis = SynthesisService(replica(model), self.engine.post_event, self.synth_params)
-        #: synthesized images cut to their unit's receptive field (its own copy of the network)
-        self.cropper = SynthCropper(replica(model)) if self.synthesis is not None or self.atlas is not None else None
+            dataset_at_hand = self.miner.dataset if self.miner is not None else None  # whole inputs for the unit pane
+            self.atlas = AtlasView(atlas_root, model, dataset=dataset_at_hand) if atlas_root is not None else None
+            if config.atlas is not None or config.report is not None or self.miner is not None:
+                # after AtlasView: the atlas was checked against the model by the identity policy
+                self.engine.summaries = StoredSummaries(
+                    model, self.engine.processor.table, atlas=config.atlas, report=config.report, miner=self.miner
+                )
+            if config.synthesis:
+                self.synthesis = SynthesisService(
+                    replica(model), self.engine.post_event, self.synth_params, atlas=self.atlas, judges=config.judges
+                )
+            #: synthesized images cut to their unit's receptive field (its own copy of the network)
+            self.cropper = SynthCropper(replica(model)) if self.synthesis is not None or self.atlas is not None else None
+        except BaseException:  # a refused atlas or report, Ctrl-C: leave no temporary atlas behind
+            self._remove_temp_atlas()
+            raise
 
     def synth_params(self, layer: str) -> dict[str, Any]:
         """Synthesis parameters for ``layer``: the atlas's when it has them (so images match), else the config's."""
@@ -162,13 +171,8 @@ class Toolbox:
         self._remove_temp_atlas()
 
     def _remove_temp_atlas(self) -> None:
-        if self._temp_atlas is None:
-            return
-        try:
-            shutil.rmtree(self._temp_atlas)
-        except OSError as exc:  # e.g. a miner that did not stop in time still writing: say where it is left
-            log.warning("could not remove the temporary atlas %s: %s", self._temp_atlas, exc)
-        self._temp_atlas = None
+        if self._temp_atlas is not None:
+            self._temp_atlas.remove()  # a failure is logged, with where the folder is left
 
     def _broadcast(self, msg: str) -> None:
         """Give every page ``msg`` as its newest ``mining`` message (the miner's status)."""
@@ -281,10 +285,7 @@ class Toolbox:
             if self.atlas is not None
             else {"layer": layer, "unit": unit, "in_atlas": False, "top": [], "synth": None, "stats": None}
         )
-        live = self.synthesis.result(layer, unit) if self.synthesis is not None else None
-        if rec["synth"] is None and live is not None:
-            rec["synth"] = {"value": live.value, "source": "live", "version": live.version}
-        return rec
+        return self.synthesis.annotate(rec) if self.synthesis is not None else rec
 
     def atlas_layer(self, layer: str) -> dict[str, Any] | None:
         if not self._known_unit(layer, 0):
@@ -300,8 +301,8 @@ class Toolbox:
         if not self._known_unit(layer, unit) or kind not in IMAGE_KINDS or not 0 <= rank < 1000:
             return None
         data = self.atlas.image(layer, unit, kind, rank) if self.atlas is not None else None
-        if data is None and kind == "synth" and self.synthesis is not None:
-            live = self.synthesis.result(layer, unit)
+        if data is None and kind in ("synth", "accent") and self.synthesis is not None:
+            live = self.synthesis.result(layer, unit, "accentuate" if kind == "accent" else "synthesize")
             data = live.png if live is not None else None
         if data is not None and crop and kind in ("synth", "synth_raw") and self.cropper is not None:
             data = self.cropper.crop(data, layer)
@@ -357,6 +358,10 @@ class Toolbox:
                 raise ProtocolError("synthesize needs a layer name and a unit number")
             self.engine.processor.check(ViewSettings(layer=layer, unit=unit))
             self.synthesis.request(session, layer, unit)
+        elif kind in ("accentuate", "figures"):
+            if self.synthesis is None:
+                raise DeepvisError("synthesis is not available on this server")
+            self.synthesis.on_message(session, msg, self.engine.processor.check)
         elif kind == "video_frame":
             video = session.video
             index, seq = msg.get("index"), msg.get("seq")
@@ -422,14 +427,17 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        toolbox.start()
         try:
+            toolbox.start()
             yield
         finally:
             await asyncio.to_thread(toolbox.close)
 
     app = FastAPI(title="deepvis", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.toolbox = toolbox
+    # an app dropped without having been served (or at exit, one never shut down) stops what it started and
+    # removes its temporary atlas (FastAPI's caches keep the route functions, and so the toolbox, alive)
+    weakref.finalize(app, toolbox.close)
     app.add_middleware(GuardMiddleware, guard=toolbox.guard)
 
     @app.get("/")

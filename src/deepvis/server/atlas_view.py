@@ -11,6 +11,12 @@ pictures would describe other units.
 Synthesized images are served cropped to the receptive field of the unit they were optimized for (the
 center of the map, on the image's own canvas), as the original toolbox showed them
 (:class:`SynthCropper`); the page can ask for the whole canvas.
+
+Dataset crops are cut to the receptive field of the unit's maximum when the atlas is built; the whole
+input (kind ``input``: the dataset image as the model saw it, with that field's box drawn on it) is
+served when the dataset is at hand (``dataset``: the live miner's, whose sample indices the atlas
+records) and the record's sample still has the same key there. A prebuilt atlas without its dataset
+does not store whole images: its records say so (``whole_note``).
 """
 
 from __future__ import annotations
@@ -24,23 +30,32 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from ..atlas import Atlas, AtlasError, open_atlas, unit_dir
+from ..atlas.store import TopImage
 from ..atlas.tasks import png_bytes
 from ..backprop import ReceptiveField, layer_field
-from ..errors import DeepvisError
+from ..capture import split_token_layer
+from ..datasets import ImageDataset
+from ..errors import DeepvisError, InputError
 from ..models.identity import check_identity
 from ..models.model import Model
 from ..scores import synth_beats_top_k
+from .engine import replica
 from .protocol import json_float
 
-__all__ = ["AtlasView", "IMAGE_KINDS", "SynthCropper"]
+__all__ = ["AtlasView", "IMAGE_KINDS", "SynthCropper", "BOX_COLOR", "WHOLE_NOT_STORED"]
 
 log = logging.getLogger("deepvis.server")
 
-#: what an atlas image request may ask for
-IMAGE_KINDS = ("synth", "synth_raw", "crop", "view")
+#: what an image request may ask for: the atlas's synthesized image (display, raw), a top input's crop,
+#: its view, its whole input with the field's box (``input``), and this server's accentuation (``accent``)
+IMAGE_KINDS = ("synth", "synth_raw", "crop", "view", "input", "accent")
+#: the colour of the receptive field's box drawn on a whole input (the input pane's yellow)
+BOX_COLOR = (255, 221, 0)
+#: what a record says when the whole inputs cannot be shown
+WHOLE_NOT_STORED = "whole image not stored: the atlas keeps crops only (serve with --dataset to see whole inputs)"
 
 
 _T = TypeVar("_T")
@@ -54,8 +69,14 @@ class AtlasView:
     read.
     """
 
-    def __init__(self, root: str | os.PathLike[str], model: Model) -> None:
+    def __init__(self, root: str | os.PathLike[str], model: Model, *, dataset: ImageDataset | None = None) -> None:
         self.root = Path(root).resolve()
+        #: the dataset the atlas was mined from, when at hand (whole inputs); None: crops only
+        self.dataset = dataset
+        #: receptive fields of whole inputs' boxes, on a private copy of the network (made on first use)
+        self._model = model
+        self._fields: SynthCropper | None = None
+        self._fields_lock = threading.Lock()
         try:
             with open_atlas(self.root) as atlas:
                 meta = atlas.meta
@@ -86,6 +107,61 @@ class AtlasView:
         rec = self.layers.get(layer)
         return dict(rec.synth_params) if rec is not None and rec.synth_params else None
 
+    def read(self, fn: Callable[[Atlas], _T]) -> _T:
+        """Run ``fn(atlas)`` on a freshly opened atlas (read-only); unreadable index data is a one-line error."""
+        return self._read(fn)
+
+    def has_top(self, layer: str, unit: int) -> bool:
+        """Whether the atlas holds ``layer:unit``'s top inputs (its layer mined)."""
+        rec = self.layers.get(layer)
+        return rec is not None and rec.mined and 0 <= unit < rec.units
+
+    def has_crops(self, layer: str, unit: int) -> bool:
+        """Whether ``layer:unit``'s top inputs have their crops."""
+        if not self.has_top(layer, unit):
+            return False
+        r = self._read(lambda atlas: atlas.unit(layer, unit))
+        return any(t.crop is not None for t in r.top)
+
+    def _field_helper(self) -> SynthCropper:
+        with self._fields_lock:
+            if self._fields is None:
+                self._fields = SynthCropper(replica(self._model))
+            return self._fields
+
+    def _whole_ok(self, t: TopImage) -> bool:
+        """Whether the whole input of top entry ``t`` is at hand: the dataset has its sample, same key."""
+        ds = self.dataset
+        return ds is not None and 0 <= t.sample < len(ds) and ds.samples[t.sample].key == t.key
+
+    def box(self, layer: str, t: TopImage) -> tuple[int, int, int, int] | None:
+        """The receptive field's box (top, left, bottom, right; half-open input pixels, the part inside
+        the input) of top entry ``t`` of ``layer`` (the position of the unit's maximum), or None for a
+        prefix token or a unit without a position (the whole input)."""
+        if split_token_layer(layer) is not None or t.position is None:
+            return None
+        rf = self._field_helper().field_at(layer, t.position)
+        return None if rf is None else rf.box
+
+    def whole_input(self, layer: str, t: TopImage) -> bytes | None:
+        """The PNG of top entry ``t``'s whole input as the model saw it (preprocessed), with its
+        receptive field's box drawn (:data:`BOX_COLOR`, 1 px), or None when the dataset is not at hand."""
+        if not self._whole_ok(t):
+            return None
+        assert self.dataset is not None
+        m = self._model
+        try:
+            im = self.dataset.load(t.sample, m.preprocessing.pil_mode)
+        except InputError as exc:
+            log.warning("whole input %s: %s", t.key, exc)
+            return None
+        pic = m.preprocessing.to_image(m.preprocess([im])[0]).convert("RGB")
+        box = self.box(layer, t)
+        if box is not None:
+            top, left, bottom, right = box
+            ImageDraw.Draw(pic).rectangle((left, top, right - 1, bottom - 1), outline=BOX_COLOR, width=1)
+        return png_bytes(pic)
+
     def _read(self, fn: Callable[[Atlas], _T]) -> _T:
         """Run ``fn(atlas)`` on a freshly opened atlas; unreadable index data becomes a one-line error."""
         try:
@@ -100,6 +176,7 @@ class AtlasView:
         if rec is None or not 0 <= unit < rec.units:
             return {"layer": layer, "unit": unit, "in_atlas": False, "top": [], "synth": None, "stats": None}
         r = self._read(lambda atlas: atlas.unit(layer, unit))
+        whole = self.dataset is not None
         stats = None
         if r.stats is not None:
             s = r.stats
@@ -117,9 +194,12 @@ class AtlasView:
                     "position": list(t.position) if t.position is not None else None,
                     "crop": t.crop is not None,
                     "view": t.view is not None,
+                    "whole": whole and self._whole_ok(t),
+                    "box": list(b) if whole and self._whole_ok(t) and (b := self.box(layer, t)) is not None else None,
                 }
                 for t in r.top
             ],
+            "whole_note": None if whole else WHOLE_NOT_STORED,
             "synth": {"value": json_float(r.synth.value), "source": "atlas", "beats_top_k": synth_beats_top_k(r)}
             if r.synth is not None
             else None,
@@ -143,6 +223,11 @@ class AtlasView:
             return None
         r = self._read(lambda atlas: atlas.unit(layer, unit))
         path: Path | None = None
+        if kind == "accent":
+            return None  # this server's own, never in the atlas
+        if kind == "input":
+            top = [t for t in r.top if t.rank == rank]
+            return self.whole_input(layer, top[0]) if top else None
         if kind in ("synth", "synth_raw"):
             if r.synth is not None:
                 path = r.synth.image if kind == "synth" else r.synth.raw
@@ -186,6 +271,20 @@ class SynthCropper:
             return None
         center = None if geo.output_size is None else (geo.output_size[0] // 2, geo.output_size[1] // 2)
         rf = geo.at(center)
+        return None if rf.input_independent else rf
+
+    def field_at(self, layer: str, position: tuple[int, int]) -> ReceptiveField | None:
+        """The receptive field of ``layer``'s unit at map ``position`` (row, column) on the model's input,
+        or None where it is not a box inside the image."""
+        try:
+            with self._lock:
+                geo = layer_field(self.model, layer)
+        except DeepvisError as exc:
+            log.debug("no receptive field for %s: %s", layer, exc)
+            return None
+        if geo.whole_image is not None:
+            return None
+        rf = geo.at(position)
         return None if rf.input_independent else rf
 
     def crop(self, png: bytes, layer: str) -> bytes:

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..models.model import Model
+from ..scores import DEFAULT_JUDGES
 
 __all__ = ["ServerConfig", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MAX_UPLOAD_PIXELS", "DEFAULT_MAX_VIDEO_BYTES"]
 
@@ -64,3 +65,10 @@ class ServerConfig:
     synthesis_preset: str = "3"
     synthesis_steps: int | None = 200
     synthesis_size: int | None = None
+    #: the models that judge synthesized and accentuated images (transfer, plausibility: deepvis.scores),
+    #: loaded by the synthesis worker the first time a figure needs them; () for none
+    judges: tuple[str, ...] = DEFAULT_JUDGES
+    #: the live frames' and the background miner's forward passes run under autocast (``"bf16"``,
+    #: ``"fp16"``; None: off; see :func:`deepvis.runtime.autocast`); the backprop view, receptive
+    #: fields, synthesis and the miner's crops and views run in the model's own dtype
+    autocast: str | None = None

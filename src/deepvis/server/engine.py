@@ -33,12 +33,12 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from ..capture import LayerInfo
+from ..capture import CaptureCancelled, LayerInfo
 from ..errors import DeepvisError
 from ..models.cache import ModelCache
 from ..models.model import Model
 from ..runtime import Autocast
-from .frames import FrameProcessor, choose_memory_format, frame_image
+from .frames import FrameOutput, FrameProcessor, choose_memory_format, frame_image
 from .protocol import READABLE_BACKPROP, ViewSettings, pack, text
 from .session import Frame, Message, RawFrame, Session
 from .summary import StoredSummaries
@@ -271,8 +271,8 @@ class LatestJobs:
 
 UnitViewFn = Callable[[Model, torch.Tensor, ViewSettings], tuple[dict[str, Any], Mapping[str, bytes]]]
 GeometryFn = Callable[[Model, str], dict[str, Any]]
-#: a page, the frame to compute for it and the settings to show it with
-FrameJob = tuple[Session, RawFrame | Frame, ViewSettings]
+#: a page, the frame to compute for it, the settings to show it with and their generation
+FrameJob = tuple[Session, RawFrame | Frame, ViewSettings, int]
 
 
 class LiveEngine:
@@ -319,6 +319,9 @@ class LiveEngine:
         self._rate = _Rate()
         self.frames_done = 0
         self._frames: WorkLoop[FrameJob] = WorkLoop("deepvis-frames", self._cond, self._pick, self._run_frame, self._frame_failed)
+        # a settings change that the current frame's forward pass can answer (another unit, scaling,
+        # position) is shown by this worker at once, while the frame loop may be in a forward pass
+        self.redraws = LatestJobs("deepvis-redraw", self._cond, {"frame": self._run_redraw})
         self._unit_view = unit_view
         self._geometry = geometry
         # each worker runs on its own copy of the network, copied now, before any thread runs (a copy
@@ -339,6 +342,7 @@ class LiveEngine:
     def start(self) -> None:
         """Start the frame loop and the background workers (idempotent)."""
         self._frames.start()
+        self.redraws.start()
         for worker in (self.unit_views, self.geometry):
             if worker is not None:
                 worker.start()
@@ -348,6 +352,7 @@ class LiveEngine:
         for s in self.sessions():
             s.close()
         self._frames.close(timeout)
+        self.redraws.close(timeout)
         for worker in (self.unit_views, self.geometry):
             if worker is not None:
                 worker.close(timeout)
@@ -377,7 +382,7 @@ class LiveEngine:
         with self._cond:
             session.close()
             self._sessions.pop(session.id, None)
-        for worker in (self.unit_views, self.geometry):
+        for worker in (self.unit_views, self.geometry, self.redraws):
             if worker is not None:
                 worker.drop(session)
 
@@ -399,6 +404,7 @@ class LiveEngine:
         if new.backprop != "off" and self._unit_view is None:
             raise DeepvisError("the backprop view is off on this server (deepvis serve --no-backprop)")
         session.change_settings(new)
+        self.redraws.submit(session, "frame", None)  # shown from the current frame's pass when it can be
         return new
 
     def summary_message(self, session: Session, layer: str) -> str:
@@ -444,23 +450,57 @@ class LiveEngine:
             work = s.next_frame()
             if work is not None:
                 self._rr = (self._rr + i + 1) % max(1, n)
-                return s, work[0], work[1]
+                return s, *work
         return None
 
     def _run_frame(self, job: FrameJob) -> None:
-        session, frame, settings = job
+        session, frame, settings, gen = job
         start = time.perf_counter()
-        msg, frame_done, x = self._process(session, frame, settings, time.monotonic())
+        started = time.monotonic()
+        if isinstance(frame, RawFrame):
+            image = frame_image(frame.pixels, frame.width, frame.height, frame.fmt, self.model)
+            frame = Frame(image, frame.source, frame.seq, received=frame.received)
+        if frame.x is None:
+            frame.x = self.processor.to_input(frame.image)
+        try:
+            # a forward pass for a layer the page has left meanwhile is abandoned between two blocks
+            out = self.processor.process(frame.x, settings, session.diff, frame.activations, cancel=lambda: session.stale(settings))
+        except CaptureCancelled:
+            session.requeue(frame)  # computed again at once, for the layer now shown
+            return
+        frame.activations = out.activations
+        latest, latest_gen = session.settings_gen()
+        if latest_gen != gen and self.processor.redrawable(frame.activations, latest):
+            # another unit (or scaling) was chosen during the pass: shown from it, not one frame later
+            out = self.processor.process(frame.x, latest, None, frame.activations)
+            settings, gen = latest, latest_gen
+        msg = self._message(session, frame, out, started)
         with self._cond:
             self.frames_done += 1
             self._rate.tick(time.monotonic())
-        if not session.frame_done(frame_done, settings, msg, (time.perf_counter() - start) * 1000):
+        if not session.frame_done(frame, settings, gen, msg, (time.perf_counter() - start) * 1000):
             return
-        self._summarize(session, frame_done, settings.layer)
+        self._summarize(session, frame, settings.layer)
         if self.unit_views is not None and settings.backprop != "off":
-            self.unit_views.submit(session, "backprop", (x, settings, frame_done.seq))
+            self.unit_views.submit(session, "backprop", (frame.x, settings, frame.seq))
         if self.geometry is not None and session.ask_geometry(settings.layer):
             self.geometry.submit(session, "rf", settings.layer)
+
+    def _run_redraw(self, session: Session, _job: object) -> Message | None:
+        """Show the page its current frame with its new settings, from that frame's forward pass (no
+        new one), when that pass can give them (:meth:`FrameProcessor.redrawable`); posts it itself."""
+        target = session.redraw_target()
+        if target is None:
+            return None
+        frame, settings, gen, order = target
+        if frame.x is None or not self.processor.redrawable(frame.activations, settings):
+            return None  # the frame loop computes it (a new layer needs a forward pass)
+        started = time.monotonic()
+        out = self.processor.process(frame.x, settings, None, frame.activations)
+        posted = session.post_redraw(gen, order, self._message(session, frame, out, started))
+        if posted and self.unit_views is not None and settings.backprop != "off":
+            self.unit_views.submit(session, "backprop", (frame.x, settings, frame.seq))
+        return None
 
     def _summarize(self, session: Session, frame: Frame, layer: str) -> None:
         """Count the frame in the page's live statistics of ``layer`` (once per frame; not for a layer
@@ -470,19 +510,11 @@ class LiveEngine:
             session.summary.update(frame, layer, frame.activations.acts)
 
     def _frame_failed(self, job: FrameJob, exc: Exception) -> None:
-        session, frame, _ = job
+        session, frame, _, _ = job
         session.frame_failed(frame.seq, error_message(exc, "the frame loop"))
 
-    def _process(
-        self, session: Session, frame: RawFrame | Frame, settings: ViewSettings, started: float
-    ) -> tuple[bytes, Frame, torch.Tensor]:
-        if isinstance(frame, RawFrame):
-            image = frame_image(frame.pixels, frame.width, frame.height, frame.fmt, self.model)
-            frame = Frame(image, frame.source, frame.seq, received=frame.received)
-        if frame.x is None:
-            frame.x = self.processor.to_input(frame.image)
-        out = self.processor.process(frame.x, settings, session.diff, frame.activations)
-        frame.activations = out.activations
+    def _message(self, session: Session, frame: Frame, out: FrameOutput, started: float) -> bytes:
+        """The page's ``frame`` message for ``out``, a view of ``frame`` begun at ``started`` (monotonic seconds)."""
         header = out.header
         header.update(
             seq=frame.seq,
@@ -493,7 +525,7 @@ class LiveEngine:
         with self._cond:
             server_fps = round(self._rate.rate(time.monotonic()), 2)
         header["stats"] = {**session.stats_dict(), "server_fps": server_fps}
-        return pack(header, out.blobs), frame, frame.x
+        return pack(header, out.blobs)
 
     # -- background work ------------------------------------------------------------------------
     def _run_unit_view(self, session: Session, job: tuple[torch.Tensor, ViewSettings, int | None]) -> Message | None:

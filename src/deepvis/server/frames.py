@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -260,14 +261,30 @@ class FrameProcessor:
         x = x.to(self.model.device, self.model.dtype, non_blocking=True)
         return x.contiguous(memory_format=self.memory_format)
 
+    def redrawable(self, cached: LayerActivations | None, settings: ViewSettings) -> bool:
+        """True when ``settings``' view of a frame can be built from ``cached``, its earlier forward
+        pass, with no new one: the same layer (and query of an attention layer), and the diff view off
+        (the diff's running mean takes each frame once)."""
+        if cached is None or settings.diff or cached.layer != settings.layer:
+            return False
+        info = self.check(settings)
+        return cached.query == (settings.query if info.layout.kind == "attention" else None)
+
     def process(
-        self, x: torch.Tensor, settings: ViewSettings, diff: DiffState | None = None, cached: LayerActivations | None = None
+        self,
+        x: torch.Tensor,
+        settings: ViewSettings,
+        diff: DiffState | None = None,
+        cached: LayerActivations | None = None,
+        cancel: Callable[[], bool] | None = None,
     ) -> FrameOutput:
         """Run one frame (1, C, H, W) and build the page's view of it (see module docstring).
 
-        ``cached``: this frame's earlier forward pass (:attr:`FrameOutput.activations`); when it holds
-        the settings' layer and the diff view is off (the diff's running mean takes each frame once),
-        the view is built from it without a forward pass.
+        ``cached``: this frame's earlier forward pass (:attr:`FrameOutput.activations`); when it can
+        give the settings' view (:meth:`redrawable`), the view is built from it without a forward
+        pass, and safely from any thread (nothing of the processor is changed). ``cancel``: asked
+        between the network's blocks during a forward pass; True abandons it
+        (:class:`~deepvis.capture.CaptureCancelled`).
         """
         info = self.check(settings)
         header: dict[str, Any] = {"type": "frame", "layer": info.name, "unit": settings.unit, "token": settings.token}
@@ -276,13 +293,16 @@ class FrameProcessor:
         pre: torch.Tensor | None = None
         table: torch.Tensor | None = None  # the top-k on the device, read with everything else
         predictions: list[dict[str, Any]] | None = None
-        if cached is not None and cached.layer == info.name and cached.query == query and not settings.diff:
+        if self.redrawable(cached, settings):
+            assert cached is not None
             a, predictions, pre = cached.acts, cached.predictions, cached.prefix
         else:
             names = [info.name]
             if self.has_logits and info.name != LOGITS:
                 names.append(LOGITS)
-            acts = capture(self.model, x, names, stop_early=True, prefix=bool(info.prefix), query=query, autocast=self.autocast)
+            acts = capture(
+                self.model, x, names, stop_early=True, prefix=bool(info.prefix), query=query, autocast=self.autocast, cancel=cancel
+            )
             a = acts[info.name][0].detach().float()
             if info.prefix:
                 pre = acts[prefix_key(info.name)][0].detach().float()

@@ -12,14 +12,24 @@ selected layer changes, when the selected unit changes while views are being mad
 views come next), and when the server stops; it continues from the checkpoint when its layer is
 selected again. Progress goes to every page as a ``mining`` message holding the whole status
 (newest wins).
+
+The statistics of the layer being mined (every unit's mean, maximum, activity: the atlas's
+:class:`~deepvis.stats.LayerStats`, read through the engine that folds the batches into it) are kept
+after each batch (:meth:`DatasetMiner.mined_stats`), so the summary pane shows them while the pass
+goes on. A temporary atlas (``--dataset`` without ``--atlas``) is a :class:`TemporaryAtlas`: removed
+when the server closes, when it is garbage-collected without having been closed, and at interpreter
+exit, whichever comes first.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,10 +41,13 @@ from ..capture import get_layer, layer_table
 from ..datasets import ImageDataset
 from ..errors import DeepvisError
 from ..models.model import Model
+from ..runtime import Autocast
+from ..stats import Accumulator, LayerStats, LocalEngine, MiningProgress, StatsPlan
 from .engine import WorkLoop, error_message
 from .protocol import text
+from .summary import MinedStats
 
-__all__ = ["DatasetMiner", "LayerProgress", "MINING_NICE"]
+__all__ = ["DatasetMiner", "LayerProgress", "TemporaryAtlas", "MINING_NICE"]
 
 log = logging.getLogger("deepvis.server")
 
@@ -78,6 +91,58 @@ class LayerProgress:
         }
 
 
+class TemporaryAtlas:
+    """A temporary atlas folder (``deepvis-atlas-*`` in the system's temporary directory).
+
+    It is removed by :meth:`remove`, or when this object is garbage-collected, or at interpreter exit
+    (:func:`weakref.finalize`), whichever comes first: a server built and never started, or one
+    whose start-up failed, leaves nothing behind.
+    """
+
+    def __init__(self) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix="deepvis-atlas-"))
+        self._finalizer = weakref.finalize(self, _remove_tree, self.path)
+
+    def remove(self) -> None:
+        """Remove the folder now (idempotent; a failure is logged, e.g. a miner still writing)."""
+        self._finalizer()
+
+    @property
+    def removed(self) -> bool:
+        """True once the folder was removed (or its removal tried)."""
+        return not self._finalizer.alive
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove ``path`` and what it holds (the finalizer of :class:`TemporaryAtlas`: holds no reference to it)."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # e.g. a miner that did not stop in time still writing: say where it is left
+        log.warning("could not remove the temporary atlas %s: %s", path, exc)
+
+
+class _StatsTap(LocalEngine):
+    """The local engine, telling ``on_batch`` about each layer's state after every batch is folded into
+    it and once more when the pass ends (``final``): the atlas's own statistics, seen as they grow."""
+
+    def __init__(self, model: Model, dataset: ImageDataset, on_batch: Callable[[LayerStats, bool], None], *, decode_threads: int) -> None:
+        super().__init__(model, dataset, decode_threads=decode_threads)
+        self._on_batch = on_batch
+
+    def mine(
+        self, plan: StatsPlan, states: Mapping[str, Accumulator], batches: Sequence[int], *, indices: Sequence[int] | None = None
+    ) -> Iterator[MiningProgress]:
+        layers = [st for st in states.values() if isinstance(st, LayerStats)]
+        for step in super().mine(plan, states, batches, indices=indices):
+            for st in layers:
+                self._on_batch(st, False)
+            yield step
+        for st in layers:  # every batch is in: the pass is complete (also when a checkpoint held them all)
+            self._on_batch(st, True)
+
+
 @dataclass
 class _Focus:
     layer: str | None = None
@@ -101,6 +166,8 @@ class DatasetMiner:
         top: inputs kept per unit; batch_size: inputs per forward pass (a layer the atlas holds keeps
             its own recorded parameters).
         nice: the worker's CPU priority.
+        autocast: the mining pass's forward passes run under autocast (``"bf16"``, ``"fp16"``; None:
+            off; recorded in the atlas, see :class:`~deepvis.atlas.AtlasOptions`); crops and views do not.
 
     Raises :class:`~deepvis.atlas.AtlasError` when ``root`` holds an atlas of another model or dataset.
     """
@@ -117,6 +184,7 @@ class DatasetMiner:
         batch_size: int = 32,
         view_mode: str | None = None,
         nice: int = MINING_NICE,
+        autocast: Autocast = None,
     ) -> None:
         self.model = model
         self.dataset = dataset
@@ -127,10 +195,15 @@ class DatasetMiner:
         self._focus = _Focus()
         self._layers: dict[str, LayerProgress] = {}
         self._skipped: dict[int, tuple[str, str]] = {}
+        self._mined: dict[str, MinedStats] = {}
+        self._version = 0
         self._last_sent = 0.0
         self._stop = threading.Event()
         self.view_mode = view_mode or self._choose_view_mode()
-        self.base = AtlasOptions(layers=(), top=top, batch_size=batch_size, view_mode=self.view_mode, synthesis=None, decode_threads=2)
+        self.base = AtlasOptions(
+            layers=(), top=top, batch_size=batch_size, view_mode=self.view_mode, synthesis=None, decode_threads=2, autocast=autocast
+        )
+        self._engine = _StatsTap(model, dataset, self._record_stats, decode_threads=self.base.decode_threads)
         self._worker: WorkLoop[str] = WorkLoop("deepvis-mining", self._lock, self._take, self._work, self._fail, nice=nice)
 
     def _choose_view_mode(self) -> str:
@@ -196,9 +269,28 @@ class DatasetMiner:
             }
 
     def layer(self, layer: str) -> LayerProgress | None:
+        """A copy of where the mining of ``layer`` stands (None: not selected so far)."""
         with self._lock:
             p = self._layers.get(layer)
             return replace(p) if p is not None else None
+
+    def phase(self, layer: str) -> str | None:
+        """Where the mining of ``layer`` stands (:class:`LayerProgress` ``phase``; None: not selected so far)."""
+        with self._lock:
+            p = self._layers.get(layer)
+            return p.phase if p is not None else None
+
+    def mined_stats(self, layer: str) -> MinedStats | None:
+        """The statistics this server has mined for ``layer`` so far (None: none yet; a layer the atlas
+        held before the server started is read from the atlas instead)."""
+        with self._lock:
+            return self._mined.get(layer)
+
+    def _record_stats(self, state: LayerStats, final: bool) -> None:
+        units = tuple(state.unit_stats())  # one small device-to-host copy per batch, in the miner's thread
+        with self._lock:
+            self._version += 1
+            self._mined[state.layer] = MinedStats(state.layer, units, final, self._version)
 
     # -- the worker ------------------------------------------------------------------------------
     def _take(self) -> str | None:
@@ -254,7 +346,14 @@ class DatasetMiner:
 
         # mining first (its top-k and what could not be read are shown as soon as it ends), then the views
         mined = build_atlas(
-            self.root, self.model, self.dataset, replace(opts, views=False), progress=False, on_progress=progress, should_stop=stop
+            self.root,
+            self.model,
+            self.dataset,
+            replace(opts, views=False),
+            engine=self._engine,
+            progress=False,
+            on_progress=progress,
+            should_stop=stop,
         )
         self._record(p, mined.images_mined, 0, mined.skipped)
         if mined.stopped:
@@ -267,7 +366,14 @@ class DatasetMiner:
             p.phase, p.done, p.total = "views", 0, p.units
         self._send(force=True)
         viewed = build_atlas(
-            self.root, self.model, self.dataset, replace(opts, units=order), progress=False, on_progress=progress, should_stop=stop
+            self.root,
+            self.model,
+            self.dataset,
+            replace(opts, units=order),
+            engine=self._engine,
+            progress=False,
+            on_progress=progress,
+            should_stop=stop,
         )
         self._record(p, 0, viewed.units_viewed, viewed.skipped)
         self._finish(p, stopped=viewed.stopped)

@@ -107,6 +107,12 @@ class Session:
         self._pending: RawFrame | Frame | None = None
         self._current: Frame | None = None
         self._dirty = False
+        #: the settings' generation (one more on every change), how many frames have become current,
+        #: and the (generation, frame) of the last frame result posted: a result computed with older
+        #: settings than one already shown is never posted after it (no flicker back on a switch)
+        self._gen = 0
+        self._order = 0
+        self._posted = (-1, -1)
         self._closed = False
         self._latest: dict[str, Message] = {}
         self._events: deque[Message] = deque()
@@ -119,6 +125,18 @@ class Session:
     def settings(self) -> ViewSettings:
         with self._cond:
             return self._settings
+
+    def settings_gen(self) -> tuple[ViewSettings, int]:
+        """The settings and their generation (one more on every change)."""
+        with self._cond:
+            return self._settings, self._gen
+
+    def stale(self, settings: ViewSettings) -> bool:
+        """True when a forward pass begun for ``settings`` is no longer wanted: the page has gone, or it
+        now shows another layer, query or diff view (what no redraw from that pass could give)."""
+        with self._cond:
+            s = self._settings
+            return self._closed or s.layer != settings.layer or s.query != settings.query or s.diff != settings.diff
 
     @property
     def closed(self) -> bool:
@@ -150,6 +168,12 @@ class Session:
             return tuple(self._events)
 
     @property
+    def current(self) -> Frame | None:
+        """The frame last shown to the page (as the frame loop preprocessed it), or None before the first."""
+        with self._cond:
+            return self._current
+
+    @property
     def video(self) -> ServerVideo | None:
         """The video the server decoded for this page (None: none)."""
         with self._cond:
@@ -177,6 +201,7 @@ class Session:
         with self._cond:
             if new != self._settings:
                 self._settings = new
+                self._gen += 1
                 self._dirty = True
                 self._cond.notify_all()
 
@@ -236,25 +261,28 @@ class Session:
         with self._cond:
             if self._settings.backprop == mode:
                 self._settings = replace(self._settings, backprop="off")
+                self._gen += 1
                 self.put_event(text("settings", settings=self._settings.to_dict()))
 
     # -- the frame loop ---------------------------------------------------------------------------
-    def next_frame(self) -> tuple[RawFrame | Frame, ViewSettings] | None:
-        """The frame to compute next for this page and the settings to show it with, or None.
+    def next_frame(self) -> tuple[RawFrame | Frame, ViewSettings, int] | None:
+        """The frame to compute next for this page, the settings to show it with and their generation, or None.
 
         None while the page's previous result has not been taken (a page that stops reading costs
         nothing), or when there is neither a new frame nor a settings change to redraw. A settings
         change that keeps the layer redraws the current frame first (from its cached forward pass:
-        no new forward), so a unit switch is shown within the time of the frame being computed.
+        no new forward; the engine's redraw worker usually has shown it already, while this loop was busy).
         """
         with self._cond:
             if self._closed or "frame" in self._latest:
                 return None
             cur = self._current
+            if self._dirty and self._posted >= (self._gen, self._order):
+                self._dirty = False  # the redraw worker has shown the current frame with these settings
             if self._dirty and cur is not None and cur.activations is not None and cur.activations.layer == self._settings.layer:
                 # another unit of the layer shown: redrawn from the last forward pass, before any new frame
                 self._dirty = False
-                return cur, self._settings
+                return cur, self._settings, self._gen
             if self._pending is not None:
                 frame: RawFrame | Frame = self._pending
                 self._pending, self._dirty = None, False
@@ -262,19 +290,55 @@ class Session:
                 frame, self._dirty = self._current, False
             else:
                 return None
-            return frame, self._settings
+            return frame, self._settings, self._gen
 
-    def frame_done(self, frame: Frame, settings: ViewSettings, msg: Message, ms: float) -> bool:
-        """Post the result of ``frame`` (computed with ``settings`` in ``ms`` milliseconds); it becomes
-        the frame redrawn on a settings change. False when the page has gone meanwhile."""
+    def requeue(self, frame: RawFrame | Frame) -> None:
+        """A frame whose forward pass was abandoned (:meth:`stale`) is computed again with the new
+        settings, unless a newer frame has arrived meanwhile (then it is dropped, and counted)."""
+        with self._cond:
+            if self._closed:
+                return
+            if self._pending is None:
+                self._pending = frame
+                self._cond.notify_all()
+            else:
+                self._stats.dropped += 1
+
+    def frame_done(self, frame: Frame, settings: ViewSettings, gen: int, msg: Message, ms: float) -> bool:
+        """Post the result of ``frame`` (computed with ``settings`` of generation ``gen`` in ``ms``
+        milliseconds); it becomes the frame redrawn on a settings change. A result with older settings
+        than one already posted is not posted (the frame is redrawn with the new ones instead). False
+        when the page has gone meanwhile."""
         with self._cond:
             if self._closed:
                 return False
             self._current = frame
-            if self._settings != settings:  # changed while this frame was computed
+            self._order += 1
+            if gen != self._gen:  # changed while this frame was computed
                 self._dirty = True
             self._stats.processed += 1
             self._stats.last_ms = ms
+            if (gen, self._order) > self._posted:
+                self._posted = (gen, self._order)
+                self.put_latest("frame", msg)
+            return True
+
+    def redraw_target(self) -> tuple[Frame, ViewSettings, int, int] | None:
+        """(the current frame, the settings, their generation, the frame's order) when the page has
+        not yet been shown the current frame with the current settings; None otherwise."""
+        with self._cond:
+            cur = self._current
+            if self._closed or cur is None or cur.activations is None or self._posted >= (self._gen, self._order):
+                return None
+            return cur, self._settings, self._gen, self._order
+
+    def post_redraw(self, gen: int, order: int, msg: Message) -> bool:
+        """Post a redraw of frame ``order`` with settings of generation ``gen`` (see :meth:`redraw_target`)
+        unless something newer has been posted meanwhile; True when posted."""
+        with self._cond:
+            if self._closed or (gen, order) <= self._posted:
+                return False
+            self._posted = (gen, order)
             self.put_latest("frame", msg)
             return True
 

@@ -1,10 +1,15 @@
 """The summary pane: sparsity, dead units and the most active units of the selected layer.
 
 The numbers are the report's (:class:`deepvis.analysis.activity.LayerActivity`, built from the one
-statistics engine :mod:`deepvis.stats`), from one of three sources, said in each message:
+statistics engine :mod:`deepvis.stats`), from one of four sources, said in each message (the first
+that has the layer wins):
 
 * ``report``: ``deepvis serve --report report.json`` — the report's ``activity``, ``locality`` and
   ``sensitivity`` of the layer;
+* ``dataset``: ``deepvis serve --dataset DIR|demo`` — the statistics the background miner
+  (:class:`~deepvis.server.mining.DatasetMiner`) has gathered for the layer, from the first mined
+  batch on ("from N dataset images so far" while the pass goes on), or that the atlas it fills held
+  when the server started;
 * ``atlas``: ``deepvis serve --atlas DIR`` — the statistics rows the atlas recorded for its mined layers;
 * ``live``: any other layer — running statistics (:class:`~deepvis.stats.LayerStats`) over the frames
   this page has shown, one update per new frame in the frame loop (a few small tensor operations on
@@ -12,9 +17,10 @@ statistics engine :mod:`deepvis.stats`), from one of three sources, said in each
   another layer.
 
 The page asks for its summary (a ``summary`` message) every :data:`SUMMARY_INTERVAL` seconds while
-frames arrive, on a layer change and after a reset; the answer is built outside the frame loop
-(turning the running sums into per-unit numbers costs about a millisecond per thousand units), so the
-frame loop pays only for the update.
+frames arrive or mining progresses, on a layer change and after a reset; the answer is built outside
+the frame loop (turning the running sums into per-unit numbers costs about a millisecond per thousand
+units), so the frame loop pays only for the update. The mined numbers are derived once per mined
+batch and kept.
 """
 
 from __future__ import annotations
@@ -24,22 +30,25 @@ import logging
 import os
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from ..analysis.activity import LayerActivity, activity_from_dict, activity_from_unit_stats, layer_activity
 from ..atlas import open_atlas
+from ..atlas.store import INDEX_NAME
 from ..capture import LayerInfo
+from ..datasets import ImageDataset
 from ..errors import InputError, ModelError
 from ..models.identity import check_identity
 from ..models.model import Model
-from ..stats import LayerStats
+from ..stats import LayerStats, UnitStats
 from .protocol import json_float
 
-__all__ = ["SUMMARY_INTERVAL", "MOST_ACTIVE", "LiveSummary", "StoredSummaries", "summary_fields"]
+__all__ = ["SUMMARY_INTERVAL", "MOST_ACTIVE", "LiveSummary", "MinedStats", "MinedSource", "StoredSummaries", "summary_fields"]
 
 log = logging.getLogger("deepvis.server")
 
@@ -66,7 +75,7 @@ def summary_fields(
     Args:
         act: the layer's activity (None: nothing counted yet).
         layer: the layer's name.
-        source: ``"live"``, ``"atlas"`` or ``"report"``.
+        source: ``"live"``, ``"dataset"``, ``"atlas"`` or ``"report"``.
         origin: one line saying where the numbers come from, for the page.
         locality: per-unit locality in [0, 1] (the report's), or None where unknown.
         sensitivity: the layer's ``{"epsilons": [...], "mean_change": {kind: [...]}}`` or None.
@@ -155,9 +164,52 @@ class LiveSummary:
         return summary_fields(act, layer=layer, source="live", origin=f"live: {frames} frame{'s' if frames != 1 else ''} seen on this page")
 
 
+@dataclass(frozen=True)
+class MinedStats:
+    """The statistics of one layer as mined so far: one :class:`~deepvis.stats.UnitStats` per unit
+    (unit order), over ``images`` dataset inputs; ``final`` once the mining pass is complete;
+    ``version`` grows with every update (to cache what is derived from it)."""
+
+    layer: str
+    units: tuple[UnitStats, ...]
+    final: bool
+    version: int
+
+    @property
+    def images(self) -> int:
+        """Dataset inputs counted (unreadable files are not)."""
+        return self.units[0].images if self.units else 0
+
+
+class MinedSource(Protocol):
+    """What the summaries need of the dataset miner (:class:`deepvis.server.mining.DatasetMiner`)."""
+
+    #: the atlas folder it fills
+    root: Path
+    #: the dataset it mines
+    dataset: ImageDataset
+
+    def mined_stats(self, layer: str) -> MinedStats | None:
+        """The statistics mined for ``layer`` so far (None: none yet)."""
+        ...
+
+    def phase(self, layer: str) -> str | None:
+        """Where the mining of ``layer`` stands (``mining``, ``queued``, ...; None: not selected)."""
+        ...
+
+
 class StoredSummaries:
-    """The summaries of the layers an atlas mined or a report covers (the report's win: they also hold
-    locality and sensitivity). Read once, when the app is built.
+    """The summaries of the layers a report covers, an atlas mined, or the dataset miner is mining (see
+    the module docstring for which wins). The report and the atlas are read once, when the app is
+    built; the miner's statistics are asked for on each call (derived again only when they changed).
+
+    Args:
+        model: the served model.
+        table: its layer table (the layers' shapes).
+        atlas: an atlas folder whose mined layers' statistics are shown (``--atlas``).
+        report: a report's JSON (``--report``).
+        miner: the dataset miner (``--dataset``); its atlas folder's mined layers are read too, and
+            labelled as dataset statistics.
 
     Raises :class:`~deepvis.errors.ModelError` (one line) for a report made for another model: by the
     one identity policy when the report records its model's identity, else when one of its layers is
@@ -172,22 +224,57 @@ class StoredSummaries:
         *,
         atlas: str | os.PathLike[str] | None = None,
         report: str | os.PathLike[str] | None = None,
+        miner: MinedSource | None = None,
     ) -> None:
         self._fields: dict[str, dict[str, Any]] = {}
-        shapes = {i.name: tuple(i.shape) for i in table}
-        if atlas is not None:
-            self._read_atlas(Path(atlas), shapes)
+        self._shapes = {i.name: tuple(i.shape) for i in table}
+        self._miner = miner
+        self._lock = threading.Lock()
+        #: per layer, the miner's statistics' (version, phase) and the fields derived from them
+        self._derived: dict[str, tuple[tuple[int, bool], dict[str, Any]]] = {}
+        root = Path(atlas) if atlas is not None else miner.root if miner is not None else None
+        if root is not None and (miner is None or (root / INDEX_NAME).exists()):
+            self._read_atlas(root, self._shapes)
         if report is not None:
-            self._read_report(Path(report), model, shapes)
+            self._read_report(Path(report), model, self._shapes)
 
     @property
     def layers(self) -> list[str]:
-        """The layers with stored numbers."""
+        """The layers with stored numbers (the report's and the atlas's; the miner's come as it goes)."""
         return sorted(self._fields)
 
     def get(self, layer: str) -> dict[str, Any] | None:
-        """The ``summary`` message fields of ``layer`` (None: no stored numbers for it)."""
-        return self._fields.get(layer)
+        """The ``summary`` message fields of ``layer`` (None: no stored or mined numbers for it)."""
+        stored = self._fields.get(layer)
+        if stored is not None and stored["source"] == "report":
+            return stored
+        mined = self._mined(layer)
+        return mined if mined is not None else stored
+
+    def _mined(self, layer: str) -> dict[str, Any] | None:
+        """The fields of what the miner has gathered for ``layer`` so far (None: nothing yet)."""
+        if self._miner is None or layer not in self._shapes:
+            return None
+        snap = self._miner.mined_stats(layer)
+        if snap is None:
+            return None
+        mining = not snap.final and self._miner.phase(layer) == "mining"
+        key = (snap.version, mining)
+        with self._lock:
+            hit = self._derived.get(layer)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        act = activity_from_unit_stats(layer, self._shapes[layer], snap.units, None, 1, source="dataset")
+        ds = self._miner.dataset
+        if snap.final:
+            unread = len(ds) - act.images
+            origin = f"from {act.images} dataset images ({ds.spec}{f'; {unread} unreadable' if unread else ''})"
+        else:
+            origin = f"from {act.images} dataset images so far ({ds.spec}, {len(ds)} in all: {'mining' if mining else 'mining paused'})"
+        fields = summary_fields(act, layer=layer, source="dataset", origin=origin)
+        with self._lock:
+            self._derived[layer] = (key, fields)
+        return fields
 
     def _read_atlas(self, root: Path, shapes: Mapping[str, tuple[int, ...]]) -> None:
         # the atlas fits the model: AtlasView checked it by the identity policy when the app was built
@@ -196,6 +283,11 @@ class StoredSummaries:
             dataset = atlas.meta.get("dataset")
             for rec in atlas.layers():
                 if not rec.mined or rec.name not in shapes:
+                    continue
+                if self._miner is not None:  # mined for --dataset by an earlier run: the dataset's statistics
+                    act = activity_from_unit_stats(rec.name, shapes[rec.name], atlas.stats(rec.name), None, 1, source="dataset")
+                    origin = f"from {act.images} dataset images ({dataset or self._miner.dataset.spec})"
+                    self._fields[rec.name] = summary_fields(act, layer=rec.name, source="dataset", origin=origin)
                     continue
                 act = activity_from_unit_stats(rec.name, shapes[rec.name], atlas.stats(rec.name), None, 1, source="atlas")
                 origin = f"atlas {root.name}: {act.images} inputs of {dataset or 'its dataset'}"

@@ -1,7 +1,8 @@
 // "What the unit likes": the atlas's synthesized image (cut to the unit's receptive field, or the
-// whole canvas), top-9 dataset crops and their deconv views, on-demand synthesis with visible
-// progress, the dataset miner's progress (deepvis serve --dataset: the pane fills in as results
-// come), and the pattern-mode tiles.
+// whole canvas), top-9 dataset crops (or, with the same toggle, their whole inputs with the field's
+// box) and their deconv views, on-demand synthesis with visible progress, feature accentuation of the
+// frame shown, the quality figures of every synthesized image, the dataset miner's progress (deepvis
+// serve --dataset: the pane fills in as results come), and the pattern-mode tiles.
 
 import { $, el, fmt, setChildren } from './dom.js';
 
@@ -18,6 +19,9 @@ export class AtlasPane {
     this.current = null; // {layer, unit}
     this.request = 0;
     this.jobs = new Map(); // "layer:unit" -> last synthesis message
+    this.accent = null; // the last accentuation message of the current unit (job 'accentuate')
+    this.frameShot = null; // the frame shown when "accentuate" was pressed (data URL of the input canvas)
+    this.figuresAsked = new Set(); // "layer:unit": figures of the atlas's image asked for
     this.patterns = new Map(); // "layer:unit" -> HTMLImageElement (loaded) | 'loading' | 'none'
     this.layerUnits = new Map(); // layer -> Set of units with a synthesized image
     this.loading = 0;
@@ -41,7 +45,8 @@ export class AtlasPane {
     if (this.mining.available) this.showMining();
   }
 
-  /** crop=1: synthesized images cut to the unit's receptive field; 0 (the toggle): the whole canvas. */
+  /** crop=1: synthesized images cut to the unit's receptive field and dataset crops; 0 (the toggle):
+   * the whole canvas and the whole dataset inputs (with the field's box) where the server has them. */
   crop() {
     return this.whole.checked ? 0 : 1;
   }
@@ -63,6 +68,7 @@ export class AtlasPane {
   async show(layer, unit, force = false) {
     if (!force && this.current && this.current.layer === layer && this.current.unit === unit) return;
     const moved = !this.current || this.current.layer !== layer || this.current.unit !== unit;
+    if (moved) this.accent = null;
     this.current = { layer, unit };
     if (this.mining.available) this.showMining();
     const req = ++this.request;
@@ -93,7 +99,9 @@ export class AtlasPane {
       synthBox.append(
         el('figure', {}, el('img', { src: this.url('/api/atlas/image', { layer, unit, kind: 'synth', v: rec.synth.version ?? 0, crop: this.crop() }), alt: `synthesized image of ${layer}:${unit}`, className: 'synth-img' }),
           el('figcaption', {}, `synthesized${rec.synth.source === 'live' ? ' (this session)' : ''}${rec.synth.value !== null && rec.synth.value !== undefined ? ` · value ${fmt(rec.synth.value)}` : ''}`)),
+        this.figuresLine(rec.synth, 'synth-figures'),
       );
+      if (!rec.synth.scores && rec.synth.source !== 'live') this.askFigures(layer, unit);
     } else if (this.synthesis.available) {
       const btn = el('button', { id: 'synth-btn', type: 'button' }, 'Synthesize this unit');
       btn.addEventListener('click', () => this.synthesize(layer, unit));
@@ -105,15 +113,24 @@ export class AtlasPane {
     synthBox.append(progress);
     parts.push(el('h4', {}, 'Synthesized'), synthBox);
     if (job && job.state !== 'done') this.showProgress(progress, job);
+    if (this.synthesis.available) parts.push(el('h4', {}, 'Accentuated (this frame)'), this.accentBox(rec));
 
     if (rec.top && rec.top.length) {
-      const crops = rec.top.map((t) =>
-        el('figure', { className: 'top' },
-          t.crop ? el('img', { src: this.url('/api/atlas/image', { layer, unit, kind: 'crop', rank: t.rank }), alt: `top ${t.rank + 1}` }) : el('div', { className: 'missing' }, '–'),
+      const whole = this.crop() === 0;
+      const crops = rec.top.map((t) => {
+        const kind = whole && t.whole ? 'input' : 'crop';
+        return el('figure', { className: 'top' },
+          t.crop ? el('img', { src: this.url('/api/atlas/image', { layer, unit, kind, rank: t.rank }), alt: `top ${t.rank + 1}${kind === 'input' ? ' (whole input, receptive field boxed)' : ''}`, className: `top-${kind}` }) : el('div', { className: 'missing' }, '–'),
           t.view ? el('img', { src: this.url('/api/atlas/image', { layer, unit, kind: 'view', rank: t.rank }), alt: `deconv of top ${t.rank + 1}` }) : null,
-          el('figcaption', {}, `${fmt(t.value)}${t.label ? ` · ${t.label}` : ''}`)),
-      );
-      parts.push(el('h4', {}, `Top ${rec.top.length} dataset inputs (crop, deconv)`), el('div', { className: 'tops' }, ...crops));
+          el('figcaption', {}, `${fmt(t.value)}${t.label ? ` · ${t.label}` : ''}`));
+      });
+      const what = whole && rec.top.some((t) => t.whole) ? 'whole input with the receptive field boxed' : 'crop';
+      parts.push(el('h4', {}, `Top ${rec.top.length} dataset inputs (${what}, deconv)`), el('div', { className: 'tops' }, ...crops));
+      if (whole && rec.whole_note) parts.push(el('p', { className: 'note', id: 'whole-note' }, rec.whole_note));
+      const v = rec.top[0].value;
+      if (rec.top.length > 1 && rec.top.every((t) => t.value === v)) {
+        parts.push(el('p', { className: 'note', id: 'tops-tie' }, `all ${rec.top.length} top inputs tie at ${fmt(v, 3)}: the unit reaches its maximum on many inputs (e.g. its resting value where its inputs are silent), so these are arbitrary among them, and their views can be flat (no input pixel changes the unit there)`));
+      }
     } else if (this.mining.available) {
       parts.push(el('p', { className: 'note', id: 'tops-pending' }, `top inputs: mining ${this.mining.dataset} for ${layer}…`));
     } else if (rec.in_atlas === false && this.atlas.available) {
@@ -160,6 +177,76 @@ export class AtlasPane {
     this.statusBox.hidden = false;
   }
 
+  /** The quality figures of a synthesized or accentuated image as one line (``no score`` with the
+   * reason for a figure that cannot be computed), or "computing…" while the server works them out. */
+  figuresLine(image, id) {
+    let line;
+    if (image.scores && image.scores.line) line = image.scores.line;
+    else if (image.scores) line = 'no score';
+    else if (image.beats_top_k) {
+      const b = image.beats_top_k;
+      line = `beats-top-${b.k}: ${b.ratio !== null ? `${fmt(b.ratio)}x` : 'n/a'} (${b.beats}/${b.k}, from the value synthesis reached) · other figures: computing…`;
+    } else line = 'quality figures: computing…';
+    // a judge that is the served model is starred in the line; the flags say it in full (the tooltip)
+    const flags = image.scores?.flags || [];
+    const note = flags.length ? ' · * not independent: the judge is the served model' : '';
+    return el('p', { className: 'figures', id, title: flags.join('\n') }, line + note);
+  }
+
+  askFigures(layer, unit) {
+    const key = `${layer}:${unit}`;
+    if (this.figuresAsked.has(key) || !this.synthesis.available) return;
+    this.figuresAsked.add(key);
+    this.app.conn.send({ type: 'figures', layer, unit });
+  }
+
+  /** The accentuation box: the button (or Cancel while one runs), the frame it started from and the
+   * result with its figures: the unit's activation before -> after, the distance reached vs the ball. */
+  accentBox(rec) {
+    const { layer, unit } = rec;
+    const box = el('div', { className: 'accent', id: 'accent-box' });
+    const m = this.accent;
+    const running = m && (m.state === 'queued' || m.state === 'running');
+    const btn = el('button', { id: 'accent-btn', type: 'button', title: 'raise this unit in the frame shown, staying close to it (feature accentuation)' }, running ? 'Cancel' : 'Accentuate');
+    btn.addEventListener('click', () => (running ? this.cancelAccent(layer, unit) : this.accentuate(layer, unit)));
+    box.append(btn);
+    if (running) {
+      const p = el('div', { className: 'synth-progress', id: 'accent-progress' });
+      this.showProgress(p, m);
+      box.append(p);
+    } else if (m && m.state !== 'done') {
+      box.append(el('p', { className: 'note' }, `accentuation ${m.state}${m.message ? `: ${m.message}` : ''}`));
+    }
+    const acc = rec.accentuation;
+    if (acc && m && m.state === 'done') {
+      const before = this.frameShot ? el('figure', {}, el('img', { src: this.frameShot, alt: 'the frame it started from', className: 'synth-img' }), el('figcaption', {}, 'frame')) : null;
+      const after = el('figure', {}, el('img', { src: this.url('/api/atlas/image', { layer, unit, kind: 'accent', v: acc.version }), alt: `accentuation of ${layer}:${unit}`, className: 'synth-img', id: 'accent-img' }), el('figcaption', {}, 'accentuated'));
+      box.append(
+        el('div', { className: 'accent-pair' }, before, after),
+        el('p', { className: 'figures', id: 'accent-numbers' }, `activation ${fmt(acc.before, 3)} → ${fmt(acc.after, 3)} · distance ${fmt(acc.pixel_rms, 1)} of ${fmt(acc.radius, 0)} RMS levels (max ${fmt(acc.pixel_max, 0)})`),
+        this.figuresLine(acc, 'accent-figures'),
+      );
+    }
+    return box;
+  }
+
+  accentuate(layer, unit) {
+    const canvas = document.getElementById('input-canvas');
+    try {
+      this.frameShot = canvas ? canvas.toDataURL('image/png') : null;
+    } catch (e) {
+      this.frameShot = null;
+    }
+    const pos = this.app.state.settings?.layer === layer ? this.app.state.settings.position : null;
+    this.app.conn.send({ type: 'accentuate', layer, unit, ...(pos ? { position: pos } : {}) });
+    this.accent = { state: 'queued', progress: 0, layer, unit, job: 'accentuate' };
+    this.refresh();
+  }
+
+  cancelAccent(layer, unit) {
+    this.app.conn.send({ type: 'accentuate', layer, unit, cancel: true });
+  }
+
   synthesize(layer, unit) {
     this.app.conn.send({ type: 'synthesize', layer, unit });
     this.jobs.set(`${layer}:${unit}`, { state: 'queued', progress: 0, layer, unit });
@@ -177,6 +264,10 @@ export class AtlasPane {
 
   /** A synthesis job reports: queued / running (progress) / done / error. */
   onSynthesis(m) {
+    if (m.job === 'accentuate' || m.job === 'figures') {
+      this.onJob(m);
+      return;
+    }
     const key = `${m.layer}:${m.unit}`;
     this.jobs.set(key, m);
     this.app.figures.synthesis = m;
@@ -197,6 +288,23 @@ export class AtlasPane {
       p.hidden = false;
       this.showProgress(p, m);
     }
+  }
+
+  /** An accentuation or figures job reports (queued / running / done / cancelled / error). */
+  onJob(m) {
+    const cur = this.current;
+    const here = cur && cur.layer === m.layer && cur.unit === m.unit;
+    if (m.job === 'figures') {
+      if (here && m.state === 'done') this.refresh();
+      return;
+    }
+    this.app.figures.synthesis = m; // the tests' probe: the last job's message, whatever its kind
+    if (m.state === 'error') this.app.showError(`accentuation of ${m.layer}:${m.unit} failed: ${m.message}`);
+    if (!here) return;
+    this.accent = m;
+    const p = document.getElementById('accent-progress');
+    if (m.state === 'running' && p) this.showProgress(p, m);
+    else this.refresh();
   }
 
   // -- pattern mode ------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ export class Panes {
     this.showUnitStats(h);
     this.showPredictions(h.predictions || [], h.source === 'camera' || h.source === 'video');
     this.showRf(h);
+    this.showQueryBox(h);
   }
 
   /** Draw the last frame's tiles (activations, or synthesized images in pattern mode). */
@@ -252,6 +253,31 @@ export class Panes {
     Object.assign(box.style, { left: `${c.offsetLeft + x0 * sx}px`, top: `${c.offsetTop + y0 * sy}px`, width: `${(x1 - x0) * sx}px`, height: `${(y1 - y0) * sy}px` });
     box.hidden = false;
     this.app.figures.rf = rf;
+  }
+
+  /** Box an attention layer's query patch on the input (its patch of the layer's grid); hidden for
+   * prefix-token queries and other layers. */
+  showQueryBox(h) {
+    const box = $('query-box');
+    const info = this.state.layerInfo(h.layer);
+    const m = /^(\d+),(\d+)$/.exec(h.query ?? '');
+    if (!m || !info || info.layout !== 'attention' || info.shape.length !== 3) {
+      box.hidden = true;
+      this.app.figures.queryBox = null;
+      return;
+    }
+    const [, gh, gw] = info.shape;
+    const [ih, iw] = this.state.info.model.input_size;
+    const [y, x] = [Number(m[1]), Number(m[2])];
+    const rect = [(y * ih) / gh, (x * iw) / gw, ((y + 1) * ih) / gh, ((x + 1) * iw) / gw];
+    const c = $('input-canvas');
+    const sx = c.clientWidth / iw, sy = c.clientHeight / ih;
+    Object.assign(box.style, {
+      left: `${c.offsetLeft + rect[1] * sx}px`, top: `${c.offsetTop + rect[0] * sy}px`,
+      width: `${(rect[3] - rect[1]) * sx}px`, height: `${(rect[2] - rect[0]) * sy}px`,
+    });
+    box.hidden = false;
+    this.app.figures.queryBox = rect;
   }
 
   showStatus(h, fps) {

@@ -96,6 +96,7 @@ export class Figures {
     this.lastBackprop = null;
     this.patternTiles = 0;
     this.rf = null; // the receptive field boxed on the input: [y0, x0, y1, x1]
+    this.queryBox = null; // an attention layer's query patch boxed on the input: [y0, x0, y1, x1] (input pixels)
     this.synthesis = null; // the last synthesis progress message
     this.mining = null; // the last dataset-mining status (deepvis serve --dataset)
     this.atlasShown = null; // the unit record the unit pane shows (atlas.js)

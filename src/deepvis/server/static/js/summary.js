@@ -1,9 +1,10 @@
 // The summary pane: sparsity, dead units and the most active units of the selected layer, with its
 // locality and sensitivity where known. The page asks for a `summary` message (server/summary.py)
-// every `summary.interval_s` seconds (from the server's hello) while results arrive and whenever the
-// layer changes: live statistics of the frames
-// seen on this page (reset with the button or z), or the numbers of the atlas / report the server
-// was started with, and it says which. A most active unit is a button: clicking it selects the unit.
+// every `summary.interval_s` seconds (from the server's hello) while results arrive, while the
+// dataset miner (--dataset) advances on the selected layer, and whenever the layer changes: live
+// statistics of the frames seen on this page (reset with the button or z), the statistics mined from
+// the dataset so far, or the numbers of the atlas / report the server was started with, and it says
+// which. A most active unit is a button: clicking it selects the unit.
 
 import { $, el, fmt, setChildren } from './dom.js';
 
@@ -14,6 +15,7 @@ export class SummaryPane {
     this.last = null;
     this.askedFrames = -1;
     this.askedLayer = null;
+    this.askedMining = '';
     this.timer = null;
     $('summary-reset').addEventListener('click', () => this.reset());
   }
@@ -24,14 +26,16 @@ export class SummaryPane {
     this.timer = setInterval(() => this.tick(), m.summary.interval_s * 1000);
   }
 
-  /** Ask for the summary when results arrived or the layer changed since the last question. */
+  /** Ask for the summary when results arrived, the layer changed or its mining advanced since the last question. */
   tick() {
     const layer = this.app.state.settings?.layer;
     if (!layer || !this.app.conn.open) return;
     const frames = this.app.figures.frames;
-    if (frames === this.askedFrames && layer === this.askedLayer) return;
+    const mining = miningKey(this.app.figures.mining, layer);
+    if (frames === this.askedFrames && layer === this.askedLayer && mining === this.askedMining) return;
     this.askedFrames = frames;
     this.askedLayer = layer;
+    this.askedMining = mining;
     this.app.conn.send({ type: 'summary' });
   }
 
@@ -73,6 +77,14 @@ export class SummaryPane {
     });
     return el('div', { className: 'summary-units', id: `summary-${id}` }, el('span', { className: 'note' }, `${title}: `), ...buttons);
   }
+}
+
+/** What changes in the dataset miner's status (atlas.js keeps the last one) when the layer's statistics may have:
+ * its phase, and the inputs read while it is being mined. */
+function miningKey(status, layer) {
+  const p = status?.layers?.[layer];
+  if (!p) return '';
+  return p.phase === 'mining' ? `mining:${p.done}` : p.phase;
 }
 
 function sensitivityText(s) {

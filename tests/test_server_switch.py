@@ -1,0 +1,191 @@
+"""Switching the shown unit or layer while the frame loop is in a forward pass (live toolbox, issue 11).
+
+A unit switch is shown at once from the current frame's forward pass (the engine's redraw worker),
+even while the frame loop is busy; a layer switch abandons the forward pass begun for the old layer
+(``capture(cancel=)``) and computes the frame again for the new one. No result with the old settings
+is posted after one with the new settings.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from deepvis.capture import CaptureCancelled, capture
+from deepvis.models import Model, Preprocessing
+from deepvis.server.engine import LiveEngine
+from deepvis.server.frames import FrameProcessor, frame_image
+from deepvis.server.protocol import ViewSettings, unpack
+from deepvis.server.session import RawFrame
+from helpers import hooks_left
+
+
+class GateControl:
+    """Holds a forward pass inside :class:`Gate` while armed (shared by the network's replicas)."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.calls = 0
+
+    def __deepcopy__(self, memo: dict) -> GateControl:
+        return self  # the engine's replicas share the one control
+
+
+class Gate(nn.Module):
+    """The identity, except that an armed control makes the pass wait here until released."""
+
+    def __init__(self, control: GateControl) -> None:
+        super().__init__()
+        self.control = control
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.control
+        c.calls += 1
+        if c.armed:
+            c.entered.set()
+            assert c.release.wait(30), "the test never released the gate"
+        return x
+
+
+def gated_model(control: GateControl) -> Model:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(3, 8, 3, padding=1),
+            gate=Gate(control),
+            relu1=nn.ReLU(),
+            conv2=nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            relu2=nn.ReLU(),
+            pool=nn.AdaptiveAvgPool2d(1),
+            flat=nn.Flatten(),
+            fc=nn.Linear(16, 10),
+        )
+    ).eval()
+    pre = Preprocessing(input_size=(32, 32), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    return Model(net, pre, name="gated", class_names=[f"class {i}" for i in range(10)])
+
+
+class _Loop:
+    def call_soon_threadsafe(self, fn, *args):
+        pass
+
+
+def _raw(seq: int, seed: int = 0) -> RawFrame:
+    px = np.random.default_rng(seed).integers(0, 255, (32, 32, 4), dtype=np.uint8).tobytes()
+    return RawFrame(seq, 32, 32, "rgba", memoryview(px), "camera")
+
+
+def _wait(cond, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return cond()
+
+
+def _frames(engine, s) -> list[tuple[dict, bytes]]:
+    return [(h, bytes(p)) for h, p in (unpack(m) for m in engine.take(s) if isinstance(m, bytes)) if h["type"] == "frame"]
+
+
+def _expected(model: Model, seq_seed: int, settings: ViewSettings) -> tuple[dict, bytes]:
+    proc = FrameProcessor(model)
+    out = proc.process(proc.to_input(frame_image(_raw(0, seq_seed).pixels, 32, 32, "rgba", model)), settings)
+    return out.header, b"".join(out.blobs.values())
+
+
+# -- capture(cancel=) --------------------------------------------------------------------------------------------
+def test_capture_cancel_abandons_the_pass_between_modules_and_leaves_no_hook():
+    control = GateControl()
+    model = gated_model(control)
+    x = torch.randn(1, 3, 32, 32)
+    asked = []
+
+    def cancel() -> bool:
+        asked.append(1)
+        return len(asked) >= 3  # the root, conv1, then the gate: abandoned before the gate runs
+
+    capture(model, x, ["conv2"])  # the layer table is probed once first (passes of its own)
+    control.calls = 0
+    with pytest.raises(CaptureCancelled):
+        capture(model, x, ["conv2"], cancel=cancel)
+    assert control.calls == 0 and len(asked) == 3
+    assert hooks_left(model.module) == []
+    # never cancelled: the same outputs as without the callback
+    plain = capture(model, x, ["conv2", "logits"])
+    kept = capture(model, x, ["conv2", "logits"], cancel=lambda: False)
+    assert all(torch.equal(plain[k], kept[k]) for k in plain)
+    assert hooks_left(model.module) == []
+
+
+# -- the engine --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def gated():
+    control = GateControl()
+    model = gated_model(control)
+    engine = LiveEngine(model, tune_memory_format=False)
+    s = engine.open_session(_Loop())  # type: ignore[arg-type]
+    engine.update_settings(s, {"layer": "conv2", "unit": 0}, ("raw",))
+    engine.start()
+    try:
+        yield control, model, engine, s
+    finally:
+        control.release.set()
+        engine.close()
+
+
+def test_a_unit_switch_is_shown_while_the_frame_loop_is_in_a_forward_pass(gated):
+    control, model, engine, s = gated
+    engine.submit_frame(s, _raw(1, seed=1))
+    assert _wait(lambda: "frame" in s.latest)
+    assert [h["unit"] for h, _ in _frames(engine, s)] == [0]
+    want1 = _expected(model, 1, ViewSettings(layer="conv2", unit=3))  # (reference passes before the gate is armed)
+    want2 = _expected(model, 2, ViewSettings(layer="conv2", unit=3))
+    control.armed = True
+    engine.submit_frame(s, _raw(2, seed=2))
+    assert control.entered.wait(30)  # the loop is now inside frame 2's forward pass
+    engine.update_settings(s, {"unit": 3}, ("raw",))
+    # shown at once, from frame 1's pass, while frame 2's pass still waits in the gate
+    assert _wait(lambda: "frame" in s.latest)
+    assert not control.release.is_set()
+    [(header, payload)] = _frames(engine, s)
+    want_header, want = want1
+    assert (header["seq"], header["unit"]) == (1, 3)
+    assert payload == want and header["unit_stats"] == want_header["unit_stats"]
+    control.armed = False
+    control.release.set()
+    # frame 2, begun for unit 0, is shown with unit 3: never the old unit after the new one
+    assert _wait(lambda: "frame" in s.latest)
+    [(header, payload)] = _frames(engine, s)
+    assert (header["seq"], header["unit"]) == (2, 3) and payload == want2[1]
+
+
+def test_a_layer_switch_abandons_the_forward_pass_begun_for_the_old_layer(gated):
+    control, model, engine, s = gated
+    engine.submit_frame(s, _raw(1, seed=1))
+    assert _wait(lambda: "frame" in s.latest)
+    _frames(engine, s)
+    _, want = _expected(model, 2, ViewSettings(layer="relu2", unit=5))
+    control.armed = True
+    control.calls = 0
+    engine.submit_frame(s, _raw(2, seed=2))
+    assert control.entered.wait(30)
+    engine.update_settings(s, {"layer": "relu2", "unit": 5}, ("raw",))
+    time.sleep(0.1)  # the redraw worker can show nothing of relu2 from frame 1's conv2 pass
+    assert "frame" not in s.latest
+    control.armed = False
+    control.release.set()  # the conv2 pass goes on to the next module, where it is abandoned
+    assert _wait(lambda: "frame" in s.latest)
+    frames = _frames(engine, s)
+    assert [(h["seq"], h["layer"], h["unit"]) for h, _ in frames] == [(2, "relu2", 5)]
+    assert frames[0][1] == want
+    assert control.calls == 2  # the abandoned pass and frame 2's pass for relu2
+    assert s.stats.dropped == 0 and hooks_left(engine.frame_model.module) == []
