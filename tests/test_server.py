@@ -1081,3 +1081,20 @@ def test_the_page_asks_for_its_summary_over_the_websocket(client):
         ws.send_text(json.dumps({"type": "summary", "reset": True}))
         m, _ = receive_until(ws, is_type("summary"))
         assert m["images"] == 0
+
+
+def test_a_dropped_app_keeps_neither_its_toolbox_nor_its_network_copies_alive(model):
+    """The routes find their toolbox through the request's app, so nothing FastAPI caches (route
+    functions) holds it: an app served and dropped frees its toolbox (and its network copies)."""
+    import gc
+    import weakref
+
+    app = make_app(model, backprop=False, synthesis=False)
+    with TestClient(app) as c:
+        assert c.get(f"/api/health?token={TOKEN}").json()["ok"]
+    gone = weakref.ref(app.state.toolbox)
+    frame_net = weakref.ref(app.state.toolbox.engine.frame_model.module)
+    del app, c
+    gc.collect()  # the app (its finalizer closes the toolbox) ...
+    gc.collect()  # ... then the engine's own reference cycles (its threads' bound methods)
+    assert gone() is None and frame_net() is None

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeGuard
 
-from fastapi import FastAPI, Request, WebSocket
+from fastapi import APIRouter, FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
@@ -424,147 +424,179 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     else:
         model = load_model(config.model, weights=config.weights, labels=config.labels, device=config.device, input_size=config.input_size)
     toolbox = Toolbox(config, model)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        try:
-            toolbox.start()
-            yield
-        finally:
-            await asyncio.to_thread(toolbox.close)
-
-    app = FastAPI(title="deepvis", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="deepvis", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.toolbox = toolbox
     # an app dropped without having been served (or at exit, one never shut down) stops what it started and
-    # removes its temporary atlas (FastAPI's caches keep the route functions, and so the toolbox, alive)
+    # removes its temporary atlas
     weakref.finalize(app, toolbox.close)
     app.add_middleware(GuardMiddleware, guard=toolbox.guard)
+    app.include_router(_routes)
+    return app
 
-    @app.get("/")
-    async def index(request: Request) -> Response:
-        page, csp = toolbox.static.index(toolbox.token, request.headers.get("host", ""), frame_policy=toolbox.guard.frame_policy)
-        return Response(page, media_type="text/html; charset=utf-8", headers={"content-security-policy": csp, "cache-control": "no-store"})
 
-    @app.get("/static/{name:path}")
-    async def static(name: str) -> Response:
-        asset = toolbox.static.get(name)
-        if asset is None:
-            return _json_error(404, "not found")
-        return Response(asset.body, media_type=asset.content_type, headers={"cache-control": "no-cache"})
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    toolbox: Toolbox = app.state.toolbox
+    try:
+        toolbox.start()
+        yield
+    finally:
+        await asyncio.to_thread(toolbox.close)
 
-    @app.get("/api/health")
-    async def health() -> dict[str, Any]:
-        return {"ok": True, **toolbox.engine.status()}
 
-    @app.get("/api/info")
-    async def info() -> dict[str, Any]:
-        return toolbox.info()
+# The routes are module-level functions that find their toolbox through the request's app (never a
+# closure over it): FastAPI caches facts about route functions in module-level caches, and a closure
+# kept there would keep every toolbox ever built (and its copies of the network) alive after its app.
+_routes = APIRouter()
 
-    @app.post("/api/upload")
-    async def upload(request: Request, session: str = "", name: str = "") -> Response:
-        s = toolbox.engine.session(session)
-        if s is None:
-            return _json_error(404, "unknown page session: reload the page")
-        cap = config.max_upload_bytes
+
+def _toolbox(conn: Request | WebSocket) -> Toolbox:
+    toolbox: Toolbox = conn.app.state.toolbox  # set by create_app
+    return toolbox
+
+
+@_routes.get("/")
+async def index(request: Request) -> Response:
+    toolbox = _toolbox(request)
+    page, csp = toolbox.static.index(toolbox.token, request.headers.get("host", ""), frame_policy=toolbox.guard.frame_policy)
+    return Response(page, media_type="text/html; charset=utf-8", headers={"content-security-policy": csp, "cache-control": "no-store"})
+
+
+@_routes.get("/static/{name:path}")
+async def static(request: Request, name: str) -> Response:
+    toolbox = _toolbox(request)
+    asset = toolbox.static.get(name)
+    if asset is None:
+        return _json_error(404, "not found")
+    return Response(asset.body, media_type=asset.content_type, headers={"cache-control": "no-cache"})
+
+
+@_routes.get("/api/health")
+async def health(request: Request) -> dict[str, Any]:
+    return {"ok": True, **_toolbox(request).engine.status()}
+
+
+@_routes.get("/api/info")
+async def info(request: Request) -> dict[str, Any]:
+    return _toolbox(request).info()
+
+
+@_routes.post("/api/upload")
+async def upload(request: Request, session: str = "", name: str = "") -> Response:
+    toolbox = _toolbox(request)
+    config = toolbox.config
+    s = toolbox.engine.session(session)
+    if s is None:
+        return _json_error(404, "unknown page session: reload the page")
+    cap = config.max_upload_bytes
+    try:
+        chunks = [chunk async for chunk in _capped_body(request, cap)]
+    except _TooLarge:
+        return _json_error(413, f"upload too large: the limit is {cap // (1024 * 1024)} MB")
+    label = (name or "upload")[:200]
+    try:
+        image = await run_in_threadpool(
+            decode_image, b"".join(chunks), toolbox.model.preprocessing.pil_mode, max_pixels=config.max_upload_pixels, name=label
+        )
+    except InputError as exc:
+        return _json_error(400, str(exc))
+    await run_in_threadpool(toolbox.submit_still, s, image, "image", label)
+    return JSONResponse({"ok": True, "name": label, "width": image.width, "height": image.height})
+
+
+@_routes.get("/api/atlas/unit")
+async def atlas_unit(request: Request, layer: str, unit: int) -> Response:
+    toolbox = _toolbox(request)
+    try:
+        rec = await run_in_threadpool(toolbox.atlas_unit, layer, unit)
+    except DeepvisError as exc:  # the atlas cannot be read: say so in the page
+        return _json_error(500, str(exc))
+    if rec is None:
+        return _json_error(404, "no such unit in the model")
+    return JSONResponse(rec, headers={"cache-control": "no-store"})
+
+
+@_routes.get("/api/atlas/layer")
+async def atlas_layer(request: Request, layer: str) -> Response:
+    toolbox = _toolbox(request)
+    try:
+        rec = await run_in_threadpool(toolbox.atlas_layer, layer)
+    except DeepvisError as exc:  # the atlas cannot be read: say so in the page
+        return _json_error(500, str(exc))
+    if rec is None:
+        return _json_error(404, "no such layer in the model")
+    return JSONResponse(rec, headers={"cache-control": "no-store"})
+
+
+@_routes.get("/api/atlas/image")
+async def atlas_image(request: Request, layer: str, unit: int, kind: str, rank: int = 0, crop: int = 0) -> Response:
+    toolbox = _toolbox(request)
+    try:
+        data = await run_in_threadpool(toolbox.atlas_image, layer, unit, kind, rank, crop == 1)
+    except DeepvisError as exc:  # the atlas cannot be read: say so in the page
+        return _json_error(500, str(exc))
+    if data is None:
+        return _json_error(404, "no such image")
+    return Response(data, media_type="image/png", headers={"cache-control": "private, max-age=60"})
+
+
+@_routes.post("/api/video")
+async def video(request: Request, session: str = "", name: str = "") -> Response:
+    toolbox = _toolbox(request)
+    config = toolbox.config
+    s = toolbox.engine.session(session)
+    if s is None:
+        return _json_error(404, "unknown page session: reload the page")
+    cap = config.max_video_bytes
+    label = (name or "video")[:200]
+    with tempfile.TemporaryDirectory(prefix="deepvis-video-") as tmp:
+        src = Path(tmp) / "upload.bin"
+        total = 0
+        with open(src, "wb") as f:  # a fixed name in a private folder: the client's name is only a label
+            try:
+                async for chunk in _capped_body(request, cap):
+                    total += len(chunk)
+                    f.write(chunk)
+            except _TooLarge:
+                return _json_error(413, f"video too large for the server to decode: the limit is {cap // (1024 * 1024)} MB")
+        if total == 0:
+            return _json_error(400, f"{label} is empty (0 bytes)")
         try:
-            chunks = [chunk async for chunk in _capped_body(request, cap)]
-        except _TooLarge:
-            return _json_error(413, f"upload too large: the limit is {cap // (1024 * 1024)} MB")
-        label = (name or "upload")[:200]
-        try:
-            image = await run_in_threadpool(
-                decode_image, b"".join(chunks), toolbox.model.preprocessing.pil_mode, max_pixels=config.max_upload_pixels, name=label
-            )
+            decoded = await decode_video(src, label, toolbox.model.preprocessing, max_pixels=config.max_upload_pixels)
         except InputError as exc:
             return _json_error(400, str(exc))
-        await run_in_threadpool(toolbox.submit_still, s, image, "image", label)
-        return JSONResponse({"ok": True, "name": label, "width": image.width, "height": image.height})
+    s.attach_video(decoded)
+    return JSONResponse({"ok": True, "name": label, "frames": len(decoded.frames), "fps": decoded.fps, "warning": decoded.warning})
 
-    @app.get("/api/atlas/unit")
-    async def atlas_unit(layer: str, unit: int) -> Response:
-        try:
-            rec = await run_in_threadpool(toolbox.atlas_unit, layer, unit)
-        except DeepvisError as exc:  # the atlas cannot be read: say so in the page
-            return _json_error(500, str(exc))
-        if rec is None:
-            return _json_error(404, "no such unit in the model")
-        return JSONResponse(rec, headers={"cache-control": "no-store"})
 
-    @app.get("/api/atlas/layer")
-    async def atlas_layer(layer: str) -> Response:
-        try:
-            rec = await run_in_threadpool(toolbox.atlas_layer, layer)
-        except DeepvisError as exc:  # the atlas cannot be read: say so in the page
-            return _json_error(500, str(exc))
-        if rec is None:
-            return _json_error(404, "no such layer in the model")
-        return JSONResponse(rec, headers={"cache-control": "no-store"})
-
-    @app.get("/api/atlas/image")
-    async def atlas_image(layer: str, unit: int, kind: str, rank: int = 0, crop: int = 0) -> Response:
-        try:
-            data = await run_in_threadpool(toolbox.atlas_image, layer, unit, kind, rank, crop == 1)
-        except DeepvisError as exc:  # the atlas cannot be read: say so in the page
-            return _json_error(500, str(exc))
-        if data is None:
-            return _json_error(404, "no such image")
-        return Response(data, media_type="image/png", headers={"cache-control": "private, max-age=60"})
-
-    @app.post("/api/video")
-    async def video(request: Request, session: str = "", name: str = "") -> Response:
-        s = toolbox.engine.session(session)
-        if s is None:
-            return _json_error(404, "unknown page session: reload the page")
-        cap = config.max_video_bytes
-        label = (name or "video")[:200]
-        with tempfile.TemporaryDirectory(prefix="deepvis-video-") as tmp:
-            src = Path(tmp) / "upload.bin"
-            total = 0
-            with open(src, "wb") as f:  # a fixed name in a private folder: the client's name is only a label
-                try:
-                    async for chunk in _capped_body(request, cap):
-                        total += len(chunk)
-                        f.write(chunk)
-                except _TooLarge:
-                    return _json_error(413, f"video too large for the server to decode: the limit is {cap // (1024 * 1024)} MB")
-            if total == 0:
-                return _json_error(400, f"{label} is empty (0 bytes)")
+@_routes.websocket("/ws")
+async def websocket(ws: WebSocket) -> None:
+    toolbox = _toolbox(ws)
+    try:
+        session = toolbox.engine.open_session(asyncio.get_running_loop())
+    except TooManySessions as exc:
+        await ws.close(code=1013, reason=str(exc)[:120])
+        return
+    await ws.accept()
+    toolbox.engine.post_event(session, toolbox.hello(session))
+    sender = asyncio.create_task(_sender(ws, toolbox.engine, session))
+    try:
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                break
             try:
-                decoded = await decode_video(src, label, toolbox.model.preprocessing, max_pixels=config.max_upload_pixels)
-            except InputError as exc:
-                return _json_error(400, str(exc))
-        s.attach_video(decoded)
-        return JSONResponse({"ok": True, "name": label, "frames": len(decoded.frames), "fps": decoded.fps, "warning": decoded.warning})
-
-    @app.websocket("/ws")
-    async def websocket(ws: WebSocket) -> None:
-        try:
-            session = toolbox.engine.open_session(asyncio.get_running_loop())
-        except TooManySessions as exc:
-            await ws.close(code=1013, reason=str(exc)[:120])
-            return
-        await ws.accept()
-        toolbox.engine.post_event(session, toolbox.hello(session))
-        sender = asyncio.create_task(_sender(ws, toolbox.engine, session))
-        try:
-            while True:
-                message = await ws.receive()
-                if message["type"] == "websocket.disconnect":
-                    break
-                try:
-                    if message.get("bytes") is not None:
-                        toolbox.on_binary(session, message["bytes"])
-                    elif message.get("text") is not None:
-                        await toolbox.on_text(session, message["text"])
-                except DeepvisError as exc:
-                    toolbox.engine.post_event(session, text("error", scope="message", message=str(exc)))
-                except Exception as exc:  # a bug: log it, tell the page, keep the connection
-                    log.exception("message handling failed")
-                    toolbox.engine.post_event(session, text("error", scope="message", message=error_message(exc, "message handling")))
-        finally:
-            toolbox.engine.close_session(session)
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sender
-
-    return app
+                if message.get("bytes") is not None:
+                    toolbox.on_binary(session, message["bytes"])
+                elif message.get("text") is not None:
+                    await toolbox.on_text(session, message["text"])
+            except DeepvisError as exc:
+                toolbox.engine.post_event(session, text("error", scope="message", message=str(exc)))
+            except Exception as exc:  # a bug: log it, tell the page, keep the connection
+                log.exception("message handling failed")
+                toolbox.engine.post_event(session, text("error", scope="message", message=error_message(exc, "message handling")))
+    finally:
+        toolbox.engine.close_session(session)
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
