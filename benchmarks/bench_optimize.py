@@ -9,7 +9,8 @@ Default model (EfficientNet-Lite0), CPU (or ``--device cuda``). Three sections, 
   Adam, the whole network every step; ``--lucent-units`` units timed). Target: deepvis >= 6x.
 * ``ratio`` — one deepvis step (forward, backward, update, regularizers) over a bare forward+backward of
   the same batch to the same layer, medians of interleaved runs, for presets 1 and 4 (the paper's
-  most expensive regularizers) and ``robust``. Target: <= 1.15.
+  most expensive regularizers), ``robust``, 3 and ``maco`` (``--ratio-presets``). Target: <= 1.15; and
+  MACO's step over preset 3's (its pixel counterpart without regularizers between steps): <= 1.2.
 * ``recog`` — the fraction of class images that lite2 ranks in its top 5 for the intended class, for
   each paper preset, unregularized ascent, deepvis's ``robust`` preset and Lucent's defaults (six
   ImageNet classes; raw images, resized whole to lite2's input). Presets 1-4 and ``none`` run with
@@ -121,7 +122,11 @@ def bench_speed(args, model) -> None:
 # -- step overhead ---------------------------------------------------------------------------------------
 def bench_ratio(args, model) -> None:
     n = args.units
-    print(f"\n== step overhead: batch {n}, {args.size} px (median of interleaved runs) ==")
+    presets = args.ratio_presets
+    print(
+        f"\n== step overhead: batch {n}, {args.size} px, presets {', '.join(presets)} interleaved round by round "
+        f"({args.ratio_rounds} rounds of {args.ratio_steps} steps; medians, wall clock and this process's CPU time) =="
+    )
     for layer in args.layers:
         objs = resolve_targets(model, [f"{layer}:{i}" for i in range(n)], size=args.size)
         hw = (args.size, args.size)
@@ -134,32 +139,40 @@ def bench_ratio(args, model) -> None:
             torch.autograd.grad(v.sum(), [x])
 
         bare()
-        for preset in ("1", "4", "robust"):
-            settings = get_preset(preset).replace(steps=args.ratio_steps + 1)
-            optimize_batch(model, objs, settings.replace(steps=2), size=hw)  # warm-up
-            bare_t: list[float] = []
-            step_t: list[float] = []
-            for _ in range(args.ratio_rounds):
+        settings = {p: get_preset(p).replace(steps=args.ratio_steps + 1) for p in presets}
+        for s in settings.values():
+            optimize_batch(model, objs, s.replace(steps=2), size=hw)  # warm-up
+        bare_t: dict[str, list[float]] = {p: [] for p in presets}
+        step_t: dict[str, list[float]] = {p: [] for p in presets}
+        step_c: dict[str, list[float]] = {p: [] for p in presets}
+        for _ in range(args.ratio_rounds):
+            for p, s in settings.items():  # every preset once per round: the machine's load changes alike for all
                 for _ in range(2):
                     synchronize(model.device)
                     t0 = time.perf_counter()
                     bare()
                     synchronize(model.device)
-                    bare_t.append(time.perf_counter() - t0)
-                stamps: list[float] = []
+                    bare_t[p].append(time.perf_counter() - t0)
+                stamps: list[tuple[float, float]] = []
                 optimize_batch(
                     model,
                     objs,
-                    settings,
+                    s,
                     size=hw,
-                    on_step=lambda t, stamps=stamps: (synchronize(model.device), stamps.append(time.perf_counter())),
+                    on_step=lambda t, stamps=stamps: (synchronize(model.device), stamps.append((time.perf_counter(), time.process_time()))),
                 )
-                step_t += [b - a for a, b in zip(stamps, stamps[1:])]  # full steps (the last one is measure-only)
-            b, s = statistics.median(bare_t), statistics.median(step_t)
+                step_t[p] += [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]  # full steps (the last one is measure-only)
+                step_c[p] += [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
+        for p in presets:
+            b, s_, c = statistics.median(bare_t[p]), statistics.median(step_t[p]), statistics.median(step_c[p])
             print(
-                f"{layer:10s} preset {preset:6s} bare fwd+bwd {b:6.3f} s | deepvis step {s:6.3f} s | ratio {s / b:5.2f} (target <= 1.15)",
+                f"{layer:10s} preset {p:6s} bare fwd+bwd {b:6.3f} s | deepvis step {s_:6.3f} s (CPU {c:6.3f} s) | ratio {s_ / b:5.2f} (target <= 1.15)",
                 flush=True,
             )
+        if "maco" in settings and "3" in settings:  # MACO's step against the pixel preset 3's (issue 14: <= 1.2x)
+            wall = statistics.median(step_t["maco"]) / statistics.median(step_t["3"])
+            cpu = statistics.median(step_c["maco"]) / statistics.median(step_c["3"])
+            print(f"{layer:10s} maco step / preset 3 step: {wall:5.2f}x wall, {cpu:5.2f}x CPU time (target <= 1.2)", flush=True)
 
 
 # -- recognizability --------------------------------------------------------------------------------------
@@ -255,7 +268,8 @@ def bench_table(args, model) -> None:
         + " | lite2 top-5 (p) | lite1 top-5 (p)"
     )
     print(header, flush=True)
-    for label, preset, calibrate in table_settings():
+    rows = [r for r in table_settings() if args.table_rows is None or r[0] in args.table_rows]
+    for label, preset, calibrate in rows:
         kw = {} if calibrate is None else {"calibrate": calibrate}
         cells = []
         for layer, units in hidden.items():
@@ -291,12 +305,19 @@ def main() -> None:
     ap.add_argument("--lucent-units", type=int, default=4)
     ap.add_argument("--ratio-steps", type=int, default=4)
     ap.add_argument("--ratio-rounds", type=int, default=3)
+    ap.add_argument("--ratio-presets", default="1,4,robust,3,maco", type=lambda s: s.split(","), help="presets of the ratio section")
     ap.add_argument("--classes", default=",".join(CLASSES), type=lambda s: s.split(","))
     ap.add_argument("--recog-presets", default="1,2,3,4,none,robust", type=lambda s: s.split(","))
     ap.add_argument("--recog-size", type=int, default=224)
     ap.add_argument("--recog-steps", type=int, default=256, help="steps for every preset (0: each preset's own)")
     ap.add_argument("--lucent-steps", type=int, default=512, help="Lucent's steps for the recognizability rows (its default)")
     ap.add_argument("--table-units", type=int, default=64, help="units per layer in the presets table (default: %(default)s)")
+    ap.add_argument(
+        "--table-rows",
+        default=None,
+        type=lambda s: s.split(","),
+        help="only these rows of the presets table, by label (e.g. 'maco,3 calibrated'; default: all)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save", metavar="DIR", help="save the class images here")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the judge and Lucent's copy run there too)")

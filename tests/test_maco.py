@@ -15,8 +15,17 @@ from deepvis.cli import main
 from deepvis.errors import DeepvisError
 from deepvis.models import Model, Preprocessing
 from deepvis.optimize import Settings, get_preset, optimize_batch, resolve_targets, visualize
-from deepvis.optimize.maco import SPECTRUM_FILE, AttributionMask, MacoParam, amplitude_spectrum, masked_image, natural_spectrum
+from deepvis.optimize.maco import (
+    SPECTRUM_FILE,
+    AttributionMask,
+    MacoParam,
+    _odd_edge_columns,
+    amplitude_spectrum,
+    masked_image,
+    natural_spectrum,
+)
 from deepvis.optimize.param import ImageParam, make_param
+from deepvis.optimize.regularizers import ClipRange
 from helpers import assert_unchanged, snapshot
 
 
@@ -67,6 +76,38 @@ def test_any_phase_gives_exactly_the_fixed_amplitude_spectrum(hw):
     )
     # the inverse keeps the phase: to_image(from_image(x)) is x
     torch.testing.assert_close(p.to_image(p.from_image(x), hw), x, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("hw", [(17, 17), (16, 24), (33, 20), (9, 8)])
+def test_closed_form_gradient_equals_autograd_through_polar_and_irfft2(hw):
+    """MACO's image and its phase gradient (closed form, :class:`_PhaseToImage`) equal autograd through
+    ``torch.polar`` and ``irfft2`` in float64, edge columns included, odd and even sides."""
+    h, w = hw
+    p = MacoParam()
+    a = p.spectrum(3, h, w, torch.device("cpu")).double()
+    gen = torch.Generator().manual_seed(2)
+    phase = (torch.rand(2, 3, h, w // 2 + 1, generator=gen, dtype=torch.float64) * 6.3 - 3.15).requires_grad_(True)
+    weight = torch.randn(2, 3, h, w, generator=gen, dtype=torch.float64)
+    odd = _odd_edge_columns(phase, w)
+    ref = torch.fft.irfft2(torch.polar(a.expand_as(odd).contiguous(), odd), s=(h, w), norm="ortho")
+    (g_ref,) = torch.autograd.grad((ref * weight).sum(), [phase])
+    x = p.to_image(phase, hw)
+    (g,) = torch.autograd.grad((x * weight).sum(), [phase])
+    assert x.dtype == torch.float64
+    torch.testing.assert_close(x, ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(g, g_ref, atol=1e-10, rtol=1e-10)
+    assert float(g.abs().max()) > 1.0  # a real gradient, not zeros
+
+
+def test_clip_in_the_graph_passes_the_gradient_only_inside_the_valid_range():
+    clip = ClipRange(torch.tensor([-1.0, -2.0]), torch.tensor([1.0, 2.0]))
+    x = torch.tensor([[-1.5, -0.5, 0.5, 1.5], [-2.5, -1.0, 1.0, 3.0]]).view(1, 2, 2, 2).requires_grad_(True)
+    y = clip(x)
+    (g,) = torch.autograd.grad((y * torch.arange(1.0, 9.0).view(1, 2, 2, 2)).sum(), [x])
+    assert y.flatten().tolist() == [-1.0, -0.5, 0.5, 1.0, -2.0, -1.0, 1.0, 2.0]
+    assert g.flatten().tolist() == [0.0, 2.0, 3.0, 0.0, 0.0, 6.0, 7.0, 0.0]
+    with torch.no_grad():
+        assert clip(x).flatten().tolist() == y.flatten().tolist()
 
 
 def test_optimized_image_has_the_fixed_amplitude_spectrum():

@@ -76,17 +76,59 @@ def natural_spectrum(h: int, w: int, channels: int = 3) -> torch.Tensor:
     return out.contiguous()
 
 
+def _edge_columns(h: int, w: int) -> list[int]:
+    """The x-frequency columns of an (h, w) real FFT that it stores once: 0 and, for even w, w/2."""
+    return [0] + ([w // 2] if w % 2 == 0 and w // 2 != 0 else [])
+
+
 def _odd_edge_columns(phase: torch.Tensor, w: int) -> torch.Tensor:
     """``phase`` (N, C, H, W//2+1) with the columns the real FFT stores once (x frequency 0 and W/2 for
     even W) made odd in y: φ[−k] = −φ[k], so that ``A·e^{iφ}`` is a Hermitian spectrum."""
     h = phase.shape[-2]
     idx = (-torch.arange(h, device=phase.device)) % h
-    cols = [0] + ([w // 2] if w % 2 == 0 and w // 2 != 0 else [])
     out = phase.clone()
-    for c in cols:
+    for c in _edge_columns(h, w):
         col = phase[..., c]
         out[..., c] = 0.5 * (col - col.index_select(-1, idx))
     return out
+
+
+class _PhaseToImage(torch.autograd.Function):
+    """``irfft2(A·e^{iφ'})`` (orthonormal) with φ' the phase made odd on the edge columns, and its gradient
+    in closed form: one forward and one backward FFT, elementwise work on the phase's half spectrum only.
+
+    Forward: ``e = polar(A, φ)`` in one pass, its edge columns redone with the odd phase (no copy of the
+    whole phase). Backward: with ``G = rfft2(∂L/∂x)`` (orthonormal), ``∂L/∂φ' = w·(Im G·Re e − Re G·Im e)``,
+    ``w`` = 2 on the columns the real FFT stands for twice, 1 on the edge columns (what ``irfft2``'s own
+    backward does); the odd projection is symmetric, so its adjoint is itself:
+    ``∂L/∂φ[k] = ½(∂L/∂φ'[k] − ∂L/∂φ'[−k])`` on the edge columns. Equal to autograd through
+    ``torch.polar`` and ``irfft2`` up to float rounding (tested).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, phase: torch.Tensor, a: torch.Tensor, weights: torch.Tensor, h: int, w: int
+    ) -> torch.Tensor:
+        e = torch.polar(a, phase)  # a (C, H, W//2+1) broadcasts over the batch
+        idx = (-torch.arange(h, device=phase.device)) % h
+        for c in _edge_columns(h, w):
+            col = phase[..., c]
+            e[..., c] = torch.polar(a[..., c], 0.5 * (col - col.index_select(-1, idx)))
+        ctx.save_for_backward(e, weights)
+        ctx.hw = (h, w)  # type: ignore[attr-defined]  # the context carries what backward needs
+        return torch.fft.irfft2(e, s=(h, w), norm="ortho")
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, gx: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        e, weights = ctx.saved_tensors  # type: ignore[attr-defined]  # autograd sets saved_tensors on the context
+        h, w = ctx.hw  # type: ignore[attr-defined]  # set in forward
+        g, er = torch.view_as_real(torch.fft.rfft2(gx, norm="ortho")), torch.view_as_real(e)
+        gp = (g[..., 1] * er[..., 0] - g[..., 0] * er[..., 1]) * weights
+        idx = (-torch.arange(h, device=gp.device)) % h
+        for c in _edge_columns(h, w):
+            col = gp[..., c].clone()
+            gp[..., c] = 0.5 * (col - col.index_select(-1, idx))
+        return gp, None, None, None, None
 
 
 class MacoParam:
@@ -103,10 +145,15 @@ class MacoParam:
 
     def __init__(self, magnitude: torch.Tensor | None = None) -> None:
         self.magnitude = None if magnitude is None else torch.as_tensor(magnitude, dtype=torch.float32)
-        self._cache: dict[tuple, torch.Tensor] = {}
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def spectrum(self, c: int, h: int, w: int, device: torch.device) -> torch.Tensor:
         """The fixed amplitude spectrum (C, H, W//2+1) of a (C, H, W) canvas on ``device``."""
+        return self._spectra(c, h, w, device)[0]
+
+    def _spectra(self, c: int, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fixed spectrum ``A``, float32 (C, H, W//2+1), and the real FFT's column weights (W//2+1,)
+        (2, 1 on the edge columns; :class:`_PhaseToImage`), on ``device``, made once per canvas."""
         key = (c, h, w, device)
         if key not in self._cache:
             if self.magnitude is not None:
@@ -115,17 +162,19 @@ class MacoParam:
                 m = self.magnitude
             else:
                 m = natural_spectrum(h, w, c)
-            self._cache[key] = m.to(device)
+            m = m.to(device, torch.float32).contiguous()
+            weights = torch.full((w // 2 + 1,), 2.0, device=device)
+            weights[_edge_columns(h, w)] = 1.0
+            self._cache[key] = (m, weights)
         return self._cache[key]
 
     def to_image(self, p: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Phases (N, C, H, W//2+1), radians → image (N, C, H, W) in 0–255 pixels from the mean, whose
-        amplitude spectrum is exactly the fixed one (differentiable)."""
+        amplitude spectrum is exactly the fixed one (differentiable: :class:`_PhaseToImage`)."""
         h, w = size
-        phase = _odd_edge_columns(p, w)
-        a = self.spectrum(p.shape[1], h, w, p.device)
-        spec = torch.polar(a.expand_as(phase).contiguous(), phase)
-        return torch.fft.irfft2(spec, s=(h, w), norm="ortho")
+        a, weights = self._spectra(p.shape[1], h, w, p.device)
+        out: torch.Tensor = _PhaseToImage.apply(p, a.to(p.dtype), weights.to(p.dtype), h, w)
+        return out
 
     def from_image(self, x: torch.Tensor) -> torch.Tensor:
         """Image (N, C, H, W) → its phase (N, C, H, W//2+1): the closest fixed-magnitude image keeps it."""

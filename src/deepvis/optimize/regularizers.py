@@ -186,6 +186,23 @@ class ClipSmallContribution(Regularizer):
         return _zero_below(x, (x * info.grad).sum(1).abs(), self.percentile)
 
 
+class _Clamp(torch.autograd.Function):
+    """``max(min(x, high), low)`` whose backward passes the gradient where ``low ≤ x ≤ high`` and 0
+    elsewhere (as ``torch.maximum``/``torch.minimum`` do, but for a tie — ``x`` exactly on a bound — where
+    they pass half), from one boolean mask saved in the forward pass."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        y = torch.clamp(x, low, high)  # the same values as max(min(x, high), low)
+        ctx.save_for_backward(y == x)
+        return y
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (inside,) = ctx.saved_tensors  # type: ignore[attr-defined]  # autograd sets saved_tensors on the context
+        return g * inside, None, None
+
+
 class ClipRange(Regularizer):
     """Keep every pixel inside the valid range: ``low ≤ x ≤ high`` per channel (C,) (for 0–255 pixels
     measured from the mean image, ``low = −mean``, ``high = 255 − mean``)."""
@@ -199,6 +216,9 @@ class ClipRange(Regularizer):
     def __call__(self, x: torch.Tensor, info: StepInfo | None = None) -> torch.Tensor:
         low = self.low.to(x.device, x.dtype).view(1, -1, 1, 1)
         high = self.high.to(x.device, x.dtype).view(1, -1, 1, 1)
+        if x.requires_grad:  # MACO clips the image the model sees, inside the graph: one saved mask for the backward
+            out: torch.Tensor = _Clamp.apply(x, low, high)
+            return out
         return torch.maximum(torch.minimum(x, high), low)
 
 
