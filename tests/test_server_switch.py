@@ -2,8 +2,9 @@
 
 A unit switch is shown at once from the current frame's forward pass (the engine's redraw worker),
 even while the frame loop is busy; a layer switch abandons the forward pass begun for the old layer
-(``capture(cancel=)``) and computes the frame again for the new one. No result with the old settings
-is posted after one with the new settings.
+(``capture(cancel=)``) and computes the frame again for the new one, stopping at that layer (its
+predictions come with the next frame). No result with the old settings is posted after one with the
+new settings.
 """
 
 from __future__ import annotations
@@ -189,3 +190,9 @@ def test_a_layer_switch_abandons_the_forward_pass_begun_for_the_old_layer(gated)
     assert frames[0][1] == want
     assert control.calls == 2  # the abandoned pass and frame 2's pass for relu2
     assert s.stats.dropped == 0 and hooks_left(engine.frame_model.module) == []
+    # that first frame of the new layer stopped at it: no predictions (the page keeps its list); the next has them
+    assert "predictions" not in frames[0][0]
+    engine.submit_frame(s, _raw(3, seed=3))
+    assert _wait(lambda: "frame" in s.latest)
+    [(header, _)] = _frames(engine, s)
+    assert header["seq"] == 3 and header["layer"] == "relu2" and len(header["predictions"]) == 5

@@ -12,7 +12,20 @@ from ..choices import Normalization as Normalize
 from ..errors import DeepvisError
 from .colormap import apply_colormap
 
-__all__ = ["grid_shape", "normalize_activations", "normalization_scale", "tile_grid", "tile_origin", "Normalize", "NORMALIZATIONS"]
+__all__ = [
+    "grid_shape",
+    "normalize_activations",
+    "normalization_scale",
+    "tile_grid",
+    "tile_origin",
+    "Normalize",
+    "NORMALIZATIONS",
+    "AFFINE_NORMALIZATIONS",
+]
+
+#: the normalizations under which every value is shown as an affine image of itself, (v - lo) / span with
+#: nothing clipped (``none`` clips to [0, 1]): re-stretching a tile to its own range gives the channel view
+AFFINE_NORMALIZATIONS: tuple[str, ...] = ("layer", "channel")
 
 #: RGB of the padding between tiles and of the highlight frame
 PAD_COLOR = (40, 40, 40)

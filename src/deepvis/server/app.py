@@ -30,7 +30,7 @@ from ..errors import DeepvisError, InputError
 from ..io import decode_image, load_image, sample_photos, to_mode
 from ..models import load_model
 from ..models.model import Model
-from ..render import COLORMAPS, NORMALIZATIONS, colormap_lut
+from ..render import AFFINE_NORMALIZATIONS, COLORMAPS, NORMALIZATIONS, colormap_lut
 from .atlas_view import IMAGE_KINDS, AtlasView, SynthCropper
 from .config import ServerConfig
 from .engine import LiveEngine, TooManySessions, error_message, replica
@@ -218,6 +218,8 @@ class Toolbox:
             "samples": sorted(self.samples),
             "colormaps": {name: colormap_lut(name).reshape(-1).tolist() for name in COLORMAPS},
             "normalizations": list(NORMALIZATIONS),
+            # (the page may draw a newly selected unit from its grid tile under these: see panes.js previewUnit)
+            "affine_normalizations": list(AFFINE_NORMALIZATIONS),
             "backprop": {
                 "available": self.engine.backprop_available,
                 "modes": list(BACKPROP_MODES),

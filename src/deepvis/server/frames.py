@@ -277,6 +277,7 @@ class FrameProcessor:
         diff: DiffState | None = None,
         cached: LayerActivations | None = None,
         cancel: Callable[[], bool] | None = None,
+        predictions: bool = True,
     ) -> FrameOutput:
         """Run one frame (1, C, H, W) and build the page's view of it (see module docstring).
 
@@ -284,7 +285,9 @@ class FrameProcessor:
         give the settings' view (:meth:`redrawable`), the view is built from it without a forward
         pass, and safely from any thread (nothing of the processor is changed). ``cancel``: asked
         between the network's blocks during a forward pass; True abandons it
-        (:class:`~deepvis.capture.CaptureCancelled`).
+        (:class:`~deepvis.capture.CaptureCancelled`). ``predictions=False``: the forward pass stops at
+        the layer (no logits, no ``predictions`` in the header: the page keeps the ones it shows), as
+        for the first frame of a newly selected layer, shown sooner.
         """
         info = self.check(settings)
         header: dict[str, Any] = {"type": "frame", "layer": info.name, "unit": settings.unit, "token": settings.token}
@@ -292,13 +295,14 @@ class FrameProcessor:
         query = settings.query if info.layout.kind == "attention" else None
         pre: torch.Tensor | None = None
         table: torch.Tensor | None = None  # the top-k on the device, read with everything else
-        predictions: list[dict[str, Any]] | None = None
+        top5: list[dict[str, Any]] | None = None
         if self.redrawable(cached, settings):
             assert cached is not None
-            a, predictions, pre = cached.acts, cached.predictions, cached.prefix
+            a, top5, pre = cached.acts, cached.predictions, cached.prefix
         else:
             names = [info.name]
-            if self.has_logits and info.name != LOGITS:
+            logits = self.has_logits and (predictions or info.name == LOGITS)
+            if logits and info.name != LOGITS:
                 names.append(LOGITS)
             acts = capture(
                 self.model, x, names, stop_early=True, prefix=bool(info.prefix), query=query, autocast=self.autocast, cancel=cancel
@@ -306,7 +310,7 @@ class FrameProcessor:
             a = acts[info.name][0].detach().float()
             if info.prefix:
                 pre = acts[prefix_key(info.name)][0].detach().float()
-            if self.has_logits:
+            if logits:
                 table = top_k_table(acts[LOGITS], self.k)[0]
 
         shown = a
@@ -352,13 +356,13 @@ class FrameProcessor:
         if table is not None:
             k = table.shape[1]
             rows = [rest[:k], rest[k : 2 * k], rest[2 * k : 3 * k]]
-            predictions = [
+            top5 = [
                 {"index": p.index, "label": p.label, "probability": round(p.probability, 5)}
                 for p in predictions_from_table(self.model, [rows])[0]
             ]
             rest = rest[3 * k :]
-        if predictions is not None:
-            header["predictions"] = predictions
+        if top5 is not None:
+            header["predictions"] = top5
         header["grid"] = {"shape": list(shown.shape), "factor": factor, "diff": bool(settings.diff)}
         if info.layout.kind == "attention":
             header["query"] = info.layout.query_name(query)
@@ -370,7 +374,7 @@ class FrameProcessor:
             header["unit_shape"] = list(unit.shape)
         if self.is_class_layer(info.name):
             header["unit_label"] = self.model.label(settings.unit)
-        return FrameOutput(header, blobs, x, LayerActivations(info.name, a, predictions, pre, query))
+        return FrameOutput(header, blobs, x, LayerActivations(info.name, a, top5, pre, query))
 
     @staticmethod
     def _prefix_bytes(pre: torch.Tensor, shown: torch.Tensor, s: ViewSettings) -> bytes:

@@ -97,6 +97,8 @@ export class Link {
   sendSettings(partial) {
     const msg = this.state.propose(partial);
     if (msg) this.conn.send(msg);
+    // another unit of the layer shown: drawn now from the grid the page has (the server's map follows)
+    if (msg && 'unit' in partial && !('layer' in partial)) this.app.panes.previewUnit(this.state.settings.unit);
   }
 
   /** The server's settings (an answer to an older request than the last one sent is ignored). */

@@ -54,11 +54,13 @@ export class Panes {
     this.redrawGrid();
     if (blobs.unit) {
       drawMap($('unit-map'), h.unit_shape[0], h.unit_shape[1], blobs.unit, lut);
+      this.app.figures.unitMap = { unit: h.unit, at: performance.now(), exact: true };
       $('unit-map').hidden = false;
       this.drawPin(h);
     } else $('unit-map').hidden = true;
     this.showUnitStats(h);
-    this.showPredictions(h.predictions || [], h.source === 'camera' || h.source === 'video');
+    // (the first frame of a newly selected layer comes without them: the list shown stays)
+    if (h.predictions) this.showPredictions(h.predictions, h.source === 'camera' || h.source === 'video');
     this.showRf(h);
     this.showQueryBox(h);
   }
@@ -83,6 +85,33 @@ export class Panes {
       this.highlightKey = key;
       this.grid.highlight(unit);
     }
+  }
+
+  /** A unit of the layer shown was selected: draw its map at once from the last frame's grid, the
+   * server's exact map replaces it with the next result (a redraw from the frame's forward pass, a
+   * few milliseconds later). The unit's tile is stretched to its own range, as the server's map is
+   * (channel normalization); only where the grid is an affine image of the activations (a
+   * normalization of hello's affine_normalizations, no gain or gamma, no diff view, no pooling) and the
+   * unit is a channel map. */
+  previewUnit(unit) {
+    const st = this.state;
+    const h = st.lastHeader, grid = st.lastBlobs?.grid, s = st.settings;
+    if (!h || !grid || !s || !h.unit_shape || h.layer !== s.layer || s.token) return;
+    if (h.grid.factor !== 1 || h.grid.diff || h.grid.shape.length !== 3) return;
+    if (!st.info.affine_normalizations.includes(s.normalize) || s.gain !== 1 || s.gamma !== 1) return;
+    const [n, th, tw] = h.grid.shape;
+    if (!(unit >= 0 && unit < n) || th !== h.unit_shape[0] || tw !== h.unit_shape[1]) return;
+    const tile = grid.subarray(unit * th * tw, (unit + 1) * th * tw);
+    let lo = 255, hi = 0;
+    for (const v of tile) {
+      if (v < lo) lo = v;
+      if (v > hi) hi = v;
+    }
+    const out = new Uint8Array(th * tw);
+    if (hi > lo) for (let i = 0; i < out.length; i++) out[i] = Math.round(((tile[i] - lo) * 255) / (hi - lo));
+    drawMap($('unit-map'), th, tw, out, st.luts[st.colormap]);
+    this.grid.highlight(unit);
+    this.app.figures.unitMap = { unit, at: performance.now(), exact: false };
   }
 
   /** The prefix strip under the grid (a token layer's prefix tokens; an attention layer's prefix keys),

@@ -97,6 +97,7 @@ export class Figures {
     this.patternTiles = 0;
     this.rf = null; // the receptive field boxed on the input: [y0, x0, y1, x1]
     this.queryBox = null; // an attention layer's query patch boxed on the input: [y0, x0, y1, x1] (input pixels)
+    this.unitMap = null; // the unit map drawn last: {unit, at (performance.now()), exact (false: the page's preview from the grid)}
     this.synthesis = null; // the last synthesis progress message
     this.mining = null; // the last dataset-mining status (deepvis serve --dataset)
     this.atlasShown = null; // the unit record the unit pane shows (atlas.js)
@@ -120,7 +121,7 @@ export class Figures {
     if (live) this.liveFrames++;
     this.p95 = percentile(this.latencies, 95);
     this.last = h;
-    this.predictions = h.predictions || [];
+    if (h.predictions) this.predictions = h.predictions;
     this.sessionDropped = h.stats.dropped;
     this.skipped = sources.skipped;
     this.cameraFrames = sources.videoFrames;
