@@ -5,9 +5,17 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One intra-op thread per process unless OMP_NUM_THREADS says otherwise, set before torch is imported so
+# that the kernels, CLI runs and workers the tests start inherit it. The tests' tensors are small, and
+# the suite runs servers, kernels, browsers and subprocesses beside the test's own torch: two OpenMP
+# threads that must meet at every barrier while other processes hold the cores ran one test 113 s
+# instead of 3 s (test_batched_equals_one_at_a_time_and_is_deterministic[1], 2 shared cores).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # after OMP_NUM_THREADS is set
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -49,6 +51,9 @@ def test_ray_scan_equals_local_scan(tmp_path):
         layers=("relu1", "relu2", "fc"), max_images=20, batch_size=4, top_k=3, epsilons=(), cluster_layers=(), decode_threads=1
     )
     local = summarize(model, ds, options, progress=False)
+    # one local Ray for both engines below (as RayEngine starts it; test_atlas_ray has the engine start its own Ray
+    # and shut it down); each engine here joins this one and leaves it running: Ray starts once, not twice
+    ray.init(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False, logging_level="ERROR")
     try:
         remote = summarize(model, ds, options, engine="ray", workers=2, progress=False)
         # the driver's device reaches the workers: a CPU model gives CPU workers that reserve no GPU

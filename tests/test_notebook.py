@@ -437,17 +437,49 @@ def test_every_example_notebook_is_stored_without_outputs():
         assert sum("parameters" in c.metadata.get("tags", []) for c in nb.cells) == 1, name
 
 
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    """One IPython kernel for the example notebooks, started once: a kernel's start and its first
+    ``import torch`` cost seconds per notebook. Each notebook then runs from an empty namespace (see
+    :func:`_fresh_namespace`)."""
+    from jupyter_client.manager import AsyncKernelManager
+    from nbclient.util import run_sync
+
+    km = AsyncKernelManager(kernel_name="python3")
+    run_sync(km.start_kernel)(cwd=str(tmp_path_factory.mktemp("kernel")))
+    try:
+        yield km
+    finally:
+        run_sync(km.shutdown_kernel)(now=True)
+
+
+def _fresh_namespace(cwd: Path) -> str:
+    """The hidden first cell of a notebook run in the shared kernel: into its own folder, then ``%reset -f``
+    (every name the notebooks run before defined is gone: a name a notebook uses without defining it fails as
+    in a new kernel; the modules stay imported, which is the time saved: a new kernel imports torch again)."""
+    return f"import os\nos.chdir({str(cwd)!r})\n%reset -f"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", sorted(SMALL))
-def test_example_notebook_runs_in_a_kernel(name, tmp_path):
+def test_example_notebook_runs_in_a_kernel(name, tmp_path, kernel):
     import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(EXAMPLES / name, as_version=4)
     i = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     nb.cells.insert(i + 1, nbformat.v4.new_code_cell(SMALL[name]))
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    nb.cells.insert(0, nbformat.v4.new_code_cell(_fresh_namespace(tmp_path)))
+    client = NotebookClient(nb, km=kernel, timeout=300, resources={"metadata": {"path": str(tmp_path)}})
+    try:
+        client.execute()
+    finally:
+        if client.kc is not None:
+            client.kc.stop_channels()
+    reset, *rest = nb.cells
+    assert reset.outputs == [], reset.outputs  # the reset itself ran cleanly
+    nb.cells = rest
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert not [o for c in code for o in c.outputs if o.output_type == "error"]
     shows = [

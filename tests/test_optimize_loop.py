@@ -145,10 +145,11 @@ def test_batched_equals_one_at_a_time_and_is_deterministic(default_model, preset
 
 
 def test_units_rise_far_above_their_start(default_model):
-    res = visualize(default_model, ["blocks.3:0", "blocks.3:1", "blocks.5:10"], preset="3", steps=20, size=96)
+    # 10 steps: each unit passes the bar by step 3 and ends 3-9 times above it (measured: 55, 22, 41 against 14, 5, 6)
+    res = visualize(default_model, ["blocks.3:0", "blocks.3:1", "blocks.5:10"], preset="3", steps=10, size=96)
     for r in res:
         assert r.value > r.start_value + 5 * max(1.0, abs(r.start_value))
-        assert len(r.trace) == 20 and r.steps_run == 20 and not r.stopped
+        assert len(r.trace) == 10 and r.steps_run == 10 and not r.stopped
 
 
 def test_class_logit_beats_every_sample_photo(default_model, sample_images):
@@ -158,8 +159,10 @@ def test_class_logit_beats_every_sample_photo(default_model, sample_images):
     with torch.no_grad():
         logits = default_model.module(default_model.preprocess(photos))
     espresso, tabby = default_model.class_index("espresso"), default_model.class_index("tabby")
-    (r1,) = visualize(default_model, [f"logits:{espresso}"], preset="3", steps=60, size=96)
-    (r2,) = visualize(default_model, [f"logits:{tabby}"], preset="robust", steps=30, size=96)
+    # the best photo's logits are 11.4 (espresso) and 8.3 (tabby); measured: r1 first beats it at step 33 and
+    # reaches 25 by step 44, r2 at step 7 and reaches 41 by step 14
+    (r1,) = visualize(default_model, [f"logits:{espresso}"], preset="3", steps=45, size=96)
+    (r2,) = visualize(default_model, [f"logits:{tabby}"], preset="robust", steps=15, size=96)
     assert r1.label == "espresso" and r1.objective == f"class({espresso} espresso)"
     assert r1.value > logits[:, espresso].max().item()  # the coffee photo: espresso at 95%
     assert r2.value > logits[:, tabby].max().item()  # the chelsea photo
