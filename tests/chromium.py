@@ -6,10 +6,11 @@ this folder to its path). Debian's Chromium, headless, with Chromium's fake came
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CHROMIUM", "VIEWPORT", "chromium_flags", "launch"]
+__all__ = ["CHROMIUM", "VIEWPORT", "chromium_flags", "launch", "wait"]
 
 #: Debian's Chromium (``apt-get install chromium``); the browser tests are skipped without it
 CHROMIUM = "/usr/bin/chromium"
@@ -39,3 +40,19 @@ def launch(playwright: Any, profile: str | Path, *, camera_fps: int | None = Non
     return playwright.chromium.launch_persistent_context(
         str(profile), executable_path=CHROMIUM, headless=True, args=chromium_flags(camera_fps), viewport=VIEWPORT
     )
+
+
+def wait(page: Any, expr: str, timeout: float = 60.0) -> Any:
+    """Poll a JavaScript expression in a Playwright page until it is truthy (CSP-safe) and return it; on
+    timeout an AssertionError with the page's probe state (``window.deepvis``, when the page has one)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = page.evaluate(expr)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            state = page.evaluate(
+                "window.deepvis ? JSON.stringify({...window.deepvis, latencies: undefined, last: undefined, lastGrid: undefined}) : 'no probe'"
+            )
+            raise AssertionError(f"timed out waiting for {expr}; page state: {state}")
+        page.wait_for_timeout(50)

@@ -1,6 +1,9 @@
-"""Test helpers: hook checks and model snapshots."""
+"""Test helpers: hook checks, model snapshots and waiting for a condition."""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -34,3 +37,13 @@ def assert_unchanged(module: nn.Module, before: dict[str, object]) -> None:
     for a, b in zip(after["params"], before["params"]):  # type: ignore[arg-type]
         assert torch.equal(a, b)
     assert hooks_left(module) == []
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 30.0) -> bool:
+    """Poll ``cond()`` every 10 ms until it is truthy or ``timeout`` seconds have passed; its last answer, as a bool."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return bool(cond())

@@ -9,13 +9,12 @@ live figures: static/js/probe.js); a page opened without it has no such global.
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from chromium import CHROMIUM, launch
+from chromium import CHROMIUM, launch, wait
 from test_server_utils import LiveServer
 
 if not Path(CHROMIUM).exists():
@@ -88,19 +87,6 @@ def page(browser, server):
     pg.close()
     # refused uploads are logged by the browser as failed requests: those are expected
     assert [p for p in problems if "status of 400" not in p and "status of 413" not in p] == []
-
-
-def wait(page: Page, expr: str, timeout: float = 60.0):
-    """Poll a JavaScript expression until it is truthy (CSP-safe; fails with the page's state)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = page.evaluate(expr)
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            state = page.evaluate("JSON.stringify({...window.deepvis, latencies: undefined, last: undefined, lastGrid: undefined})")
-            raise AssertionError(f"timed out waiting for {expr}; page state: {state}")
-        page.wait_for_timeout(50)
 
 
 def test_only_a_page_opened_for_tests_has_the_probe(browser, server):

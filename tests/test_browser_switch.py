@@ -4,13 +4,12 @@ exact map; a gain or gamma boost turns the preview off (the grid is then no affi
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from chromium import CHROMIUM, launch
+from chromium import CHROMIUM, launch, wait
 from test_server_utils import LiveServer
 
 if not Path(CHROMIUM).exists():
@@ -35,17 +34,6 @@ PRESS_AND_READ = """(press) => {
   return { map, h: c.height, w: c.width, grid: Array.from(window.deepvis.lastGrid), shape: window.deepvis.last.grid.shape,
            unitMap: window.deepvis.unitMap, unit: window.deepvis.last.unit };
 }"""
-
-
-def wait(page, expr: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = page.evaluate(expr)
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {expr}")
-        page.wait_for_timeout(50)
 
 
 @pytest.fixture(scope="module")

@@ -7,20 +7,19 @@ test runs in seconds; the judge is the tiny model itself (its figures flagged as
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from chromium import CHROMIUM, launch
+from chromium import CHROMIUM, launch, wait
 from test_server_utils import LiveServer, tiny_model
 
 if not Path(CHROMIUM).exists():
     pytest.skip(f"Debian's Chromium is not installed at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
 
-from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import sync_playwright
 
 from deepvis.server import ServerConfig, create_app
 
@@ -73,19 +72,6 @@ def page(browser, server):
     yield pg
     pg.close()
     assert problems == []
-
-
-def wait(page: Page, expr: str, timeout: float = 60.0):
-    """Poll a JavaScript expression until it is truthy (CSP-safe; fails with the page's state)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = page.evaluate(expr)
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            state = page.evaluate("JSON.stringify({...window.deepvis, latencies: undefined, last: undefined, lastGrid: undefined})")
-            raise AssertionError(f"timed out waiting for {expr}; page state: {state}")
-        page.wait_for_timeout(50)
 
 
 def loaded(selector: str) -> str:

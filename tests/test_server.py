@@ -26,7 +26,7 @@ from deepvis.server.frames import FrameProcessor, quantize
 from deepvis.server.protocol import ProtocolError, ViewSettings, pack, unpack
 from deepvis.server.security import Guard
 from deepvis.server.session import RawFrame
-from helpers import assert_unchanged, hooks_left, snapshot
+from helpers import assert_unchanged, hooks_left, snapshot, wait_for
 from test_server_utils import TOKEN, LiveServer, frame_message, is_frame, is_type, receive_until, tiny_model
 
 pytestmark = pytest.mark.timeout(120)
@@ -378,7 +378,7 @@ def test_a_bug_in_the_sender_is_logged_and_shown_and_the_page_reconnects(model, 
     with TestClient(app) as c:
         with caplog.at_level(logging.DEBUG, logger="deepvis.server"), open_ws(c) as ws:  # a page that comes and goes: no error
             json.loads(ws.receive_text())
-        assert _wait(lambda: engine.sessions() == [], 10)
+        assert wait_for(lambda: engine.sessions() == [], 10)
         assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
         engine.take = take_once_broken
         with caplog.at_level(logging.ERROR, logger="deepvis.server"), open_ws(c) as ws:
@@ -483,9 +483,9 @@ def test_a_client_that_never_reads_does_not_slow_another(model):
                     return got
 
                 assert round_trips(10) == 10
-                assert _wait(lambda: len(engine.sessions()) == 2, 10)
+                assert wait_for(lambda: len(engine.sessions()) == 2, 10)
                 stuck_session = next(s for s in engine.sessions() if s.id != b_id)
-                assert _wait(lambda: stuck_session.stats.received > 10, 30)
+                assert wait_for(lambda: stuck_session.stats.received > 10, 30)
                 # wait until the stuck page's socket buffers are full: then it gets no more results
                 assert _settles(lambda: stuck_session.stats.processed, 0.5, 60)
                 done_before = stuck_session.stats.processed
@@ -500,7 +500,7 @@ def test_a_client_that_never_reads_does_not_slow_another(model):
             stop.set()
             flooder.join(5)
             stuck.close()
-        assert _wait(lambda: engine.sessions() == [], 20)  # both gone once their sockets close
+        assert wait_for(lambda: engine.sessions() == [], 20)  # both gone once their sockets close
         assert hooks_left(big.module) == []
 
 
@@ -516,15 +516,6 @@ def _settles(value, quiet: float, timeout: float) -> bool:
         elif time.monotonic() - since >= quiet:
             return True
     return False
-
-
-def _wait(cond, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
 
 
 # -- the engine -------------------------------------------------------------------------------------------------
@@ -551,18 +542,18 @@ def test_engine_processes_the_newest_frame_and_counts_the_dropped(model):
     assert s.stats.received == 5 and s.stats.dropped == 4
     engine.start()
     try:
-        assert _wait(lambda: "frame" in s.latest, 30)
+        assert wait_for(lambda: "frame" in s.latest, 30)
         header, _ = unpack(engine.take(s)[0])
         assert header["seq"] == 5 and s.stats.processed == 1
         # a page that does not take its result gets no more compute: the next frames wait in its one slot
         engine.submit_frame(s, _raw(model, 6))
-        assert _wait(lambda: "frame" in s.latest, 30)
+        assert wait_for(lambda: "frame" in s.latest, 30)
         engine.submit_frame(s, _raw(model, 7))
         engine.submit_frame(s, _raw(model, 8))
         time.sleep(0.3)  # give the loop every chance to (wrongly) process them
         assert s.stats.processed == 2 and s.pending is not None and s.pending.seq == 8
         assert unpack(engine.take(s)[0])[0]["seq"] == 6
-        assert _wait(lambda: "frame" in s.latest, 30)
+        assert wait_for(lambda: "frame" in s.latest, 30)
         assert unpack(engine.take(s)[0])[0]["seq"] == 8 and s.stats.dropped == 5
     finally:
         engine.close()
@@ -580,7 +571,7 @@ def test_a_unit_switch_is_redrawn_from_the_last_forward_pass_before_the_next_fra
     engine.start()
     try:
         engine.submit_frame(s, _raw(model, 1))
-        assert _wait(lambda: "frame" in s.latest, 30)
+        assert wait_for(lambda: "frame" in s.latest, 30)
         first = [h for h, _ in map(unpack, filter(lambda m: isinstance(m, bytes), engine.take(s))) if h["type"] == "frame"][-1]
         assert first["unit"] == 0 and len(passes) == 1
         # a new frame waits while the unit changes: the unit is redrawn first, from frame 1's pass (by the
@@ -599,7 +590,7 @@ def test_a_unit_switch_is_redrawn_from_the_last_forward_pass_before_the_next_fra
             engine.submit_frame(s, _raw(model, 2, seed=1))
             engine.update_settings(s, {"unit": 3}, ("raw",))
         # (the page's sender takes each result: the loop computes the next one only then)
-        assert _wait(lambda: engine.take(s) is not None and any(h["seq"] == 2 for h, _, _ in posted), 30)
+        assert wait_for(lambda: engine.take(s) is not None and any(h["seq"] == 2 for h, _, _ in posted), 30)
         header, payload, n_passes = posted[0]
         assert (header["seq"], header["unit"], n_passes) == (1, 3, 1)
         want = FrameProcessor(model).process(
@@ -633,11 +624,11 @@ def test_heavy_unit_views_never_block_the_frame_loop(model):
         seqs = []
         for seq in range(2, 12):
             engine.submit_frame(s, _raw(model, seq))
-            assert _wait(lambda: "frame" in s.latest, 30)
+            assert wait_for(lambda: "frame" in s.latest, 30)
             seqs += [unpack(m)[0]["seq"] for m in engine.take(s) if isinstance(m, bytes) and unpack(m)[0]["type"] == "frame"]
         assert seqs[-1] == 11 and len(seqs) >= 9  # ten frames went through while the view was stuck
         release.set()
-        assert _wait(lambda: "backprop" in s.latest, 30)
+        assert wait_for(lambda: "backprop" in s.latest, 30)
         header, payload = unpack(s.latest["backprop"])
         assert header["type"] == "backprop" and header["mode"] == "gradient" and header["layer"] == "conv2"
     finally:
@@ -654,7 +645,7 @@ def test_a_page_closing_mid_frame_is_forgotten_and_others_go_on(model):
         engine.submit_frame(a, _raw(model, 1))
         engine.close_session(a)  # possibly while its frame is being computed
         engine.submit_frame(b, _raw(model, 1))
-        assert _wait(lambda: "frame" in b.latest, 30)
+        assert wait_for(lambda: "frame" in b.latest, 30)
         assert a.latest == {} and a.pending is None and engine.sessions() == [b]
     finally:
         engine.close()
@@ -949,7 +940,7 @@ def _summary(engine, s, **kw) -> dict:
 def _show_frames(engine, s, seqs, seed) -> None:
     for seq in seqs:
         engine.submit_frame(s, _raw(None, seq, seed=seed))
-        assert _wait(lambda: "frame" in s.latest, 30)
+        assert wait_for(lambda: "frame" in s.latest, 30)
         engine.take(s)
 
 
@@ -985,7 +976,7 @@ def test_the_live_summary_of_a_still_scene_is_its_activation_statistics(model):
 
         # another unit of the layer is redrawn from the same frame: not counted again
         engine.update_settings(s, {"unit": 1}, ("raw",))
-        assert _wait(lambda: "frame" in s.latest, 30)
+        assert wait_for(lambda: "frame" in s.latest, 30)
         engine.take(s)
         assert _summary(engine, s)["images"] == 4
         # reset empties it; the next frame counts again
@@ -996,7 +987,7 @@ def test_the_live_summary_of_a_still_scene_is_its_activation_statistics(model):
         # another layer starts afresh
         other = next(n for n in ("conv1", "conv2") if n != layer)
         engine.update_settings(s, {"layer": other}, ("raw",))
-        assert _wait(lambda: "frame" in s.latest, 30)
+        assert wait_for(lambda: "frame" in s.latest, 30)
         engine.take(s)
         m = _summary(engine, s)
         assert m["layer"] == other and m["images"] == 1

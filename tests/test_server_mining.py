@@ -33,7 +33,8 @@ from deepvis.server.engine import LiveEngine, replica
 from deepvis.server.mining import DatasetMiner
 from deepvis.server.protocol import unpack
 from deepvis.server.session import RawFrame
-from test_server_utils import TOKEN, receive_until, tiny_model
+from helpers import wait_for
+from test_server_utils import TOKEN, receive_until, tiny_model, write_photos
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -45,29 +46,11 @@ def model():
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
-    """12 random photos (48x40) and two unreadable files."""
-    root = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"photo{i:02d}.png")
-    (root / "broken.jpg").write_bytes(b"this is not a JPEG")
-    buf = io.BytesIO()
-    Image.new("RGB", (40, 40), (9, 9, 9)).save(buf, format="PNG")
-    (root / "truncated.png").write_bytes(buf.getvalue()[:40])
-    return root
+    return write_photos(tmp_path_factory.mktemp("photos"))
 
 
 def make_app(model, **kw):
     return create_app(ServerConfig(model=model, token=TOKEN, allowed_hosts=("testserver",), mining_batch_size=4, **kw))
-
-
-def _wait(cond, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
 
 
 def _done(toolbox, layer: str) -> bool:
@@ -81,7 +64,7 @@ def test_the_selected_layer_is_mined_in_the_background_and_the_unit_pane_fills_i
     root = toolbox.atlas.root
     layer = toolbox.engine.default_settings.layer
     with TestClient(app) as c:
-        assert _wait(lambda: _done(toolbox, layer), 120), toolbox.miner.status()
+        assert wait_for(lambda: _done(toolbox, layer), 120), toolbox.miner.status()
         rec = c.get(f"/api/atlas/unit?token={TOKEN}&layer={layer}&unit=3").json()
         assert rec["in_atlas"] and len(rec["top"]) == 9 and all(t["crop"] and t["view"] for t in rec["top"])
         assert [t["rank"] for t in rec["top"]] == list(range(9)) and rec["stats"]["max"] is not None
@@ -118,13 +101,13 @@ def test_a_kept_atlas_is_resumed_without_mining_again(model, photos, tmp_path):
     app = make_app(model, dataset=str(photos), atlas=kept, synthesis=False)
     layer = app.state.toolbox.engine.default_settings.layer
     with TestClient(app):
-        assert _wait(lambda: _done(app.state.toolbox, layer), 120)
+        assert wait_for(lambda: _done(app.state.toolbox, layer), 120)
     with open_atlas(kept) as atlas:
         before = atlas.dump()
         assert atlas.layer(layer).mined
     again = make_app(model, dataset=str(photos), atlas=kept, synthesis=False)
     with TestClient(again) as c:
-        assert _wait(lambda: _done(again.state.toolbox, layer), 60)
+        assert wait_for(lambda: _done(again.state.toolbox, layer), 60)
         p = again.state.toolbox.miner.layer(layer)
         assert (p.images_mined, p.units_viewed) == (0, 0)  # nothing mined or viewed again
         assert c.get(f"/api/atlas/unit?token={TOKEN}&layer={layer}&unit=0").json()["top"][0]["crop"]
@@ -157,13 +140,13 @@ def test_a_layer_switch_stops_mining_and_selecting_it_again_continues_from_the_c
         assert waiting.wait(30) and miner.layer(layer).phase == "mining"
         miner.select("conv1", 0)  # while the second batch waits: mining of the first layer stops after it
         gate.set()
-        assert _wait(lambda: miner.layer("conv1").phase == "done", 120)
+        assert wait_for(lambda: miner.layer("conv1").phase == "done", 120)
         # conv1 was mined while the first layer was not: that one had stopped part-way
         when = next(m for m in statuses if m["layers"].get("conv1", {}).get("phase") == "done")["layers"][layer]
         assert when["phase"] != "done" and 0 < when["images_mined"] < 12, when
         # the first layer is still wanted: it continues from its checkpoint (also when selected again)
         miner.select(layer, 0)
-        assert _wait(lambda: miner.layer(layer).phase == "done", 120)
+        assert wait_for(lambda: miner.layer(layer).phase == "done", 120)
         p = miner.layer(layer)
         assert p.images_mined == 12 and p.units_viewed == p.units  # each input mined once, each unit viewed once
     finally:
@@ -199,11 +182,11 @@ def test_mining_never_blocks_the_frame_loop(model, photos, tmp_path):
         seqs = []
         for seq in range(1, 11):
             engine.submit_frame(s, _raw(seq))
-            assert _wait(lambda: "frame" in s.latest, 30)
+            assert wait_for(lambda: "frame" in s.latest, 30)
             seqs += [unpack(m)[0]["seq"] for m in engine.take(s) if isinstance(m, bytes) and unpack(m)[0]["type"] == "frame"]
         assert seqs[-1] == 10 and len(seqs) >= 9 and miner.layer(layer).phase == "mining"
         release.set()
-        assert _wait(lambda: miner.layer(layer).phase == "done", 120)
+        assert wait_for(lambda: miner.layer(layer).phase == "done", 120)
     finally:
         release.set()
         miner.close()

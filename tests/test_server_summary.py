@@ -6,17 +6,14 @@ The tiny model (tests/test_server_utils.py) over a folder of 12 small photos and
 
 from __future__ import annotations
 
-import io
 import json
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from deepvis.analysis.activity import layer_activity
 from deepvis.capture import capture, get_layer
@@ -28,7 +25,8 @@ from deepvis.server.protocol import unpack
 from deepvis.server.session import RawFrame
 from deepvis.server.summary import StoredSummaries, summary_fields
 from deepvis.stats import LayerStats, mine
-from test_server_utils import TOKEN, receive_until, tiny_model
+from helpers import wait_for
+from test_server_utils import TOKEN, receive_until, tiny_model, write_photos
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -43,25 +41,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
-    """12 random photos (48x40) and two unreadable files (sorted first and last)."""
-    root = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"photo{i:02d}.png")
-    (root / "broken.jpg").write_bytes(b"this is not a JPEG")
-    buf = io.BytesIO()
-    Image.new("RGB", (40, 40), (9, 9, 9)).save(buf, format="PNG")
-    (root / "truncated.png").write_bytes(buf.getvalue()[:40])
-    return root
-
-
-def _wait(cond, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
+    return write_photos(tmp_path_factory.mktemp("photos"))
 
 
 def direct(model, photos: Path, layer: str, batches: list[int], batch_size: int = 4) -> dict:
@@ -93,7 +73,7 @@ def test_a_mined_layers_summary_is_its_dataset_statistics_and_other_layers_stay_
     layer = toolbox.engine.default_settings.layer
     with TestClient(app) as c, c.websocket_connect(f"/ws?token={TOKEN}") as ws:
         json.loads(ws.receive_text())  # hello
-        assert _wait(lambda: (p := toolbox.miner.layer(layer)) is not None and p.phase == "done", 120), toolbox.miner.status()
+        assert wait_for(lambda: (p := toolbox.miner.layer(layer)) is not None and p.phase == "done", 120), toolbox.miner.status()
         ws.send_text(json.dumps({"type": "summary"}))
         m, _ = receive_until(ws, lambda m: isinstance(m, dict) and m.get("type") == "summary", 200)
         want = direct(model, photos, layer, list(range(4)))
@@ -138,7 +118,7 @@ def test_the_summary_follows_the_mining_pass_as_it_goes(model, photos, tmp_path)
     miner.select(layer, 0)
     miner.start()
     try:
-        assert _wait(lambda: miner.mined_stats(layer) is not None, 60)
+        assert wait_for(lambda: miner.mined_stats(layer) is not None, 60)
         first = summaries.get(layer)
         assert first is not None and first["source"] == "dataset"
         assert first["origin"] == f"from 3 dataset images so far ({photos}, 14 in all: mining)"  # batch 0 holds broken.jpg
@@ -148,11 +128,11 @@ def test_the_summary_follows_the_mining_pass_as_it_goes(model, photos, tmp_path)
         s = engine.open_session(_Loop())  # type: ignore[arg-type]
         engine.start()
         engine.submit_frame(s, _raw(1))
-        assert _wait(lambda: "frame" in s.latest, 30)
+        assert wait_for(lambda: "frame" in s.latest, 30)
         assert [unpack(m)[0]["type"] for m in engine.take(s) if isinstance(m, bytes)] == ["frame"]
         assert s.summary.activity(layer) is None
         gate.set()
-        assert _wait(lambda: (p := miner.layer(layer)) is not None and p.phase == "done", 120)
+        assert wait_for(lambda: (p := miner.layer(layer)) is not None and p.phase == "done", 120)
         final = summaries.get(layer)
         assert final is not None and final["origin"] == f"from 12 dataset images ({photos}; 2 unreadable)"
         assert numbers(final) == numbers(direct(model, photos, layer, list(range(4))))
@@ -184,7 +164,7 @@ def test_a_report_wins_over_the_mined_statistics(model, photos, tmp_path):
     miner.select(layer, 0)
     miner.start()
     try:
-        assert _wait(lambda: (p := miner.layer(layer)) is not None and p.phase in ("views", "done"), 120)
+        assert wait_for(lambda: (p := miner.layer(layer)) is not None and p.phase in ("views", "done"), 120)
     finally:
         miner.close()
     got = StoredSummaries(model, engine.processor.table, report=report, miner=miner).get(layer)

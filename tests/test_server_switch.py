@@ -24,7 +24,7 @@ from deepvis.server.engine import LiveEngine
 from deepvis.server.frames import FrameProcessor, frame_image
 from deepvis.server.protocol import ViewSettings, unpack
 from deepvis.server.session import RawFrame
-from helpers import hooks_left
+from helpers import hooks_left, wait_for
 
 
 class GateControl:
@@ -84,15 +84,6 @@ def _raw(seq: int, seed: int = 0) -> RawFrame:
     return RawFrame(seq, 32, 32, "rgba", memoryview(px), "camera")
 
 
-def _wait(cond, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
-
-
 def _frames(engine, s) -> list[tuple[dict, bytes]]:
     return [(h, bytes(p)) for h, p in (unpack(m) for m in engine.take(s) if isinstance(m, bytes)) if h["type"] == "frame"]
 
@@ -146,7 +137,7 @@ def gated():
 def test_a_unit_switch_is_shown_while_the_frame_loop_is_in_a_forward_pass(gated):
     control, model, engine, s = gated
     engine.submit_frame(s, _raw(1, seed=1))
-    assert _wait(lambda: "frame" in s.latest)
+    assert wait_for(lambda: "frame" in s.latest)
     assert [h["unit"] for h, _ in _frames(engine, s)] == [0]
     want1 = _expected(model, 1, ViewSettings(layer="conv2", unit=3))  # (reference passes before the gate is armed)
     want2 = _expected(model, 2, ViewSettings(layer="conv2", unit=3))
@@ -155,7 +146,7 @@ def test_a_unit_switch_is_shown_while_the_frame_loop_is_in_a_forward_pass(gated)
     assert control.entered.wait(30)  # the loop is now inside frame 2's forward pass
     engine.update_settings(s, {"unit": 3}, ("raw",))
     # shown at once, from frame 1's pass, while frame 2's pass still waits in the gate
-    assert _wait(lambda: "frame" in s.latest)
+    assert wait_for(lambda: "frame" in s.latest)
     assert not control.release.is_set()
     [(header, payload)] = _frames(engine, s)
     want_header, want = want1
@@ -164,7 +155,7 @@ def test_a_unit_switch_is_shown_while_the_frame_loop_is_in_a_forward_pass(gated)
     control.armed = False
     control.release.set()
     # frame 2, begun for unit 0, is shown with unit 3: never the old unit after the new one
-    assert _wait(lambda: "frame" in s.latest)
+    assert wait_for(lambda: "frame" in s.latest)
     [(header, payload)] = _frames(engine, s)
     assert (header["seq"], header["unit"]) == (2, 3) and payload == want2[1]
 
@@ -172,7 +163,7 @@ def test_a_unit_switch_is_shown_while_the_frame_loop_is_in_a_forward_pass(gated)
 def test_a_layer_switch_abandons_the_forward_pass_begun_for_the_old_layer(gated):
     control, model, engine, s = gated
     engine.submit_frame(s, _raw(1, seed=1))
-    assert _wait(lambda: "frame" in s.latest)
+    assert wait_for(lambda: "frame" in s.latest)
     _frames(engine, s)
     _, want = _expected(model, 2, ViewSettings(layer="relu2", unit=5))
     control.armed = True
@@ -184,7 +175,7 @@ def test_a_layer_switch_abandons_the_forward_pass_begun_for_the_old_layer(gated)
     assert "frame" not in s.latest
     control.armed = False
     control.release.set()  # the conv2 pass goes on to the next module, where it is abandoned
-    assert _wait(lambda: "frame" in s.latest)
+    assert wait_for(lambda: "frame" in s.latest)
     frames = _frames(engine, s)
     assert [(h["seq"], h["layer"], h["unit"]) for h, _ in frames] == [(2, "relu2", 5)]
     assert frames[0][1] == want
@@ -193,6 +184,6 @@ def test_a_layer_switch_abandons_the_forward_pass_begun_for_the_old_layer(gated)
     # that first frame of the new layer stopped at it: no predictions (the page keeps its list); the next has them
     assert "predictions" not in frames[0][0]
     engine.submit_frame(s, _raw(3, seed=3))
-    assert _wait(lambda: "frame" in s.latest)
+    assert wait_for(lambda: "frame" in s.latest)
     [(header, _)] = _frames(engine, s)
     assert header["seq"] == 3 and header["layer"] == "relu2" and len(header["predictions"]) == 5

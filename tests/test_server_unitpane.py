@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from deepvis.scores import beats_top_k, load_judges, plausibility, transfer, uni
 from deepvis.server import ServerConfig, create_app
 from deepvis.server.atlas_view import BOX_COLOR, WHOLE_NOT_STORED, AtlasView
 from deepvis.server.synthesis import quality_figures
+from helpers import wait_for
 from test_server_utils import TOKEN, frame_message, is_frame, receive_until, tiny_model
 
 pytestmark = pytest.mark.timeout(240)
@@ -55,15 +55,6 @@ def make_app(model, **kw):
     return create_app(ServerConfig(model=model, token=TOKEN, allowed_hosts=("testserver",), mining_batch_size=4, **kw))
 
 
-def _wait(cond, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
-
-
 def _mined(toolbox, layer: str) -> bool:
     p = toolbox.miner.layer(layer)
     return p is not None and p.phase == "done"
@@ -88,7 +79,7 @@ def mined_atlas(model, photos, tmp_path_factory):
         json.loads(ws.receive_text())
         _select(ws, LAYER, 3)
         toolbox = app.state.toolbox
-        assert _wait(lambda: _mined(toolbox, LAYER), 120)
+        assert wait_for(lambda: _mined(toolbox, LAYER), 120)
     return root
 
 
@@ -218,8 +209,8 @@ def test_a_dataset_crop_is_also_served_as_its_whole_input_with_the_box(model, ph
         json.loads(ws.receive_text())
         _select(ws, LAYER, 5)
         toolbox = app.state.toolbox
-        assert _wait(lambda: _mined(toolbox, LAYER), 120)
-        assert _wait(lambda: all(t["crop"] for t in c.get(f"/api/atlas/unit?token={TOKEN}&layer={LAYER}&unit=5").json()["top"]), 120)
+        assert wait_for(lambda: _mined(toolbox, LAYER), 120)
+        assert wait_for(lambda: all(t["crop"] for t in c.get(f"/api/atlas/unit?token={TOKEN}&layer={LAYER}&unit=5").json()["top"]), 120)
         rec = c.get(f"/api/atlas/unit?token={TOKEN}&layer={LAYER}&unit=5").json()
         assert rec["whole_note"] is None and len(rec["top"]) == 9
         field = layer_field(model, LAYER)
@@ -271,8 +262,8 @@ def test_a_unit_whose_input_is_silent_and_filter_negative_has_tied_tops_and_flat
     with TestClient(app) as c, c.websocket_connect(f"/ws?token={TOKEN}") as ws:
         json.loads(ws.receive_text())
         _select(ws, LAYER, 0)
-        assert _wait(lambda: _mined(app.state.toolbox, LAYER), 120)
-        assert _wait(lambda: all(t["view"] for t in c.get(f"/api/atlas/unit?token={TOKEN}&layer={LAYER}&unit=0").json()["top"]), 120)
+        assert wait_for(lambda: _mined(app.state.toolbox, LAYER), 120)
+        assert wait_for(lambda: all(t["view"] for t in c.get(f"/api/atlas/unit?token={TOKEN}&layer={LAYER}&unit=0").json()["top"]), 120)
         rec = c.get(f"/api/atlas/unit?token={TOKEN}&layer={LAYER}&unit=0").json()
         assert [t["value"] for t in rec["top"]] == [0.75] * 9
         for t in rec["top"]:

@@ -5,16 +5,19 @@
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import torch
 import uvicorn
+from PIL import Image
 from torch import nn
 
 from deepvis.models import Model, Preprocessing
@@ -107,3 +110,15 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(60)
         self.sock.close()
+
+
+def write_photos(root: Path) -> Path:
+    """12 random photos (48x40) in ``root`` and two unreadable files (``broken.jpg``, ``truncated.png``)."""
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"photo{i:02d}.png")
+    (root / "broken.jpg").write_bytes(b"this is not a JPEG")
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(buf, format="PNG")
+    (root / "truncated.png").write_bytes(buf.getvalue()[:40])
+    return root
