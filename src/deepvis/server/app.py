@@ -127,8 +127,11 @@ class Toolbox:
                     autocast=config.autocast,
                 )
                 self.miner.prepare(self.engine.default_settings.layer)  # creates the atlas, or refuses another dataset's
+            #: synthesized images cut to their unit's receptive field, and the fields boxed on whole inputs
+            #: (one copy of the network for both)
+            self.cropper = SynthCropper(replica(model)) if config.synthesis or atlas_root is not None else None
             dataset_at_hand = self.miner.dataset if self.miner is not None else None  # whole inputs for the unit pane
-            self.atlas = AtlasView(atlas_root, model, dataset=dataset_at_hand) if atlas_root is not None else None
+            self.atlas = AtlasView(atlas_root, model, dataset=dataset_at_hand, fields=self.cropper) if atlas_root is not None else None
             if config.atlas is not None or config.report is not None or self.miner is not None:
                 # after AtlasView: the atlas was checked against the model by the identity policy
                 self.engine.summaries = StoredSummaries(
@@ -138,8 +141,6 @@ class Toolbox:
                 self.synthesis = SynthesisService(
                     replica(model), self.engine.post_event, self.synth_params, atlas=self.atlas, judges=config.judges
                 )
-            #: synthesized images cut to their unit's receptive field (its own copy of the network)
-            self.cropper = SynthCropper(replica(model)) if self.synthesis is not None or self.atlas is not None else None
         except BaseException:  # a refused atlas or report, Ctrl-C: leave no temporary atlas behind
             self._remove_temp_atlas()
             raise

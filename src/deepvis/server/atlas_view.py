@@ -64,18 +64,25 @@ _T = TypeVar("_T")
 class AtlasView:
     """Read access to one atlas folder for the server.
 
+    ``dataset``: the dataset the atlas was mined from, when at hand (whole inputs are then served);
+    ``fields``: the receptive fields that box them (the server's :class:`SynthCropper`, so that one copy
+    of the network serves both; None: a copy of its own, made on first use).
+
     Raises :class:`~deepvis.errors.ModelError` (one line) when the atlas was made with other weights
     or at another input size than ``model``, and :class:`~deepvis.atlas.AtlasError` when it cannot be
     read.
     """
 
-    def __init__(self, root: str | os.PathLike[str], model: Model, *, dataset: ImageDataset | None = None) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], model: Model, *, dataset: ImageDataset | None = None, fields: SynthCropper | None = None
+    ) -> None:
         self.root = Path(root).resolve()
         #: the dataset the atlas was mined from, when at hand (whole inputs); None: crops only
         self.dataset = dataset
-        #: receptive fields of whole inputs' boxes, on a private copy of the network (made on first use)
+        #: receptive fields of whole inputs' boxes: ``fields`` (the server's cropper), else a private copy
+        #: of the network made on first use
         self._model = model
-        self._fields: SynthCropper | None = None
+        self._fields: SynthCropper | None = fields
         self._fields_lock = threading.Lock()
         try:
             with open_atlas(self.root) as atlas:
