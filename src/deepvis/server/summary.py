@@ -284,16 +284,16 @@ class StoredSummaries:
             for rec in atlas.layers():
                 if not rec.mined or rec.name not in shapes:
                     continue
-                if self._miner is not None:  # mined for --dataset by an earlier run: the dataset's statistics
-                    act = activity_from_unit_stats(rec.name, shapes[rec.name], atlas.stats(rec.name), None, 1, source="dataset")
+                # a layer mined for --dataset by an earlier run shows as the dataset's statistics
+                source = "dataset" if self._miner is not None else "atlas"
+                act = activity_from_unit_stats(rec.name, shapes[rec.name], atlas.stats(rec.name), None, 1, source=source)
+                if self._miner is not None:
                     origin = f"from {act.images} dataset images ({dataset or self._miner.dataset.spec})"
-                    self._fields[rec.name] = summary_fields(act, layer=rec.name, source="dataset", origin=origin)
-                    continue
-                act = activity_from_unit_stats(rec.name, shapes[rec.name], atlas.stats(rec.name), None, 1, source="atlas")
-                origin = f"atlas {root.name}: {act.images} inputs of {dataset or 'its dataset'}"
-                if samples is not None and int(samples) != act.images:
-                    origin += f" ({samples} samples)"
-                self._fields[rec.name] = summary_fields(act, layer=rec.name, source="atlas", origin=origin)
+                else:
+                    origin = f"atlas {root.name}: {act.images} inputs of {dataset or 'its dataset'}"
+                    if samples is not None and int(samples) != act.images:
+                        origin += f" ({samples} samples)"
+                self._fields[rec.name] = summary_fields(act, layer=rec.name, source=source, origin=origin)
 
     def _read_report(self, path: Path, model: Model, shapes: Mapping[str, tuple[int, ...]]) -> None:
         try:
