@@ -55,6 +55,8 @@ CAPTURE_FACTS: CacheSlot[tuple[object, ...], tuple[dict[str, int], dict[str, str
 RESOLVED_MODULES: CacheSlot[str, nn.Module] = CacheSlot("resolved_modules")
 #: every module of the network, in ``module.modules()`` order (for the training-flag context)
 ALL_MODULES: CacheSlot[None, list[nn.Module]] = CacheSlot("all_modules")
+#: the modules ``capture(cancel=)`` asks before (the root and its descendants down to :data:`CANCEL_DEPTH`)
+CANCEL_POINTS: CacheSlot[int, list[nn.Module]] = CacheSlot("cancel_points")
 #: the layers whose output the network later modifies in place (captured as copies); grows as found
 INPLACE_OUTPUTS: CacheSlot[None, set[str]] = CacheSlot("inplace_outputs")
 
@@ -175,9 +177,11 @@ def capture(
     if entries is not None:
         targets = {n: entries.get_or_compute(RESOLVED_MODULES, n, functools.partial(resolve_module, module, n)) for n in names}
         all_modules = entries.get_or_compute(ALL_MODULES, None, lambda: list(module.modules()))
+        points = entries.get_or_compute(CANCEL_POINTS, CANCEL_DEPTH, lambda: _shallow_modules(module, CANCEL_DEPTH)) if cancel else None
     else:
         targets = {n: resolve_module(module, n) for n in names}
         all_modules = None
+        points = _shallow_modules(module, CANCEL_DEPTH) if cancel else None
     expected = {n: counts.get(n, 1) for n in names}
     # attention that exists only while asked for (.attention): timm's fused modules whose attn_drop is
     # wanted run their explicit path; nn.MultiheadAttention's per-head weights come from its own call
@@ -206,6 +210,7 @@ def capture(
             weights=weights,
             mixed=mixed,
             cancel=cancel,
+            cancel_points=points,
         )
         mutated = {n for n in names if n in out and out[n]._version != versions[n]}
         if not mutated:
@@ -245,6 +250,7 @@ def _run(
     weights: dict[str, nn.MultiheadAttention] | None = None,
     mixed: torch.dtype | None = None,
     cancel: Callable[[], bool] | None = None,
+    cancel_points: list[nn.Module] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     out: dict[str, torch.Tensor] = {}
     versions: dict[str, int] = {}
@@ -288,8 +294,8 @@ def _run(
     try:
         for m in {id(m): m for n, m in targets.items() if n not in weights}.values():
             handles.append(m.register_forward_hook(make(m)))
-        if cancel is not None:
-            handles.extend(m.register_forward_pre_hook(check) for m in _shallow_modules(module, CANCEL_DEPTH))
+        if cancel is not None:  # asked before each of cancel_points runs
+            handles.extend(m.register_forward_pre_hook(check) for m in cancel_points or ())
         with (
             grad_ctx,
             autocast_block(x.device, mixed),
