@@ -6,11 +6,13 @@ this folder to its path). Debian's Chromium, headless, with Chromium's fake came
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CHROMIUM", "VIEWPORT", "chromium_flags", "launch", "wait"]
+__all__ = ["CHROMIUM", "VIEWPORT", "chromium_flags", "launch", "browser_context", "watch_problems", "wait"]
 
 #: Debian's Chromium (``apt-get install chromium``); the browser tests are skipped without it
 CHROMIUM = "/usr/bin/chromium"
@@ -56,3 +58,25 @@ def wait(page: Any, expr: str, timeout: float = 60.0) -> Any:
             )
             raise AssertionError(f"timed out waiting for {expr}; page state: {state}")
         page.wait_for_timeout(50)
+
+
+@contextlib.contextmanager
+def browser_context(profile: str | Path, *, camera_fps: int | None = None) -> Iterator[Any]:
+    """A Chromium context (:func:`launch`) for the duration of the block, with Playwright started and
+    stopped around it (imported here: the benchmark imports this module before it needs Playwright)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        ctx = launch(p, profile, camera_fps=camera_fps)
+        try:
+            yield ctx
+        finally:
+            ctx.close()
+
+
+def watch_problems(page: Any) -> list[str]:
+    """The list that collects ``page``'s script errors and console errors from now on (a test asserts it empty)."""
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("console", lambda m: m.type == "error" and problems.append(f"console error: {m.text}"))
+    return problems

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chromium import CHROMIUM, launch, wait
+from chromium import CHROMIUM, browser_context, wait, watch_problems
 from test_server_utils import LiveServer
 
 if not Path(CHROMIUM).exists():
     pytest.skip(f"Debian's Chromium is not installed at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
 
-from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import Page
 
 from deepvis import datasets
 from deepvis.io import sample_path
@@ -64,20 +64,14 @@ def server(default_model, atlas_dir):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    with sync_playwright() as p:
-        ctx = launch(p, tmp_path_factory.mktemp("chromium-profile"))
-        try:
-            yield ctx
-        finally:
-            ctx.close()
+    with browser_context(tmp_path_factory.mktemp("chromium-profile")) as ctx:
+        yield ctx
 
 
 @pytest.fixture
 def page(browser, server):
     pg = browser.new_page()
-    problems: list[str] = []
-    pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    pg.on("console", lambda m: m.type == "error" and problems.append(f"console error: {m.text}"))
+    problems = watch_problems(pg)
     pg.goto(server.url("/", test="1"))
     wait(
         pg,
@@ -495,9 +489,7 @@ def test_a_synthesized_image_is_shown_cropped_to_the_receptive_field_and_the_tog
 
 def _open(browser, srv, **query):
     pg = browser.new_page()
-    problems: list[str] = []
-    pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    pg.on("console", lambda m: m.type == "error" and problems.append(f"console error: {m.text}"))
+    problems = watch_problems(pg)
     pg.goto(srv.url("/", test="1", **query))
     wait(pg, "window.deepvis && window.deepvis.ready")
     return pg, problems
@@ -564,9 +556,7 @@ def vit_server():
 
 def test_a_vit_shows_the_prefix_strip_and_attention_per_head_for_a_query(browser, vit_server):
     pg = browser.new_page()
-    problems: list[str] = []
-    pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    pg.on("console", lambda m: m.type == "error" and problems.append(f"console error: {m.text}"))
+    problems = watch_problems(pg)
     try:
         pg.goto(vit_server.url("/", layer="blocks.1", unit="0", test="1"))
         wait(pg, "window.deepvis && window.deepvis.ready")

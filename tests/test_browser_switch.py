@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chromium import CHROMIUM, launch, wait
+from chromium import CHROMIUM, browser_context, wait, watch_problems
 from test_server_utils import LiveServer
 
 if not Path(CHROMIUM).exists():
     pytest.skip(f"Debian's Chromium is not installed at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
 
-from playwright.sync_api import sync_playwright
 
 from deepvis.server import ServerConfig, create_app
 
@@ -43,42 +42,37 @@ def server(default_model):
 
 
 def test_a_unit_switch_draws_the_new_units_map_from_the_grid_at_once(server, tmp_path):
-    with sync_playwright() as p:
-        ctx = launch(p, tmp_path / "profile")
-        try:
-            page = ctx.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(server.url("/", test="1", layer="blocks.2.0.bn2.act", unit="3"))
-            wait(page, "window.deepvis && window.deepvis.ready")
-            page.select_option("#colormap", "gray")
-            page.select_option("#sample-select", "coffee")  # a still input: no new frame comes meanwhile
-            wait(
-                page,
-                "window.deepvis.frames > 0 && window.deepvis.unitMap && window.deepvis.unitMap.exact && window.deepvis.last.unit === 3",
-            )
-            page.wait_for_timeout(300)
-            got = page.evaluate(PRESS_AND_READ, True)
-            assert got["unitMap"] == {**got["unitMap"], "unit": 4, "exact": False} and got["unit"] == 3
-            n, th, tw = got["shape"]
-            tile = np.array(got["grid"], dtype=np.float64)[4 * th * tw : 5 * th * tw]
-            lo, hi = tile.min(), tile.max()
-            assert hi > lo
-            want = np.floor((tile - lo) * 255 / (hi - lo) + 0.5)
-            assert (got["h"], got["w"]) == (th, tw)
-            assert np.array_equal(np.array(got["map"]), want)  # the gray colormap maps value v to grey level v
-            # then the server's exact map of unit 4 (channel-normalized from the activations themselves)
-            wait(page, "window.deepvis.unitMap.exact && window.deepvis.last.unit === 4")
-            exact = page.evaluate(PRESS_AND_READ, False)
-            diff = np.abs(np.array(exact["map"]) - want)
-            assert diff.max() <= 255 / (hi - lo) + 1  # the preview differs by the grid's quantization only
-            # with a gain boost the grid is no affine image of the map: no preview, the map waits for the server
-            page.evaluate("(v) => { const g = document.getElementById('gain'); g.value = v; g.dispatchEvent(new Event('input')); }", "1")
-            wait(page, "window.deepvis.last.unit === 4 && document.getElementById('gain-out').textContent === '×2.00'")
-            page.wait_for_timeout(300)
-            boosted = page.evaluate(PRESS_AND_READ, True)
-            assert boosted["unitMap"]["unit"] == 4 and boosted["unitMap"]["exact"]
-            wait(page, "window.deepvis.unitMap.unit === 5 && window.deepvis.unitMap.exact")
-            assert errors == []
-        finally:
-            ctx.close()
+    with browser_context(tmp_path / "profile") as ctx:
+        page = ctx.new_page()
+        errors = watch_problems(page)
+        page.goto(server.url("/", test="1", layer="blocks.2.0.bn2.act", unit="3"))
+        wait(page, "window.deepvis && window.deepvis.ready")
+        page.select_option("#colormap", "gray")
+        page.select_option("#sample-select", "coffee")  # a still input: no new frame comes meanwhile
+        wait(
+            page,
+            "window.deepvis.frames > 0 && window.deepvis.unitMap && window.deepvis.unitMap.exact && window.deepvis.last.unit === 3",
+        )
+        page.wait_for_timeout(300)
+        got = page.evaluate(PRESS_AND_READ, True)
+        assert got["unitMap"] == {**got["unitMap"], "unit": 4, "exact": False} and got["unit"] == 3
+        n, th, tw = got["shape"]
+        tile = np.array(got["grid"], dtype=np.float64)[4 * th * tw : 5 * th * tw]
+        lo, hi = tile.min(), tile.max()
+        assert hi > lo
+        want = np.floor((tile - lo) * 255 / (hi - lo) + 0.5)
+        assert (got["h"], got["w"]) == (th, tw)
+        assert np.array_equal(np.array(got["map"]), want)  # the gray colormap maps value v to grey level v
+        # then the server's exact map of unit 4 (channel-normalized from the activations themselves)
+        wait(page, "window.deepvis.unitMap.exact && window.deepvis.last.unit === 4")
+        exact = page.evaluate(PRESS_AND_READ, False)
+        diff = np.abs(np.array(exact["map"]) - want)
+        assert diff.max() <= 255 / (hi - lo) + 1  # the preview differs by the grid's quantization only
+        # with a gain boost the grid is no affine image of the map: no preview, the map waits for the server
+        page.evaluate("(v) => { const g = document.getElementById('gain'); g.value = v; g.dispatchEvent(new Event('input')); }", "1")
+        wait(page, "window.deepvis.last.unit === 4 && document.getElementById('gain-out').textContent === '×2.00'")
+        page.wait_for_timeout(300)
+        boosted = page.evaluate(PRESS_AND_READ, True)
+        assert boosted["unitMap"]["unit"] == 4 and boosted["unitMap"]["exact"]
+        wait(page, "window.deepvis.unitMap.unit === 5 && window.deepvis.unitMap.exact")
+        assert errors == []

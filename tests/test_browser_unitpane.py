@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from chromium import CHROMIUM, launch, wait
+from chromium import CHROMIUM, browser_context, wait, watch_problems
 from test_server_utils import LiveServer, tiny_model
 
 if not Path(CHROMIUM).exists():
     pytest.skip(f"Debian's Chromium is not installed at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
 
-from playwright.sync_api import sync_playwright
 
 from deepvis.server import ServerConfig, create_app
 
@@ -53,20 +52,14 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    with sync_playwright() as p:
-        ctx = launch(p, tmp_path_factory.mktemp("chromium-profile"))
-        try:
-            yield ctx
-        finally:
-            ctx.close()
+    with browser_context(tmp_path_factory.mktemp("chromium-profile")) as ctx:
+        yield ctx
 
 
 @pytest.fixture
 def page(browser, server):
     pg = browser.new_page()
-    problems: list[str] = []
-    pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    pg.on("console", lambda m: m.type == "error" and problems.append(f"console error: {m.text}"))
+    problems = watch_problems(pg)
     pg.goto(server.url("/", layer=LAYER, unit="3", test="1"))
     wait(pg, "window.deepvis && window.deepvis.ready && document.getElementById('layer-select').options.length > 0")
     yield pg
