@@ -76,3 +76,29 @@ def test_a_unit_switch_draws_the_new_units_map_from_the_grid_at_once(server, tmp
         assert boosted["unitMap"]["unit"] == 4 and boosted["unitMap"]["exact"]
         wait(page, "window.deepvis.unitMap.unit === 5 && window.deepvis.unitMap.exact")
         assert errors == []
+
+
+def test_the_next_layer_is_drawn_from_the_last_pass_and_the_page_records_the_switch(server, tmp_path):
+    """``o`` shows the next layer of the list at once from the pass that computed the layer shown (which
+    captured its neighbours): on a still input that result carries the pass's predictions, where a new
+    pass for a newly selected layer would stop at it, without them. The page records the key's time
+    and when the new layer was drawn (what benchmarks/bench_live.py times switches with)."""
+    with browser_context(tmp_path / "profile") as ctx:
+        page = ctx.new_page()
+        errors = watch_problems(page)
+        page.goto(server.url("/", test="1", layer="blocks.2.0.bn2.act", unit="3"))
+        wait(page, "window.deepvis && window.deepvis.ready")
+        page.select_option("#sample-select", "coffee")
+        wait(page, "window.deepvis.frames > 0 && window.deepvis.last.layer === 'blocks.2.0.bn2.act' && window.deepvis.last.predictions")
+        listed = page.evaluate("[...document.getElementById('layer-select').options].map((o) => o.value)")
+        nxt = listed[listed.index("blocks.2.0.bn2.act") + 1]
+        seq = page.evaluate("window.deepvis.last.seq")
+        page.wait_for_timeout(300)
+        page.keyboard.press("o")
+        wait(page, f"window.deepvis.last.layer === {nxt!r}")
+        last = page.evaluate("window.deepvis.last")
+        assert last["seq"] == seq and len(last["predictions"]) == 5 and last["unit"] == 3
+        key, views = page.evaluate("[window.deepvis.lastKey, window.deepvis.viewChanges]")
+        assert key["key"] == "o"
+        assert [v["layer"] for v in views if v["at"] >= key["at"]] == [nxt]
+        assert errors == []

@@ -165,25 +165,82 @@ def test_a_layer_switch_abandons_the_forward_pass_begun_for_the_old_layer(gated)
     engine.submit_frame(s, _raw(1, seed=1))
     assert wait_for(lambda: "frame" in s.latest)
     _frames(engine, s)
-    _, want = _expected(model, 2, ViewSettings(layer="relu2", unit=5))
+    _, want = _expected(model, 2, ViewSettings(layer="conv1", unit=5))
     control.armed = True
     control.calls = 0
     engine.submit_frame(s, _raw(2, seed=2))
     assert control.entered.wait(30)
-    engine.update_settings(s, {"layer": "relu2", "unit": 5}, ("raw",))
-    time.sleep(0.1)  # the redraw worker can show nothing of relu2 from frame 1's conv2 pass
+    engine.update_settings(s, {"layer": "conv1", "unit": 5}, ("raw",))
+    time.sleep(0.1)  # the redraw worker can show nothing of conv1 from frame 1's conv2 pass (not a neighbour of conv2)
     assert "frame" not in s.latest
     control.armed = False
     control.release.set()  # the conv2 pass goes on to the next module, where it is abandoned
     assert wait_for(lambda: "frame" in s.latest)
     frames = _frames(engine, s)
-    assert [(h["seq"], h["layer"], h["unit"]) for h, _ in frames] == [(2, "relu2", 5)]
+    assert [(h["seq"], h["layer"], h["unit"]) for h, _ in frames] == [(2, "conv1", 5)]
     assert frames[0][1] == want
-    assert control.calls == 2  # the abandoned pass and frame 2's pass for relu2
+    # the gate ran once: in the abandoned pass (frame 2's pass for conv1 stops before it; the gate's output is conv1's)
+    assert control.calls == 1
     assert s.stats.dropped == 0 and hooks_left(engine.frame_model.module) == []
     # that first frame of the new layer stopped at it: no predictions (the page keeps its list); the next has them
     assert "predictions" not in frames[0][0]
     engine.submit_frame(s, _raw(3, seed=3))
     assert wait_for(lambda: "frame" in s.latest)
     [(header, _)] = _frames(engine, s)
-    assert header["seq"] == 3 and header["layer"] == "relu2" and len(header["predictions"]) == 5
+    assert header["seq"] == 3 and header["layer"] == "conv1" and len(header["predictions"]) == 5
+
+
+def test_a_switch_to_a_neighbouring_layer_is_drawn_at_once_from_the_last_pass(gated):
+    """The previous and next layer of the page's list are captured with the layer shown: a switch to
+    one is drawn from the current frame's pass while the frame loop is busy, and the pass in progress
+    (which captures it too) goes on instead of being abandoned."""
+    control, model, engine, s = gated
+    assert engine.processor.neighbours("conv2") == ("relu1", "relu2")
+    engine.submit_frame(s, _raw(1, seed=1))
+    assert wait_for(lambda: "frame" in s.latest)
+    _frames(engine, s)
+    want1 = _expected(model, 1, ViewSettings(layer="relu2", unit=5))
+    want2 = _expected(model, 2, ViewSettings(layer="relu2", unit=5))
+    control.armed = True
+    control.calls = 0
+    engine.submit_frame(s, _raw(2, seed=2))
+    assert control.entered.wait(30)
+    engine.update_settings(s, {"layer": "relu2", "unit": 5}, ("raw",))
+    assert wait_for(lambda: "frame" in s.latest)  # shown while frame 2's pass still waits in the gate
+    assert not control.release.is_set()
+    [(header, payload)] = _frames(engine, s)
+    assert (header["seq"], header["layer"], header["unit"]) == (1, "relu2", 5)
+    assert payload == want1[1] and header["unit_stats"] == want1[0]["unit_stats"]
+    assert header["predictions"] == want1[0]["predictions"]
+    control.armed = False
+    control.release.set()
+    assert wait_for(lambda: "frame" in s.latest)
+    [(header, payload)] = _frames(engine, s)
+    assert (header["seq"], header["layer"]) == (2, "relu2") and payload == want2[1]
+    assert control.calls == 1 and len(header["predictions"]) == 5  # one pass for frame 2: not abandoned, with its predictions
+    assert hooks_left(engine.frame_model.module) == []
+
+
+def test_the_neighbours_are_the_page_lists_previous_and_next_layer():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(3, 4, 3), skip=nn.Identity(), relu1=nn.ReLU(), conv2=nn.Conv2d(4, 4, 3), flat=nn.Flatten(), fc=nn.LazyLinear(3)
+        )
+    )
+    net(torch.zeros(1, 3, 16, 16))
+    model = Model(net.eval(), Preprocessing(input_size=(16, 16), mean=(0.5,) * 3, std=(0.5,) * 3), name="chain")
+    proc = FrameProcessor(model)
+    names = [i.name for i in proc.table]
+    assert names[:5] == ["conv1", "skip", "relu1", "conv2", "flat"]
+    assert proc.neighbours("relu1") == ("conv1", "conv2")  # the identity between is not in the page's list: skipped
+    assert proc.neighbours("conv1") == ("relu1",)
+    assert proc.neighbours("skip") == ("conv1", "relu1")
+    x = torch.randn(1, 3, 16, 16)
+    out = proc.process(x, ViewSettings(layer="relu1", unit=1))
+    for layer in ("conv1", "conv2"):
+        fresh = proc.process(x, ViewSettings(layer=layer, unit=2))
+        again = proc.process(x, ViewSettings(layer=layer, unit=2), cached=out.activations)
+        assert again.activations is out.activations  # drawn from relu1's pass, no new forward pass
+        assert again.blobs == fresh.blobs and again.header == fresh.header
+    assert proc.process(x, ViewSettings(layer="fc", unit=0), cached=out.activations).activations is not out.activations

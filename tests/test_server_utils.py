@@ -16,7 +16,6 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
-import uvicorn
 from PIL import Image
 from torch import nn
 
@@ -79,13 +78,13 @@ class LiveServer:
     """Run an app with uvicorn on a free port in a thread; ready once ``/api/health`` answers (polled)."""
 
     def __init__(self, app, token: str) -> None:
-        from deepvis.cli.serve import bind
+        from deepvis.server.listen import listen, uvicorn_server
 
         self.token = token
-        self.sock = bind("127.0.0.1", 0)
+        self.sock = listen("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
         self.base = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", ws_max_size=8 * 2**20))
+        self.server = uvicorn_server(app)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def url(self, path: str = "/", **query: str) -> str:

@@ -78,6 +78,19 @@ def test_an_attention_layer_is_drawn_per_head_for_the_query(model):
     assert all(b.attn.fused_attn for b in model.module.blocks) and hooks_left(model.module) == []
 
 
+def test_a_token_layers_neighbours_come_with_their_prefix_tokens_and_attention_is_left_out(model):
+    proc = FrameProcessor(model)
+    x = _input(proc)
+    # before blocks.1.attn.proj: an identity (skipped), then the attention layer (its view needs a query: not captured)
+    assert proc.neighbours("blocks.1.attn.proj") == ("blocks.1.attn.proj_drop",)
+    out = proc.process(x, ViewSettings(layer="blocks.1.attn.proj", unit=2))
+    s = ViewSettings(layer="blocks.1.attn.proj_drop", unit=4)
+    fresh, again = proc.process(x, s), proc.process(x, s, cached=out.activations)
+    assert again.activations is out.activations and "prefix" in again.blobs
+    assert again.blobs == fresh.blobs and again.header == fresh.header
+    assert all(b.attn.fused_attn for b in model.module.blocks) and hooks_left(model.module) == []
+
+
 def test_the_query_setting_is_validated():
     base = ViewSettings(layer="x")
     assert ViewSettings.parse({"query": "CLS"}, base, ()).query == "cls"

@@ -62,28 +62,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket on ``host:port`` (port 0: a free one), or a clear error."""
-    if not 0 <= port <= 65535:
-        raise DeepvisError(f"--port must be between 0 and 65535, not {port}")
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise DeepvisError(f"cannot listen on {host!r}: {exc.strerror}") from None
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(addr)
-        sock.listen(128)
-    except OSError as exc:
-        sock.close()
-        hint = "; choose another --port (0 picks a free one)" if exc.errno in (98, 48) else ""
-        raise DeepvisError(f"cannot listen on {host}:{port}: {exc.strerror}{hint}") from None
-    sock.set_inheritable(True)
-    return sock
-
-
 def machine_names() -> list[str]:
     """This machine's host names and addresses (accepted in the Host header when listening on all addresses)."""
     names = {socket.gethostname(), socket.getfqdn()}
@@ -104,9 +82,9 @@ def run(args: argparse.Namespace) -> int:
     """Serve until Ctrl-C; a model that cannot be loaded or an atlas or report of another model is a one-line error."""
     # imported here, not at the top: they import torch and the web stack, and `deepvis --help` must not
     import torch
-    import uvicorn
 
     from ..server import ServerConfig, create_app
+    from ..server.listen import listen, uvicorn_server
 
     if args.threads is not None:
         if args.threads < 1:
@@ -118,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
         raise DeepvisError(f"dataset not found: {args.dataset} (give a folder of images, a .txt list of image paths, or demo)")
     if args.report is not None and not Path(args.report).is_file():
         raise DeepvisError(f"report not found: {args.report}")
-    sock = bind(args.host, args.port)
+    if not 0 <= args.port <= 65535:
+        raise DeepvisError(f"--port must be between 0 and 65535, not {args.port}")
+    sock = listen(args.host, args.port, hint="choose another --port (0 picks a free one)")
     try:
         port = sock.getsockname()[1]
         allowed = list(args.allow_host)
@@ -143,11 +123,7 @@ def run(args: argparse.Namespace) -> int:
             )
         print(f"deepvis serve: open {url_for(args.host, port, token)}", flush=True)
         print("(Ctrl-C to stop)", file=sys.stderr, flush=True)
-        server = uvicorn.Server(
-            uvicorn.Config(
-                app, log_level=args.log_level, ws_max_size=8 * 1024 * 1024, ws_ping_interval=20.0, ws_ping_timeout=20.0, lifespan="on"
-            )
-        )
+        server = uvicorn_server(app, log_level=args.log_level)
         server.run(sockets=[sock])
     finally:
         sock.close()

@@ -25,11 +25,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import torch.nn as nn
-import uvicorn
 
 from ..errors import DeepvisError
 from ..models import Model, Preprocessing
 from ..server import ServerConfig, create_app
+from ..server.listen import listen, uvicorn_server
 from ..server.security import frame_ancestors
 from .look import as_model
 
@@ -76,19 +76,6 @@ def notebook_origins() -> tuple[str, ...]:
     return tuple(found)
 
 
-def _bind(port: int) -> socket.socket:
-    """A listening socket on 127.0.0.1:``port`` (0: a free one)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the port of a stopped toolbox can be used again at once
-    try:
-        sock.bind(("127.0.0.1", port))
-        sock.listen(128)
-    except OSError as exc:
-        sock.close()
-        raise DeepvisError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror} (port=0 picks a free one)") from None
-    return sock
-
-
 class _Running:
     """The registry of toolboxes started in this process (so that re-running a cell replaces the old one)."""
 
@@ -125,7 +112,7 @@ class NotebookToolbox:
         self.app = create_app(config)
         self.token: str = self.app.state.toolbox.token
         self.url = f"http://127.0.0.1:{self.port}/?token={self.token}"
-        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on", ws_max_size=8 * 2**20))
+        self._server = uvicorn_server(self.app)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [sock]}, name=f"deepvis-toolbox-{self.port}", daemon=True
         )
@@ -242,7 +229,7 @@ def toolbox(
         old = _RUNNING.replace(None)
         if old is not None:
             old.stop()
-    sock = _bind(port)
+    sock = listen("127.0.0.1", port, hint="port=0 picks a free one")
     try:
         config = ServerConfig(model=m, host="127.0.0.1", port=sock.getsockname()[1], frame_origins=origins, **settings)
         tb = NotebookToolbox(m, config, sock, height)

@@ -462,13 +462,21 @@ class LiveEngine:
             frame = Frame(image, frame.source, frame.seq, received=frame.received)
         if frame.x is None:
             frame.x = self.processor.to_input(frame.image)
-        # the first frame of a newly selected layer stops at that layer (its predictions come with the next)
+        # the first frame of a newly selected layer stops at that layer (its predictions come with the
+        # next), unless the last pass captured it as a neighbour (then the page has been shown it)
         cur = session.current
-        first_of_layer = cur is not None and cur.activations is not None and cur.activations.layer != settings.layer
+        first_of_layer = cur is not None and cur.activations is not None and cur.activations.of(settings.layer) is None
+        near = self.processor.neighbours(settings.layer)
         try:
-            # a forward pass for a layer the page has left meanwhile is abandoned between two blocks
+            # a forward pass for a layer the page has left meanwhile (for one the pass does not capture)
+            # is abandoned between two blocks
             out = self.processor.process(
-                frame.x, settings, session.diff, frame.activations, cancel=lambda: session.stale(settings), predictions=not first_of_layer
+                frame.x,
+                settings,
+                session.diff,
+                frame.activations,
+                cancel=lambda: session.stale(settings, near),
+                predictions=not first_of_layer,
             )
         except CaptureCancelled:
             session.requeue(frame)  # computed again at once, for the layer now shown

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,6 +194,13 @@ class LayerActivations:
     prefix: torch.Tensor | None = None
     #: the query an attention layer's ``acts`` are the row of (None for other layers)
     query: str | tuple[int, int] | None = None
+    #: the layers next to ``layer`` in the page's list (:meth:`FrameProcessor.neighbours`), captured in
+    #: the same pass: a switch to one of them is drawn from this pass at once
+    neighbours: Mapping[str, LayerActivations] = field(default_factory=dict)
+
+    def of(self, layer: str) -> LayerActivations | None:
+        """This pass's activations of ``layer`` (its own layer's or a neighbour's), or None."""
+        return self if layer == self.layer else self.neighbours.get(layer)
 
 
 @dataclass
@@ -231,6 +238,29 @@ class FrameProcessor:
         n = model.num_classes
         self._class_layers = {i.name for i in self.table if n is not None and i.shape == (n,)}
         self._checked: tuple[tuple[str, int, tuple[int, int] | None, object, str | None], LayerInfo] | None = None
+        self._neighbours: dict[str, tuple[str, ...]] = {}
+
+    def neighbours(self, name: str) -> tuple[str, ...]:
+        """The layers before and after ``name`` in the page's layer list (the layer table without
+        identity modules, as the page lists it by default; its previous / next layer keys), which a
+        forward pass for ``name`` captures too, so that a switch to one of them is drawn from that pass
+        at once. Attention layers are left out (their view depends on a query, and capturing one
+        switches a fused attention to its explicit path), as are layers that cannot be viewed."""
+        near = self._neighbours.get(name)
+        if near is None:
+            at = next((i for i, info in enumerate(self.table) if info.name == name), None)
+            found: list[str] = []
+            if at is not None:
+                for step in (-1, 1):
+                    j = at + step
+                    while 0 <= j < len(self.table) and self.table[j].type == "Identity":
+                        j += step
+                    if 0 <= j < len(self.table):
+                        lay = self.table[j].layout
+                        if lay.kind != "attention" and (lay.kind in ("maps", "vector") or lay.viewable):
+                            found.append(self.table[j].name)
+            near = self._neighbours[name] = tuple(found)
+        return near
 
     def layer(self, name: str) -> LayerInfo:
         info = self._by_name.get(name)
@@ -263,12 +293,13 @@ class FrameProcessor:
 
     def redrawable(self, cached: LayerActivations | None, settings: ViewSettings) -> bool:
         """True when ``settings``' view of a frame can be built from ``cached``, its earlier forward
-        pass, with no new one: the same layer (and query of an attention layer), and the diff view off
-        (the diff's running mean takes each frame once)."""
-        if cached is None or settings.diff or cached.layer != settings.layer:
+        pass, with no new one: the same layer or one of its captured neighbours (and the query of an
+        attention layer), and the diff view off (the diff's running mean takes each frame once)."""
+        view = None if cached is None or settings.diff else cached.of(settings.layer)
+        if view is None:
             return False
         info = self.check(settings)
-        return cached.query == (settings.query if info.layout.kind == "attention" else None)
+        return view.query == (settings.query if info.layout.kind == "attention" else None)
 
     def process(
         self,
@@ -282,8 +313,10 @@ class FrameProcessor:
         """Run one frame (1, C, H, W) and build the page's view of it (see module docstring).
 
         ``cached``: this frame's earlier forward pass (:attr:`FrameOutput.activations`); when it can
-        give the settings' view (:meth:`redrawable`), the view is built from it without a forward
-        pass, and safely from any thread (nothing of the processor is changed). ``cancel``: asked
+        give the settings' view (:meth:`redrawable`: its layer, or a neighbour it captured), the view
+        is built from it without a forward pass, and safely from any thread (nothing of the processor
+        is changed), and it is returned as the output's ``activations``. A new forward pass captures
+        the layer's :meth:`neighbours` too. ``cancel``: asked
         between the network's blocks during a forward pass; True abandons it
         (:class:`~deepvis.capture.CaptureCancelled`). ``predictions=False``: the forward pass stops at
         the layer (no logits, no ``predictions`` in the header: the page keeps the ones it shows), as
@@ -296,20 +329,24 @@ class FrameProcessor:
         pre: torch.Tensor | None = None
         table: torch.Tensor | None = None  # the top-k on the device, read with everything else
         top5: list[dict[str, Any]] | None = None
-        if self.redrawable(cached, settings):
-            assert cached is not None
-            a, top5, pre = cached.acts, cached.predictions, cached.prefix
+        near: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        view = cached.of(info.name) if cached is not None and self.redrawable(cached, settings) else None
+        if view is not None:
+            a, top5, pre = view.acts, view.predictions, view.prefix
         else:
-            names = [info.name]
+            cached = None
+            names = [info.name, *self.neighbours(info.name)]
             logits = self.has_logits and (predictions or info.name == LOGITS)
-            if logits and info.name != LOGITS:
+            if logits and LOGITS not in names:
                 names.append(LOGITS)
-            acts = capture(
-                self.model, x, names, stop_early=True, prefix=bool(info.prefix), query=query, autocast=self.autocast, cancel=cancel
-            )
+            with_prefix = any(self.layer(n).prefix for n in names)
+            acts = capture(self.model, x, names, stop_early=True, prefix=with_prefix, query=query, autocast=self.autocast, cancel=cancel)
             a = acts[info.name][0].detach().float()
             if info.prefix:
                 pre = acts[prefix_key(info.name)][0].detach().float()
+            for n in self.neighbours(info.name):
+                p = acts.get(prefix_key(n))
+                near[n] = (acts[n][0].detach().float(), None if p is None else p[0].detach().float())
             if logits:
                 table = top_k_table(acts[LOGITS], self.k)[0]
 
@@ -374,7 +411,10 @@ class FrameProcessor:
             header["unit_shape"] = list(unit.shape)
         if self.is_class_layer(info.name):
             header["unit_label"] = self.model.label(settings.unit)
-        return FrameOutput(header, blobs, x, LayerActivations(info.name, a, top5, pre, query))
+        if cached is None:  # a new forward pass: what it captured, with the predictions
+            others = {n: LayerActivations(n, t, top5, p) for n, (t, p) in near.items()}
+            cached = LayerActivations(info.name, a, top5, pre, query, others)
+        return FrameOutput(header, blobs, x, cached)
 
     @staticmethod
     def _prefix_bytes(pre: torch.Tensor, shown: torch.Tensor, s: ViewSettings) -> bytes:

@@ -15,6 +15,7 @@ import asyncio
 import threading
 import time
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -131,12 +132,14 @@ class Session:
         with self._cond:
             return self._settings, self._gen
 
-    def stale(self, settings: ViewSettings) -> bool:
+    def stale(self, settings: ViewSettings, also: Collection[str] = ()) -> bool:
         """True when a forward pass begun for ``settings`` is no longer wanted: the page has gone, or it
-        now shows another layer, query or diff view (what no redraw from that pass could give)."""
+        now shows another layer (one not in ``also``, the other layers that pass captures), query or
+        diff view (what no redraw from that pass could give)."""
         with self._cond:
             s = self._settings
-            return self._closed or s.layer != settings.layer or s.query != settings.query or s.diff != settings.diff
+            other_layer = s.layer != settings.layer and s.layer not in also
+            return self._closed or other_layer or s.query != settings.query or s.diff != settings.diff
 
     @property
     def closed(self) -> bool:
@@ -279,8 +282,8 @@ class Session:
             cur = self._current
             if self._dirty and self._posted >= (self._gen, self._order):
                 self._dirty = False  # the redraw worker has shown the current frame with these settings
-            if self._dirty and cur is not None and cur.activations is not None and cur.activations.layer == self._settings.layer:
-                # another unit of the layer shown: redrawn from the last forward pass, before any new frame
+            if self._dirty and cur is not None and cur.activations is not None and cur.activations.of(self._settings.layer) is not None:
+                # another unit of the layer shown (or a layer that pass captured too): redrawn from it, before any new frame
                 self._dirty = False
                 return cur, self._settings, self._gen
             if self._pending is not None:

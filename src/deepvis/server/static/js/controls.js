@@ -19,7 +19,7 @@ export class Controls {
     this.app = app;
     this.state = app.state;
     this.bind();
-    installKeys(this.actions());
+    installKeys(this.actions(), (key, at) => app.figures.keyPressed(key, at));
     renderHelp($('help-table'), null);
   }
 

@@ -43,8 +43,10 @@ export const BINDINGS = [
 
 const KEY_NAMES = { ' ': 'Space', ArrowLeft: '←', ArrowRight: '→', ArrowUp: '↑', ArrowDown: '↓' };
 
-/** Install the key handler; keys typed into form fields are left alone. */
-export function installKeys(actions) {
+/** Install the key handler; keys typed into form fields are left alone. onKey(key, timeStamp), when
+ * given, hears of each key acted on before its action runs (timeStamp: the event's, on the
+ * performance.now() clock, for the figures of how long a key takes to show its effect). */
+export function installKeys(actions, onKey = null) {
   const byKey = new Map();
   for (const [keys, action] of BINDINGS) for (const k of keys) byKey.set(k, action);
   document.addEventListener('keydown', (ev) => {
@@ -55,6 +57,7 @@ export function installKeys(actions) {
     const action = byKey.get(ev.key);
     if (!action || !actions[action]) return;
     ev.preventDefault();
+    onKey?.(ev.key, ev.timeStamp);
     actions[action]();
   });
 }

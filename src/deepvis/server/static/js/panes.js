@@ -54,7 +54,7 @@ export class Panes {
     this.redrawGrid();
     if (blobs.unit) {
       drawMap($('unit-map'), h.unit_shape[0], h.unit_shape[1], blobs.unit, lut);
-      this.app.figures.unitMap = { unit: h.unit, at: performance.now(), exact: true };
+      this.app.figures.unitMapDrawn(h.unit, true);
       $('unit-map').hidden = false;
       this.drawPin(h);
     } else $('unit-map').hidden = true;
@@ -111,7 +111,7 @@ export class Panes {
     if (hi > lo) for (let i = 0; i < out.length; i++) out[i] = Math.round(((tile[i] - lo) * 255) / (hi - lo));
     drawMap($('unit-map'), th, tw, out, st.luts[st.colormap]);
     this.grid.highlight(unit);
-    this.app.figures.unitMap = { unit, at: performance.now(), exact: false };
+    this.app.figures.unitMapDrawn(unit, false);
   }
 
   /** The prefix strip under the grid (a token layer's prefix tokens; an attention layer's prefix keys),

@@ -98,12 +98,28 @@ export class Figures {
     this.rf = null; // the receptive field boxed on the input: [y0, x0, y1, x1]
     this.queryBox = null; // an attention layer's query patch boxed on the input: [y0, x0, y1, x1] (input pixels)
     this.unitMap = null; // the unit map drawn last: {unit, at (performance.now()), exact (false: the page's preview from the grid)}
+    this.unitMaps = []; // the last unit maps drawn for another unit, or exact after a preview (as unitMap)
     this.synthesis = null; // the last synthesis progress message
     this.mining = null; // the last dataset-mining status (deepvis serve --dataset)
     this.atlasShown = null; // the unit record the unit pane shows (atlas.js)
     this.summary = null; // the last summary message (summary.js)
     this.strip = null; // the prefix strip drawn under the grid: {names, shape: [tokens, units]}, null when none
+    this.lastKey = null; // the last key acted on: {key, at (its event's time stamp, performance.now() clock)}
+    this.viewChanges = []; // the last results drawn that showed another layer or unit than the one before: {layer, unit, at}
     this.resultTimes = [];
+  }
+
+  keyPressed(key, at) {
+    this.lastKey = { key, at };
+  }
+
+  unitMapDrawn(unit, exact) {
+    const prev = this.unitMap;
+    this.unitMap = { unit, at: performance.now(), exact };
+    if (!prev || prev.unit !== unit || prev.exact !== exact) {
+      this.unitMaps.push(this.unitMap);
+      if (this.unitMaps.length > 16) this.unitMaps.shift();
+    }
   }
 
   /** A frame result ``h`` was drawn at time ``t`` (ms); ``latency`` in ms, or null for a still input. */
@@ -120,6 +136,10 @@ export class Figures {
     this.frames++;
     if (live) this.liveFrames++;
     this.p95 = percentile(this.latencies, 95);
+    if (!this.last || this.last.layer !== h.layer || this.last.unit !== h.unit) {
+      this.viewChanges.push({ layer: h.layer, unit: h.unit, at: t });
+      if (this.viewChanges.length > 16) this.viewChanges.shift();
+    }
     this.last = h;
     if (h.predictions) this.predictions = h.predictions;
     this.sessionDropped = h.stats.dropped;

@@ -1,0 +1,67 @@
+"""Where the toolbox listens: its listening socket and the uvicorn server over it.
+
+One home for ``deepvis serve``, the notebook's toolbox (:mod:`deepvis.notebook.live`) and the tests.
+Two settings matter for the live page's latency and CPU:
+
+* the socket is made with ``IPPROTO_TCP`` as its protocol, so that asyncio sets ``TCP_NODELAY`` on
+  every connection it accepts (it does so only for sockets whose ``proto`` says TCP, and a socket made
+  with the default ``proto=0`` hands that 0 to its connections). Without it Nagle's algorithm held a
+  small message (a redrawn unit map, a settings answer) that followed a large frame result until the
+  browser's delayed acknowledgement came: 30-90 ms on every unit switch;
+* WebSocket per-message compression is off: the page's messages are pixels and uint8 maps that
+  compress little, and deflating each 100-150 KB message (and inflating it on the other side) cost the
+  server and the browser's network process CPU on every frame.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+__all__ = ["listen", "uvicorn_server", "WS_MAX_SIZE"]
+
+#: the largest WebSocket message the server accepts (a camera frame is 224 x 224 x 3 bytes)
+WS_MAX_SIZE = 8 * 2**20
+
+
+def listen(host: str, port: int, *, hint: str = "port 0 picks a free one") -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0: a free one), or a one-line :class:`DeepvisError`
+    (``hint`` is added when the port is taken)."""
+    from ..errors import DeepvisError
+
+    if not 0 <= port <= 65535:
+        raise DeepvisError(f"the port must be between 0 and 65535, not {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as exc:
+        raise DeepvisError(f"cannot listen on {host!r}: {exc.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the port of a stopped toolbox can be used again at once
+    try:
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        taken = f"; {hint}" if exc.errno in (98, 48) else ""
+        raise DeepvisError(f"cannot listen on {host}:{port}: {exc.strerror}{taken}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def uvicorn_server(app: Any, *, log_level: str = "warning") -> Any:
+    """The uvicorn ``Server`` that serves ``app`` (run it with ``sockets=[listen(...)]``): the app's
+    lifespan on, WebSocket messages up to :data:`WS_MAX_SIZE`, no per-message compression, and a ping
+    every 20 s (a page that stops answering for 20 s more is closed)."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        lifespan="on",
+        ws_max_size=WS_MAX_SIZE,
+        ws_per_message_deflate=False,
+        ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
+    )
+    return uvicorn.Server(config)
