@@ -41,14 +41,22 @@ def server(default_model):
         yield srv
 
 
+def open_still(ctx, server, colormap: str | None = None):
+    """A page on layer blocks.2.0.bn2.act, unit 3, showing the sample photo ``coffee`` (a still input:
+    no new frame comes meanwhile); (page, its problems)."""
+    page = ctx.new_page()
+    errors = watch_problems(page)
+    page.goto(server.url("/", test="1", layer="blocks.2.0.bn2.act", unit="3"))
+    wait(page, "window.deepvis && window.deepvis.ready")
+    if colormap:
+        page.select_option("#colormap", colormap)
+    page.select_option("#sample-select", "coffee")
+    return page, errors
+
+
 def test_a_unit_switch_draws_the_new_units_map_from_the_grid_at_once(server, tmp_path):
     with browser_context(tmp_path / "profile") as ctx:
-        page = ctx.new_page()
-        errors = watch_problems(page)
-        page.goto(server.url("/", test="1", layer="blocks.2.0.bn2.act", unit="3"))
-        wait(page, "window.deepvis && window.deepvis.ready")
-        page.select_option("#colormap", "gray")
-        page.select_option("#sample-select", "coffee")  # a still input: no new frame comes meanwhile
+        page, errors = open_still(ctx, server, colormap="gray")
         wait(
             page,
             "window.deepvis.frames > 0 && window.deepvis.unitMap && window.deepvis.unitMap.exact && window.deepvis.last.unit === 3",
@@ -84,11 +92,7 @@ def test_the_next_layer_is_drawn_from_the_last_pass_and_the_page_records_the_swi
     pass for a newly selected layer would stop at it, without them. The page records the key's time
     and when the new layer was drawn (what benchmarks/bench_live.py times switches with)."""
     with browser_context(tmp_path / "profile") as ctx:
-        page = ctx.new_page()
-        errors = watch_problems(page)
-        page.goto(server.url("/", test="1", layer="blocks.2.0.bn2.act", unit="3"))
-        wait(page, "window.deepvis && window.deepvis.ready")
-        page.select_option("#sample-select", "coffee")
+        page, errors = open_still(ctx, server)
         wait(page, "window.deepvis.frames > 0 && window.deepvis.last.layer === 'blocks.2.0.bn2.act' && window.deepvis.last.predictions")
         listed = page.evaluate("[...document.getElementById('layer-select').options].map((o) => o.value)")
         nxt = listed[listed.index("blocks.2.0.bn2.act") + 1]
