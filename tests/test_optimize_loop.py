@@ -159,9 +159,10 @@ def test_class_logit_beats_every_sample_photo(default_model, sample_images):
     with torch.no_grad():
         logits = default_model.module(default_model.preprocess(photos))
     espresso, tabby = default_model.class_index("espresso"), default_model.class_index("tabby")
-    # the best photo's logits are 11.4 (espresso) and 8.3 (tabby); measured: r1 first beats it at step 33 and
-    # reaches 25 by step 44, r2 at step 7 and reaches 41 by step 14
-    (r1,) = visualize(default_model, [f"logits:{espresso}"], preset="3", steps=45, size=96)
+    # the best photo's logits are 11.4 (espresso) and 8.3 (tabby); measured: r1 first beats it at step 33 on
+    # one machine and at step 49 on another (the CPU's kernels change the path; 21 by step 57, 41 by step 74
+    # there), r2 at step 7 and reaches 41 by step 14
+    (r1,) = visualize(default_model, [f"logits:{espresso}"], preset="3", steps=80, size=96)
     (r2,) = visualize(default_model, [f"logits:{tabby}"], preset="robust", steps=15, size=96)
     assert r1.label == "espresso" and r1.objective == f"class({espresso} espresso)"
     assert r1.value > logits[:, espresso].max().item()  # the coffee photo: espresso at 95%
