@@ -96,9 +96,7 @@ def run(args: argparse.Namespace) -> int:
         raise DeepvisError(f"dataset not found: {args.dataset} (give a folder of images, a .txt list of image paths, or demo)")
     if args.report is not None and not Path(args.report).is_file():
         raise DeepvisError(f"report not found: {args.report}")
-    if not 0 <= args.port <= 65535:
-        raise DeepvisError(f"--port must be between 0 and 65535, not {args.port}")
-    sock = listen(args.host, args.port, hint="choose another --port (0 picks a free one)")
+    sock = listen(args.host, args.port, option="--port")
     try:
         port = sock.getsockname()[1]
         allowed = list(args.allow_host)

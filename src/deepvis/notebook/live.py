@@ -229,7 +229,7 @@ def toolbox(
         old = _RUNNING.replace(None)
         if old is not None:
             old.stop()
-    sock = listen("127.0.0.1", port, hint="port=0 picks a free one")
+    sock = listen("127.0.0.1", port, option="port")
     try:
         config = ServerConfig(model=m, host="127.0.0.1", port=sock.getsockname()[1], frame_origins=origins, **settings)
         tb = NotebookToolbox(m, config, sock, height)

@@ -335,7 +335,8 @@ class FrameProcessor:
             a, top5, pre = view.acts, view.predictions, view.prefix
         else:
             cached = None
-            names = [info.name, *self.neighbours(info.name)]
+            neighbours = self.neighbours(info.name)
+            names = [info.name, *neighbours]
             logits = self.has_logits and (predictions or info.name == LOGITS)
             if logits and LOGITS not in names:
                 names.append(LOGITS)
@@ -344,7 +345,7 @@ class FrameProcessor:
             a = acts[info.name][0].detach().float()
             if info.prefix:
                 pre = acts[prefix_key(info.name)][0].detach().float()
-            for n in self.neighbours(info.name):
+            for n in neighbours:
                 p = acts.get(prefix_key(n))
                 near[n] = (acts[n][0].detach().float(), None if p is None else p[0].detach().float())
             if logits:

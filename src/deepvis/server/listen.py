@@ -24,13 +24,13 @@ __all__ = ["listen", "uvicorn_server", "WS_MAX_SIZE"]
 WS_MAX_SIZE = 8 * 2**20
 
 
-def listen(host: str, port: int, *, hint: str = "port 0 picks a free one") -> socket.socket:
+def listen(host: str, port: int, *, option: str = "the port") -> socket.socket:
     """A listening TCP socket on ``host:port`` (port 0: a free one), or a one-line :class:`DeepvisError`
-    (``hint`` is added when the port is taken)."""
+    that names the port as the caller's user sets it (``option``, e.g. ``--port``)."""
     from ..errors import DeepvisError
 
     if not 0 <= port <= 65535:
-        raise DeepvisError(f"the port must be between 0 and 65535, not {port}")
+        raise DeepvisError(f"{option} must be between 0 and 65535, not {port}")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     except socket.gaierror as exc:
@@ -43,7 +43,7 @@ def listen(host: str, port: int, *, hint: str = "port 0 picks a free one") -> so
         sock.listen(128)
     except OSError as exc:
         sock.close()
-        taken = f"; {hint}" if exc.errno in (98, 48) else ""
+        taken = f"; choose another {option} (0 picks a free one)" if exc.errno in (98, 48) else ""
         raise DeepvisError(f"cannot listen on {host}:{port}: {exc.strerror}{taken}") from None
     sock.set_inheritable(True)
     return sock

@@ -72,6 +72,12 @@ export class PageState {
   }
 }
 
+/** Append item to list, keeping its last n entries. */
+function keepLast(list, item, n) {
+  list.push(item);
+  if (list.length > n) list.shift();
+}
+
 /** The live figures: results drawn, their rate and latency, what the server dropped and the page skipped.
  * The status line shows them; the test probe (probe.js) reads them. */
 export class Figures {
@@ -117,8 +123,7 @@ export class Figures {
     const prev = this.unitMap;
     this.unitMap = { unit, at: performance.now(), exact };
     if (!prev || prev.unit !== unit || prev.exact !== exact) {
-      this.unitMaps.push(this.unitMap);
-      if (this.unitMaps.length > 16) this.unitMaps.shift();
+      keepLast(this.unitMaps, this.unitMap, 16);
     }
   }
 
@@ -127,9 +132,8 @@ export class Figures {
     this.resultTimes.push(t);
     while (this.resultTimes.length && t - this.resultTimes[0] > 2000) this.resultTimes.shift();
     if (latency !== null) {
-      this.latencies.push(latency);
+      keepLast(this.latencies, latency, 300);
       this.latencyCount++;
-      if (this.latencies.length > 300) this.latencies.shift();
     }
     const n = this.resultTimes.length;
     this.fps = n > 1 ? ((n - 1) * 1000) / (t - this.resultTimes[0]) : 0;
@@ -137,8 +141,7 @@ export class Figures {
     if (live) this.liveFrames++;
     this.p95 = percentile(this.latencies, 95);
     if (!this.last || this.last.layer !== h.layer || this.last.unit !== h.unit) {
-      this.viewChanges.push({ layer: h.layer, unit: h.unit, at: t });
-      if (this.viewChanges.length > 16) this.viewChanges.shift();
+      keepLast(this.viewChanges, { layer: h.layer, unit: h.unit, at: t }, 16);
     }
     this.last = h;
     if (h.predictions) this.predictions = h.predictions;
