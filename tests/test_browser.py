@@ -598,3 +598,41 @@ def test_a_vit_shows_the_prefix_strip_and_attention_per_head_for_a_query(browser
     finally:
         pg.close()
     assert problems == []
+
+
+def _camera_input(browser, server, capture: str | None) -> tuple[dict, np.ndarray]:
+    """Live camera on a new page (``capture``: the page's capture URL switch, None for its default):
+    the capture path, whether every sampled result was drawn beside its own input frame, and the input
+    canvas's pixels."""
+    pg = browser.new_page()
+    problems = watch_problems(pg)
+    pg.goto(server.url("/", test="1", **({"capture": capture} if capture else {})))
+    wait(pg, "window.deepvis && window.deepvis.ready")
+    pg.click("#src-camera")
+    wait(pg, "window.deepvis.liveFrames >= 10")
+    pairs = []
+    for _ in range(10):
+        pairs.append(pg.evaluate("[window.deepvis.inputSeq, window.deepvis.last.seq]"))
+        pg.wait_for_timeout(60)
+    info = {"capture": pg.evaluate("window.deepvis.capture"), "pairs": pairs}
+    pixels = canvas_pixels(pg, "input-canvas")
+    pg.close()
+    assert problems == []
+    return info, pixels
+
+
+def test_camera_frames_are_read_frame_by_frame_and_shown_beside_their_own_results(browser, server):
+    # Chromium reads the camera frame by frame (MediaStreamTrackProcessor); &capture=video keeps the
+    # <video> element path (other browsers). Both show, in the input canvas, the frame whose result
+    # is drawn: with two frames in flight the newest frame sent is one ahead of the result.
+    track, track_px = _camera_input(browser, server, None)
+    video, video_px = _camera_input(browser, server, "video")
+    assert (track["capture"], video["capture"]) == ("track", "video")
+    for info in (track, video):
+        assert all(shown == drawn for shown, drawn in info["pairs"]), info["pairs"]
+    # the fake camera's picture is mostly one green: both paths crop and convert it alike
+    for px in (track_px, video_px):
+        assert px[..., 1].mean() > 80 and px.shape[:2] == (224, 224)
+    track_bg = np.median(track_px[..., :3].reshape(-1, 3), 0)
+    video_bg = np.median(video_px[..., :3].reshape(-1, 3), 0)
+    assert np.abs(track_bg - video_bg).max() <= 4, (track_bg, video_bg)

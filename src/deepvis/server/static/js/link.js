@@ -73,6 +73,8 @@ export class Link {
     const live = h.source === 'camera' || h.source === 'video';
     // the next camera frame goes out first: the server computes it while this one is drawn
     const born = live ? sources.onResult(h.seq, h.ms) : null;
+    // the input canvas shows the frame these activations are of (not the newer one already sent)
+    if (live && sources.showSent(h.seq)) figures.inputSeq = h.seq;
     state.lastHeader = h;
     state.lastBlobs = blobs;
     panes.frame(h, blobs);

@@ -1,6 +1,8 @@
 // Inputs: the camera, a video file, an uploaded image or a sample photo. Camera and video frames
 // are cropped and resized here exactly as the model's preprocessing would (resize the shorter side
-// to size / crop_pct, center-crop) and sent as raw RGB at the model's input size.
+// to size / crop_pct, center-crop) and sent as raw RGB at the model's input size. A sent frame is
+// kept until its result arrives: the input canvas then shows that frame, in the same display frame
+// as its activations (with frames pipelined, the newest frame sent is one ahead of the result).
 
 /** At most this many frames on their way (sent, no result yet). Two keep the server busy: while it
  * computes one frame the next is sent, timed to arrive as that computation ends (LEAD), and waits in
@@ -27,6 +29,21 @@ export function toRgb(rgba, out) {
   return rgb;
 }
 
+/** The model's crop of a picture iw x ih for an input h x w (resize the shorter side to
+ * max(h, w) / cropPct, center-crop): {x, y, w, h} in the picture's pixels (fractional). */
+export function cropRect(iw, ih, h, w, cropPct) {
+  const ratio = Math.max(h, w) / cropPct / Math.min(iw, ih);
+  const nw = Math.max(w, Math.round(iw * ratio)), nh = Math.max(h, Math.round(ih * ratio));
+  const left = Math.floor((nw - w) / 2), top = Math.floor((nh - h) / 2);
+  return { x: left / ratio, y: top / ratio, w: w / ratio, h: h / ratio };
+}
+
+/** Whether the camera can be read frame by frame without a <video> element (MediaStreamTrackProcessor
+ * on the page's thread: Chromium). Such frames are cropped in their own YUV pixels and converted once
+ * (VideoFrame.copyTo), which is several times cheaper than drawing the whole picture into a canvas. */
+const TRACK_FRAMES = typeof MediaStreamTrackProcessor === 'function' && typeof VideoFrame === 'function'
+  && new URLSearchParams(location.search).get('capture') !== 'video';
+
 export class Sources {
   /**
    * app: {conn, token, session(), showError(msg), onSourceChange(mode, name), onVideoState()} (see main.js)
@@ -35,7 +52,13 @@ export class Sources {
     this.app = app;
     this.video = video;
     this.canvas = canvas;
-    this.ctx = canvas.getContext('2d', { alpha: false, willReadFrequently: true });
+    this.ctx = canvas.getContext('2d', { alpha: false });
+    // live frames are cropped and read back off screen; the input canvas shows them with their results
+    this.capture = document.createElement('canvas');
+    this.captureCtx = this.capture.getContext('2d', { alpha: false, willReadFrequently: true });
+    this.pixels = new Map(); // seq -> ImageData of a sent live frame, until its result arrives
+    this.track = null; // the camera read frame by frame (TRACK_FRAMES): {reader, frame (the newest VideoFrame)}
+    this.grabbing = false; // a frame is being cropped (VideoFrame.copyTo is asynchronous)
     this.mode = 'none'; // 'camera' | 'video' | 'image' | 'sample' | 'none'
     this.name = '';
     this.frozen = false;
@@ -68,8 +91,8 @@ export class Sources {
   setSize(inputSize, cropPct) {
     this.inputSize = inputSize;
     this.cropPct = cropPct;
-    this.canvas.width = inputSize[1];
-    this.canvas.height = inputSize[0];
+    this.canvas.width = this.capture.width = inputSize[1];
+    this.canvas.height = this.capture.height = inputSize[0];
   }
 
   // -- choosing a source --------------------------------------------------------------------------
@@ -78,6 +101,12 @@ export class Sources {
     clearTimeout(this.serverTimer);
     this.server = null;
     this.file = null;
+    this.pixels.clear();
+    if (this.track) {
+      this.track.reader.cancel().catch(() => {});
+      this.track.frame?.close();
+      this.track = null;
+    }
     if (this.stream) {
       for (const t of this.stream.getTracks()) t.stop();
       this.stream = null;
@@ -112,10 +141,50 @@ export class Sources {
       this.app.showError(`no camera: ${e.message || e.name}`);
       return;
     }
-    this.video.srcObject = this.stream;
     this.setMode('camera', 'camera');
+    const track = this.stream.getVideoTracks()[0];
+    if (TRACK_FRAMES && track) {
+      this.app.figures.capture = 'track';
+      this.readTrack(track);
+      return;
+    }
+    this.app.figures.capture = 'video';
+    this.video.srcObject = this.stream;
     await this.video.play();
     this.pump();
+  }
+
+  /** Read the camera frame by frame (TRACK_FRAMES): keep the newest frame (the one before is closed)
+   * and treat it as the <video> path treats a presented frame. */
+  async readTrack(track) {
+    const reader = new MediaStreamTrackProcessor({ track }).readable.getReader();
+    const t = { reader, frame: null };
+    this.track = t;
+    for (;;) {
+      let r;
+      try {
+        r = await reader.read();
+      } catch (e) {
+        break;
+      }
+      if (r.done || this.track !== t) {
+        r.value?.close();
+        break;
+      }
+      t.frame?.close();
+      t.frame = r.value;
+      if (this.frozen) continue;
+      this.videoFrames++;
+      if (this.frameFresh) this.skipped++;
+      this.frameAt = performance.now();
+      this.frameFresh = true;
+      this.sendFrame(false);
+    }
+    if (this.track === t) {
+      t.frame?.close();
+      this.track = null;
+      if (this.mode === 'camera') this.app.showError('the camera stopped');
+    }
   }
 
   async openVideo(file) {
@@ -245,7 +314,7 @@ export class Sources {
       if (this.frozen) this.video.pause();
       else this.video.play();
     }
-    if (!this.frozen) this.pump();
+    if (!this.frozen && !this.track) this.pump();
     this.app.onVideoState?.();
     return this.frozen;
   }
@@ -312,11 +381,11 @@ export class Sources {
     else requestAnimationFrame(next);
   }
 
-  /** Crop/resize the current video frame into the canvas and send it; force ignores the in-flight cap. */
+  /** Crop/resize the current camera or video frame and send it; force ignores the in-flight cap. */
   sendFrame(force) {
-    const v = this.video;
     const conn = this.app.conn;
-    if (!conn.open || !v.videoWidth) return;
+    const frame = this.track?.frame;
+    if (!conn.open || this.grabbing || !(frame ? frame.displayWidth : this.video.videoWidth)) return;
     const now = performance.now();
     const inFlight = this.seq - this.lastResult;
     if (!force && now - this.lastSendAt < STALL_MS) {
@@ -330,23 +399,83 @@ export class Sources {
         return;
       }
     }
-    const [h, w] = this.inputSize;
-    const iw = v.videoWidth, ih = v.videoHeight;
-    const ratio = Math.max(h, w) / this.cropPct / Math.min(iw, ih);
-    const nw = Math.max(w, Math.round(iw * ratio)), nh = Math.max(h, Math.round(ih * ratio));
-    const left = Math.floor((nw - w) / 2), top = Math.floor((nh - h) / 2);
-    this.ctx.drawImage(v, left / ratio, top / ratio, w / ratio, h / ratio, 0, 0, w, h);
-    const data = toRgb(this.ctx.getImageData(0, 0, w, h).data, this.rgb);
-    this.rgb = data;
-    const seq = ++this.seq;
     const born = this.frameFresh && this.frameAt <= now ? this.frameAt : now;
     this.frameFresh = false;
-    if (conn.sendBinary({ type: 'frame', seq, w, h, format: 'rgb', source: this.mode }, data)) {
+    if (frame) {
+      // a copy of the frame: the reader closes its own when the next one comes
+      const copy = frame.clone();
+      this.grabbing = true;
+      this.cropTrackFrame(copy).then((image) => {
+        copy.close();
+        this.grabbing = false;
+        if (this.live && !this.frozen && conn.open) this.sendImage(image, born, performance.now());
+      });
+      return;
+    }
+    const [h, w] = this.inputSize;
+    const r = cropRect(this.video.videoWidth, this.video.videoHeight, h, w, this.cropPct);
+    this.captureCtx.drawImage(this.video, r.x, r.y, r.w, r.h, 0, 0, w, h);
+    this.sendImage(this.captureCtx.getImageData(0, 0, w, h), born, now);
+  }
+
+  /** The model's crop of a camera VideoFrame as ImageData at the input size: the crop is converted
+   * to RGB in the frame's own pixels (copyTo), then scaled in a canvas (smoothed, as drawImage from
+   * the <video> scales). The crop rectangle is rounded to even pixels (YUV 4:2:0 needs it). Where
+   * copyTo cannot convert (older browsers), the frame is drawn into the canvas instead, from then on. */
+  async cropTrackFrame(frame) {
+    const [h, w] = this.inputSize;
+    const r = cropRect(frame.displayWidth, frame.displayHeight, h, w, this.cropPct);
+    if (!this.copyToFails) {
+      const vis = frame.visibleRect;
+      const sx = vis.width / frame.displayWidth, sy = vis.height / frame.displayHeight;
+      const even = (v) => 2 * Math.round(v / 2);
+      const x = even(vis.x + r.x * sx), y = even(vis.y + r.y * sy);
+      const cw = Math.min(even(r.w * sx), vis.x + vis.width - x), ch = Math.min(even(r.h * sy), vis.y + vis.height - y);
+      if (!this.cropImage || this.cropImage.width !== cw || this.cropImage.height !== ch) {
+        this.cropImage = new ImageData(cw, ch);
+        this.cropCanvas = Object.assign(document.createElement('canvas'), { width: cw, height: ch });
+        this.cropCtx = this.cropCanvas.getContext('2d', { alpha: false });
+      }
+      try {
+        await frame.copyTo(this.cropImage.data, { rect: { x, y, width: cw, height: ch }, format: 'RGBX' });
+        if (cw === w && ch === h) return new ImageData(new Uint8ClampedArray(this.cropImage.data), w, h);
+        this.cropCtx.putImageData(this.cropImage, 0, 0);
+        this.captureCtx.drawImage(this.cropCanvas, 0, 0, cw, ch, 0, 0, w, h);
+        return this.captureCtx.getImageData(0, 0, w, h);
+      } catch (e) {
+        this.copyToFails = true;
+      }
+    }
+    this.captureCtx.drawImage(frame, r.x, r.y, r.w, r.h, 0, 0, w, h);
+    return this.captureCtx.getImageData(0, 0, w, h);
+  }
+
+  /** Send the pixels of a live frame (RGBA ImageData at the input size) that appeared at ``born``. */
+  sendImage(image, born, now) {
+    const data = toRgb(image.data, this.rgb);
+    this.rgb = data;
+    const seq = ++this.seq;
+    if (this.app.conn.sendBinary({ type: 'frame', seq, w: image.width, h: image.height, format: 'rgb', source: this.mode }, data)) {
       this.sent++;
       this.lastSendAt = now;
       this.sentAt.set(seq, born);
       if (this.sentAt.size > 256) this.sentAt.delete(this.sentAt.keys().next().value);
+      this.pixels.set(seq, image);
+      if (this.pixels.size > 8) this.pixels.delete(this.pixels.keys().next().value);
     }
+  }
+
+  /** Show the live frame ``seq`` (its result is being drawn) in the input canvas; frames sent before
+   * it are forgotten. False when the page did not send that frame (a still, a server-decoded video). */
+  showSent(seq) {
+    const image = this.pixels.get(seq);
+    for (const k of this.pixels.keys()) {
+      if (k > seq) break;
+      this.pixels.delete(k);
+    }
+    if (!image) return false;
+    this.ctx.putImageData(image, 0, 0);
+    return true;
   }
 
   /** A result for frame seq arrived: returns when that frame appeared on screen (performance.now()

@@ -98,6 +98,8 @@ export class Figures {
     this.sessionDropped = 0;
     this.skipped = 0;
     this.cameraFrames = 0;
+    this.inputSeq = null; // the live frame the input canvas shows (its result is the one drawn)
+    this.capture = null; // how camera frames are read: 'track' (frame by frame) or 'video' (a <video> element)
     this.videoEnded = false;
     this.lastBackprop = null;
     this.patternTiles = 0;
