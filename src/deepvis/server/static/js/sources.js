@@ -405,11 +405,20 @@ export class Sources {
       // a copy of the frame: the reader closes its own when the next one comes
       const copy = frame.clone();
       this.grabbing = true;
-      this.cropTrackFrame(copy).then((image) => {
-        copy.close();
-        this.grabbing = false;
-        if (this.live && !this.frozen && conn.open) this.sendImage(image, born, performance.now());
-      });
+      this.cropTrackFrame(copy).then(
+        (image) => {
+          copy.close();
+          this.grabbing = false;
+          if (this.live && !this.frozen && conn.open) this.sendImage(image, born, performance.now());
+        },
+        (e) => {
+          // not expected (the copy stays open); the camera must not stall: the next frame is tried
+          copy.close();
+          this.grabbing = false;
+          this.frameFresh = true;
+          this.app.showError(`a camera frame could not be read: ${e.message || e.name}`);
+        },
+      );
       return;
     }
     const [h, w] = this.inputSize;
