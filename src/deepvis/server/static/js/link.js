@@ -72,14 +72,17 @@ export class Link {
     const { state, figures, panes, sources } = this.app;
     const live = h.source === 'camera' || h.source === 'video';
     // the next camera frame goes out first: the server computes it while this one is drawn
-    const born = live ? sources.onResult(h.seq, h.ms) : null;
+    const sent = live ? sources.onResult(h.seq, h.ms) : null;
     // the input canvas shows the frame these activations are of (not the newer one already sent)
-    if (live && sources.showSent(h.seq)) figures.inputSeq = h.seq;
+    if (sent?.image) {
+      sources.showInput(sent.image);
+      figures.inputSeq = h.seq;
+    }
     state.lastHeader = h;
     state.lastBlobs = blobs;
     panes.frame(h, blobs);
     const t = performance.now();
-    figures.frameDrawn(h, t, born === null ? null : t - born, live, sources);
+    figures.frameDrawn(h, t, sent ? t - sent.born : null, live, sources);
     figures.lastGrid = blobs.grid ?? null;
     panes.showStatus(h, figures.fps);
   }

@@ -56,7 +56,6 @@ export class Sources {
     // live frames are cropped and read back off screen; the input canvas shows them with their results
     this.capture = document.createElement('canvas');
     this.captureCtx = this.capture.getContext('2d', { alpha: false, willReadFrequently: true });
-    this.pixels = new Map(); // seq -> ImageData of a sent live frame, until its result arrives
     this.track = null; // the camera read frame by frame (TRACK_FRAMES): {reader, frame (the newest VideoFrame)}
     this.grabbing = false; // a frame is being cropped (VideoFrame.copyTo is asynchronous)
     this.mode = 'none'; // 'camera' | 'video' | 'image' | 'sample' | 'none'
@@ -70,7 +69,9 @@ export class Sources {
     this.serverMs = 0; // running mean of the server's milliseconds per frame
     this.lastResultAt = 0; // when the last result arrived
     this.sendTimer = null;
-    this.sentAt = new Map();
+    // seq -> {born, image} of each frame on its way, until its result arrives: when it appeared
+    // (performance.now(), for its latency) and, for live frames the page cropped, its pixels (ImageData)
+    this.onTheirWay = new Map();
     this.skipped = 0;
     this.sent = 0;
     this.videoFrames = 0; // frames the camera or video presented while we were pumping
@@ -101,7 +102,7 @@ export class Sources {
     clearTimeout(this.serverTimer);
     this.server = null;
     this.file = null;
-    this.pixels.clear();
+    this.onTheirWay.clear();
     if (this.track) {
       this.track.reader.cancel().catch(() => {});
       this.track.frame?.close();
@@ -173,12 +174,7 @@ export class Sources {
       }
       t.frame?.close();
       t.frame = r.value;
-      if (this.frozen) continue;
-      this.videoFrames++;
-      if (this.frameFresh) this.skipped++;
-      this.frameAt = performance.now();
-      this.frameFresh = true;
-      this.sendFrame(false);
+      if (!this.frozen) this.framePresented(performance.now());
     }
     if (this.track === t) {
       t.frame?.close();
@@ -253,8 +249,7 @@ export class Sources {
     const seq = ++this.seq;
     const now = performance.now();
     this.lastSendAt = now;
-    this.sentAt.set(seq, now);
-    if (this.sentAt.size > 256) this.sentAt.delete(this.sentAt.keys().next().value);
+    this.remember(seq, now, null);
     this.sent++;
     this.app.conn.send({ type: 'video_frame', index, seq });
   }
@@ -367,18 +362,22 @@ export class Sources {
         this.pumping = false;
         return;
       }
-      this.videoFrames++;
-      // a new frame is on screen: remember when it appeared (latency counts from there) and send it,
-      // or, when the cap is reached, keep it for the moment the next result arrives
-      if (this.frameFresh) this.skipped++; // the previous frame was never sent: replaced by this one
-      this.frameAt = meta?.presentationTime ?? now ?? performance.now();
-      this.frameFresh = true;
-      this.sendFrame(false);
+      this.framePresented(meta?.presentationTime ?? now ?? performance.now());
       if (v.requestVideoFrameCallback) v.requestVideoFrameCallback(next);
       else requestAnimationFrame(next);
     };
     if (v.requestVideoFrameCallback) v.requestVideoFrameCallback(next);
     else requestAnimationFrame(next);
+  }
+
+  /** A new camera or video frame appeared at ``at`` (performance.now() time; latency counts from
+   * there): send it, or, when the cap is reached, keep it for the moment the next result arrives. */
+  framePresented(at) {
+    this.videoFrames++;
+    if (this.frameFresh) this.skipped++; // the previous frame was never sent: replaced by this one
+    this.frameAt = at;
+    this.frameFresh = true;
+    this.sendFrame(false);
   }
 
   /** Crop/resize the current camera or video frame and send it; force ignores the in-flight cap. */
@@ -467,41 +466,38 @@ export class Sources {
     if (this.app.conn.sendBinary({ type: 'frame', seq, w: image.width, h: image.height, format: 'rgb', source: this.mode }, data)) {
       this.sent++;
       this.lastSendAt = now;
-      this.sentAt.set(seq, born);
-      if (this.sentAt.size > 256) this.sentAt.delete(this.sentAt.keys().next().value);
-      this.pixels.set(seq, image);
-      if (this.pixels.size > 8) this.pixels.delete(this.pixels.keys().next().value);
+      this.remember(seq, born, image);
     }
   }
 
-  /** Show the live frame ``seq`` (its result is being drawn) in the input canvas; frames sent before
-   * it are forgotten. False when the page did not send that frame (a still, a server-decoded video). */
-  showSent(seq) {
-    const image = this.pixels.get(seq);
-    for (const k of this.pixels.keys()) {
-      if (k > seq) break;
-      this.pixels.delete(k);
-    }
-    if (!image) return false;
+  /** Keep frame ``seq`` until its result arrives (the 16 newest: older ones only wait for results of
+   * frames the server failed). */
+  remember(seq, born, image) {
+    this.onTheirWay.set(seq, { born, image });
+    if (this.onTheirWay.size > 16) this.onTheirWay.delete(this.onTheirWay.keys().next().value);
+  }
+
+  /** Show a live frame's pixels (those of the result being drawn) in the input canvas. */
+  showInput(image) {
     this.ctx.putImageData(image, 0, 0);
-    return true;
   }
 
-  /** A result for frame seq arrived: returns when that frame appeared on screen (performance.now()
-   * time, for its latency), or null. A camera frame that appeared while the cap held it back is sent
-   * at once, before the result is drawn, so that the server computes it meanwhile. */
+  /** A result for frame seq arrived: returns what the page kept of that frame, {born, image} (see
+   * ``onTheirWay``), or null; frames sent before it are forgotten. A camera frame that appeared while
+   * the cap held it back is sent at once, before the result is drawn, so that the server computes it
+   * meanwhile. */
   onResult(seq, serverMs) {
     if (seq === null || seq === undefined) return null;
     if (seq > this.lastResult) this.lastResult = seq;
     this.lastResultAt = performance.now();
     if (Number.isFinite(serverMs)) this.serverMs = this.serverMs ? 0.8 * this.serverMs + 0.2 * serverMs : serverMs;
     if (this.frameFresh && this.live && !this.frozen && !this.server) this.sendFrame(false);
-    const t = this.sentAt.get(seq);
-    for (const k of this.sentAt.keys()) {
+    const kept = this.onTheirWay.get(seq) ?? null;
+    for (const k of this.onTheirWay.keys()) {
       if (k > seq) break;
-      this.sentAt.delete(k);
+      this.onTheirWay.delete(k);
     }
-    return t === undefined ? null : t;
+    return kept;
   }
 
   /** A frame failed on the server: count it as answered so the camera keeps going. */
