@@ -7,7 +7,10 @@ Starts ``deepvis serve`` (default model, CPU or ``--device cuda``) as its own pr
 * latency: from the moment a camera frame appears in the page to the moment its result is drawn (p50, p95);
 * backprop views/s (backprop on);
 * camera frames/s presented by the fake device, and frames the server dropped as stale;
-* CPU milliseconds per drawn frame, server and browser (every Chromium process of the run);
+* CPU milliseconds per drawn frame, server and browser (every Chromium process of the run). The page is
+  driven by a bare Chromium over DevTools (benchmarks/_cdp.py) unless ``--driver playwright``:
+  Playwright's instrumentation of every WebSocket message costs the browser as much CPU again as the
+  page's own work, which a user's browser does not spend;
 * switches (backprop off): from a key press (the key event's time stamp in the page) to the new unit's
   map or the new layer's first result drawn, against one frame time (1 / frames/s); see switch_times;
 * the bare forward: the same model's batch-1 forward pass alone (no_grad, the server's thread count
@@ -20,6 +23,7 @@ camera's rate), >= 0.3 with the backprop view on; p95 <= 5 bare forwards; browse
 drawn frame; a unit or layer switch (to the next layer) drawn within one frame time.
 
 Run: python benchmarks/bench_live.py [--seconds 15] [--model default] [--device cuda] [--layer NAME] [--repeat N] [--dataset demo]
+[--driver playwright]
 (--repeat runs both conditions N times, alternating, and prints the median of each figure; --dataset measures
 the page while the server mines that dataset in the background, `deepvis serve --dataset`.)
 """
@@ -27,6 +31,7 @@ the page while the server mines that dataset in the background, `deepvis serve -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
@@ -35,25 +40,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # Chromium's settings, shared with the browser tests
 
-from chromium import launch
+from _cdp import bare_chromium
+from chromium import browser_context, wait
 from deepvis.allocator import allocator_env
 
 #: frames per second of Chromium's fake camera
 CAMERA_FPS = 30
-
-
-def wait(page, expr: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = page.evaluate(expr)
-        if v:
-            return v
-        page.wait_for_timeout(50)
-    raise RuntimeError(f"timed out waiting for {expr}")
 
 
 def start_server(model: str, extra_env: list[str], device: str = "cpu", dataset: str | None = None) -> tuple[subprocess.Popen, str]:
@@ -256,10 +254,20 @@ def switch_times(page, repeats: int = 5) -> dict[str, float]:
     return {**{k: statistics.median(v) for k, v in out.items()}, **{f"{k}_polled": statistics.median(v) for k, v in polled.items()}}
 
 
+@contextlib.contextmanager
+def _browser(driver: str, profile: str) -> Iterator[Any]:
+    """The page the run drives: a bare Chromium over DevTools (``bare``: what a user's browser spends)
+    or Playwright's (``playwright``: plus Playwright's instrumentation of the page, see _cdp.py)."""
+    if driver == "bare":
+        with bare_chromium(profile, camera_fps=CAMERA_FPS) as page:
+            yield page
+        return
+    with browser_context(profile, camera_fps=CAMERA_FPS) as ctx:
+        yield ctx.new_page()
+
+
 def run_once(args: argparse.Namespace) -> tuple[str, dict[str, dict[str, float]]]:
     """One run of the server and the page: both conditions measured, in order (off, then on)."""
-    from playwright.sync_api import sync_playwright
-
     proc, url = start_server(args.model, args.server_env, args.device, args.dataset)
     url += "&test=1"  # the page's probe: window.deepvis, its live figures
     profile = tempfile.mkdtemp(prefix="deepvis-bench-")
@@ -269,9 +277,7 @@ def run_once(args: argparse.Namespace) -> tuple[str, dict[str, dict[str, float]]
         url += f"&inflight={args.inflight}"
     results: dict[str, dict[str, float]] = {}
     try:
-        with sync_playwright() as p:
-            ctx = launch(p, profile, camera_fps=CAMERA_FPS)
-            page = ctx.new_page()
+        with _browser(args.driver, profile) as page:
             page.goto(url)
             wait(page, "window.deepvis && window.deepvis.ready")
             page.click("#src-camera")
@@ -285,7 +291,6 @@ def run_once(args: argparse.Namespace) -> tuple[str, dict[str, dict[str, float]]
             wait(page, "window.deepvis.backprops > 5")
             page.wait_for_timeout(args.warmup * 1000)
             results[ON] = measure(page, args.seconds, "deepvis\0serve", profile)
-            ctx.close()
     finally:
         proc.terminate()
         proc.wait(30)
@@ -303,6 +308,13 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--device", default="cpu", help="the server's and the bare forward's device (default: %(default)s)")
     ap.add_argument("--layer", help="layer to show (default: the page's default layer)")
+    ap.add_argument(
+        "--driver",
+        choices=("bare", "playwright"),
+        default="bare",
+        help="how the page is driven: a bare Chromium over DevTools (what a user's browser spends; default) or Playwright "
+        "(adds Playwright's instrumentation of every WebSocket message to the browser's CPU)",
+    )
     ap.add_argument("--inflight", type=int, help="frames the page keeps on their way (default: the page's)")
     ap.add_argument("--threads", type=int, help="the server's --threads (default: PyTorch's choice); the bare forward uses the same")
     ap.add_argument(
@@ -334,7 +346,7 @@ def main() -> None:
     print(
         f"deepvis serve, model {args.model}, layer {layer}, fake camera {CAMERA_FPS} fps, {args.seconds:.0f} s per condition, "
         f"{f'mining --dataset {args.dataset}, ' if args.dataset else ''}"
-        f"{len(runs)} run(s) (medians)"
+        f"{len(runs)} run(s) (medians), page driven by {'a bare Chromium over DevTools' if args.driver == 'bare' else 'Playwright'}"
     )
     print(f"bare forward (batch 1, {threads} threads, no_grad): {bare_ms:.1f} ms (runs: {', '.join(f'{b:.1f}' for b in bare)})")
     print(
@@ -355,7 +367,7 @@ def main() -> None:
         f"(one frame time: {off_frame_ms:.0f} ms)"
     )
     print(
-        f"  the same timed from Playwright's side (key sent -> a poll in the page sees it): unit {med(OFF, 'unit_switch_ms_polled'):.0f} / "
+        f"  the same timed from the driver's side (key sent -> a poll in the page sees it): unit {med(OFF, 'unit_switch_ms_polled'):.0f} / "
         f"exact {med(OFF, 'unit_exact_ms_polled'):.0f} ms, layer {med(OFF, 'layer_switch_ms_polled'):.0f} ms"
     )
     print(f"load average during the run: {os.getloadavg()[0]:.1f} (other processes on the machine slow both sides)")
