@@ -636,3 +636,24 @@ def test_camera_frames_are_read_frame_by_frame_and_shown_beside_their_own_result
     track_bg = np.median(track_px[..., :3].reshape(-1, 3), 0)
     video_bg = np.median(video_px[..., :3].reshape(-1, 3), 0)
     assert np.abs(track_bg - video_bg).max() <= 4, (track_bg, video_bg)
+
+
+def test_a_frozen_camera_is_not_read_until_it_thaws(browser, server):
+    # frozen, the page reads no camera frame (the track drops them) and sends nothing; unfrozen, it
+    # reads and sends again
+    pg = browser.new_page()
+    problems = watch_problems(pg)
+    pg.goto(server.url("/", test="1"))
+    wait(pg, "window.deepvis && window.deepvis.ready")
+    pg.click("#src-camera")
+    wait(pg, "window.deepvis.liveFrames >= 5")
+    assert pg.evaluate("window.deepvis.capture") == "track"
+    pg.keyboard.press("f")
+    pg.wait_for_timeout(400)  # the read and the results already on their way land
+    before = pg.evaluate("[window.deepvis.trackFrames, window.deepvis.frames]")
+    pg.wait_for_timeout(700)  # ~20 frames of the 30 fps fake camera
+    assert pg.evaluate("[window.deepvis.trackFrames, window.deepvis.frames]") == before
+    pg.keyboard.press("f")
+    wait(pg, f"window.deepvis.trackFrames > {before[0] + 5} && window.deepvis.frames > {before[1] + 3}")
+    pg.close()
+    assert problems == []

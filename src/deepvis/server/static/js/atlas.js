@@ -42,7 +42,12 @@ export class AtlasPane {
     this.synthesis = synthesis || { available: false };
     this.mining = mining || { available: false };
     this.statusBox.hidden = !this.mining.available;
-    if (this.mining.available) this.showMining();
+    if (this.mining.available) {
+      // the miner's status as the page connected (the next comes with its next progress, which a
+      // busy machine may delay: the miner runs at the lowest priority)
+      this.app.figures.mining = this.mining;
+      this.showMining();
+    }
   }
 
   /** crop=1: synthesized images cut to the unit's receptive field and dataset crops; 0 (the toggle):

@@ -24,6 +24,12 @@ export function el(tag, props = {}, ...children) {
   return e;
 }
 
+/** Show or hide an element, writing the attribute only when it changes: setting `hidden` to the value
+ * it has still invalidates the element's style, and the live panes do it on every frame. */
+export function setHidden(e, hidden) {
+  if (e.hidden !== hidden) e.hidden = hidden;
+}
+
 /** Replace an element's children. */
 export function setChildren(parent, ...children) {
   parent.replaceChildren(...children.filter((c) => c !== null && c !== undefined));

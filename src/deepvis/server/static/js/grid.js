@@ -1,6 +1,8 @@
 // The layers pane: every channel's activations tiled into one canvas (the layout of
 // deepvis.render.tile_grid: columns = ceil(sqrt(C)), 1-pixel padding), and the enlarged unit map.
 
+import { setHidden } from './dom.js';
+
 const PAD = 1;
 const CELL = 8; // pixels per unit of a layer without a spatial map
 const PAD_RGBA = [40, 40, 40, 255];
@@ -105,7 +107,7 @@ export class GridView {
   highlight(c) {
     const r = this.tileRect(c);
     if (!r) {
-      this.cursor.hidden = true;
+      setHidden(this.cursor, true);
       return;
     }
     const sx = this.canvas.clientWidth / this.layout.width;
@@ -116,7 +118,7 @@ export class GridView {
       width: `${(r.w + 2 * PAD) * sx}px`,
       height: `${(r.h + 2 * PAD) * sy}px`,
     });
-    this.cursor.hidden = false;
+    setHidden(this.cursor, false);
   }
 }
 

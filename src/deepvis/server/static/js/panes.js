@@ -1,7 +1,7 @@
 // Drawing: everything the page shows of the state: the layers grid, the unit pane, the predictions,
 // the receptive-field box, the settings' controls, the status line and the messages.
 
-import { $, el, fmt, setChildren } from './dom.js';
+import { $, el, fmt, setChildren, setHidden } from './dom.js';
 import { GridView, drawMap, drawRgb, drawStrip } from './grid.js';
 import { OFF } from './state.js';
 
@@ -55,9 +55,9 @@ export class Panes {
     if (blobs.unit) {
       drawMap($('unit-map'), h.unit_shape[0], h.unit_shape[1], blobs.unit, lut);
       this.app.figures.unitMapDrawn(h.unit, true);
-      $('unit-map').hidden = false;
+      setHidden($('unit-map'), false);
       this.drawPin(h);
-    } else $('unit-map').hidden = true;
+    } else setHidden($('unit-map'), true);
     this.showUnitStats(h);
     // (the first frame of a newly selected layer comes without them: the list shown stays)
     if (h.predictions) this.showPredictions(h.predictions, h.source === 'camera' || h.source === 'video');
@@ -119,7 +119,7 @@ export class Panes {
   drawStrip(h, blobs) {
     const wrap = $('strip-wrap');
     if (!h.prefix || !blobs.prefix) {
-      wrap.hidden = true;
+      setHidden(wrap, true);
       this.app.figures.strip = null;
       return;
     }
@@ -129,7 +129,7 @@ export class Panes {
     if (key !== this.stripKey || wrap.hidden) {
       this.stripKey = key;
       setChildren($('strip-labels'), ...names.map((n) => el('div', {}, n)));
-      wrap.hidden = false;
+      setHidden(wrap, false);
     }
     const width = this.grid.canvas.clientWidth - $('strip-labels').offsetWidth - 4;
     drawStrip($('strip'), rows, cols, blobs.prefix, this.state.luts[this.state.colormap], width);
@@ -141,10 +141,10 @@ export class Panes {
     const info = this.state.layerInfo(s.layer);
     const wrap = $('query-wrap');
     if (!info || info.layout !== 'attention') {
-      wrap.hidden = true;
+      setHidden(wrap, true);
       return;
     }
-    wrap.hidden = false;
+    setHidden(wrap, false);
     const sel = $('query-mode');
     const want = [...info.prefix, 'cursor'];
     if ([...sel.options].map((o) => o.value).join(' ') !== want.join(' ')) {
@@ -184,7 +184,7 @@ export class Panes {
     $('backprop-mode').value = s.backprop;
     $('backprop-filter').value = s.filter;
     $('backprop-raw').checked = this.app.controls?.isRawBackprop() ?? false;
-    $('backprop-wrap').hidden = s.backprop === OFF;
+    setHidden($('backprop-wrap'), s.backprop === OFF);
     if (document.activeElement !== $('unit-input')) $('unit-input').value = s.unit;
     const info = st.layerInfo();
     $('unit-input').max = info ? info.shape[0] - 1 : 0;
@@ -240,7 +240,7 @@ export class Panes {
     const pin = $('unit-pin');
     const pos = this.state.settings?.position;
     if (!pos || !h.unit_shape) {
-      pin.hidden = true;
+      setHidden(pin, true);
       this.pinKey = null;
       return;
     }
@@ -253,7 +253,7 @@ export class Panes {
       left: `${c.offsetLeft + (pos[1] / mw) * c.clientWidth}px`, top: `${c.offsetTop + (pos[0] / mh) * c.clientHeight}px`,
       width: `${c.clientWidth / mw}px`, height: `${c.clientHeight / mh}px`,
     });
-    pin.hidden = false;
+    setHidden(pin, false);
   }
 
   /** Box the receptive field of the pinned position (or of the unit's strongest one) on the input. */
@@ -263,13 +263,13 @@ export class Panes {
     const g = st.geometry.get(h.layer);
     const pos = (st.settings?.layer === h.layer && st.settings.position) || h.unit_stats?.argmax;
     if (!g || !pos || !g.output_size) {
-      box.hidden = true;
+      setHidden(box, true);
       return;
     }
     const [y, x] = pos;
     const rf = [g.rows.lo[y], g.cols.lo[x], g.rows.hi[y] + 1, g.cols.hi[x] + 1];
     if (rf.some((v) => v === undefined)) {
-      box.hidden = true;
+      setHidden(box, true);
       return;
     }
     const key = rf.join(',');
@@ -280,7 +280,7 @@ export class Panes {
     const sx = c.clientWidth / iw, sy = c.clientHeight / ih;
     const [y0, x0, y1, x1] = rf;
     Object.assign(box.style, { left: `${c.offsetLeft + x0 * sx}px`, top: `${c.offsetTop + y0 * sy}px`, width: `${(x1 - x0) * sx}px`, height: `${(y1 - y0) * sy}px` });
-    box.hidden = false;
+    setHidden(box, false);
     this.app.figures.rf = rf;
   }
 
@@ -291,7 +291,7 @@ export class Panes {
     const info = this.state.layerInfo(h.layer);
     const m = /^(\d+),(\d+)$/.exec(h.query ?? '');
     if (!m || !info || info.layout !== 'attention' || info.shape.length !== 3) {
-      box.hidden = true;
+      setHidden(box, true);
       this.app.figures.queryBox = null;
       return;
     }
@@ -305,7 +305,7 @@ export class Panes {
       left: `${c.offsetLeft + rect[1] * sx}px`, top: `${c.offsetTop + rect[0] * sy}px`,
       width: `${(rect[3] - rect[1]) * sx}px`, height: `${(rect[2] - rect[0]) * sy}px`,
     });
-    box.hidden = false;
+    setHidden(box, false);
     this.app.figures.queryBox = rect;
   }
 
@@ -325,10 +325,10 @@ export class Panes {
   showError(message, sticky = false) {
     const box = $('message');
     $('message-text').textContent = message;
-    box.hidden = false;
+    setHidden(box, false);
     this.app.figures.errors.push(message);
     clearTimeout(this.errorTimer);
-    if (!sticky) this.errorTimer = setTimeout(() => (box.hidden = true), 8000);
+    if (!sticky) this.errorTimer = setTimeout(() => setHidden(box, true), 8000);
   }
 
   /** The video's play button follows its state: {paused, ended}. */

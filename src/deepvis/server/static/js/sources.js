@@ -104,6 +104,7 @@ export class Sources {
     this.file = null;
     this.onTheirWay.clear();
     if (this.track) {
+      this.track.thaw?.();
       this.track.reader.cancel().catch(() => {});
       this.track.frame?.close();
       this.track = null;
@@ -156,12 +157,20 @@ export class Sources {
   }
 
   /** Read the camera frame by frame (TRACK_FRAMES): keep the newest frame (the one before is closed)
-   * and treat it as the <video> path treats a presented frame. */
+   * and treat it as the <video> path treats a presented frame. While the input is frozen nothing is
+   * read (the track drops the frames it cannot hand over) until toggleFreeze() or stopLive() thaws it. */
   async readTrack(track) {
     const reader = new MediaStreamTrackProcessor({ track }).readable.getReader();
-    const t = { reader, frame: null };
+    const t = { reader, frame: null, thaw: null };
     this.track = t;
     for (;;) {
+      if (this.frozen) {
+        await new Promise((resolve) => {
+          t.thaw = resolve;
+        });
+        t.thaw = null;
+        if (this.track !== t) break;
+      }
       let r;
       try {
         r = await reader.read();
@@ -174,6 +183,7 @@ export class Sources {
       }
       t.frame?.close();
       t.frame = r.value;
+      this.app.figures.trackFrames++;
       if (!this.frozen) this.framePresented(performance.now());
     }
     if (this.track === t) {
@@ -309,7 +319,10 @@ export class Sources {
       if (this.frozen) this.video.pause();
       else this.video.play();
     }
-    if (!this.frozen && !this.track) this.pump();
+    if (!this.frozen) {
+      if (this.track) this.track.thaw?.();
+      else this.pump();
+    }
     this.app.onVideoState?.();
     return this.frozen;
   }

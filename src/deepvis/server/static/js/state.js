@@ -47,11 +47,11 @@ export class PageState {
     return this.info.class_names[unit] ?? '';
   }
 
-  /** Layers offered in the list: every module with "all modules", else all but identities. */
+  /** Layers offered in the list: every module with "all modules", else the server's listed ones (LayerInfo.listed). */
   layerList() {
     const all = this.info?.layers ?? [];
     if (this.showAllLayers) return all;
-    return all.filter((l) => l.type !== 'Identity' || l.name === this.settings?.layer);
+    return all.filter((l) => l.listed || l.name === this.settings?.layer);
   }
 
   /** Apply a settings change at once; returns the message that asks the server for it (null before hello). */
@@ -100,6 +100,7 @@ export class Figures {
     this.cameraFrames = 0;
     this.inputSeq = null; // the live frame the input canvas shows (its result is the one drawn)
     this.capture = null; // how camera frames are read: 'track' (frame by frame) or 'video' (a <video> element)
+    this.trackFrames = 0; // camera frames read frame by frame (none while the input is frozen)
     this.videoEnded = false;
     this.lastBackprop = null;
     this.patternTiles = 0;
