@@ -282,6 +282,8 @@ def test_hello_carries_the_librarys_lists_and_the_page_has_none_of_its_own(clien
     page = files.index(TOKEN, "testserver")[0] + "".join(a.body.decode() for n, a in files.assets.items() if n.endswith(".js"))
     for words in (["'gradient'", "'deconv'", "'guided'"], ["'channel'", "'none'"], ["<option>gradient"], ["<option>channel"]):
         assert not all(w in page for w in words), words
+    # nor of which layers it lists by default: hello marks them (LayerInfo.listed, the server's own rule)
+    assert all(isinstance(e["listed"], bool) for e in hello["layers"]) and "Identity" not in page
 
 
 def test_a_server_without_backprop_says_why(model):

@@ -233,6 +233,7 @@ def test_the_neighbours_are_the_page_lists_previous_and_next_layer():
     proc = FrameProcessor(model)
     names = [i.name for i in proc.table]
     assert names[:5] == ["conv1", "skip", "relu1", "conv2", "flat"]
+    assert [i.name for i in proc.table if not i.listed] == ["skip"]  # what the page's hello marks unlisted
     assert proc.neighbours("relu1") == ("conv1", "conv2")  # the identity between is not in the page's list: skipped
     assert proc.neighbours("conv1") == ("relu1",)
     assert proc.neighbours("skip") == ("conv1", "relu1")

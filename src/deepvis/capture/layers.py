@@ -72,6 +72,13 @@ class LayerInfo:
     raw_shape: tuple[int, ...] = ()
 
     @property
+    def listed(self) -> bool:
+        """Whether layer lists show it by default (the page's layer list, its previous / next layer keys,
+        the default layer): every layer but ``Identity`` modules, placeholders whose output is their
+        input (the page's "all modules" lists them too)."""
+        return self.type != "Identity"
+
+    @property
     def units(self) -> int:
         """Channels (the first axis of the canonical shape)."""
         return self.shape[0]

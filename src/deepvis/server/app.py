@@ -207,6 +207,7 @@ class Toolbox:
                 {
                     "name": i.name,
                     "type": i.type,
+                    "listed": i.listed,
                     "shape": list(i.shape),
                     "same_as": i.same_as,
                     "classes": self.engine.processor.is_class_layer(i.name),

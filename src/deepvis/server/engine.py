@@ -93,7 +93,7 @@ def lower_priority(nice: int, what: str) -> None:
 
 def default_layer(table: list[LayerInfo]) -> str:
     """A mid-depth convolutional (or token) layer to open the page on (the logits for a model without maps)."""
-    maps = [i for i in table if i.spatial and i.same_as is None and i.type != "Identity" and i.layout.kind != "attention"]
+    maps = [i for i in table if i.spatial and i.same_as is None and i.listed and i.layout.kind != "attention"]
     if not maps:
         return table[-1].name
     return maps[int(len(maps) * 0.45)].name

@@ -241,8 +241,8 @@ class FrameProcessor:
         self._neighbours: dict[str, tuple[str, ...]] = {}
 
     def neighbours(self, name: str) -> tuple[str, ...]:
-        """The layers before and after ``name`` in the page's layer list (the layer table without
-        identity modules, as the page lists it by default; its previous / next layer keys), which a
+        """The layers before and after ``name`` in the page's layer list (the layers of the table that
+        are :attr:`~LayerInfo.listed`, as the page lists them by default; its previous / next layer keys), which a
         forward pass for ``name`` captures too, so that a switch to one of them is drawn from that pass
         at once. Attention layers are left out (their view depends on a query, and capturing one
         switches a fused attention to its explicit path), as are layers that cannot be viewed."""
@@ -253,7 +253,7 @@ class FrameProcessor:
             if at is not None:
                 for step in (-1, 1):
                     j = at + step
-                    while 0 <= j < len(self.table) and self.table[j].type == "Identity":
+                    while 0 <= j < len(self.table) and not self.table[j].listed:
                         j += step
                     if 0 <= j < len(self.table):
                         lay = self.table[j].layout
