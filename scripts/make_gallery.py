@@ -1,13 +1,18 @@
 """Make docs/gallery: activation maximization on the default model, presets side by side.
 
 Two pictures, one row per target and one column per setting — unregularized gradient ascent (for
-contrast), the paper's presets 1-4 and deepvis's ``robust`` preset — each tile the display version
-(contrast-stretched around the mean image):
+contrast), the paper's presets 1-4 (calibrated, their default) and deepvis's ``robust`` and ``maco``
+presets — each tile the display version (contrast-stretched around the mean image), with its quality
+figure under it:
 
-* ``classes.png`` — class logits of six ImageNet classes, at the model's input size (224 px);
-* ``units.png`` — hidden units (center neurons of ``blocks.3`` and ``blocks.5``) at 128 px.
+* ``classes.png`` — class logits of six ImageNet classes, at the model's input size (224 px); under
+  each tile the intended class's rank and probability under EfficientNet-Lite2 (a judge that is not the
+  optimized model: :func:`deepvis.scores.transfer`, on the raw image as the model saw it);
+* ``units.png`` — hidden units (center neurons of ``blocks.3`` and ``blocks.5``) at 128 px; under each
+  tile the unit's value on the image and its highest value on the natural sample photos
+  (:func:`deepvis.optimize.calibrate.photo_values`): the image beats every photo when the first is larger.
 
-``gallery.json`` records every setting and every value reached. Everything is seeded, so the same
+``gallery.json`` records every setting, every value reached and every quality figure. Everything is seeded, so the same
 command makes the same pictures (on the same machine and library versions). Run from the repository
 root: ``python scripts/make_gallery.py`` (add ``--steps N`` to cap every preset's steps).
 """
@@ -28,48 +33,64 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from deepvis._fs import atomic_path  # noqa: E402
 from deepvis.models import load_model  # noqa: E402
-from deepvis.optimize import get_preset, visualize  # noqa: E402
+from deepvis.optimize import get_preset, resolve_targets, visualize  # noqa: E402
+from deepvis.optimize.calibrate import photo_values  # noqa: E402
+from deepvis.scores import load_judges, transfer  # noqa: E402
 
 CLASSES = ("goldfinch", "flamingo", "monarch", "jellyfish", "volcano", "strawberry")
 UNITS = ("blocks.3:2", "blocks.3:17", "blocks.3:41", "blocks.5:7", "blocks.5:64", "blocks.5:150")
-COLUMNS = ("none", "1", "2", "3", "4", "robust")
+COLUMNS = ("none", "1", "2", "3", "4", "robust", "maco")
+#: the judge of the class images (not the optimized model)
+JUDGE = "lite2"
+#: the height of the quality line under each tile (px)
+FIGURE_H = 13
 
 
-def grid(rows: list[list[Image.Image]], row_names: list[str], col_names: list[str], tile: int) -> Image.Image:
-    """Tiles in a labelled table: a header row of column names, a left column of row names."""
+def grid(rows: list[list[Image.Image]], figures: list[list[str]], row_names: list[str], col_names: list[str], tile: int) -> Image.Image:
+    """Tiles in a labelled table: a header row of column names, a left column of row names, and each
+    tile's quality figure under it."""
     font = ImageFont.load_default()
     left, top, pad = 92, 16, 2
+    cell = tile + FIGURE_H + pad
     w = left + len(col_names) * (tile + pad)
-    h = top + len(rows) * (tile + pad)
+    h = top + len(rows) * cell
     out = Image.new("RGB", (w, h), (20, 20, 20))
     draw = ImageDraw.Draw(out)
     for j, name in enumerate(col_names):
         draw.text((left + j * (tile + pad) + 2, 2), name, fill=(235, 235, 235), font=font)
-    for i, (row, name) in enumerate(zip(rows, row_names)):
-        y = top + i * (tile + pad)
+    for i, (row, figs, name) in enumerate(zip(rows, figures, row_names)):
+        y = top + i * cell
         draw.text((2, y + tile // 2 - 6), name[:15], fill=(235, 235, 235), font=font)
-        for j, im in enumerate(row):
-            out.paste(im.resize((tile, tile), Image.Resampling.LANCZOS), (left + j * (tile + pad), y))
+        for j, (im, fig) in enumerate(zip(row, figs)):
+            x = left + j * (tile + pad)
+            out.paste(im.resize((tile, tile), Image.Resampling.LANCZOS), (x, y))
+            draw.text((x + 1, y + tile + 1), fig, fill=(200, 200, 200), font=font)
     return out
 
 
-def run(model, targets, names, size: int, args, record: dict) -> Image.Image:
-    columns = []
+def run(model, targets, names, size: int, args, record: dict, quality) -> Image.Image:
+    """One grid: every setting of COLUMNS on ``targets``; ``quality(results)`` gives each result's
+    (caption, JSON record) of its quality figure."""
+    columns, captions = [], []
     for preset in COLUMNS:
         steps = min(args.steps, get_preset(preset).steps) if args.steps else None
         t = time.perf_counter()
         res = visualize(model, targets, preset=preset, steps=steps, size=size, seed=args.seed, batch_size=len(targets))
         print(f"  {preset:7s} {res[0].steps_run} steps, {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
         columns.append([r.display_image() for r in res])
+        figures = quality(res)
+        captions.append([c for c, _ in figures])
         record[preset] = {
             "settings": res[0].settings.to_dict(),
             "size": size,
             "seed": args.seed,
             "values": {n: r.value for n, r in zip(names, res)},
+            "quality": {n: q for n, (_, q) in zip(names, figures)},
         }
     rows = [[col[i] for col in columns] for i in range(len(targets))]
-    labels = ["none (plain)" if c == "none" else ("robust" if c == "robust" else f"preset {c}") for c in COLUMNS]
-    return grid(rows, list(names), labels, args.tile)
+    figs = [[col[i] for col in captions] for i in range(len(targets))]
+    labels = ["none (plain)" if c == "none" else (c if c in ("robust", "maco") else f"preset {c}") for c in COLUMNS]
+    return grid(rows, figs, list(names), labels, args.tile)
 
 
 def main() -> None:
@@ -90,9 +111,23 @@ def main() -> None:
     }
     print("classes:", file=sys.stderr)
     idx = [model.class_index(c) for c in CLASSES]
-    classes = run(model, [f"logits:{i}" for i in idx], list(CLASSES), model.preprocessing.input_size[0], args, record["classes"])
+    (judge,) = load_judges([JUDGE])
+
+    def class_quality(res) -> list[tuple[str, dict]]:
+        rows = [transfer(judge, r.raw_image(), i, model.label(i)) for r, i in zip(res, idx)]
+        return [(f"{JUDGE} #{t['rank']} p {t['probability']:.2f}", t) for t in rows]
+
+    classes = run(
+        model, [f"logits:{i}" for i in idx], list(CLASSES), model.preprocessing.input_size[0], args, record["classes"], class_quality
+    )
     print("hidden units:", file=sys.stderr)
-    units = run(model, list(UNITS), list(UNITS), args.unit_size, args, record["units"])
+    hw = (args.unit_size, args.unit_size)
+    photo_max = photo_values(model, resolve_targets(model, list(UNITS), size=hw), hw).amax(1).tolist()
+
+    def unit_quality(res) -> list[tuple[str, dict]]:
+        return [(f"{r.value:.1f} (photos {m:.1f})", {"value": r.value, "photo_max": m}) for r, m in zip(res, photo_max)]
+
+    units = run(model, list(UNITS), list(UNITS), args.unit_size, args, record["units"], unit_quality)
     for name, im in (("classes.png", classes), ("units.png", units)):
         with atomic_path(out / name) as tmp:
             im.save(tmp, format="PNG", optimize=True)
