@@ -5,8 +5,10 @@ import { $, el, fmt, setChildren, setHidden } from './dom.js';
 import { GridView, drawMap, drawRgb, drawStrip } from './grid.js';
 import { OFF } from './state.js';
 
-/** Live results update the predictions list at most this often (ms). */
-const PREDICTIONS_MS = 200;
+/** Live results redraw the text panes (status line, predictions, the unit's figures) together, at
+ * most this often (ms): each redraw lays out and paints text, which costs more to draw than the
+ * whole grid, so they share one layout and paint instead of one each. */
+const TEXT_MS = 250;
 
 export class Panes {
   /** app: {state, figures, sources, atlas} (see main.js). */
@@ -20,10 +22,10 @@ export class Panes {
     this.pinKey = null;
     this.rfKey = null;
     this.predKey = null;
-    this.predAt = 0;
-    this.unitStatsAt = 0;
     this.unitStatsUnit = null;
-    this.statusAt = 0;
+    this.textAt = 0; // when the text panes were last redrawn for a live result
+    this.textFor = null; // the result textDue() last decided for, and what it decided
+    this.textNow = true;
     this.errorTimer = null;
     this.stripKey = null;
   }
@@ -60,7 +62,7 @@ export class Panes {
     } else setHidden($('unit-map'), true);
     this.showUnitStats(h);
     // (the first frame of a newly selected layer comes without them: the list shown stays)
-    if (h.predictions) this.showPredictions(h.predictions, h.source === 'camera' || h.source === 'video');
+    if (h.predictions && this.textDue(h)) this.showPredictions(h.predictions);
     this.showRf(h);
     this.showQueryBox(h);
   }
@@ -205,15 +207,23 @@ export class Panes {
   }
 
   // -- panes -------------------------------------------------------------------------------------------
-  /** The top-5 list; live results redraw it at most every PREDICTIONS_MS (each redraw lays out and
-   * paints the list: text costs more to draw than the whole grid). */
-  showPredictions(preds, live = false) {
-    const now = performance.now();
-    if (live && now - this.predAt < PREDICTIONS_MS) return;
+  /** Whether the text panes are redrawn with result ``h``: always for a still input, every TEXT_MS for
+   * live ones (decided once per result, for all of them). */
+  textDue(h) {
+    if (this.textFor !== h) {
+      const now = performance.now();
+      this.textFor = h;
+      this.textNow = !(h.source === 'camera' || h.source === 'video') || now - this.textAt >= TEXT_MS;
+      if (this.textNow) this.textAt = now;
+    }
+    return this.textNow;
+  }
+
+  /** The top-5 list (redrawn only when it changed). */
+  showPredictions(preds) {
     const key = preds.map((p) => `${p.index}:${(p.probability * 100).toFixed(1)}`).join(' ');
     if (key === this.predKey) return;
     this.predKey = key;
-    this.predAt = now;
     const items = preds.map((p) =>
       el('li', {}, el('span', { className: 'bar', style: { width: `${Math.max(1, p.probability * 100)}%` } }),
         el('span', { className: 'prob' }, `${(p.probability * 100).toFixed(1)}%`), el('span', { className: 'label' }, p.label)),
@@ -221,10 +231,9 @@ export class Panes {
     setChildren($('predictions'), ...items);
   }
 
+  /** The unit's figures under its map: at once for another unit, else with the other text panes. */
   showUnitStats(h) {
-    const now = performance.now();
-    if (now - this.unitStatsAt < 100 && h.unit === this.unitStatsUnit) return;
-    this.unitStatsAt = now;
+    if (!this.textDue(h) && h.unit === this.unitStatsUnit) return;
     this.unitStatsUnit = h.unit;
     const s = h.unit_stats || {};
     const parts = [`max ${fmt(s.max)}`, `mean ${fmt(s.mean)}`];
@@ -309,10 +318,9 @@ export class Panes {
     this.app.figures.queryBox = rect;
   }
 
+  /** The status line (with the other text panes: textDue). */
   showStatus(h, fps) {
-    const now = performance.now();
-    if (now - this.statusAt < 250) return;
-    this.statusAt = now;
+    if (!this.textDue(h)) return;
     const st = h.stats;
     const figures = this.app.figures;
     const parts = [`${fmt(fps, 1)} frames/s`];
