@@ -228,8 +228,8 @@ def switch_times(page, repeats: int = 5) -> dict[str, float]:
     Measured in the page: from the key event's time stamp (when the browser received the key) to the
     moment the page has drawn the new view into its canvas (it is on screen with the next display
     frame). ``*_polled``: the same switches timed from the benchmark's side, from just before
-    Playwright sends the key to the moment a poll in the page sees the change (what this benchmark
-    printed before; it adds Playwright's delivery of the key and the poll's own wait for the page)."""
+    the driver sends the key to the moment a poll in the page sees the change (what this benchmark
+    printed before; it adds the driver's delivery of the key and the poll's own wait for the page)."""
     out: dict[str, list[float]] = {k: [] for k in ("unit_switch_ms", "unit_exact_ms", "layer_switch_ms")}
     polled: dict[str, list[float]] = {k: [] for k in out}
     for i in range(repeats):
