@@ -435,8 +435,15 @@ export class Sources {
     }
     const [h, w] = this.inputSize;
     const r = cropRect(this.video.videoWidth, this.video.videoHeight, h, w, this.cropPct);
-    this.captureCtx.drawImage(this.video, r.x, r.y, r.w, r.h, 0, 0, w, h);
-    this.sendImage(this.captureCtx.getImageData(0, 0, w, h), born, now);
+    this.sendImage(this.scaled(this.video, r.x, r.y, r.w, r.h), born, now);
+  }
+
+  /** The rectangle (x, y, cw, ch) of a drawable ``source`` (the <video>, a VideoFrame, a canvas)
+   * scaled, smoothed, to the input size in the capture canvas: its pixels as ImageData. */
+  scaled(source, x, y, cw, ch) {
+    const [h, w] = this.inputSize;
+    this.captureCtx.drawImage(source, x, y, cw, ch, 0, 0, w, h);
+    return this.captureCtx.getImageData(0, 0, w, h);
   }
 
   /** The model's crop of a camera VideoFrame as ImageData at the input size: the crop is converted
@@ -461,14 +468,12 @@ export class Sources {
         await frame.copyTo(this.cropImage.data, { rect: { x, y, width: cw, height: ch }, format: 'RGBX' });
         if (cw === w && ch === h) return new ImageData(new Uint8ClampedArray(this.cropImage.data), w, h);
         this.cropCtx.putImageData(this.cropImage, 0, 0);
-        this.captureCtx.drawImage(this.cropCanvas, 0, 0, cw, ch, 0, 0, w, h);
-        return this.captureCtx.getImageData(0, 0, w, h);
+        return this.scaled(this.cropCanvas, 0, 0, cw, ch);
       } catch (e) {
         this.copyToFails = true;
       }
     }
-    this.captureCtx.drawImage(frame, r.x, r.y, r.w, r.h, 0, 0, w, h);
-    return this.captureCtx.getImageData(0, 0, w, h);
+    return this.scaled(frame, r.x, r.y, r.w, r.h);
   }
 
   /** Send the pixels of a live frame (RGBA ImageData at the input size) that appeared at ``born``. */
