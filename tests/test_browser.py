@@ -114,6 +114,12 @@ def test_upload_a_photo_see_the_grid_and_predictions(page, server):
     # the input pane shows the photo as the model sees it
     assert page.evaluate("window.deepvis.inputs") >= 1
     assert "coffee" in page.inner_text("#input-label")
+    # the original toolbox's layout: the selected unit's map under the input, at the same left edge
+    # (positions compare at a glance), the grid beside them; the predictions in view in the window
+    box = "(id) => { const b = document.getElementById(id).getBoundingClientRect(); return [b.x, b.y, b.right, b.bottom]; }"
+    inp, unit, grid, preds = (page.evaluate(f"({box})('{i}')") for i in ("input-canvas", "unit-map", "grid", "predictions"))
+    assert unit[0] == inp[0] and unit[1] > inp[3] and grid[0] > max(inp[2], unit[2])
+    assert preds[1] > unit[3] and preds[3] <= page.viewport_size["height"]
 
 
 def test_select_units_by_click_and_keyboard_and_the_url_follows(page, server):
@@ -655,5 +661,36 @@ def test_a_frozen_camera_is_not_read_until_it_thaws(browser, server):
     assert pg.evaluate("[window.deepvis.trackFrames, window.deepvis.frames]") == before
     pg.keyboard.press("f")
     wait(pg, f"window.deepvis.trackFrames > {before[0] + 5} && window.deepvis.frames > {before[1] + 3}")
+    pg.close()
+    assert problems == []
+
+
+def test_a_live_backprop_note_is_written_at_most_every_quarter_second_and_ends_on_the_newest_view(browser, server):
+    # every write of the note lays the page out; live views come several times a second, so the note
+    # follows them on the text panes' clock (250 ms), the newest one last
+    pg = browser.new_page()
+    problems = watch_problems(pg)
+    pg.goto(server.url("/", test="1"))
+    wait(pg, "window.deepvis && window.deepvis.ready")
+    pg.click("#src-camera")
+    wait(pg, "window.deepvis.liveFrames >= 5")
+    pg.focus("#grid")
+    pg.keyboard.press("b")
+    wait(pg, "window.deepvis.backprops >= 2")
+    pg.evaluate(
+        "window.noteWrites = []; new MutationObserver(() => window.noteWrites.push(performance.now()))"
+        ".observe(document.getElementById('backprop-note'), {childList: true, characterData: true, subtree: true})"
+    )
+    b0 = pg.evaluate("window.deepvis.backprops")
+    pg.wait_for_timeout(2500)
+    writes, views = pg.evaluate("[window.noteWrites, window.deepvis.backprops]")
+    gaps = np.diff(writes)
+    assert views - b0 >= 4 and len(writes) >= 3, (views - b0, writes)  # the view and its note stay live
+    assert gaps.min() >= 200, (gaps.round().tolist(), views - b0)  # the old page wrote one per view (~100 ms)
+    pg.keyboard.press("f")  # no newer view after the ones on their way: the last note is the newest view's
+    pg.wait_for_timeout(1500)
+    last = pg.evaluate("window.deepvis.lastBackprop")
+    note = pg.inner_text("#backprop-note")
+    assert note.endswith(f" · {last['ms']:.0f} ms") and f"{last['layer']}:{last['unit']}" in note, (note, last)
     pg.close()
     assert problems == []

@@ -4,7 +4,7 @@
 import { $, el, setChildren } from './dom.js';
 import { gridShape, stripHit } from './grid.js';
 import { installKeys, renderHelp } from './keys.js';
-import { OFF } from './state.js';
+import { OFF, isLive } from './state.js';
 
 // the boost presets that t / T cycle through (the sliders reach any value in between)
 const GAMMAS = [1, 0.7, 0.5, 0.35, 1.5];
@@ -245,6 +245,6 @@ export class Controls {
     $('freeze').setAttribute('aria-pressed', 'false');
     $('input-label').textContent = name ? `${mode}: ${name}` : mode;
     this.app.figures.videoEnded = false;
-    if (mode === 'camera' || mode === 'video') this.app.sendSettings({ position: this.state.settings?.position ?? null });
+    if (isLive(mode)) this.app.sendSettings({ position: this.state.settings?.position ?? null });
   }
 }

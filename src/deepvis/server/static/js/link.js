@@ -3,6 +3,7 @@
 
 import { Connection } from './net.js';
 import { lut32 } from './grid.js';
+import { isLive } from './state.js';
 
 export class Link {
   /** app: {state, figures, panes, controls, sources, atlas, showError(msg)} (see main.js). */
@@ -70,7 +71,7 @@ export class Link {
 
   onFrame(h, blobs) {
     const { state, figures, panes, sources } = this.app;
-    const live = h.source === 'camera' || h.source === 'video';
+    const live = isLive(h.source);
     // the next camera frame goes out first: the server computes it while this one is drawn
     const sent = live ? sources.onResult(h.seq, h.ms) : null;
     // the input canvas shows the frame these activations are of (not the newer one already sent)

@@ -3,7 +3,7 @@
 
 import { $, el, fmt, setChildren, setHidden } from './dom.js';
 import { GridView, drawMap, drawRgb, drawStrip } from './grid.js';
-import { OFF } from './state.js';
+import { OFF, isLive } from './state.js';
 
 /** Live results redraw the text panes (status line, predictions, the unit's figures) together, at
  * most this often (ms): each redraw lays out and paints text, which costs more to draw than the
@@ -27,6 +27,9 @@ export class Panes {
     this.textFor = null; // the result textDue() last decided for, and what it decided
     this.textNow = true;
     this.errorTimer = null;
+    this.noteAt = -Infinity; // the backprop note: when it was last written, for what, and the one waiting
+    this.noteWhat = null;
+    this.noteTimer = null;
     this.stripKey = null;
   }
 
@@ -158,10 +161,24 @@ export class Panes {
     $('query-note').textContent = Array.isArray(q) ? `patch ${q.join(',')} (move over the input)` : this.state.queryCursor ? 'move over the input' : '';
   }
 
+  /** A backprop view: its image at once; its note (what it shows, and its time) at once when what it
+   * shows changed, else at most every TEXT_MS, the newest one last (every note lays out the page,
+   * and live views come several times a second). */
   backprop(h, blobs) {
     if (blobs.rgb) drawRgb($('backprop'), h.h, h.w, blobs.rgb);
     const scale = h.percentile >= 100 ? 'max' : `p${h.percentile}`;
-    $('backprop-note').textContent = `${h.mode} · ${h.filter} · ${scale} · ${h.layer}:${h.unit}${h.token ? `@${h.token}` : ''} · ${fmt(h.ms, 0)} ms`;
+    const what = `${h.mode} · ${h.filter} · ${scale} · ${h.layer}:${h.unit}${h.token ? `@${h.token}` : ''}`;
+    const note = `${what} · ${fmt(h.ms, 0)} ms`;
+    const show = () => {
+      this.noteTimer = null;
+      this.noteAt = performance.now();
+      $('backprop-note').textContent = note;
+    };
+    clearTimeout(this.noteTimer);
+    const wait = this.noteAt + TEXT_MS - performance.now();
+    if (what !== this.noteWhat || !(wait > 0)) show();
+    else this.noteTimer = setTimeout(show, wait);
+    this.noteWhat = what;
   }
 
   async input(h, blobs) {
@@ -213,7 +230,7 @@ export class Panes {
     if (this.textFor !== h) {
       const now = performance.now();
       this.textFor = h;
-      this.textNow = !(h.source === 'camera' || h.source === 'video') || now - this.textAt >= TEXT_MS;
+      this.textNow = !isLive(h.source) || now - this.textAt >= TEXT_MS;
       if (this.textNow) this.textAt = now;
     }
     return this.textNow;

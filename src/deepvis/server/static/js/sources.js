@@ -4,6 +4,8 @@
 // kept until its result arrives: the input canvas then shows that frame, in the same display frame
 // as its activations (with frames pipelined, the newest frame sent is one ahead of the result).
 
+import { isLive } from './state.js';
+
 /** At most this many frames on their way (sent, no result yet). Two keep the server busy: while it
  * computes one frame the next is sent, timed to arrive as that computation ends (LEAD), and waits in
  * the server's one slot, where a newer frame would replace it. Camera frames that appear meanwhile
@@ -307,7 +309,7 @@ export class Sources {
   }
 
   get live() {
-    return this.mode === 'camera' || this.mode === 'video';
+    return isLive(this.mode);
   }
 
   toggleFreeze() {

@@ -6,6 +6,12 @@ import { percentile } from './dom.js';
 /** The backprop setting that means "no view" (a word of the protocol; the modes themselves come in hello). */
 export const OFF = 'off';
 
+/** Whether an input (a source mode, or a result's ``source``) is live: camera or video frames, coming
+ * several times a second (the others are stills: an uploaded image, a sample photo). */
+export function isLive(source) {
+  return source === 'camera' || source === 'video';
+}
+
 export class PageState {
   constructor(params) {
     this.token = params.get('token') || '';
