@@ -5,12 +5,37 @@ import { Connection } from './net.js';
 import { lut32 } from './grid.js';
 import { isLive } from './state.js';
 
+/** A draw that waits for the next result (withNextResult) waits at most this long (ms). */
+const WAIT_MS = 250;
+
 export class Link {
   /** app: {state, figures, panes, controls, sources, atlas, showError(msg)} (see main.js). */
   constructor(app) {
     this.app = app;
     this.state = app.state;
     this.conn = new Connection(app.state.token, { onMessage: (m) => this.onMessage(m), onState: (s, r) => app.panes.connState(s, r) });
+    this.waiting = new Map(); // key -> {draw, timer}: the draws waiting for the next result
+  }
+
+  /** Run ``draw(h)`` right after the next result is drawn (``h``: that result's header), so that both
+   * take one redraw of the page: whatever is drawn on its own is one more frame for the browser to lay
+   * out, paint and composite. Alone (``h`` null) if no result comes within about 1.5 frame times (at
+   * most WAIT_MS), and at once for a still or frozen input. One waiting draw per ``key``: a newer
+   * one replaces it. */
+  withNextResult(key, draw) {
+    const { sources, figures } = this.app;
+    clearTimeout(this.waiting.get(key)?.timer);
+    this.waiting.delete(key);
+    if (!sources.live || sources.frozen) {
+      draw(null);
+      return;
+    }
+    const wait = Math.min(WAIT_MS, 1500 / Math.max(figures.fps || 0, 6));
+    const timer = setTimeout(() => {
+      this.waiting.delete(key);
+      draw(null);
+    }, wait);
+    this.waiting.set(key, { draw, timer });
   }
 
   connect() {
@@ -39,7 +64,7 @@ export class Link {
         break;
       case 'synthesis': app.atlas.onSynthesis(m); break;
       case 'mining': app.atlas.onMining(m); break;
-      case 'summary': app.summary.show(m); break;
+      case 'summary': this.withNextResult('summary', () => app.summary.show(m)); break;
       default: break;
     }
   }
@@ -86,10 +111,19 @@ export class Link {
     figures.frameDrawn(h, t, sent ? t - sent.born : null, live, sources);
     figures.lastGrid = blobs.grid ?? null;
     panes.showStatus(h, figures.fps);
+    const waiting = [...this.waiting.values()];
+    this.waiting.clear();
+    for (const w of waiting) {
+      clearTimeout(w.timer);
+      w.draw(h);
+    }
   }
 
   onBackprop(h, blobs) {
-    this.app.panes.backprop(h, blobs);
+    this.withNextResult('backprop', (result) => {
+      this.app.panes.backprop(h, blobs, result);
+      this.app.figures.backpropsDrawn[result ? 'withResult' : 'alone']++;
+    });
     this.app.figures.backprops++;
     this.app.figures.lastBackprop = h;
   }

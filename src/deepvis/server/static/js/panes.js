@@ -27,7 +27,7 @@ export class Panes {
     this.textFor = null; // the result textDue() last decided for, and what it decided
     this.textNow = true;
     this.errorTimer = null;
-    this.noteAt = -Infinity; // the backprop note: when it was last written, for what, and the one waiting
+    this.note = ''; // the backprop view's note: the newest, what it showed when last written, its timer
     this.noteWhat = null;
     this.noteTimer = null;
     this.stripKey = null;
@@ -161,24 +161,24 @@ export class Panes {
     $('query-note').textContent = Array.isArray(q) ? `patch ${q.join(',')} (move over the input)` : this.state.queryCursor ? 'move over the input' : '';
   }
 
-  /** A backprop view: its image at once; its note (what it shows, and its time) at once when what it
-   * shows changed, else at most every TEXT_MS, the newest one last (every note lays out the page,
-   * and live views come several times a second). */
-  backprop(h, blobs) {
+  /** Draw a backprop view (``h``, ``blobs``), with result ``result`` (Link.withNextResult) or alone
+   * (null). Its note (what it shows, and its time) is written at once when what it shows changed or
+   * when the view is drawn alone; with a result, on the text panes' clock (one layout for all the
+   * text), the newest one within 2 TEXT_MS at the latest. */
+  backprop(h, blobs, result) {
     if (blobs.rgb) drawRgb($('backprop'), h.h, h.w, blobs.rgb);
     const scale = h.percentile >= 100 ? 'max' : `p${h.percentile}`;
     const what = `${h.mode} · ${h.filter} · ${scale} · ${h.layer}:${h.unit}${h.token ? `@${h.token}` : ''}`;
-    const note = `${what} · ${fmt(h.ms, 0)} ms`;
-    const show = () => {
-      this.noteTimer = null;
-      this.noteAt = performance.now();
-      $('backprop-note').textContent = note;
-    };
+    this.note = `${what} · ${fmt(h.ms, 0)} ms`;
     clearTimeout(this.noteTimer);
-    const wait = this.noteAt + TEXT_MS - performance.now();
-    if (what !== this.noteWhat || !(wait > 0)) show();
-    else this.noteTimer = setTimeout(show, wait);
+    if (what !== this.noteWhat || !result || this.textDue(result)) this.writeNote();
+    else this.noteTimer = setTimeout(() => this.writeNote(), 2 * TEXT_MS);
     this.noteWhat = what;
+  }
+
+  writeNote() {
+    clearTimeout(this.noteTimer);
+    $('backprop-note').textContent = this.note;
   }
 
   async input(h, blobs) {

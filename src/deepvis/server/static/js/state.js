@@ -92,6 +92,7 @@ export class Figures {
     this.frames = 0;
     this.liveFrames = 0; // results of camera or video frames
     this.backprops = 0;
+    this.backpropsDrawn = { withResult: 0, alone: 0 }; // backprop views drawn with a result (Link.withNextResult) or alone
     this.inputs = 0; // still inputs shown
     this.errors = []; // every message shown to the user
     this.fps = 0; // results drawn per second, over the last 2 s
