@@ -5,9 +5,10 @@ import { $, el, fmt, setChildren, setHidden } from './dom.js';
 import { GridView, drawMap, drawRgb, drawStrip } from './grid.js';
 import { OFF, isLive } from './state.js';
 
-/** Live results redraw the text panes (status line, predictions, the unit's figures) together, at
- * most this often (ms): each redraw lays out and paints text, which costs more to draw than the
- * whole grid, so they share one layout and paint instead of one each. */
+/** Live results redraw the text panes (status line, predictions, the unit's figures, the backprop
+ * view's note) together, at most this often (ms): each redraw lays out and paints text, which costs
+ * more to draw than the whole grid (and makes Chromium hit-test the mouse position again), so they
+ * share one layout and paint instead of one each. */
 const TEXT_MS = 250;
 
 export class Panes {
