@@ -606,16 +606,23 @@ def test_a_vit_shows_the_prefix_strip_and_attention_per_head_for_a_query(browser
     assert problems == []
 
 
+def _live_camera(browser, server, frames: int = 5, **query) -> tuple[Page, list[str]]:
+    """A new page (its URL with the probe and ``query``) showing the fake camera live, ``frames``
+    results drawn, and the list collecting its problems."""
+    pg = browser.new_page()
+    problems = watch_problems(pg)
+    pg.goto(server.url("/", test="1", **query))
+    wait(pg, "window.deepvis && window.deepvis.ready")
+    pg.click("#src-camera")
+    wait(pg, f"window.deepvis.liveFrames >= {frames}")
+    return pg, problems
+
+
 def _camera_input(browser, server, capture: str | None) -> tuple[dict, np.ndarray]:
     """Live camera on a new page (``capture``: the page's capture URL switch, None for its default):
     the capture path, whether every sampled result was drawn beside its own input frame, and the input
     canvas's pixels."""
-    pg = browser.new_page()
-    problems = watch_problems(pg)
-    pg.goto(server.url("/", test="1", **({"capture": capture} if capture else {})))
-    wait(pg, "window.deepvis && window.deepvis.ready")
-    pg.click("#src-camera")
-    wait(pg, "window.deepvis.liveFrames >= 10")
+    pg, problems = _live_camera(browser, server, 10, **({"capture": capture} if capture else {}))
     pairs = []
     for _ in range(10):
         pairs.append(pg.evaluate("[window.deepvis.inputSeq, window.deepvis.last.seq]"))
@@ -647,12 +654,7 @@ def test_camera_frames_are_read_frame_by_frame_and_shown_beside_their_own_result
 def test_a_frozen_camera_is_not_read_until_it_thaws(browser, server):
     # frozen, the page reads no camera frame (the track drops them) and sends nothing; unfrozen, it
     # reads and sends again
-    pg = browser.new_page()
-    problems = watch_problems(pg)
-    pg.goto(server.url("/", test="1"))
-    wait(pg, "window.deepvis && window.deepvis.ready")
-    pg.click("#src-camera")
-    wait(pg, "window.deepvis.liveFrames >= 5")
+    pg, problems = _live_camera(browser, server)
     assert pg.evaluate("window.deepvis.capture") == "track"
     pg.keyboard.press("f")
     pg.wait_for_timeout(400)  # the read and the results already on their way land
@@ -669,12 +671,7 @@ def test_a_live_backprop_view_is_drawn_with_a_result_and_its_note_on_the_text_cl
     # a view drawn on its own is one more frame for the browser to lay out, paint and composite, and
     # every write of its note lays the page out: live, a view waits for the next result (at most
     # 250 ms) and its note follows the text panes' clock (250 ms), the newest one last
-    pg = browser.new_page()
-    problems = watch_problems(pg)
-    pg.goto(server.url("/", test="1"))
-    wait(pg, "window.deepvis && window.deepvis.ready")
-    pg.click("#src-camera")
-    wait(pg, "window.deepvis.liveFrames >= 5")
+    pg, problems = _live_camera(browser, server)
     pg.focus("#grid")
     pg.keyboard.press("b")
     wait(pg, "window.deepvis.backprops >= 2")
