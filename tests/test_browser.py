@@ -417,6 +417,21 @@ def test_the_summary_pane_counts_the_frames_and_resets(page, server):
     n = page.evaluate(f"{SUMMARY}.images")
     wait(page, f"{SUMMARY}.images > {n}")
     assert page.evaluate(f"{SUMMARY}.sparsity") is not None
+    # a unit's button is kept from one summary to the next, only its figure rewritten (a click in
+    # progress is not lost when the live pane is redrawn under the mouse)
+    before = page.evaluate(
+        f"(() => {{ document.querySelectorAll('#summary .unit-chip').forEach((b) => {{ b.kept = true; }}); return {SUMMARY}.most_active_by_mean.map((r) => r.unit); }})()"
+    )
+    n = page.evaluate(f"{SUMMARY}.images")
+    wait(page, f"{SUMMARY}.images > {n + 1}")
+    shown, rows = page.evaluate(
+        "[[...document.querySelectorAll('#summary-by-mean .unit-chip')].map((b) => [Number(b.dataset.unit), !!b.kept, b.lastChild.textContent]),"
+        f" {SUMMARY}.most_active_by_mean]"
+    )
+    assert [u for u, _, _ in shown] == [r["unit"] for r in rows]
+    assert all(abs(float(v) - r["mean"]) <= 0.0051 for (_, _, v), r in zip(shown, rows, strict=True))
+    kept = [u for u, k, _ in shown if k]
+    assert kept and kept == [u for u, _, _ in shown if u in before], (shown, before)
     page.keyboard.press("f")  # freeze: the camera stops
 
 

@@ -6,7 +6,7 @@
 // the dataset so far, or the numbers of the atlas / report the server was started with, and it says
 // which. A most active unit is a button: clicking it selects the unit.
 
-import { $, el, fmt, setChildren } from './dom.js';
+import { $, el, fmt, setChildren, setHidden } from './dom.js';
 
 export class SummaryPane {
   /** app: {state, figures, conn, controls} (see main.js). */
@@ -17,6 +17,10 @@ export class SummaryPane {
     this.askedLayer = null;
     this.askedMining = '';
     this.timer = null;
+    this.table = null; // the pane's elements (build)
+    this.cells = {};
+    this.byMean = null;
+    this.byMax = null;
     $('summary-reset').addEventListener('click', () => this.reset());
   }
 
@@ -50,8 +54,8 @@ export class SummaryPane {
     this.app.figures.summary = m;
     const layer = this.app.state.settings?.layer;
     if (layer && m.layer !== layer) return;
-    $('summary-source').textContent = m.origin;
-    $('summary-reset').hidden = m.source !== 'live';
+    setText($('summary-source'), m.origin);
+    setHidden($('summary-reset'), m.source !== 'live');
     const pct = (x) => (x === null || x === undefined ? '–' : `${fmt(100 * x, 1)}%`);
     const rows = [
       ['inputs', String(m.images)],
@@ -60,23 +64,52 @@ export class SummaryPane {
       ['locality (median)', m.locality ? fmt(m.locality.median ?? NaN, 3) : '–'],
       ['sensitivity', m.sensitivity ? sensitivityText(m.sensitivity) : '–'],
     ];
-    const table = el('table', { className: 'summary-table' },
-      el('tbody', {}, ...rows.map(([k, v]) => el('tr', {}, el('th', {}, k), el('td', { dataset: { field: k } }, v)))));
-    setChildren($('summary'), table,
-      this.unitList('most active by mean', m.most_active_by_mean, 'mean', 'by-mean'),
-      this.unitList('most active by max', m.most_active_by_max, 'max', 'by-max'));
+    if (!this.table) this.build(rows.map(([k]) => k));
+    for (const [k, v] of rows) setText(this.cells[k], v);
+    this.showUnits(this.byMean, m.most_active_by_mean, 'mean');
+    this.showUnits(this.byMax, m.most_active_by_max, 'max');
   }
 
-  unitList(title, rows, key, id) {
-    if (!rows.length) return null;
+  /** The pane's elements, made once: the figures' table and the two lists of most active units.
+   * Later summaries rewrite only the text that changed (the live pane is redrawn twice a second). */
+  build(fields) {
+    this.cells = Object.fromEntries(fields.map((k) => [k, el('td', { dataset: { field: k } })]));
+    this.table = el('table', { className: 'summary-table' },
+      el('tbody', {}, ...fields.map((k) => el('tr', {}, el('th', {}, k), this.cells[k]))));
+    const list = (title, id) => el('div', { className: 'summary-units', id: `summary-${id}` }, el('span', { className: 'note' }, `${title}: `));
+    this.byMean = list('most active by mean', 'by-mean');
+    this.byMax = list('most active by max', 'by-max');
+    setChildren($('summary'), this.table, this.byMean, this.byMax);
+  }
+
+  /** One list of most active units, each a button that selects its unit (hidden when empty). A unit's
+   * button is kept from one summary to the next, only its figure rewritten, so that a click in
+   * progress is not lost when the summary is redrawn under the mouse. */
+  showUnits(list, rows, key) {
+    const old = new Map([...list.querySelectorAll('.unit-chip')].map((b) => [b.dataset.unit, b]));
     const buttons = rows.map((r) => {
-      const b = el('button', { type: 'button', className: 'unit-chip', title: `select unit ${r.unit}`, dataset: { unit: String(r.unit) } },
-        `${r.unit} `, el('span', { className: 'note' }, fmt(r[key] ?? NaN, 2)));
-      b.addEventListener('click', () => this.app.controls.setUnit(r.unit));
+      const b = old.get(String(r.unit)) ?? this.chip(r.unit);
+      old.delete(String(r.unit));
+      setText(b.lastChild, fmt(r[key] ?? NaN, 2));
       return b;
     });
-    return el('div', { className: 'summary-units', id: `summary-${id}` }, el('span', { className: 'note' }, `${title}: `), ...buttons);
+    for (const b of old.values()) b.remove();
+    const shown = [...list.querySelectorAll('.unit-chip')];
+    if (shown.length !== buttons.length || shown.some((b, i) => b !== buttons[i])) list.append(...buttons);
+    setHidden(list, buttons.length === 0);
   }
+
+  chip(unit) {
+    const b = el('button', { type: 'button', className: 'unit-chip', title: `select unit ${unit}`, dataset: { unit: String(unit) } },
+      `${unit} `, el('span', { className: 'note' }));
+    b.addEventListener('click', () => this.app.controls.setUnit(unit));
+    return b;
+  }
+}
+
+/** Write an element's text only when it changes (each write lays the page out). */
+function setText(e, text) {
+  if (e.textContent !== text) e.textContent = text;
 }
 
 /** What changes in the dataset miner's status (atlas.js keeps the last one) when the layer's statistics may have:
