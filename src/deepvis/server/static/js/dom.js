@@ -30,6 +30,12 @@ export function setHidden(e, hidden) {
   if (e.hidden !== hidden) e.hidden = hidden;
 }
 
+/** Write an element's text only when it changes: each write lays the page out (and Chromium then
+ * hit-tests the mouse position again). */
+export function setText(e, text) {
+  if (e.textContent !== text) e.textContent = text;
+}
+
 /** Replace an element's children. */
 export function setChildren(parent, ...children) {
   parent.replaceChildren(...children.filter((c) => c !== null && c !== undefined));

@@ -1,7 +1,7 @@
 // Drawing: everything the page shows of the state: the layers grid, the unit pane, the predictions,
 // the receptive-field box, the settings' controls, the status line and the messages.
 
-import { $, el, fmt, setChildren, setHidden } from './dom.js';
+import { $, el, fmt, setChildren, setHidden, setText } from './dom.js';
 import { GridView, drawMap, drawRgb, drawStrip } from './grid.js';
 import { OFF, isLive } from './state.js';
 
@@ -179,7 +179,7 @@ export class Panes {
 
   writeNote() {
     clearTimeout(this.noteTimer);
-    $('backprop-note').textContent = this.note;
+    setText($('backprop-note'), this.note);
   }
 
   async input(h, blobs) {
@@ -260,7 +260,7 @@ export class Panes {
     if (h.query) parts.push(`query ${h.query}`);
     if (s.prefix && h.prefix) parts.push(h.prefix.names.map((n, i) => `${n} ${fmt(s.prefix[i])}`).join(' · '));
     if (h.unit_label) parts.push(h.unit_label);
-    $('unit-stats').textContent = parts.join(' · ');
+    setText($('unit-stats'), parts.join(' · '));
   }
 
   drawPin(h) {
@@ -345,7 +345,7 @@ export class Panes {
     if (figures.latencies.length) parts.push(`p95 ${fmt(figures.p95, 0)} ms`);
     parts.push(`server ${fmt(h.ms, 0)} ms`, `dropped ${st.dropped}`, `skipped ${this.app.sources.skipped}`);
     if (st.errors) parts.push(`errors ${st.errors}`);
-    $('status').textContent = parts.join(' · ');
+    setText($('status'), parts.join(' · '));
   }
 
   showError(message, sticky = false) {

@@ -6,7 +6,7 @@
 // the dataset so far, or the numbers of the atlas / report the server was started with, and it says
 // which. A most active unit is a button: clicking it selects the unit.
 
-import { $, el, fmt, setChildren, setHidden } from './dom.js';
+import { $, el, fmt, setChildren, setHidden, setText } from './dom.js';
 
 export class SummaryPane {
   /** app: {state, figures, conn, controls} (see main.js). */
@@ -105,11 +105,6 @@ export class SummaryPane {
     b.addEventListener('click', () => this.app.controls.setUnit(unit));
     return b;
   }
-}
-
-/** Write an element's text only when it changes (each write lays the page out). */
-function setText(e, text) {
-  if (e.textContent !== text) e.textContent = text;
 }
 
 /** What changes in the dataset miner's status (atlas.js keeps the last one) when the layer's statistics may have:
