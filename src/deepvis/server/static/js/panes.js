@@ -10,6 +10,8 @@ import { OFF, isLive } from './state.js';
  * more to draw than the whole grid (and makes Chromium hit-test the mouse position again), so they
  * share one layout and paint instead of one each. */
 const TEXT_MS = 250;
+/** The backprop note is never rewritten sooner than this after the last time (ms), but for another view. */
+const NOTE_GAP = 0.8 * TEXT_MS;
 
 export class Panes {
   /** app: {state, figures, sources, atlas} (see main.js). */
@@ -28,7 +30,8 @@ export class Panes {
     this.textFor = null; // the result textDue() last decided for, and what it decided
     this.textNow = true;
     this.errorTimer = null;
-    this.note = ''; // the backprop view's note: the newest, what it showed when last written, its timer
+    this.note = ''; // the backprop view's note: the newest, when and for what it was last written, its timer
+    this.noteAt = -Infinity;
     this.noteWhat = null;
     this.noteTimer = null;
     this.stripKey = null;
@@ -163,22 +166,25 @@ export class Panes {
   }
 
   /** Draw a backprop view (``h``, ``blobs``), with result ``result`` (Link.withNextResult) or alone
-   * (null). Its note (what it shows, and its time) is written at once when what it shows changed or
-   * when the view is drawn alone; with a result, on the text panes' clock (one layout for all the
-   * text), the newest one within 2 TEXT_MS at the latest. */
+   * (null). Its note (what it shows, and its time) is written at once when what it shows changed;
+   * else at most every TEXT_MS (never within NOTE_GAP of the last), with a result on the text panes'
+   * clock (one layout for all the text), and the newest one last. */
   backprop(h, blobs, result) {
     if (blobs.rgb) drawRgb($('backprop'), h.h, h.w, blobs.rgb);
     const scale = h.percentile >= 100 ? 'max' : `p${h.percentile}`;
     const what = `${h.mode} · ${h.filter} · ${scale} · ${h.layer}:${h.unit}${h.token ? `@${h.token}` : ''}`;
     this.note = `${what} · ${fmt(h.ms, 0)} ms`;
     clearTimeout(this.noteTimer);
-    if (what !== this.noteWhat || !result || this.textDue(result)) this.writeNote();
-    else this.noteTimer = setTimeout(() => this.writeNote(), 2 * TEXT_MS);
+    const since = performance.now() - this.noteAt;
+    if (what !== this.noteWhat || (result ? this.textDue(result) && since >= NOTE_GAP : since >= TEXT_MS)) this.writeNote();
+    // with results coming, the next tick writes it; the timer only if none comes
+    else this.noteTimer = setTimeout(() => this.writeNote(), (result ? 2 : 1) * TEXT_MS - since);
     this.noteWhat = what;
   }
 
   writeNote() {
     clearTimeout(this.noteTimer);
+    this.noteAt = performance.now();
     setText($('backprop-note'), this.note);
   }
 
