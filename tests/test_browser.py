@@ -389,6 +389,12 @@ def test_labels_from_the_model_are_shown_as_text(browser):
             assert pg.locator("#predictions img, #unit-title img").count() == 0
             assert "class 3" in pg.inner_text("#unit-title")  # the class label of a class unit
             assert pg.evaluate("window.pwned === undefined")
+            # each prediction stays on one line however long its label (these wrapped before), the whole
+            # label in its title: the five stay in view under the unit map
+            rows = pg.evaluate(
+                "[...document.querySelectorAll('#predictions li')].map((li) => [li.getBoundingClientRect().height, li.title, li.querySelector('.label').textContent])"
+            )
+            assert len(rows) == 5 and all(h < 30 and title == label for h, title, label in rows), rows
         finally:
             pg.close()
 

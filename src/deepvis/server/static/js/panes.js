@@ -249,7 +249,7 @@ export class Panes {
     if (key === this.predKey) return;
     this.predKey = key;
     const items = preds.map((p) =>
-      el('li', {}, el('span', { className: 'bar', style: { width: `${Math.max(1, p.probability * 100)}%` } }),
+      el('li', { title: p.label }, el('span', { className: 'bar', style: { width: `${Math.max(1, p.probability * 100)}%` } }),
         el('span', { className: 'prob' }, `${(p.probability * 100).toFixed(1)}%`), el('span', { className: 'label' }, p.label)),
     );
     setChildren($('predictions'), ...items);
