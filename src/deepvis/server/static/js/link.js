@@ -26,7 +26,7 @@ export class Link {
     const { sources, figures } = this.app;
     clearTimeout(this.waiting.get(key)?.timer);
     this.waiting.delete(key);
-    if (!sources.live || sources.frozen) {
+    if (!sources.streaming) {
       draw(null);
       return;
     }

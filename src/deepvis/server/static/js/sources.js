@@ -312,6 +312,11 @@ export class Sources {
     return isLive(this.mode);
   }
 
+  /** A live input that is not frozen: its frames keep coming (a paused video still counts). */
+  get streaming() {
+    return this.live && !this.frozen;
+  }
+
   toggleFreeze() {
     this.frozen = !this.frozen;
     if (this.mode === 'video' && this.server) {
@@ -373,7 +378,7 @@ export class Sources {
     this.pumping = true;
     const v = this.video;
     const next = (now, meta) => {
-      if (!this.live || this.frozen || (this.mode === 'video' && (v.paused || v.ended))) {
+      if (!this.streaming || (this.mode === 'video' && (v.paused || v.ended))) {
         this.pumping = false;
         return;
       }
@@ -409,7 +414,7 @@ export class Sources {
       if (wait > 1) {
         // the server is still busy with the last frame: send the newest one in time for its end
         clearTimeout(this.sendTimer);
-        this.sendTimer = setTimeout(() => this.frameFresh && this.live && !this.frozen && this.sendFrame(false), wait);
+        this.sendTimer = setTimeout(() => this.frameFresh && this.streaming && this.sendFrame(false), wait);
         return;
       }
     }
@@ -423,7 +428,7 @@ export class Sources {
         (image) => {
           copy.close();
           this.grabbing = false;
-          if (this.live && !this.frozen && conn.open) this.sendImage(image, born, performance.now());
+          if (this.streaming && conn.open) this.sendImage(image, born, performance.now());
         },
         (e) => {
           // not expected (the copy stays open); the camera must not stall: the next frame is tried
@@ -511,7 +516,7 @@ export class Sources {
     if (seq > this.lastResult) this.lastResult = seq;
     this.lastResultAt = performance.now();
     if (Number.isFinite(serverMs)) this.serverMs = this.serverMs ? 0.8 * this.serverMs + 0.2 * serverMs : serverMs;
-    if (this.frameFresh && this.live && !this.frozen && !this.server) this.sendFrame(false);
+    if (this.frameFresh && this.streaming && !this.server) this.sendFrame(false);
     const kept = this.onTheirWay.get(seq) ?? null;
     for (const k of this.onTheirWay.keys()) {
       if (k > seq) break;
