@@ -19,8 +19,9 @@ Starts ``deepvis serve`` (default model, CPU or ``--device cuda``) as its own pr
   efficiency = frames/s x bare-forward seconds, and p95 latency in bare forwards.
 
 Targets (ratios, so that they travel between machines): efficiency >= 0.5 with backprop off (or the
-camera's rate), >= 0.3 with the backprop view on; p95 <= 5 bare forwards; browser CPU <= 10 ms per
-drawn frame; a unit or layer switch (to the next layer) drawn within one frame time.
+camera's rate), >= 0.3 with the backprop view on; p95 <= 5 bare forwards; browser CPU per drawn frame
+<= 0.53 bare forwards (the issue's 10 ms, asked on a machine whose bare forward took 19 ms; the absolute
+figure is printed too); a unit or layer switch (to the next layer) drawn within one frame time.
 
 Run: python benchmarks/bench_live.py [--seconds 15] [--model default] [--device cuda] [--layer NAME] [--repeat N] [--dataset demo]
 [--driver playwright]
@@ -52,6 +53,12 @@ from deepvis.allocator import allocator_env
 
 #: frames per second of Chromium's fake camera
 CAMERA_FPS = 30
+
+#: the browser-CPU target as a ratio that travels between machines: the live-toolbox issue asked for at
+#: most 10 ms of browser CPU per drawn frame on a machine where this bare forward took 19 ms, so at
+#: most 10/19 bare forwards (the same machine runs both sides: a 2x slower one doubles both)
+ISSUE_BARE_MS = 19.0
+BROWSER_TARGET_FWD = 10.0 / ISSUE_BARE_MS
 
 
 def start_server(model: str, extra_env: list[str], device: str = "cpu", dataset: str | None = None) -> tuple[subprocess.Popen, str]:
@@ -391,7 +398,14 @@ def main() -> None:
         f"{cam / max(1e-6, med(OFF, 'fps')):.1f} ms per drawn frame at the live rate"
     )
     cpu = max(med(OFF, "browser_cpu_ms"), med(ON, "browser_cpu_ms"))
-    print(f"target browser CPU <= 10 ms per drawn frame -> {'met' if cpu <= 10 else 'NOT met'} (worst {cpu:.1f})")
+    print(
+        f"browser CPU <= 10 ms per drawn frame (as the issue wrote it, on its machine) -> {'met' if cpu <= 10 else 'NOT met'} (worst {cpu:.1f} ms)"
+    )
+    in_fwd = cpu / bare_ms
+    print(
+        f"target browser CPU <= {BROWSER_TARGET_FWD:.2f} bare forwards per drawn frame (10 ms beside the issue's {ISSUE_BARE_MS:.0f} ms "
+        f"bare forward) -> {'met' if in_fwd <= BROWSER_TARGET_FWD else 'NOT met'} (worst {in_fwd:.2f}: {cpu:.1f} ms beside {bare_ms:.1f} ms)"
+    )
 
 
 if __name__ == "__main__":
