@@ -63,6 +63,25 @@ def test_backprop_main_job(tmp_path, capsys):
     assert Image.open(tmp_path / "o.jpg").size == (224, 224)
 
 
+def test_backprop_draws_the_readable_view_by_default_and_the_raw_one_when_asked(tmp_path, capsys):
+    """The command's default display is the live toolbox's (deepvis.backprop.READABLE): on a real photo
+    many more pixels are visible in it than in the raw view at full scale, which it still draws when asked."""
+    from deepvis.backprop import RAW, READABLE, backprop_image, backprop_view
+    from deepvis.io import load_image, sample_photos
+    from deepvis.models import load_model
+
+    args = ["backprop", "sample:chelsea", "--unit", "blocks.5:3", "--at", "max", "--mode", "guided"]
+    code, _, err = run([*args, "-o", tmp_path / "default.png"], capsys)
+    assert code == 0, err
+    code, _, err = run([*args, "--filter", RAW.filter, "--percentile", RAW.percentile, "-o", tmp_path / "raw.png"], capsys)
+    assert code == 0, err
+    default, raw = (np.asarray(Image.open(tmp_path / f"{n}.png")).max(2) for n in ("default", "raw"))
+    result = backprop_view(load_model("default"), load_image(sample_photos()["chelsea"], "RGB"), "blocks.5:3", mode="guided", at="max")
+    assert np.array_equal(default, backprop_image(result, READABLE.filter, percentile=READABLE.percentile).max(2))
+    visible, visible_raw = (float((v > 64).mean()) for v in (default, raw))
+    assert visible > 0.05 and visible > 5 * visible_raw, (visible, visible_raw)  # measured: 0.145 against 0.004
+
+
 def test_backprop_errors_exit_2_without_output(tmp_path, capsys):
     out = tmp_path / "v.png"
     for args, text in [

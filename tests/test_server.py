@@ -297,12 +297,12 @@ def test_a_server_without_backprop_says_why(model):
 
 
 def test_pages_open_on_a_readable_backprop_view_and_the_raw_one_is_offered(client, model):
-    from deepvis.server.protocol import RAW_BACKPROP, READABLE_BACKPROP
+    from deepvis.backprop import RAW, READABLE
 
     with open_ws(client) as ws:
         hello = json.loads(ws.receive_text())
-    assert hello["backprop"]["readable"] == {"filter": "norm", "percentile": 99.0} == READABLE_BACKPROP.to_dict()
-    assert hello["backprop"]["raw"] == {"filter": "raw", "percentile": 100.0} == RAW_BACKPROP.to_dict()
+    assert hello["backprop"]["readable"] == {"filter": "norm", "percentile": 99.0} == READABLE.to_dict()
+    assert hello["backprop"]["raw"] == {"filter": "raw", "percentile": 100.0} == RAW.to_dict()
     assert (hello["default_settings"]["filter"], hello["default_settings"]["percentile"]) == ("norm", 99.0)
     # a server without the view keeps the raw filter (the only one it offers) and accepts settings
     engine = LiveEngine(model)

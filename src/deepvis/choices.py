@@ -5,18 +5,23 @@ The library's modules validate against these lists (``deepvis.backprop.MODES`` i
 checks from them: they live here, in a module that imports nothing heavy, because the command must
 answer ``--help`` and argument errors without importing torch (about 2 s). Each ``Literal`` type is
 the same list for type checkers; the tuple is read from it (``typing.get_args``), in the order
-``--help`` lists them.
+``--help`` lists them. The backprop view's two displays (:data:`READABLE_BACKPROP`, the default of the
+live toolbox, ``deepvis backprop`` and notebooks, and :data:`RAW_BACKPROP`) live here for the same reason.
 """
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, get_args
 
 __all__ = [
     "BackpropMode",
     "BACKPROP_MODES",
     "BackpropFilter",
     "BACKPROP_FILTERS",
+    "BackpropDisplay",
+    "READABLE_BACKPROP",
+    "RAW_BACKPROP",
     "BackpropSeed",
     "BACKPROP_SEEDS",
     "BACKPROP_AT",
@@ -42,6 +47,29 @@ BACKPROP_MODES: tuple[BackpropMode, ...] = get_args(BackpropMode)
 #: how a backprop result is drawn (:func:`deepvis.backprop.backprop_image`)
 BackpropFilter = Literal["raw", "gray", "norm", "normblur", "rgb"]
 BACKPROP_FILTERS: tuple[BackpropFilter, ...] = get_args(BackpropFilter)
+
+
+@dataclass(frozen=True)
+class BackpropDisplay:
+    """How a view is drawn: a ``filter`` of :data:`BACKPROP_FILTERS` and the ``percentile`` of the view's
+    magnitudes shown at full scale (100: the maximum)."""
+
+    filter: BackpropFilter
+    percentile: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+#: the readable view, the default of the live toolbox, ``deepvis backprop`` and a result's picture in a
+#: notebook: the gradient's L2 norm over channels, scaled so that its 99th-percentile magnitude is white
+#: (the maximum alone leaves a typical gradient or guided view of a photo nearly black: a few pixels
+#: take the whole range)
+READABLE_BACKPROP = BackpropDisplay("norm", 99.0)
+#: the raw view, one key (or ``--filter raw --percentile 100``) away: the signed sum over channels
+#: (green positive, red negative), scaled by the maximum
+RAW_BACKPROP = BackpropDisplay("raw", 100.0)
+
 
 #: what the backward pass starts from: the unit's activation, or 1 (:func:`deepvis.backprop.backprop_view`)
 BackpropSeed = Literal["activation", "one"]

@@ -1,6 +1,6 @@
 """Unit views on an input (gradient, deconvnet, guided backprop), receptive fields and crops."""
 
-from .filters import FILTERS, Filter, backprop_image, filter_map, gaussian_blur_reflect, overlay
+from .filters import FILTERS, RAW, READABLE, Display, Filter, backprop_image, filter_map, gaussian_blur_reflect, overlay
 from .receptive import AxisField, LayerField, ReceptiveField, crop, crop_image, layer_field, receptive_field
 from .rules import MODES, Mode, NonlinearityError, RuleReport, plain_nonlinearities, relu_rules
 from .views import SEEDS, At, BackpropResult, PlainGradientWarning, Seed, backprop_view, backprop_views
@@ -28,6 +28,9 @@ __all__ = [
     "crop_image",
     "FILTERS",
     "Filter",
+    "Display",
+    "READABLE",
+    "RAW",
     "filter_map",
     "backprop_image",
     "overlay",

@@ -8,6 +8,9 @@ magnitude (or a percentile of it; so a dead unit's all-zero view is black, or mi
 * ``gray``: the channel mean around mid-gray (through ``colormap``);
 * ``norm``: the L2 norm over channels, 0 black (through ``colormap``);
 * ``normblur``: ``norm`` blurred with a Gaussian (sigma 4 px at 224 px, scaled with the input).
+
+:data:`READABLE` (``norm`` at the 99th percentile) is how views are drawn by default everywhere (the live
+toolbox, ``deepvis backprop``, a result in a notebook); :data:`RAW` is the signed view at full scale.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..choices import BACKPROP_FILTERS as FILTERS
+from ..choices import RAW_BACKPROP as RAW
+from ..choices import READABLE_BACKPROP as READABLE
+from ..choices import BackpropDisplay as Display
 from ..choices import BackpropFilter as Filter
 from ..errors import DeepvisError
 from ..pixels import to_uint8
@@ -28,7 +34,7 @@ from ..render.colormap import apply_colormap
 if TYPE_CHECKING:  # views draws its results with backprop_image
     from .views import BackpropResult
 
-__all__ = ["FILTERS", "Filter", "filter_map", "backprop_image", "overlay", "gaussian_blur_reflect"]
+__all__ = ["FILTERS", "Filter", "Display", "READABLE", "RAW", "filter_map", "backprop_image", "overlay", "gaussian_blur_reflect"]
 
 
 def _grad(g: BackpropResult | torch.Tensor | np.ndarray) -> torch.Tensor:

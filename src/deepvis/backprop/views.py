@@ -30,7 +30,7 @@ from ..display import png_bytes
 from ..errors import DeepvisError, UnitError
 from ..models.cache import CacheSlot
 from ..models.model import Model
-from .filters import backprop_image
+from .filters import READABLE, backprop_image
 from .rules import MODES, Mode, NonlinearityError, plain_nonlinearities, relu_rules
 
 __all__ = ["BackpropResult", "PlainGradientWarning", "backprop_view", "backprop_views", "At", "Seed", "SEEDS", "PLAIN_NONLINEARITIES"]
@@ -67,9 +67,9 @@ class BackpropResult:
     plain: tuple[str, ...] = ()
 
     def _repr_png_(self) -> bytes:
-        """The readable view (gradient norm, 99th percentile, as the live toolbox shows it) as PNG, the input's
-        size (IPython's display protocol; :func:`deepvis.backprop.overlay` lays it over the input)."""
-        return png_bytes(backprop_image(self, "norm", percentile=99.0))
+        """The readable view (:data:`~deepvis.backprop.READABLE`, as the live toolbox shows it) as PNG, the
+        input's size (IPython's display protocol; :func:`deepvis.backprop.overlay` lays it over the input)."""
+        return png_bytes(backprop_image(self, READABLE.filter, percentile=READABLE.percentile))
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready metadata (without the gradient itself)."""

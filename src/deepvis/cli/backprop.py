@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..choices import BACKPROP_AT, BACKPROP_FILTERS, BACKPROP_MODES, BACKPROP_SEEDS
+from ..choices import BACKPROP_AT, BACKPROP_FILTERS, BACKPROP_MODES, BACKPROP_SEEDS, READABLE_BACKPROP
 from ..errors import DeepvisError
 from .common import (
     SAMPLE_HELP,
@@ -33,10 +33,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--unit", required=True, metavar="LAYER:C[@Y,X]", help="the unit, e.g. blocks.3:17, blocks.3:17@5,5 or logits:967")
     p.add_argument("--mode", choices=BACKPROP_MODES, default="guided", help="backward rule at ReLU-like units (default: %(default)s)")
     p.add_argument("--at", choices=BACKPROP_AT, help="start at the position where the channel map peaks")
-    p.add_argument("--filter", choices=BACKPROP_FILTERS, default="raw", help="display filter (default: %(default)s)")
+    p.add_argument(
+        "--filter",
+        choices=BACKPROP_FILTERS,
+        default=READABLE_BACKPROP.filter,
+        help="display filter (default: %(default)s, as the live toolbox opens)",
+    )
     add_colormap_option(p, "colormap for gray/norm/normblur")
     p.add_argument(
-        "--percentile", type=float, default=99.5, help="scale by this percentile of the magnitudes (100: the maximum; default: %(default)s)"
+        "--percentile",
+        type=float,
+        default=READABLE_BACKPROP.percentile,
+        help="scale by this percentile of the magnitudes (100: the maximum; default: %(default)s; the raw view: --filter raw --percentile 100)",
     )
     p.add_argument("--overlay", action="store_true", help="blend the view over the input image")
     p.add_argument("--alpha", type=float, default=0.6, help="weight of the view in --overlay (default: %(default)s)")

@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from ..atlas.store import INDEX_NAME
+from ..backprop import RAW, READABLE
 from ..capture import LOGITS
 from ..datasets import open_dataset
 from ..errors import DeepvisError, InputError
@@ -36,7 +37,7 @@ from .config import ServerConfig
 from .engine import LiveEngine, TooManySessions, error_message, replica
 from .frames import fit_image
 from .mining import DatasetMiner, TemporaryAtlas
-from .protocol import BACKPROP_MODES, RAW_BACKPROP, READABLE_BACKPROP, ProtocolError, ViewSettings, pack, text, unpack
+from .protocol import BACKPROP_MODES, ProtocolError, ViewSettings, pack, text, unpack
 from .security import Guard, GuardMiddleware, new_token
 from .session import Frame, RawFrame, Session
 from .static_files import StaticFiles
@@ -226,8 +227,8 @@ class Toolbox:
                 "available": self.engine.backprop_available,
                 "modes": list(BACKPROP_MODES),
                 "filters": list(self.filters),
-                "readable": READABLE_BACKPROP.to_dict(),
-                "raw": RAW_BACKPROP.to_dict(),
+                "readable": READABLE.to_dict(),
+                "raw": RAW.to_dict(),
             },
             "atlas": self.atlas.info() if self.atlas is not None else {"available": False},
             "mining": self.miner.status() if self.miner is not None else {"available": False},

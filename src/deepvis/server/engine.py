@@ -33,13 +33,14 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
+from ..backprop import READABLE
 from ..capture import CaptureCancelled, LayerInfo
 from ..errors import DeepvisError
 from ..models.cache import ModelCache
 from ..models.model import Model
 from ..runtime import Autocast
 from .frames import FrameOutput, FrameProcessor, choose_memory_format, frame_image
-from .protocol import READABLE_BACKPROP, ViewSettings, pack, text
+from .protocol import ViewSettings, pack, text
 from .session import Frame, Message, RawFrame, Session
 from .summary import StoredSummaries
 
@@ -309,7 +310,7 @@ class LiveEngine:
         # pages open on a backprop view readable on real photos (when there is one)
         self.default_settings = ViewSettings(layer=default_layer(self.processor.table))
         if unit_view is not None:
-            self.default_settings = replace(self.default_settings, filter=READABLE_BACKPROP.filter, percentile=READABLE_BACKPROP.percentile)
+            self.default_settings = replace(self.default_settings, filter=READABLE.filter, percentile=READABLE.percentile)
         self.max_sessions = max_sessions
         self.max_events = max_events
         #: the one lock of the engine and its sessions (see :mod:`deepvis.server.session`)

@@ -43,33 +43,12 @@ __all__ = [
     "ProtocolError",
     "BACKPROP_MODES",
     "MAX_HEADER_BYTES",
-    "BackpropDisplay",
-    "READABLE_BACKPROP",
-    "RAW_BACKPROP",
 ]
 
 #: a binary message's JSON header may not be larger than this
 MAX_HEADER_BYTES = 16_384
 
 
-@dataclass(frozen=True)
-class BackpropDisplay:
-    """A display filter of :data:`deepvis.backprop.FILTERS` and the percentile of the view's magnitudes
-    shown at full scale (100: the maximum)."""
-
-    filter: str
-    percentile: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-#: the backprop view a page opens with, readable on real photos: the gradient's L2 norm over channels,
-#: scaled so that its 99th-percentile magnitude is white (the maximum alone leaves a typical guided or
-#: deconv view of a photo nearly black: a few pixels take the whole range)
-READABLE_BACKPROP = BackpropDisplay("norm", 99.0)
-#: the raw view, one key away: the signed sum over channels (green positive, red negative), scaled by the maximum
-RAW_BACKPROP = BackpropDisplay("raw", 100.0)
 #: the ``backprop`` setting: ``off`` (no view) or one of the library's modes (:data:`deepvis.backprop.MODES`)
 BACKPROP_MODES: tuple[str, ...] = ("off", *MODES)
 
