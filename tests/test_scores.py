@@ -1,5 +1,6 @@
 """Quality figures (issue 14, item 4): planted judges with known answers, the same-model judge flagged, the
-atlas-based figures on a tiny atlas, and ``deepvis score`` on good and bad input."""
+atlas-based figures on a tiny atlas, the contrast figure's analytic values and faint flag, and ``deepvis
+score`` on good and bad input."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from deepvis.atlas import AtlasOptions, build_atlas, open_atlas
 from deepvis.cli import main
 from deepvis.errors import InputError
 from deepvis.models import Model, Preprocessing, model_identity
+from deepvis.optimize import FAINT_RMS, contrast, contrast_text
 from deepvis.scores import Judge, beats_top_k, penultimate_layer, plausibility, score_folder, score_image, summary_line, transfer
 
 COLORS = ["red", "green", "blue"]
@@ -120,6 +122,58 @@ def test_atlas_figures_on_a_tiny_atlas(tmp_path):
         assert wrong["beats_top_k"] is None and any("beats-top-k skipped" in f for f in wrong["flags"])
 
 
+def checkerboard(mean, amplitude, size=16) -> Image.Image:
+    """``mean`` ± ``amplitude`` levels in a checkerboard, every channel: RMS and every |x − mean| = ``amplitude``."""
+    sign = np.indices((size, size)).sum(0) % 2 * 2 - 1
+    return Image.fromarray(np.stack([m + amplitude * sign for m in mean], 2).astype(np.uint8))
+
+
+def test_contrast_has_the_analytic_values_and_flags_a_faint_image():
+    mean = (120.0, 128.0, 100.0)
+    strong = contrast(checkerboard(mean, 6), mean)
+    assert strong["rms"] == pytest.approx(6) and strong["peak"] == pytest.approx(6) and strong["stretch"] == pytest.approx(127 / 6)
+    assert not strong["faint"] and contrast_text(strong) == "6.0 levels RMS"
+    faint = contrast(checkerboard(mean, 1), mean)
+    assert (
+        faint["rms"] == pytest.approx(1)
+        and FAINT_RMS > 1
+        and faint["faint"]
+        and contrast_text(faint) == "1.0 levels RMS (faint: shown 127x)"
+    )
+    flat = contrast(checkerboard(mean, 0), mean)
+    assert flat["rms"] == 0 and flat["stretch"] is None and flat["faint"]
+    # a tensor (C, H, W) of 0-255 pixels gives the same figure as its picture
+    x = torch.from_numpy(np.asarray(checkerboard(mean, 6), dtype=np.float64).transpose(2, 0, 1).copy())
+    assert contrast(x, mean) == strong
+    # the display version maps exactly the figure's peak to full contrast: 128 ± 127
+    from deepvis.optimize import display_image
+
+    assert set(np.unique(np.asarray(display_image(x, mean)))) == {1, 255}
+
+
+def test_the_help_texts_state_the_faint_threshold(capsys):
+    for command in ("optimize", "score"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert f"{FAINT_RMS:g} levels" in " ".join(capsys.readouterr().out.split())
+
+
+def test_score_image_gives_the_contrast_figure_and_flags_a_faint_image():
+    mean = [128.0, 128.0, 128.0]
+    j = judge(color_model(gain=4.0, name="j"))
+    rec = {"unit": "logits:0", "model_identity": model_identity(color_model()), "classes": {"name": "red"}, "mean_pixel": mean}
+    faint = score_image(checkerboard(mean, 1, size=8), rec, [j])
+    assert faint["contrast"]["faint"] and faint["contrast"]["rms"] == pytest.approx(1)
+    assert faint["flags"] == [
+        "faint: the raw image is 1.0 levels RMS from the mean image (it looks flat grey); its display version magnifies it 127x"
+    ]
+    assert summary_line(faint).endswith("| RMS 1 faint")
+    strong = score_image(checkerboard(mean, 40, size=8), rec, [j])
+    assert not strong["contrast"]["faint"] and strong["flags"] == [] and summary_line(strong).endswith("| RMS 40")
+    no_mean = score_image(checkerboard(mean, 1, size=8), {k: v for k, v in rec.items() if k != "mean_pixel"}, [j])
+    assert no_mean["contrast"] is None and no_mean["flags"] == [] and "RMS" not in summary_line(no_mean)
+
+
 def test_score_folder_reads_the_records_next_to_the_images(tmp_path):
     optimized = color_model()
     solid((255, 0, 0)).save(tmp_path / "logits-0_raw.png")
@@ -158,7 +212,8 @@ def test_deepvis_score_on_optimize_output(tmp_path, capsys):
     assert t["judge"] == "default" and t["same_model"] is True and 1 <= t["rank"] <= 1000 and 0 <= t["probability"] <= 1
     assert rec["model_identity"]["model"] == "default" and rec["classes"]["name"]
     assert any("is the optimized model" in f for f in rec["scores"]["flags"])
-    assert "default* #" in stdout
+    assert rec["scores"]["contrast"] == contrast(Image.open(out / "logits-1_raw.png"), rec["mean_pixel"])
+    assert "default* #" in stdout and f"RMS {rec['scores']['contrast']['rms']:.2g}" in stdout
     code = main(["score", str(out), "--judge", "default", "--json"])
     stdout, err = capsys.readouterr()
     assert code == 0, err

@@ -22,6 +22,7 @@ from deepvis.atlas import open_atlas
 from deepvis.backprop import crop_image, layer_field
 from deepvis.capture import LOGITS, Unit
 from deepvis.datasets import open_dataset
+from deepvis.optimize import contrast, contrast_text
 from deepvis.scores import beats_top_k, load_judges, plausibility, transfer, unit_value
 from deepvis.server import ServerConfig, create_app
 from deepvis.server.atlas_view import BOX_COLOR, WHOLE_NOT_STORED, AtlasView
@@ -121,6 +122,12 @@ def test_quality_figures_equal_the_scores_of_the_library(model, photos, mined_at
         "plausibility": "no atlas: start with --atlas or --dataset",
     }
     assert "beats-top-k: no score (no atlas: start with --atlas or --dataset)" in cls["line"]
+    # every image gets the contrast figure, read against the served model's mean image
+    assert cls["contrast"] == contrast(image, model.preprocessing.mean_pixel().tolist()) and not cls["contrast"]["faint"]
+    assert f"contrast {contrast_text(cls['contrast'])}" in cls["line"]
+    mean = tuple(int(round(v)) for v in model.preprocessing.mean_pixel().tolist())
+    grey = quality_figures(model, Image.new("RGB", (32, 32), mean), Unit(LOGITS, 4), get_judges, None)
+    assert grey["contrast"]["faint"] and "(it looks flat grey)" in " ".join(grey["flags"])
 
 
 def test_no_judge_is_loaded_when_no_figure_needs_one(model):

@@ -1,7 +1,12 @@
 """Quality figures for synthesized images: how much a visualization can be trusted, judged by other models.
 
 A synthesized image without a quality figure invites over-reading (Borowski, Zimmermann et al. 2021:
-people predict a unit better from natural top images than from synthetic ones). Three figures:
+people predict a unit better from natural top images than from synthetic ones). Four figures:
+
+* **contrast** (every image whose record gives the mean image): how far the raw image lies from the
+  mean image (:func:`deepvis.optimize.contrast`: ``rms`` and ``peak`` in 0–255 levels, the display
+  version's ``stretch``). A *faint* image (RMS under :data:`deepvis.optimize.FAINT_RMS` levels) is flagged:
+  it looks flat grey as the model saw it, and its display version shows a pattern magnified many times.
 
 * **transfer** (class objectives): the rank (1 = top) and softmax probability of the intended class
   under other models, the *judges* (:data:`DEFAULT_JUDGES`: EfficientNet-Lite1 and -Lite2, or any
@@ -44,6 +49,7 @@ from .errors import InputError
 from .io import load_image
 from .models import Model, load_model
 from .models.identity import identity_mismatch, model_identity
+from .optimize.images import contrast, faint_flag
 
 __all__ = [
     "DEFAULT_JUDGES",
@@ -210,11 +216,17 @@ def score_image(
         optimized: the optimized model (needed for beats-top-k; its identity must match the atlas's).
 
     Returns:
-        ``{"transfer": [...], "beats_top_k": {...} | None, "plausibility": [...], "flags": [...],
-        "judges": [{"judge", "same_model"}]}``.
+        ``{"contrast": {...} | None, "transfer": [...], "beats_top_k": {...} | None, "plausibility": [...],
+        "flags": [...], "judges": [{"judge", "same_model"}]}``; ``contrast`` needs the record's
+        ``mean_pixel`` (one 0–255 value per channel).
     """
     identity = record.get("model_identity")
-    out: dict[str, Any] = {"transfer": [], "beats_top_k": None, "plausibility": [], "flags": []}
+    out: dict[str, Any] = {"contrast": None, "transfer": [], "beats_top_k": None, "plausibility": [], "flags": []}
+    mean = record.get("mean_pixel")
+    if mean is not None:
+        out["contrast"] = contrast(image, mean)
+        if out["contrast"]["faint"]:
+            out["flags"].append(faint_flag(out["contrast"]))
     same = {j.spec: j.same_as(identity) for j in judges}
     out["judges"] = [{"judge": j.spec, "model": j.model.name, "same_model": same[j.spec]} for j in judges]
     if identity is None:
@@ -246,7 +258,8 @@ def score_image(
 
 
 def summary_line(scores: Mapping[str, Any]) -> str:
-    """A short text of the figures, for captions: ``lite1 #3 p.21 | beats 9/9 (1.8x) | plaus .54``."""
+    """A short text of the figures, for captions: ``lite1 #3 p.21 | beats 9/9 (1.8x) | plaus .54 | RMS 12``
+    (``RMS 0.4 faint`` for a faint image)."""
     parts = []
     t = [r for r in scores.get("transfer", []) if "rank" in r]
     if t:
@@ -257,6 +270,9 @@ def summary_line(scores: Mapping[str, Any]) -> str:
     p = scores.get("plausibility", [])
     if p:
         parts.append("plaus " + " ".join(f"{r['mean']:.2f}{'*' if r['same_model'] else ''}" for r in p))
+    c = scores.get("contrast")
+    if c:
+        parts.append(f"RMS {c['rms']:.2g}" + (" faint" if c["faint"] else ""))  # captions: short
     return " | ".join(parts)
 
 

@@ -58,8 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "montage.png. Presets 1-4 are the paper's Table 1 (0-255 pixels at 227 px, mapped to the model); "
         "every setting can be overridden. A prefix token of a token layer (a ViT's class token) is a vector of units: "
         "--unit blocks.5:17@cls, or --layer blocks.5 --units 0-15 --token cls. MACO (--preset maco or --param maco) also writes "
-        "<unit>_alpha.png and <unit>_masked.png; --from IMAGE starts from a photo (feature accentuation). Class records "
-        "carry quality figures from other models (--judge; see also `deepvis score`).",
+        "<unit>_alpha.png and <unit>_masked.png; --from IMAGE starts from a photo (feature accentuation). Records "
+        "carry quality figures: for classes from other models (--judge; see also `deepvis score`), and for every "
+        "unit the image's contrast (a faint image, within 2 levels RMS of the mean image, is flagged).",
     )
     t = p.add_argument_group("what to maximize")
     t.add_argument("--layer", help="layer of the units (see `deepvis layers`)")

@@ -13,12 +13,14 @@ from .common import add_json_option, add_model_options, model_from_args, print_j
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "score",
-        help="judge a folder of optimize results with other models (transfer, beats-top-k, plausibility)",
+        help="judge a folder of optimize results with other models (transfer, beats-top-k, plausibility, contrast)",
         description="Read the <unit>.json records of a `deepvis optimize` folder and judge each <unit>_raw.png: "
         "transfer (class objectives: rank and probability of the class under each --judge), and with --atlas "
         "(an atlas of the optimized model) beats-top-k (the unit's activation against its top-9 dataset images) and "
-        "plausibility (cosine similarity in each judge's penultimate features to those images). A judge that is "
-        "the optimized model is flagged (* in the table). Writes DIR/scores.json.",
+        "plausibility (cosine similarity in each judge's penultimate features to those images); and the contrast "
+        "(RMS distance from the mean image; under 2 levels the image is flagged faint: flat grey as the model saw "
+        "it, its display version a magnified pattern). A judge that is the optimized model is flagged (* in the "
+        "table). Writes DIR/scores.json.",
     )
     p.add_argument("folder", metavar="DIR", help="a folder written by `deepvis optimize`")
     p.add_argument(

@@ -116,6 +116,10 @@ class Preprocessing:
         """Size of one 0–255 pixel step in model-input units, per channel: 1 / (255 · std)."""
         return 1.0 / (255.0 * torch.tensor(self.std))
 
+    def mean_pixel(self) -> torch.Tensor:
+        """The mean image in 0–255 pixels, per channel: 255 · mean (the model input's 0 is this image)."""
+        return 255.0 * torch.tensor(self.mean, dtype=torch.float64)
+
     def valid_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (low, high) of model input that correspond to pixels 0 and 255."""
         mean, std = torch.tensor(self.mean), torch.tensor(self.std)

@@ -10,7 +10,7 @@ Table 1) and the batched loop (:mod:`.loop`) are separate pieces.
 """
 
 from .calibrate import REFERENCE, Calibration, Reference
-from .images import display_image, raw_image
+from .images import FAINT_RMS, contrast, contrast_text, display_image, raw_image
 from .loop import (
     Result,
     Target,
@@ -55,6 +55,9 @@ from .transforms import RandomAffine
 
 __all__ = [
     "visualize",
+    "contrast",
+    "contrast_text",
+    "FAINT_RMS",
     "optimize_batch",
     "resolve_targets",
     "Result",

@@ -42,7 +42,7 @@ from ..errors import DeepvisError, UnitError
 from ..models.model import Model
 from .accentuate import Accentuation, FeatureAnchor, StartImage, start_tensor
 from .calibrate import Calibrator, needs_calibration
-from .images import display_image, raw_image
+from .images import contrast, contrast_text, display_image, raw_image
 from .maco import AttributionMask, MacoParam, alpha_image, masked_image
 from .objectives import OBJECTIVE_KINDS, BatchObjective, Channel, Neuron, Objective, objective_for_unit
 from .param import ImageParam, make_param
@@ -118,6 +118,11 @@ class Result:
         """The contrast-stretched version for viewing (see :func:`deepvis.optimize.images.display_image`)."""
         return display_image(self.image, self.mean)
 
+    def contrast(self) -> dict[str, Any]:
+        """How far the raw image lies from the mean image (RMS and peak in levels, the display version's
+        stretch, ``faint``): :func:`deepvis.optimize.images.contrast` of :meth:`raw_image`, as scored."""
+        return contrast(self.raw_image(), self.mean)
+
     def alpha_image(self) -> Image.Image | None:
         """MACO's alpha mask as a grayscale picture (255: matters most), or None without one."""
         return None if self.alpha is None else alpha_image(self.alpha)
@@ -170,6 +175,7 @@ class Result:
             ("steps run", self.steps_run),
             ("dead", self.dead),
             ("seed", self.seed),
+            ("contrast", contrast_text(self.contrast())),
         ]
         settings = html_table(sorted(self.settings.to_dict().items()), ("setting", "value"))
         trace = trace_svg(self.trace, title="objective per step")
@@ -401,8 +407,7 @@ class _PixelSpace:
     def of(cls, model: Model) -> _PixelSpace:
         prep, c = model.preprocessing, model.preprocessing.channels
         pixel_scale = prep.pixel_scale().to(model.device, torch.float32).view(1, c, 1, 1)
-        low = prep.valid_range()[0].to(model.device, torch.float32).view(1, c, 1, 1)
-        mean = -low / pixel_scale
+        mean = prep.mean_pixel().to(model.device, torch.float32).view(1, c, 1, 1)
         return cls(pixel_scale, mean, ClipRange(-mean.flatten(), 255.0 - mean.flatten()))
 
 

@@ -40,6 +40,7 @@ from ..models.identity import model_identity
 from ..models.model import Model
 from ..optimize import visualize
 from ..optimize.accentuate import Accentuation
+from ..optimize.images import contrast_text
 from ..runtime import choose_batch_size
 from ..scores import DEFAULT_JUDGES, Judge, load_judges, score_image, unit_value
 from .atlas_view import AtlasView
@@ -116,8 +117,9 @@ def _judge(spec: str) -> str:
 
 def figures_line(scores: dict[str, Any]) -> str:
     """The figures as one short line for the page, e.g. ``beats-top-9: 1.8x (9/9) · plausibility 0.41 (lite1) ·
-    transfer lite2 #3 p=0.12`` (``*`` after a judge that is the served model); a figure that could not be
-    computed as ``beats-top-k: no score (reason)``."""
+    transfer lite2 #3 p=0.12 · contrast 12 levels RMS`` (``*`` after a judge that is the served model; a faint
+    image's contrast says how much its display magnifies it); a figure that could not be computed as
+    ``beats-top-k: no score (reason)``."""
     parts = []
     b = scores.get("beats_top_k")
     if b:
@@ -131,6 +133,9 @@ def figures_line(scores: dict[str, Any]) -> str:
         parts.append(
             "transfer " + " ".join(f"{_judge(r['judge'])}{'*' if r['same_model'] else ''} #{r['rank']} p={r['probability']:.2f}" for r in t)
         )
+    c = scores.get("contrast")
+    if c:
+        parts.append(f"contrast {contrast_text(c)}")
     for what, why in (scores.get("no_score") or {}).items():
         parts.append(f"{what}: no score ({why})")
     return " · ".join(parts)
@@ -163,7 +168,11 @@ def quality_figures(
     except DeepvisError as exc:
         js = []
         no_score["judges"] = f"cannot load the judges: {exc}"
-    record: dict[str, Any] = {"unit": str(Unit(unit.layer, unit.channel)), "model_identity": dict(identity or model_identity(model))}
+    record: dict[str, Any] = {
+        "unit": str(Unit(unit.layer, unit.channel)),
+        "model_identity": dict(identity or model_identity(model)),
+        "mean_pixel": model.preprocessing.mean_pixel().tolist(),
+    }
     if classes:
         record["classes"] = {"index": unit.channel, "name": model.label(unit.channel)}
     if mined and atlas is not None:
