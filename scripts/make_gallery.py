@@ -3,7 +3,9 @@
 Two pictures, one row per target and one column per setting — unregularized gradient ascent (for
 contrast), the paper's presets 1-4 (calibrated, their default) and deepvis's ``robust`` and ``maco``
 presets — each tile the display version (contrast-stretched around the mean image), with its quality
-figure under it:
+figures under it, and under them its contrast (:func:`deepvis.optimize.contrast`: the raw image's RMS
+distance from the mean image, ``faint`` below 2 levels, where the tile shows a pattern the model saw as flat
+grey, magnified many times):
 
 * ``classes.png`` — class logits of six ImageNet classes, at the model's input size (224 px); under
   each tile the intended class's rank and probability under EfficientNet-Lite2 (a judge that is not the
@@ -42,8 +44,8 @@ UNITS = ("blocks.3:2", "blocks.3:17", "blocks.3:41", "blocks.5:7", "blocks.5:64"
 COLUMNS = ("none", "1", "2", "3", "4", "robust", "maco")
 #: the judge of the class images (not the optimized model)
 JUDGE = "lite2"
-#: the height of the quality line under each tile (px)
-FIGURE_H = 13
+#: the height of the two quality lines under each tile (px)
+FIGURE_H = 25
 
 
 def grid(rows: list[list[Image.Image]], figures: list[list[str]], row_names: list[str], col_names: list[str], tile: int) -> Image.Image:
@@ -79,13 +81,15 @@ def run(model, targets, names, size: int, args, record: dict, quality) -> Image.
         print(f"  {preset:7s} {res[0].steps_run} steps, {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
         columns.append([r.display_image() for r in res])
         figures = quality(res)
-        captions.append([c for c, _ in figures])
+        contrasts = [r.contrast() for r in res]
+        captions.append([f"{c}\nRMS {k['rms']:.2g}" + (" faint" if k["faint"] else "") for (c, _), k in zip(figures, contrasts)])
         record[preset] = {
             "settings": res[0].settings.to_dict(),
             "size": size,
             "seed": args.seed,
             "values": {n: r.value for n, r in zip(names, res)},
             "quality": {n: q for n, (_, q) in zip(names, figures)},
+            "contrast": dict(zip(names, contrasts)),
         }
     rows = [[col[i] for col in columns] for i in range(len(targets))]
     figs = [[col[i] for col in captions] for i in range(len(targets))]
