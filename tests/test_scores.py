@@ -17,6 +17,7 @@ from deepvis.cli import main
 from deepvis.errors import InputError
 from deepvis.models import Model, Preprocessing, model_identity
 from deepvis.optimize import FAINT_RMS, contrast, contrast_text
+from deepvis.optimize.images import levels_text
 from deepvis.scores import Judge, beats_top_k, penultimate_layer, plausibility, score_folder, score_image, summary_line, transfer
 
 COLORS = ["red", "green", "blue"]
@@ -167,11 +168,15 @@ def test_score_image_gives_the_contrast_figure_and_flags_a_faint_image():
     assert faint["flags"] == [
         "faint: the raw image is 1.0 levels RMS from the mean image (it looks flat grey); its display version magnifies it 127x"
     ]
-    assert summary_line(faint).endswith("| RMS 1 faint")
+    assert summary_line(faint).endswith("| RMS 1.0 faint")
     strong = score_image(checkerboard(mean, 40, size=8), rec, [j])
     assert not strong["contrast"]["faint"] and strong["flags"] == [] and summary_line(strong).endswith("| RMS 40")
     no_mean = score_image(checkerboard(mean, 1, size=8), {k: v for k, v in rec.items() if k != "mean_pixel"}, [j])
     assert no_mean["contrast"] is None and no_mean["flags"] == [] and "RMS" not in summary_line(no_mean)
+    bad = score_image(checkerboard(mean, 1, size=8), {**rec, "mean_pixel": [128.0, "grey"]}, [j])
+    assert bad["contrast"] is None and bad["flags"] == [
+        "contrast skipped: the record's mean_pixel is not one number per channel of the image"
+    ]
 
 
 def test_score_folder_reads_the_records_next_to_the_images(tmp_path):
@@ -213,7 +218,7 @@ def test_deepvis_score_on_optimize_output(tmp_path, capsys):
     assert rec["model_identity"]["model"] == "default" and rec["classes"]["name"]
     assert any("is the optimized model" in f for f in rec["scores"]["flags"])
     assert rec["scores"]["contrast"] == contrast(Image.open(out / "logits-1_raw.png"), rec["mean_pixel"])
-    assert "default* #" in stdout and f"RMS {rec['scores']['contrast']['rms']:.2g}" in stdout
+    assert "default* #" in stdout and f"RMS {levels_text(rec['scores']['contrast']['rms'])}" in stdout
     code = main(["score", str(out), "--judge", "default", "--json"])
     stdout, err = capsys.readouterr()
     assert code == 0, err

@@ -49,7 +49,7 @@ from .errors import InputError
 from .io import load_image
 from .models import Model, load_model
 from .models.identity import identity_mismatch, model_identity
-from .optimize.images import contrast, faint_flag
+from .optimize.images import contrast, faint_flag, levels_text
 
 __all__ = [
     "DEFAULT_JUDGES",
@@ -224,9 +224,13 @@ def score_image(
     out: dict[str, Any] = {"contrast": None, "transfer": [], "beats_top_k": None, "plausibility": [], "flags": []}
     mean = record.get("mean_pixel")
     if mean is not None:
-        out["contrast"] = contrast(image, mean)
-        if out["contrast"]["faint"]:
-            out["flags"].append(faint_flag(out["contrast"]))
+        try:
+            out["contrast"] = contrast(image, [float(m) for m in mean])
+        except (TypeError, ValueError):
+            out["flags"].append("contrast skipped: the record's mean_pixel is not one number per channel of the image")
+        else:
+            if out["contrast"]["faint"]:
+                out["flags"].append(faint_flag(out["contrast"]))
     same = {j.spec: j.same_as(identity) for j in judges}
     out["judges"] = [{"judge": j.spec, "model": j.model.name, "same_model": same[j.spec]} for j in judges]
     if identity is None:
@@ -272,7 +276,7 @@ def summary_line(scores: Mapping[str, Any]) -> str:
         parts.append("plaus " + " ".join(f"{r['mean']:.2f}{'*' if r['same_model'] else ''}" for r in p))
     c = scores.get("contrast")
     if c:
-        parts.append(f"RMS {c['rms']:.2g}" + (" faint" if c["faint"] else ""))  # captions: short
+        parts.append(f"RMS {levels_text(c['rms'])}" + (" faint" if c["faint"] else ""))  # captions: short
     return " | ".join(parts)
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from ..pixels import to_uint8
 
-__all__ = ["raw_image", "display_image", "contrast", "contrast_text", "faint_flag", "DISPLAY_PERCENTILE", "FAINT_RMS"]
+__all__ = ["raw_image", "display_image", "contrast", "contrast_text", "faint_flag", "levels_text", "DISPLAY_PERCENTILE", "FAINT_RMS"]
 
 #: the display version maps this percentile of |x − mean| to full contrast (a few extreme pixels saturate)
 DISPLAY_PERCENTILE = 99.5
@@ -65,14 +65,15 @@ def contrast(image: torch.Tensor | Image.Image, mean: Sequence[float]) -> dict[s
     return {"rms": rms, "peak": s, "stretch": 127.0 / s if s > 0 else None, "faint": rms < FAINT_RMS}
 
 
-def _levels(v: float) -> str:
+def levels_text(v: float) -> str:
+    """A distance in 0–255 levels as text: one decimal under 10 (``0.4``, ``6.0``), whole levels above (``37``)."""
     return f"{v:.1f}" if v < 10 else f"{v:.0f}"
 
 
 def contrast_text(figure: Mapping[str, Any]) -> str:
     """A :func:`contrast` figure as text: ``12 levels RMS``, or for a faint image ``0.4 levels RMS (faint:
     shown 85x)``, how many times its display version magnifies it."""
-    text = f"{_levels(figure['rms'])} levels RMS"
+    text = f"{levels_text(figure['rms'])} levels RMS"
     if figure["faint"] and figure["stretch"] is not None:
         text += f" (faint: shown {figure['stretch']:.0f}x)"
     return text
@@ -83,7 +84,7 @@ def faint_flag(figure: Mapping[str, Any]) -> str:
     the mean image (it looks flat grey); its display version magnifies it 85x``."""
     stretch = figure.get("stretch")
     magnified = f"; its display version magnifies it {stretch:.0f}x" if stretch is not None else ""
-    return f"faint: the raw image is {_levels(figure['rms'])} levels RMS from the mean image (it looks flat grey){magnified}"
+    return f"faint: the raw image is {levels_text(figure['rms'])} levels RMS from the mean image (it looks flat grey){magnified}"
 
 
 def display_image(image: torch.Tensor, mean: Sequence[float], *, percentile: float = DISPLAY_PERCENTILE) -> Image.Image:
