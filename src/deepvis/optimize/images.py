@@ -16,8 +16,8 @@ __all__ = ["raw_image", "display_image", "contrast", "contrast_text", "faint_fla
 #: the display version maps this percentile of |x − mean| to full contrast (a few extreme pixels saturate)
 DISPLAY_PERCENTILE = 99.5
 #: a raw image closer than this to the mean image (RMS over pixels and channels, 0–255 levels) is *faint*:
-#: under 1 % of the range, hard to tell from flat grey on a screen (natural photos are 40–80 levels
-#: from their mean), so what its display version shows is a pattern magnified many times
+#: under 1 % of the range, hard to tell from flat grey on a screen (the eight calibration photos lie
+#: 44–90 levels from the default model's mean image), so its display version is a pattern magnified many times
 FAINT_RMS = 2.0
 
 
