@@ -37,7 +37,7 @@ from deepvis._fs import atomic_path  # noqa: E402
 from deepvis.models import load_model  # noqa: E402
 from deepvis.optimize import get_preset, resolve_targets, visualize  # noqa: E402
 from deepvis.optimize.calibrate import photo_values  # noqa: E402
-from deepvis.optimize.images import levels_text  # noqa: E402
+from deepvis.optimize.images import contrast_caption  # noqa: E402
 from deepvis.scores import load_judges, transfer  # noqa: E402
 
 CLASSES = ("goldfinch", "flamingo", "monarch", "jellyfish", "volcano", "strawberry")
@@ -83,7 +83,7 @@ def run(model, targets, names, size: int, args, record: dict, quality) -> Image.
         columns.append([r.display_image() for r in res])
         figures = quality(res)
         contrasts = [r.contrast() for r in res]
-        captions.append([f"{c}\nRMS {levels_text(k['rms'])}" + (" faint" if k["faint"] else "") for (c, _), k in zip(figures, contrasts)])
+        captions.append([f"{c}\n{contrast_caption(k)}" for (c, _), k in zip(figures, contrasts)])
         record[preset] = {
             "settings": res[0].settings.to_dict(),
             "size": size,

@@ -49,7 +49,7 @@ from .errors import InputError
 from .io import load_image
 from .models import Model, load_model
 from .models.identity import identity_mismatch, model_identity
-from .optimize.images import contrast, faint_flag, levels_text
+from .optimize.images import contrast, contrast_caption, faint_flag
 
 __all__ = [
     "DEFAULT_JUDGES",
@@ -276,7 +276,7 @@ def summary_line(scores: Mapping[str, Any]) -> str:
         parts.append("plaus " + " ".join(f"{r['mean']:.2f}{'*' if r['same_model'] else ''}" for r in p))
     c = scores.get("contrast")
     if c:
-        parts.append(f"RMS {levels_text(c['rms'])}" + (" faint" if c["faint"] else ""))  # captions: short
+        parts.append(contrast_caption(c))
     return " | ".join(parts)
 
 

@@ -11,7 +11,17 @@ from PIL import Image
 
 from ..pixels import to_uint8
 
-__all__ = ["raw_image", "display_image", "contrast", "contrast_text", "faint_flag", "levels_text", "DISPLAY_PERCENTILE", "FAINT_RMS"]
+__all__ = [
+    "raw_image",
+    "display_image",
+    "contrast",
+    "contrast_text",
+    "contrast_caption",
+    "faint_flag",
+    "levels_text",
+    "DISPLAY_PERCENTILE",
+    "FAINT_RMS",
+]
 
 #: the display version maps this percentile of |x − mean| to full contrast (a few extreme pixels saturate)
 DISPLAY_PERCENTILE = 99.5
@@ -77,6 +87,11 @@ def contrast_text(figure: Mapping[str, Any]) -> str:
     if figure["faint"] and figure["stretch"] is not None:
         text += f" (faint: shown {figure['stretch']:.0f}x)"
     return text
+
+
+def contrast_caption(figure: Mapping[str, Any]) -> str:
+    """A :func:`contrast` figure in a caption's few characters: ``RMS 12``, or ``RMS 0.4 faint``."""
+    return f"RMS {levels_text(figure['rms'])}" + (" faint" if figure["faint"] else "")
 
 
 def faint_flag(figure: Mapping[str, Any]) -> str:
