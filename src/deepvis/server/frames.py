@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -103,12 +103,16 @@ def normalize_on_device(acts: torch.Tensor, mode: Normalization = "layer") -> to
     return torch.where(span > 0, (acts - lo) / safe, 0.0)
 
 
-def _boost(v: torch.Tensor, s: ViewSettings) -> torch.Tensor:
-    """The toolbox's boost of normalized values: times ``gain`` (clipped to [0, 1]), then ``** gamma``."""
+Boosted = TypeVar("Boosted", torch.Tensor, np.ndarray)
+
+
+def _boost(v: Boosted, s: ViewSettings) -> Boosted:
+    """The toolbox's boost of normalized values (a tensor on any device, or a NumPy array on the CPU):
+    times ``gain`` (clipped to [0, 1]), then ``** gamma``."""
     if s.gain != 1.0:
-        v = (v * s.gain).clamp(0.0, 1.0)
+        v = (v * s.gain).clip(0.0, 1.0)
     if s.gamma != 1.0:
-        v = v.pow(s.gamma)
+        v = v**s.gamma
     return v
 
 
@@ -420,12 +424,7 @@ class FrameProcessor:
     @staticmethod
     def _prefix_bytes(pre: torch.Tensor, shown: torch.Tensor, s: ViewSettings) -> bytes:
         """The strip's (P, C) bytes on the CPU (numpy; :meth:`_prefix_values` on other devices)."""
-        v = strip_values(pre, shown, s.normalize)
-        if s.gain != 1.0:
-            v = np.clip(v * s.gain, 0.0, 1.0)
-        if s.gamma != 1.0:
-            v = np.power(v, s.gamma)
-        return quantize(v).tobytes()
+        return quantize(_boost(strip_values(pre, shown, s.normalize), s)).tobytes()
 
     @staticmethod
     def _grid_bytes(shown: torch.Tensor, s: ViewSettings) -> bytes:
@@ -437,11 +436,7 @@ class FrameProcessor:
             scale = np.where(scale > 0, scale, 1.0)
             v = 0.5 + 0.5 * np.clip(d * (s.gain / scale), -1.0, 1.0)
         else:
-            v = normalize_activations(shown, s.normalize)
-            if s.gain != 1.0:
-                v = np.clip(v * s.gain, 0.0, 1.0)
-            if s.gamma != 1.0:
-                v = np.power(v, s.gamma)
+            v = _boost(normalize_activations(shown, s.normalize), s)
         return quantize(v).tobytes()
 
     @staticmethod
