@@ -121,6 +121,11 @@ def test_atlas_figures_on_a_tiny_atlas(tmp_path):
         assert p["judge"] == "other" and p["same_model"] is False and p["n"] == 3 and 0.5 < p["mean"] < 1
         wrong = score_image(solid((255, 0, 0)), record, [other], atlas=atlas, optimized=color_model(gain=2.0))
         assert wrong["beats_top_k"] is None and any("beats-top-k skipped" in f for f in wrong["flags"])
+        # a unit of a layer the atlas does not hold keeps its other figures, with a flag that says why
+        logit = score_image(solid((255, 0, 0)), {**record, "unit": "logits:0"}, [other], atlas=atlas, optimized=optimized)
+        assert logit["beats_top_k"] is None and logit["plausibility"] == []
+        assert logit["transfer"][0]["rank"] == 1
+        assert any("skipped" in f and "'logits' is not in atlas" in f for f in logit["flags"])
 
 
 def checkerboard(mean, amplitude, size=16) -> Image.Image:

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .atlas.store import Atlas, UnitRecord
+from .atlas.store import Atlas, AtlasError, UnitRecord
 from .capture import LOGITS, Unit, capture, layer_table, parse_unit, unit_activation
 from .errors import InputError
 from .io import load_image
@@ -247,7 +247,14 @@ def score_image(
         for j in judges:
             out["transfer"].append(transfer(j, image, unit.channel, classes.get("name"), same_model=same[j.spec]))
     if atlas is not None and unit is not None:
-        values, refs = _references(atlas, unit)
+        try:
+            values, refs = _references(atlas, unit)
+        except AtlasError as err:
+            out["flags"].append(f"beats-top-k and plausibility skipped: {err}")
+            return out
+        if not values:
+            out["flags"].append(f"beats-top-k and plausibility skipped: the atlas has no top images for {unit} (mine its layer)")
+            return out
         if optimized is not None:
             mismatch = identity_mismatch(atlas.meta, optimized)
             if mismatch is None:
