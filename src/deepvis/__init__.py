@@ -49,7 +49,7 @@ _EXPORTS: dict[str, str] = {
     "open_dataset": "deepvis.datasets",
     **dict.fromkeys(("build_atlas", "open_atlas"), "deepvis.atlas"),
     **dict.fromkeys(("summarize", "write_report"), "deepvis.analysis"),
-    **dict.fromkeys(("show", "toolbox", "layers"), "deepvis.notebook"),
+    **dict.fromkeys(("show", "toolbox", "layers", "as_model"), "deepvis.notebook"),
 }
 
 if TYPE_CHECKING:  # the same names, for type checkers and editors (re-exported: see __all__)
@@ -61,7 +61,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors (re-exported:
     from .errors import DeepvisError, InputError, LayerError, ModelError, UnitError, WeightsError  # noqa: F401
     from .io import load_image, read_frames, resolve_input, sample_path, sample_photos  # noqa: F401
     from .models import Model, Preprocessing, load_model, register_model  # noqa: F401
-    from .notebook import layers, show, toolbox  # noqa: F401
+    from .notebook import as_model, layers, show, toolbox  # noqa: F401
     from .optimize import visualize  # noqa: F401
     from .predictions import Prediction, top_k  # noqa: F401
     from .render import montage, tile_grid  # noqa: F401

@@ -21,7 +21,7 @@ from .capture.layouts import Query
 from .capture.units import LOGITS, Unit
 from .display import png_bytes
 from .errors import UnitError
-from .models.model import Model
+from .models.model import Model, require_model
 from .predictions import Prediction, top_k
 from .render.grid import Normalize, grid_shape, tile_grid
 from .render.montage import caption, hstack
@@ -91,6 +91,7 @@ def activation_views(
     ``autocast`` (``"bf16"``, ``"fp16"``; None: off) runs the forward passes under
     :func:`deepvis.runtime.autocast`; the views' activations come back in float32.
     """
+    model = require_model(model)
     info = get_layer(model, layer) if highlight is None else check_unit(model, Unit(layer, highlight))
     if query is not None and info.layout.kind != "attention":
         raise UnitError(f"--query applies to attention layers; {layer} is a {info.layout.kind} layer")

@@ -35,7 +35,7 @@ from ..datasets import ImageDataset, iter_batches
 from ..display import html_table, panel
 from ..errors import DeepvisError, InputError, LayerError
 from ..models.identity import check_identity, model_identity
-from ..models.model import Model
+from ..models.model import Model, require_model
 from ..runtime import Autocast, autocast_name
 from ..stats import Engine, make_engine
 from .activity import LayerActivity, TopInput, activity_from_unit_stats
@@ -478,6 +478,7 @@ def summarize(
     progress bars on stderr (None: when stderr is a terminal). The summary's ``settings`` are
     ``options.to_dict()`` with the layers resolved, plus the model's input size, the device and the engine.
     """
+    model = require_model(model)
     o = options if options is not None else SummaryOptions()
     times: dict[str, float] = {}
     t0 = time.perf_counter()

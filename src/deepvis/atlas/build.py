@@ -14,7 +14,7 @@ from ..capture import LayerInfo, get_layer, parse_unit_set, token_layer, token_l
 from ..datasets import ImageDataset, open_dataset
 from ..errors import DeepvisError
 from ..models.identity import model_identity
-from ..models.model import Model
+from ..models.model import Model, require_model
 from ..runtime import autocast_name
 from ..stats import Engine, LayerStats, batch_indices, make_engine, num_batches
 from .mining import MiningPlan
@@ -78,6 +78,7 @@ def build_atlas(
     model's own dtype) is recorded too: resuming with another setting raises
     :class:`~deepvis.atlas.store.AtlasError` unless ``allow_other_autocast``.
     """
+    model = require_model(model)
     stop = should_stop or (lambda: False)
     ds = open_dataset(dataset) if isinstance(dataset, (str, os.PathLike)) else dataset
     if not options.layers:

@@ -50,13 +50,13 @@ from PIL import Image, ImageDraw
 from torch.overrides import TorchFunctionMode
 
 from ..capture.hooks import capture
-from ..capture.layers import get_layer, layer_table, resolve_module
+from ..capture.layers import check_unit, get_layer, layer_table, resolve_module
 from ..capture.state import eval_mode, frozen
 from ..capture.units import Unit, parse_unit, split_token_layer, token_layer
 from ..display import png_bytes
 from ..errors import DeepvisError, LayerError, UnitError
 from ..models.cache import CacheSlot
-from ..models.model import Model
+from ..models.model import Model, require_model
 from ..runtime import choose_batch_size, halve_on_oom, item_bytes
 from .graph_field import Spatial, Whole, graph_state
 from .rules import OTHER_FUNCS, RELU_FUNCS
@@ -193,18 +193,20 @@ class LayerField:
         return (self.rows.offset, self.cols.offset)
 
     def at(self, position: tuple[int, int] | None) -> ReceptiveField:
-        """The field of ``position`` (y, x); None (or a vector layer): the whole map's field."""
+        """The field of ``position`` (y, x); None: the whole map's field. Where every position sees the
+        same field (``output_size`` None: a vector layer, or a token layer after attention) that field,
+        for the position given (:func:`receptive_field` checks it against the layer's grid)."""
         r, c = self.rows, self.cols
         if position is None or self.output_size is None:
             box = (min(r.lo), min(c.lo), max(r.hi) + 1, max(c.hi) + 1)
-            return ReceptiveField(self.layer, None, self.input_size, box, box)
+            return ReceptiveField(self.layer, position, self.input_size, box, box, whole_image=self.whole_image)
         y, x = position
         h, w = self.output_size
         if not (0 <= y < h and 0 <= x < w):
             raise UnitError(f"position {y},{x} is outside the {h}x{w} map of {self.layer}")
         box = (r.lo[y], c.lo[x], r.hi[y] + 1, c.hi[x] + 1)
         field = (r.start[y], c.start[x], r.start[y] + r.size, c.start[x] + c.size)
-        return ReceptiveField(self.layer, (y, x), self.input_size, box, field)
+        return ReceptiveField(self.layer, (y, x), self.input_size, box, field, whole_image=self.whole_image)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -526,6 +528,7 @@ def layer_field(model: Model, layer: str, input_size: tuple[int, int] | None = N
         A :class:`LayerField` (fields in input pixels). The ``"auto"`` result is cached in
         :data:`LAYER_FIELDS` per layer and input size until the module's structure changes.
     """
+    model = require_model(model)
     if method not in ("auto", "graph", "probe"):
         raise DeepvisError(f"unknown receptive-field method {method!r}: choose auto, graph or probe")
     split = split_token_layer(layer)
@@ -631,6 +634,7 @@ def receptive_field(
     A prefix token's field is measured (see the module notes): the whole image after attention (with
     ``whole_image`` saying why), or ``input_independent`` when no input pixel reaches it.
     """
+    model = require_model(model)
     if isinstance(unit, str):
         unit = parse_unit(unit) if ":" in unit else Unit(unit, 0)
     layer, pos = unit.layer, unit.position
@@ -639,9 +643,14 @@ def receptive_field(
             raise UnitError(f"unit {unit} is a prefix token: it has no position")
         pos = (int(position[0]), int(position[1]))
     size = input_size if input_size is not None else model.preprocessing.input_size
+    if isinstance(size, int) or len(size) != 2:
+        raise DeepvisError(f"input_size is (height, width), not {size!r}")
+    hw = (int(size[0]), int(size[1]))
+    # the layer, the channel, the position or token are checked against the layer at this input size
+    check_unit(model, Unit(layer, unit.channel, pos, unit.token), (model.preprocessing.channels, *hw))
     if unit.token is not None:
-        return _token_field(model, layer, unit.token, (int(size[0]), int(size[1])))
-    return layer_field(model, layer, input_size).at(pos)
+        return _token_field(model, layer, unit.token, hw)
+    return layer_field(model, layer, hw).at(pos)
 
 
 def _token_field(model: Model, layer: str, token: str, hw: tuple[int, int]) -> ReceptiveField:

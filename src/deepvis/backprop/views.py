@@ -29,7 +29,7 @@ from ..choices import BackpropSeed as Seed
 from ..display import png_bytes
 from ..errors import DeepvisError, UnitError
 from ..models.cache import CacheSlot
-from ..models.model import Model
+from ..models.model import Model, require_model
 from .filters import READABLE, backprop_image
 from .rules import MODES, Mode, NonlinearityError, plain_nonlinearities, relu_rules
 
@@ -110,6 +110,7 @@ def backprop_view(
     nonlinearities they do not cover (SiLU, GELU, ...) raises :class:`NonlinearityError` naming them;
     ``strict=False`` warns (:class:`PlainGradientWarning`) and records them in ``result.plain``.
     """
+    model = require_model(model)
     if isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[0] != 1:
         raise DeepvisError(f"backprop_view takes one input, got a batch of {x.shape[0]}: use backprop_views")
     return backprop_views(model, x, [unit], mode, at=at, seed=seed, strict=strict)[0]
@@ -131,6 +132,7 @@ def backprop_views(
     (``len(units) == N``), or several units on a single input (N == 1: the input is repeated). Units may
     lie on different layers; the forward pass stops at the deepest. Returns one result per example.
     """
+    model = require_model(model)
     if mode not in MODES:
         raise DeepvisError(f"unknown backprop mode {mode!r}: use one of {', '.join(MODES)}")
     if seed not in SEEDS:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ..errors import LayerError
+from ..errors import InputError, LayerError
 from ..models.cache import CacheEntries, CacheSlot
 from ..models.model import Model, module_dtype
 from ..runtime import Autocast, autocast_dtype
@@ -90,10 +90,24 @@ def _table_facts(model: Model) -> tuple[dict[str, int], dict[str, str], dict[str
     return {i.name: i.calls for i in table}, {i.name: i.same_as for i in table if i.same_as}, {i.name: i.layout for i in table}
 
 
+def _check_input(model: Model | nn.Module, x: object) -> None:
+    """A one-line :class:`InputError` for what is not the tensor the model takes (a Model's: (N, C, H, W),
+    floating point, its C channels)."""
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"capture takes the (N, C, H, W) tensor that model.preprocess(image) makes, not {type(x).__name__}")
+    if not isinstance(model, Model):
+        return
+    c = model.preprocessing.channels
+    if x.ndim != 4 or x.shape[1] != c:
+        raise InputError(f"the model takes (N, {c}, H, W) input; this tensor is {tuple(x.shape)} (model.preprocess(image) makes one)")
+    if not x.is_floating_point():
+        raise InputError(f"the model takes a floating-point input, normalized as model.preprocess(image) makes it; this one is {x.dtype}")
+
+
 def capture(
     model: Model | nn.Module,
     x: torch.Tensor,
-    layers: Iterable[str],
+    layers: Iterable[str] | str,
     *,
     stop_early: bool = True,
     grad: bool = False,
@@ -109,7 +123,7 @@ def capture(
             share an output) or a bare ``nn.Module`` (each module assumed to run once).
         x: the model input (N, C, H, W), moved to the model's device and cast to its floating dtype
             when needed (a float32 input to a bfloat16 model is cast; gradients flow back through the cast).
-        layers: layer names (module paths; ``logits`` names the model's output; ``LAYER@TOKEN``, e.g.
+        layers: layer names, or one name (module paths; ``logits`` names the model's output; ``LAYER@TOKEN``, e.g.
             ``blocks.5@cls``, a prefix token of a token layer as its (N, C) vector, with a :class:`Model`).
         stop_early: end the forward pass as soon as every requested layer has produced its output
             (its last call, for a module that runs several times).
@@ -141,7 +155,8 @@ def capture(
         UnitError: a ``query`` that is not a prefix token or a patch of an attention layer's grid.
     """
     module = model.module if isinstance(model, Model) else model
-    wanted = list(dict.fromkeys(layers))
+    _check_input(model, x)
+    wanted = list(dict.fromkeys([layers] if isinstance(layers, str) else layers))
     if not wanted:
         raise LayerError("no layer asked for")
     split = ((n, split_token_layer(n)) for n in wanted if "@" in n)

@@ -309,11 +309,15 @@ def _num_outputs(module: nn.Module) -> int | None:
 
 def default_preprocessing_for(module: nn.Module) -> Preprocessing:
     """Preprocessing of a user's module: from its timm-style ``pretrained_cfg``/``default_cfg`` dict when it
-    has one, else 224 px with channels taken from its first convolution (ImageNet mean/std for RGB,
+    has one (at the size its patch embedding was built for, when it has one), else 224 px with channels taken from its first convolution (ImageNet mean/std for RGB,
     0.5/0.5 for grayscale)."""
     cfg = getattr(module, "pretrained_cfg", None) or getattr(module, "default_cfg", None)
     if isinstance(cfg, dict) and "input_size" in cfg:
         c, h, w = cfg["input_size"]
+        # a timm ViT or Swin built with img_size= keeps its pretrained config's size: its patch grid tells
+        built = getattr(getattr(module, "patch_embed", None), "img_size", None)
+        if isinstance(built, (tuple, list)) and len(built) == 2 and all(isinstance(v, int) for v in built):
+            h, w = built
         mean = tuple(cfg.get("mean", IMAGENET_MEAN if c == 3 else (0.5,)))
         std = tuple(cfg.get("std", IMAGENET_STD if c == 3 else (0.5,)))
         return Preprocessing((h, w), mean, std, cfg.get("interpolation", "bicubic"), float(cfg.get("crop_pct", 0.875)), c)

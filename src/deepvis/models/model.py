@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..errors import UnitError
+from ..errors import ModelError, UnitError
 from .cache import ModelCache
 from .preprocessing import Preprocessing
 
@@ -167,3 +167,16 @@ class Model:
         close = [n for n in self.class_names if want in n.lower()][:5]
         hint = f"; did you mean: {', '.join(repr(c) for c in close)}" if close else ""
         raise UnitError(f"no class named {name_or_index!r}{hint}")
+
+
+def require_model(model: object) -> Model:
+    """``model`` itself when it is a :class:`Model`; else a :class:`ModelError` that says how to make one
+    (the library's functions read a Model's preprocessing and keep their caches on it)."""
+    if isinstance(model, Model):
+        return model
+    if isinstance(model, nn.Module):
+        raise ModelError(
+            f"expected a deepvis Model, not the bare module {type(model).__name__}: wrap it once with "
+            "deepvis.as_model(module) (its preprocessing inferred, or preprocessing=Preprocessing(...)) and pass that"
+        )
+    raise ModelError(f"expected a deepvis Model (deepvis.load_model(NAME) or deepvis.as_model(module)), not {type(model).__name__}")

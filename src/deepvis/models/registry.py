@@ -139,6 +139,8 @@ def load_model(
         WeightsError: a checkpoint that cannot be read or does not fit the model.
     """
     reg = reg or registry
+    if not isinstance(spec, str):
+        raise ModelError(f"load_model takes a model name, not {type(spec).__name__}: for a module you hold, use deepvis.as_model(module)")
     spec = spec.strip()
     if not spec:
         raise ModelError("empty model name: " + MODEL_SPEC_HELP)

@@ -40,7 +40,10 @@ def as_model(model: Model | nn.Module | str, preprocessing: Preprocessing | None
             raise DeepvisError("a Model carries its own preprocessing: pass preprocessing= with an nn.Module only")
         return model
     if isinstance(model, str):
-        return load_model(model) if preprocessing is None else Model(load_model(model).module, preprocessing, name=model)
+        loaded = load_model(model)
+        if preprocessing is not None:  # the same model (its class names, weights' source), fed another way
+            loaded.preprocessing = preprocessing
+        return loaded
     if not isinstance(model, nn.Module):
         raise DeepvisError(f"expected a deepvis Model, an nn.Module or a model spec string, not {type(model).__name__}")
     m = Model(model, preprocessing or default_preprocessing_for(model), name=f"custom ({type(model).__name__})")

@@ -39,7 +39,7 @@ from ..capture.state import frozen
 from ..capture.units import Unit, parse_unit
 from ..display import html_table, img_tag, panel, png_bytes, trace_svg
 from ..errors import DeepvisError, UnitError
-from ..models.model import Model
+from ..models.model import Model, require_model
 from .accentuate import Accentuation, FeatureAnchor, StartImage, start_tensor
 from .calibrate import Calibrator, needs_calibration
 from .images import contrast, contrast_text, display_image, raw_image
@@ -233,13 +233,15 @@ def build_regularizers(settings: Settings, scale: float) -> list[Regularizer]:
 
 
 def resolve_targets(
-    model: Model, targets: Sequence[Target], *, kind: str = "neuron", size: int | tuple[int, int] | None = None
+    model: Model, targets: Sequence[Target] | Target, *, kind: str = "neuron", size: int | tuple[int, int] | None = None
 ) -> list[Objective]:
     """Objectives for ``targets`` — :class:`Unit` s, unit strings (``blocks.3:7``, ``logits:281``,
     ``blocks.5:17@cls``) or objectives — checked against the model at the canvas ``size``: the layer
     exists, the channel, position and prefix token are in range. A unit without a position becomes the
     neuron at the map's center (``kind="neuron"``) or the channel's mean (``kind="channel"``); a
     prefix-token unit is that token's channel value."""
+    if isinstance(targets, (str, Unit, Objective)):  # one target, not a sequence of them
+        targets = [targets]
     if not targets:
         raise UnitError("no units to optimize")
     if kind not in OBJECTIVE_KINDS:
@@ -319,6 +321,7 @@ def optimize_batch(
     Returns:
         One :class:`Result` per element, in the order of ``objectives``.
     """
+    model = require_model(model)
     stop = _stop_fn(should_stop)
     space = _PixelSpace.of(model)
     scale = spatial_scale(model)
@@ -696,7 +699,7 @@ def _results(
 
 def visualize(
     model: Model,
-    targets: Sequence[Target],
+    targets: Sequence[Target] | Target,
     *,
     preset: str | int | Settings = "3",
     steps: int | None = None,
@@ -730,6 +733,7 @@ def visualize(
     ``accentuation`` (default :class:`Accentuation` (): RMS radius 24 levels, feature weight 1); each
     result's ``distance`` says how far it went.
     """
+    model = require_model(model)
     settings = get_preset(preset).replace(steps=steps, **overrides)
     if batch_size < 1:
         raise DeepvisError(f"batch size must be at least 1, not {batch_size}")

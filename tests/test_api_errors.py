@@ -1,0 +1,109 @@
+"""The Python API's answers to plausible misuse: one-line deepvis errors that say what to do, never a
+raw AttributeError from deep inside; and the receptive field's checks and reasons on every layer kind."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from torch import nn
+
+import deepvis
+from deepvis.backprop import backprop_view, layer_field, receptive_field
+from deepvis.capture import capture
+from deepvis.errors import DeepvisError, InputError, ModelError, UnitError
+from deepvis.models import Model, Preprocessing, load_model
+from deepvis.optimize import visualize
+
+
+class Net(nn.Module):
+    """conv(3→8, stride 2) → ReLU → conv(8→16, stride 2) → global pooling → fc(16→10), at 32 px."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.gap(self.conv2(self.relu(self.conv1(x)))).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def net() -> Model:
+    torch.manual_seed(0)
+    return deepvis.as_model(Net(), Preprocessing(input_size=(32, 32)))
+
+
+@pytest.fixture(scope="module")
+def vit() -> Model:
+    return deepvis.as_model(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64))
+
+
+def test_a_bare_module_is_refused_with_the_way_to_wrap_it(net):
+    bare = net.module
+    x = torch.zeros(1, 3, 32, 32)
+    for call in (
+        lambda: receptive_field(bare, "conv2:0@1,1"),
+        lambda: layer_field(bare, "conv2"),
+        lambda: backprop_view(bare, x, "conv2:0"),
+        lambda: visualize(bare, ["conv2:0"], steps=1),
+    ):
+        with pytest.raises(ModelError, match=r"deepvis\.as_model\(module\)"):
+            call()
+    with pytest.raises(ModelError, match=r"load_model takes a model name, not Net.*as_model"):
+        load_model(bare)  # type: ignore[arg-type]
+    with pytest.raises(ModelError, match="not str"):
+        receptive_field("default", "blocks.3:0")  # type: ignore[arg-type]
+
+
+def test_capture_names_what_it_takes(net):
+    image = Image.new("RGB", (32, 32))
+    with pytest.raises(InputError, match=r"tensor that model\.preprocess\(image\) makes, not Image"):
+        capture(net, image, ["conv2"])  # type: ignore[arg-type]
+    with pytest.raises(InputError, match=r"\(N, 3, H, W\) input; this tensor is \(3, 32, 32\)"):
+        capture(net, torch.zeros(3, 32, 32), ["conv2"])
+    with pytest.raises(InputError, match=r"\(N, 3, H, W\) input; this tensor is \(1, 1, 32, 32\)"):
+        capture(net, torch.zeros(1, 1, 32, 32), ["conv2"])
+    with pytest.raises(InputError, match="floating-point input.*torch.uint8"):
+        capture(net, torch.zeros(1, 3, 32, 32, dtype=torch.uint8), ["conv2"])
+    # one layer name is one layer (not its letters), as a unit string is one unit
+    x = net.preprocess(image)
+    assert capture(net, x, "conv2")["conv2"].shape == (1, 16, 8, 8)
+    (r,) = visualize(net, "conv2:3", steps=2, size=32, progress=lambda *_: None)
+    assert r.unit == "conv2:3" and r.steps_run == 2 and r.objective == "neuron(conv2:3@center)"
+
+
+def test_receptive_field_checks_the_unit_and_says_why_it_is_the_whole_image(net, vit):
+    # the channel, the position and a position on a vector layer are checked (they were ignored)
+    with pytest.raises(UnitError, match=r"out of range: layer conv2 has 16 units"):
+        receptive_field(net, "conv2:99@1,1")
+    with pytest.raises(UnitError, match=r"outside the 8x8 map of conv2"):
+        receptive_field(net, "conv2:0@8,0")
+    with pytest.raises(UnitError, match="no spatial map"):
+        receptive_field(net, "fc", (1, 1))
+    with pytest.raises(UnitError, match=r"outside the 4x4 patch grid of blocks\.5 at 64x64 px"):
+        receptive_field(vit, "blocks.5:0@99,99")
+    with pytest.raises(DeepvisError, match=r"input_size is \(height, width\)"):
+        receptive_field(net, "conv2:0@1,1", input_size=64)  # type: ignore[arg-type]
+    # conv2 at (1, 1): two 3x3 stride-2 convolutions, 7 px at stride 4, starting at 4·1 − 3 = 1
+    rf = receptive_field(net, "conv2:0@1,1")
+    assert rf.field == (1, 1, 8, 8) and rf.whole_image is None
+    # after global pooling and after attention: the whole image, with the reason the layer's field gives
+    logit = receptive_field(net, "logits:0")
+    assert logit.box == (0, 0, 32, 32) and "global pooling" in (logit.whole_image or "")
+    patch = receptive_field(vit, "blocks.5:0@3,2")
+    assert vit.preprocessing.input_size == (64, 64)  # the size its patch grid was built for, not its config's 224
+    assert patch.position == (3, 2) and patch.box == (0, 0, 64, 64)
+    assert patch.whole_image == layer_field(vit, "blocks.5").whole_image and "attention" in patch.whole_image
+
+
+def test_as_model_with_a_name_and_preprocessing_keeps_the_model_it_names():
+    pre = Preprocessing(input_size=(160, 160))
+    m = deepvis.as_model("default", pre)
+    assert m.preprocessing == pre and m.name == "default"
+    assert m.label(967) == load_model("default").label(967) != "class 967"
+    assert m.weights == load_model("default").weights
