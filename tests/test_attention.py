@@ -238,6 +238,54 @@ def test_cli_draws_attention_for_a_query_and_refuses_a_bad_one(tmp_path, capsys)
     assert view.strip is not None and Image.open(tokens).size[::-1] == view.picture.shape[:2]  # the grid and the strip under it
 
 
+class _ConvMHA(nn.Module):
+    """A user's own attention over a conv's patches (8x8, stride 8), with no token geometry stated: an
+    ``nn.MultiheadAttention`` called with ``need_weights=False``, and a class token when ``cls``."""
+
+    def __init__(self, cls: bool = False, fixed: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 8, stride=8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.cls = nn.Parameter(torch.randn(1, 1, 8)) if cls else None
+        self.fixed = fixed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fixed and x.shape[-2:] != (32, 48):
+            raise ValueError("this model takes 32x48 inputs only")
+        t = self.conv(x).flatten(2).transpose(1, 2)
+        if self.cls is not None:
+            t = torch.cat([self.cls.expand(len(t), -1, -1), t], 1)
+        y, _ = self.attn(t, t, t, need_weights=False)
+        return y.mean(1)
+
+
+@pytest.mark.parametrize("cls", [False, True])
+def test_a_users_multihead_attention_weights_are_attention_over_the_measured_grid(cls):
+    """(heads, queries, keys) is never read as a (C, H, W) map, also when queries = keys makes it look
+    square: the token grid (and the prefix) come from a second probe, at any aspect ratio."""
+    torch.manual_seed(0)
+    model = _wrap(_ConvMHA(cls), 32)
+    model.preprocessing = model.preprocessing.with_size((32, 48))
+    info = get_layer(model, "attn.attn_weights")
+    assert info.layout.kind == "attention" and info.layout.grid == (4, 6) and info.shape == (2, 4, 6)
+    assert info.prefix == (("tok0",) if cls else ())
+    x = torch.randn(1, 3, 32, 48)
+    got = capture(model, x, ["attn.attn_weights"])["attn.attn_weights"]
+    with torch.no_grad():
+        t = model.module.conv(x).flatten(2).transpose(1, 2)
+        if cls:
+            t = torch.cat([model.module.cls, t], 1)
+        _, w = model.module.attn(t, t, t, average_attn_weights=False)  # (1, heads, L, L)
+    # the default query: the first prefix token's row, or the mean over the queries without one
+    row = w[:, :, 0, 1:] if cls else w.mean(2)
+    assert torch.allclose(got, row.reshape(1, 2, 4, 6), atol=1e-6)
+    # a model that takes one input size only: no second probe, so the layout is not guessed but asked for
+    fixed = _wrap(_ConvMHA(cls, fixed=True), 32)
+    fixed.preprocessing = fixed.preprocessing.with_size((32, 48))
+    (row_info,) = [r for r in layer_table(fixed, everything=True) if r.name == "attn.attn_weights"]
+    assert not row_info.viewable and "--layout attn.attn_weights=attention:P" in row_info.layout.reason
+
+
 def test_attention_declared_for_a_model_that_says_nothing():
     from deepvis.capture import parse_layout
     from deepvis.errors import LayerError

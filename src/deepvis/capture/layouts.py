@@ -416,6 +416,15 @@ def detect_layout(
         return Layout("attention", tokens.prefix, tokens.grid, "attention weights (heads, queries, keys): one map per head, a query's row")
     if len(per) == 3 and tokens is not None and per[1] == tokens.length:
         return Layout("none", reason="per-head features (heads, tokens, head dim)")
+    if isinstance(module, nn.MultiheadAttention) and len(per) == 3 and per[1] == per[2]:
+        # its per-head weights (PATH.attn_weights: heads, queries, keys), never a map: the token grid is
+        # measured from a second probe (the patch count scales with the input, a prefix does not)
+        s2 = second[0] if second is not None else ()
+        if second is not None and len(s2) == 4 and s2[2] == s2[3] and s2[2] != per[1]:
+            found = _tokens_from_two_probes(per[1], s2[2], hw, second[1])
+            if found is not None:
+                return Layout("attention", found.prefix, found.grid, "attention weights (heads, queries, keys); token grid measured")
+        return Layout("none", reason=_declare_hint(layer, per, "attention:P"))
     if len(per) == 3 and per[1] in lengths and per[0] < per[1]:  # fewer heads than tokens: not a (C, H, W) map
         if per[1] == per[2]:
             return Layout(
