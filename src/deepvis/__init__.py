@@ -3,7 +3,7 @@
 The library (this package) never imports the CLI or the server. The main entry points:
 
 >>> import deepvis
->>> model = deepvis.load_model("default")
+>>> model = deepvis.load_model("default")  # a module you hold: deepvis.as_model(net[, preprocessing])
 >>> image = deepvis.load_image(deepvis.sample_path("coffee"))
 >>> acts = deepvis.capture(model, model.preprocess(image), ["blocks.3", "logits"])
 >>> views = deepvis.backprop_view(model, model.preprocess(image), "blocks.3:7", mode="guided")
