@@ -200,6 +200,26 @@ def test_score_folder_reads_the_records_next_to_the_images(tmp_path):
         score_folder(tmp_path, [])
 
 
+def test_deepvis_score_keeps_the_good_results_of_a_folder_with_broken_ones(tmp_path, capsys):
+    optimized = color_model()
+    solid((255, 0, 0)).save(tmp_path / "logits-0_raw.png")
+    rec = {"unit": "logits:0", "objective": "logit(0)", "model_identity": model_identity(optimized), "files": {"raw": "logits-0_raw.png"}}
+    (tmp_path / "logits-0.json").write_text(json.dumps(rec))
+    (tmp_path / "logits-1_raw.png").write_bytes(b"not a png")
+    (tmp_path / "logits-1.json").write_text(json.dumps({**rec, "unit": "logits:1", "files": {"raw": "logits-1_raw.png"}}))
+    (tmp_path / "logits-2.json").write_text("{bad")
+    skipped: list[tuple[str, str]] = []
+    (row,) = score_folder(tmp_path, [], skipped=skipped)
+    assert row["record"] == "logits-0.json" and [name for name, _ in skipped] == ["logits-1.json", "logits-2.json"]
+    code = main(["score", str(tmp_path), "--judge", "default"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out.startswith("logits:0: ")
+    assert [json.loads((tmp_path / "scores.json").read_text())[0]["record"]] == ["logits-0.json"]  # written all the same
+    lines = err.strip().splitlines()
+    assert lines[-3].startswith("skipped logits-1.json: ") and lines[-2].startswith("skipped logits-2.json: not a readable JSON")
+    assert lines[-1] == "deepvis: error: 2 of 3 records could not be scored (listed above)"
+
+
 @pytest.mark.parametrize("setup,message", [("nothing", "not a folder"), ("empty", "no optimize results"), ("no_raw", "not in")])
 def test_deepvis_score_bad_input_is_one_line_exit_2(tmp_path, capsys, setup, message):
     folder = tmp_path / "results"

@@ -8,7 +8,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "check_writable"]
 
 
 def _create_temp(folder: Path, name: str, suffix: str) -> Path:
@@ -41,3 +41,20 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def check_writable(target: str | os.PathLike[str]) -> str | None:
+    """Why ``target`` (a file or folder to be written, with any missing parent folders) cannot be
+    written, or None when it can: found by creating and removing a temporary file in the folder that
+    would hold it (or in its nearest existing ancestor), so that a long job learns it before it starts."""
+    target = Path(target)
+    folder = target if target.is_dir() else target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    try:
+        os.unlink(_create_temp(folder, "deepvis-write-check", ""))
+    except OSError as exc:
+        return f"cannot write in {folder} ({exc.strerror or exc})"
+    return None

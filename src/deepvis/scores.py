@@ -293,26 +293,47 @@ def score_folder(
     *,
     atlas: Atlas | None = None,
     optimized: Model | None = None,
+    skipped: list[tuple[str, str]] | None = None,
 ) -> list[dict[str, Any]]:
     """Score every ``deepvis optimize`` result in ``folder``: the JSON records (``<unit>.json``) whose
     ``files.raw`` picture lies beside them. One row per record: ``record`` (file name), ``unit``,
-    ``objective`` and ``scores`` (:func:`score_image`). :class:`InputError` when the folder holds none."""
+    ``objective`` and ``scores`` (:func:`score_image`).
+
+    A record that cannot be read (not JSON, its picture missing or unreadable) is left out and appended
+    to ``skipped`` as (file name, reason), so one broken result does not cost the others; JSON files that
+    are not records are ignored. :class:`InputError` when no result can be scored (the first reason)."""
     root = Path(folder)
     if not root.is_dir():
         raise InputError(f"{root} is not a folder of optimize results")
     rows = []
+    left_out: list[tuple[str, str]] = []
     for path in sorted(root.glob("*.json")):
         try:
             record = json.loads(path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError) as exc:
+            left_out.append((path.name, f"not a readable JSON record ({exc})"))
             continue
         if not isinstance(record, dict) or not isinstance(record.get("files"), dict) or "raw" not in record["files"]:
             continue
         raw = root / str(record["files"]["raw"])
         if not raw.is_file():
-            raise InputError(f"{path.name} names {raw.name}, which is not in {root}")
-        scores = score_image(load_image(raw), record, judges, atlas=atlas, optimized=optimized)
+            left_out.append((path.name, f"{path.name} names {raw.name}, which is not in {root}"))
+            continue
+        try:
+            image = load_image(raw)
+        except InputError as exc:
+            left_out.append((path.name, str(exc)))
+            continue
+        scores = score_image(image, record, judges, atlas=atlas, optimized=optimized)
         rows.append({"record": path.name, "unit": record.get("unit"), "objective": record.get("objective"), "scores": scores})
+    if skipped is not None:
+        skipped += left_out
     if not rows:
+        if left_out:
+            raise InputError(
+                left_out[0][1]
+                if len(left_out) == 1
+                else f"no result in {root} can be scored: {left_out[0][1]} (and {len(left_out) - 1} more)"
+            )
         raise InputError(f"{root} holds no optimize results (<unit>.json records next to their _raw.png images)")
     return rows

@@ -366,8 +366,11 @@ class AtlasWriter:
         self._lock = _Lock(self.root / LOCK_NAME)
         self._lock.acquire()
         try:
-            self._conn = _connect(self.root / INDEX_NAME)
-            self._init()
+            try:
+                self._conn = _connect(self.root / INDEX_NAME)
+                self._init()
+            except sqlite3.DatabaseError as exc:  # a damaged index: said in one line, the folder left as it is
+                raise AtlasError(f"cannot continue the atlas {self.root}: its index {INDEX_NAME} cannot be read ({exc})") from exc
             self._remove_stale_temp_files()
         except BaseException:
             self._lock.release()

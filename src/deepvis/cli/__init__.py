@@ -24,6 +24,7 @@ import importlib
 import sys
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
+from typing import NoReturn
 
 from .. import __version__
 from ..allocator import ensure_allocator_tuning
@@ -54,9 +55,17 @@ COMMAND_MODULES = (
 START_ENV: Mapping[str, Mapping[str, str]] = MappingProxyType({"serve": MappingProxyType({"OMP_WAIT_POLICY": "PASSIVE"})})
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are one line (``deepvis optimize: error: ... (see --help)``), not
+    the usage block followed by the message; sub-command parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``deepvis`` parser with every sub-command of :data:`COMMAND_MODULES` (imports no torch)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="deepvis",
         description="Deep Visualization Toolbox for PyTorch convnets: activations, unit views, "
         "activation maximization, unit atlases and layer summaries.",
@@ -98,6 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # the file system refused (full disk, a folder gone): not a bug, and one line
+        if debug:
+            raise
+        print(f"deepvis: error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:  # a bug, not bad input: still one line unless --debug
         if debug:
             raise

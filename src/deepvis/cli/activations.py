@@ -19,6 +19,7 @@ from .common import (
     add_json_option,
     add_model_options,
     add_output_option,
+    at_least,
     existing_input,
     image_format,
     model_from_args,
@@ -58,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="attention layers: the query token whose attention is drawn: a prefix token (cls, dist, reg0, #0) or a patch Y,X "
         "(default: the first prefix token)",
     )
-    p.add_argument("--scale", type=int, metavar="K", help="enlarge each tile K times (default: automatic)")
+    p.add_argument("--scale", type=at_least(1), metavar="K", help="enlarge each tile K times (default: automatic)")
     p.add_argument("-k", "--top", type=int, default=5, help="predictions to show (0: none; default: %(default)s)")
     p.add_argument("--grid-only", action="store_true", help="write the grid alone, without the input and the predictions")
     p.add_argument("--every", type=int, default=1, metavar="N", help="video: use every N-th frame (default: %(default)s)")

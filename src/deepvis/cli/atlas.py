@@ -13,6 +13,7 @@ from .common import (
     add_model_options,
     add_output_option,
     add_synthesis_options,
+    at_least,
     engine_from_args,
     model_from_args,
     print_json,
@@ -47,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="SPEC",
         help="units of each layer that get views and synthesized images: 7, 0-15, 3,9,12 or all (default: all; mining always covers every unit)",
     )
-    p.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass (default: %(default)s)")
+    p.add_argument("--batch-size", type=at_least(1), default=64, help="inputs per forward pass (default: %(default)s)")
     p.add_argument("--decode-threads", type=int, default=4, metavar="N", help="image decoding threads per process (default: %(default)s)")
     g = p.add_argument_group("views and synthesis")
     g.add_argument(
@@ -62,7 +63,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--synth-batch", type=int, default=16, metavar="N", help="units optimized together (default: %(default)s)")
     add_engine_options(p)
     p.add_argument(
-        "--checkpoint-seconds", type=float, default=30.0, metavar="S", help="save mining progress this often (default: %(default)s)"
+        "--checkpoint-seconds",
+        type=at_least(0, float),
+        default=30.0,
+        metavar="S",
+        help="save mining progress this often (default: %(default)s)",
     )
     p.add_argument(
         "--allow-other-device",
@@ -147,4 +152,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {key}: {reason}", file=sys.stderr)
         if len(skipped) > LIST_SKIPPED:
             print(f"  ... and {len(skipped) - LIST_SKIPPED} more (all are listed by --json and in the atlas index)", file=sys.stderr)
+        if len({i for i, _k, _r in skipped}) >= len(dataset):
+            print(f"deepvis: error: none of the {len(dataset)} inputs of {args.dataset} could be read: the atlas holds nothing", file=sys.stderr)
+            return 2
     return 0

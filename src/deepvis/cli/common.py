@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +59,21 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
+def at_least(low: float, kind: type = int) -> Callable[[str], Any]:
+    """An argparse ``type=``: a number (``kind``) of at least ``low``; a one-line argument error otherwise."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text} is less than {low:g}")
+        return value
+
+    return parse
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """--model, --weights, --labels, --input-size, --device, --layout, --deterministic (and --debug).
 
@@ -77,7 +92,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         "untrained, with random weights (seed 0, the same every run; built-ins, torchvision:NAME, timm:NAME)",
     )
     g.add_argument("--labels", metavar="FILE", help="class names, one per line (or a JSON list)")
-    g.add_argument("--input-size", type=int, metavar="PX", help="override the model's input size (square)")
+    g.add_argument("--input-size", type=at_least(1), metavar="PX", help="override the model's input size (square)")
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default: %(default)s)")
     g.add_argument(
         "--layout",
@@ -162,12 +177,21 @@ def model_from_args(args: argparse.Namespace) -> Model:
     A model with random weights (``--weights random``) is announced with one line on stderr
     (:func:`untrained_note`), so that no output of an untrained network passes for a trained one's.
     """
-    from ..capture import parse_layout_options  # the library (torch) is imported when a command runs, never at --help
+    from ..capture import LOGITS, get_layer, parse_layout_options, resolve_module  # torch: when a command runs, never at --help
     from ..models import load_model
 
     layouts = parse_layout_options(getattr(args, "layout", None))  # a malformed --layout fails before the model loads
     model = load_model(args.model, weights=args.weights, labels=args.labels, device=args.device, input_size=args.input_size)
+    for layer in layouts:  # a declaration for a layer the model does not have is a typo, said at once
+        resolve_module(model.module, layer)
     model.layouts.update(layouts)
+    if args.labels is not None and model.class_names is not None:
+        try:
+            outputs: int | None = get_layer(model, LOGITS).units
+        except DeepvisError:  # an output that is not one vector of logits: names cannot be counted against it
+            outputs = None
+        if outputs is not None and outputs != len(model.class_names):
+            raise InputError(f"labels file {args.labels} has {len(model.class_names)} names, but the model has {outputs} outputs")
     note = untrained_note(model)
     if note is not None:
         print(note, file=sys.stderr)
@@ -176,7 +200,15 @@ def model_from_args(args: argparse.Namespace) -> Model:
 
 def run_command(args: argparse.Namespace) -> Any:
     """Run the parsed command (``args.func(args)``), inside :func:`deepvis.runtime.deterministic` when
-    its model options asked for ``--deterministic`` (the settings are restored when it returns)."""
+    its model options asked for ``--deterministic`` (the settings are restored when it returns). An
+    ``--output`` that cannot be written is a one-line error before any work is done."""
+    output = getattr(args, "output", None)
+    if output:
+        from .._fs import check_writable
+
+        why = check_writable(output)
+        if why is not None:
+            raise InputError(f"cannot write {output}: {why}")
     if not getattr(args, "deterministic", False):
         return args.func(args)
     from ..runtime import deterministic  # torch is imported when a command runs, never at --help

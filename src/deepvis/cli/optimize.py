@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import sys
 import textwrap
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -250,6 +253,9 @@ def run(args: argparse.Namespace) -> int:
     def on_progress(done: int, total: int) -> None:
         bar.update(done - bar.n)
 
+    # Ctrl-C stops after the current step, and what is done is written (a second Ctrl-C ends at once)
+    interrupted = threading.Event()
+    restore = _stop_on_interrupt(interrupted)
     try:
         results = visualize(
             model,
@@ -260,11 +266,15 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             kind=args.objective,
             progress=on_progress,
+            should_stop=interrupted,
             start=start,
             accentuation=accentuation,
         )
     finally:
         bar.close()
+        restore()
+    if not results:
+        raise KeyboardInterrupt
     rows: list[dict[str, Any]] = []
     for res in results:
         slug = unit_slug(res.unit or res.objective)
@@ -346,4 +356,30 @@ def run(args: argparse.Namespace) -> int:
                 + (f"  [{figures}]" if figures else "")
             )
         print(f"wrote {len(rows)} units and {mont}", file=sys.stderr)
+    if interrupted.is_set():
+        cut = sum(r.stopped for r in results)
+        print(
+            f"deepvis: interrupted: wrote {len(results)} of the {len(units)} units"
+            + (f" ({cut} stopped before their last step: 'stopped' in their records)" if cut else ""),
+            file=sys.stderr,
+        )
+        return 130
     return 0
+
+
+def _stop_on_interrupt(event: threading.Event) -> Callable[[], None]:
+    """Make the first SIGINT set ``event`` (and put the default handler back, so a second one interrupts at
+    once); returns the function that restores the previous handler. Off the main thread: nothing to do."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(_signum: int, _frame: object) -> None:
+        event.set()
+        signal.signal(signal.SIGINT, previous)
+
+    def restore() -> None:
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, handler)
+    return restore

@@ -12,6 +12,7 @@ from .common import (
     add_json_option,
     add_model_options,
     add_output_option,
+    at_least,
     engine_from_args,
     model_from_args,
     print_json,
@@ -82,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--atlas", metavar="ATLAS", help="reuse the per-unit statistics of an atlas of the same model and dataset (`deepvis atlas`)"
     )
-    p.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass (default: %(default)s)")
+    p.add_argument("--batch-size", type=at_least(1), default=32, help="inputs per forward pass (default: %(default)s)")
     p.add_argument("--decode-threads", type=int, default=2, metavar="N", help="image decoding threads per process (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random perturbations, folds and k-means (default: %(default)s)")
     add_json_option(p, help="print a per-layer summary as JSON")

@@ -48,17 +48,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _parse(text: str) -> tuple[str, tuple[int, int] | None, str | None]:
-    """(layer, position, prefix token) of ``LAYER``, ``LAYER@Y,X``, ``LAYER@TOKEN`` or a unit address."""
+def _parse(text: str) -> tuple[str, int, tuple[int, int] | None, str | None]:
+    """(layer, channel, position, prefix token) of ``LAYER``, ``LAYER@Y,X``, ``LAYER@TOKEN`` or a unit
+    address (the channel 0 where none is given: it does not change the field, but a given one is checked)."""
     from ..capture import parse_unit, split_token_layer
 
     text = text.strip()
     if ":" in text:
         u = parse_unit(text)
-        return u.layer, u.position, u.token
+        return u.layer, u.channel, u.position, u.token
     split = split_token_layer(text)
     if split is not None:
-        return split[0], None, split[1]
+        return split[0], 0, None, split[1]
     if "@" in text:
         layer, _, pos = text.partition("@")
         try:
@@ -67,23 +68,24 @@ def _parse(text: str) -> tuple[str, tuple[int, int] | None, str | None]:
             raise UnitError(f"bad unit {text!r}: write LAYER, LAYER@Y,X, LAYER@TOKEN or LAYER:C@Y,X") from None
         if min(y, x) < 0:
             raise UnitError(f"bad unit {text!r}: the position must be >= 0")
-        return layer, (y, x), None
-    return text, None, None
+        return layer, 0, (y, x), None
+    return text, 0, None, None
 
 
 def run(args: argparse.Namespace) -> int:
     from .._fs import atomic_path
     from ..backprop import crop_image, layer_field
-    from ..capture import Unit
+    from ..capture import Unit, check_unit
     from ..io import load_image
 
-    layer, pos, token = _parse(args.unit)
+    layer, channel, pos, token = _parse(args.unit)
     out = Path(args.output) if args.output else None
     if (out is None) != (args.image is None):
         raise DeepvisError("--image and -o go together: give both to write a crop, or neither")
     fmt = image_format(out) if out is not None else None
     src = existing_input(args.image) if args.image else None
     model = model_from_args(args)
+    check_unit(model, Unit(layer, channel, pos, token))  # the layer, channel, position or token, in one line
     if token is not None:
         return _token(args, model, Unit(layer, 0, None, token), out, fmt, src)
     geo = layer_field(model, layer)

@@ -47,11 +47,12 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"atlas {args.atlas} is not a folder")
     judges = load_judges(list(args.judge or DEFAULT_JUDGES), args.device)
     optimized = model_from_args(args) if args.atlas is not None else None
+    skipped: list[tuple[str, str]] = []
     if args.atlas is not None:
         with open_atlas(args.atlas) as atlas:
-            rows = score_folder(folder, judges, atlas=atlas, optimized=optimized)
+            rows = score_folder(folder, judges, atlas=atlas, optimized=optimized, skipped=skipped)
     else:
-        rows = score_folder(folder, judges)
+        rows = score_folder(folder, judges, skipped=skipped)
     with atomic_path(folder / "scores.json") as tmp:
         tmp.write_text(json.dumps(rows, indent=1) + "\n")
     if args.json:
@@ -63,4 +64,9 @@ def run(args: argparse.Namespace) -> int:
             for flag in s["flags"]:
                 print(f"  note: {flag}")
         print(f"scored {len(rows)} results; wrote {folder / 'scores.json'}", file=sys.stderr)
+    if skipped:  # the others are scored and written; the broken ones are named, and the exit status says so
+        for name, why in skipped:
+            print(f"skipped {name}: {why}", file=sys.stderr)
+        print(f"deepvis: error: {len(skipped)} of {len(rows) + len(skipped)} records could not be scored (listed above)", file=sys.stderr)
+        return 2
     return 0

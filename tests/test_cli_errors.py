@@ -1,0 +1,131 @@
+"""The command line's answers to bad input, across commands: one line on stderr, exit 2, before any
+work is done where it can be known then; and nothing already computed is lost (Ctrl-C in optimize)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+import deepvis.optimize
+from deepvis.cli import main
+
+
+def _one_line_error(capsys, code: int) -> str:
+    _, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["activations", "sample:coffee", "--layer", "blocks.3", "-o", "{file}/x.png"],
+        ["optimize", "--layer", "blocks.3", "--units", "0", "--steps", "2", "--size", "32", "-o", "{file}/sub/out"],
+        ["report", "demo", "--max-images", "4", "-o", "{file}/r.html"],
+    ],
+)
+def test_an_output_that_cannot_be_written_is_refused_before_the_work(tmp_path, capsys, argv):
+    (tmp_path / "afile").write_text("a file, not a folder")
+    code = main([a.replace("{file}", str(tmp_path / "afile")) for a in argv])
+    line = _one_line_error(capsys, code)
+    assert line.startswith("deepvis: error: cannot write ") and line.endswith(f"{tmp_path / 'afile'} is a file, not a folder")
+
+
+def test_an_unwritable_folder_is_named(tmp_path, capsys):
+    if os.geteuid() == 0:  # root writes anywhere a mode bit says no; /proc refuses new files even to root
+        target = "/proc/deepvis-test/x.png"
+        folder = "/proc"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        target, folder = str(locked / "x.png"), str(locked)
+    code = main(["activations", "sample:coffee", "--layer", "blocks.3", "-o", target])
+    assert _one_line_error(capsys, code).startswith(f"deepvis: error: cannot write {target}: cannot write in {folder} (")
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["optimize", "--layer", "blocks.3", "--steps", "abc", "-o", "o"],
+            "deepvis optimize: error: argument --steps: invalid int value: 'abc'",
+        ),
+        (["predict", "sample:coffee", "--input-size", "0"], "deepvis predict: error: argument --input-size: 0 is less than 1"),
+        (["activations", "sample:coffee", "--layer", "blocks.3", "--scale", "-2", "-o", "a.png"], "argument --scale: -2 is less than 1"),
+        (["atlas", "demo", "--batch-size", "0", "-o", "a"], "argument --batch-size: 0 is less than 1"),
+        (["info", "extra"], "deepvis: error: unrecognized arguments: extra"),
+    ],
+)
+def test_argument_errors_are_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    _, err = capsys.readouterr()
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err and "--help)" in err
+
+
+def test_a_damaged_atlas_index_is_one_line(tmp_path, capsys):
+    (tmp_path / "atlas").mkdir()
+    (tmp_path / "atlas" / "index.sqlite").write_bytes(os.urandom(4096))
+    code = main(["atlas", "demo", "--layers", "blocks.3", "--no-views", "--no-synthesis", "-o", str(tmp_path / "atlas")])
+    assert "its index index.sqlite cannot be read" in _one_line_error(capsys, code)
+    assert (tmp_path / "atlas" / "index.sqlite").stat().st_size == 4096  # left as it was
+
+
+def test_ctrl_c_in_optimize_writes_the_units_done(tmp_path, capsys, monkeypatch):
+    """SIGINT during the second batch: the first unit is written whole, the second as far as it got
+    (``stopped`` in its record), the third never began; the exit status is 130."""
+    real = deepvis.optimize.visualize
+    steps = 6
+
+    def interrupted_in_the_second_batch(*args, progress, **kwargs):
+        def report(done, total):
+            progress(done, total)
+            if done == steps + 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        return real(*args, progress=report, **kwargs)
+
+    monkeypatch.setattr(deepvis.optimize, "visualize", interrupted_in_the_second_batch)
+    out = tmp_path / "o"
+    argv = ["optimize", "--layer", "blocks.3", "--units", "0-2", "--batch-size", "1", "--steps", str(steps), "--size", "32"]
+    code = main([*argv, "--judge", "none", "-o", str(out)])
+    _, err = capsys.readouterr()
+    assert code == 130, err
+    assert "interrupted: wrote 2 of the 3 units (1 stopped before their last step" in err
+    first, second = (json.loads((out / f"blocks.3-{k}.json").read_text()) for k in (0, 1))
+    assert (first["stopped"], first["steps_run"]) == (False, steps)
+    assert second["stopped"] is True and second["steps_run"] < steps
+    assert not (out / "blocks.3-2.json").exists() and (out / "montage.png").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["rf", "--unit", "blocks.3:80@1,1"], "unit blocks.3:80@1,1 is out of range: layer blocks.3 has 80 units (0-79)"),
+        (["rf", "--unit", "blocks.3@20,1"], "position is outside the 14x14 map of blocks.3"),
+        (["predict", "sample:coffee", "--labels", "{short}"], "has 3 names, but the model has 1000 outputs"),
+        (["layers", "--layout", "blocks.33=nchw"], "no layer named 'blocks.33' in the model; did you mean blocks.3"),
+    ],
+)
+def test_a_unit_labels_or_layout_the_model_does_not_have_is_one_line(tmp_path, capsys, argv, message):
+    (tmp_path / "short.txt").write_text("a\nb\nc\n")
+    code = main([a.replace("{short}", str(tmp_path / "short.txt")) for a in argv])
+    assert message in _one_line_error(capsys, code)
+
+
+def test_an_atlas_of_only_unreadable_inputs_is_an_error(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for k in range(2):
+        (data / f"b{k}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    code = main(["atlas", str(data), "--layers", "blocks.3", "--no-views", "--no-synthesis", "-o", str(tmp_path / "a")])
+    _, err = capsys.readouterr()
+    assert (
+        code == 2
+        and err.strip().splitlines()[-1] == f"deepvis: error: none of the 2 inputs of {data} could be read: the atlas holds nothing"
+    )
