@@ -107,3 +107,22 @@ def test_as_model_with_a_name_and_preprocessing_keeps_the_model_it_names():
     assert m.preprocessing == pre and m.name == "default"
     assert m.label(967) == load_model("default").label(967) != "class 967"
     assert m.weights == load_model("default").weights
+
+
+def test_one_image_one_unit_string_and_a_photo_for_a_grayscale_model(net):
+    from deepvis.activations import activation_views
+    from deepvis.capture import unit_activation
+
+    image = Image.new("RGB", (40, 32), (200, 10, 10))
+    (view,) = activation_views(net, image, "conv2")  # one image, not an iterable of its rows
+    assert view.activations.shape == (16, 8, 8)
+    acts = capture(net, net.preprocess(image), ["conv2"])
+    assert torch.equal(unit_activation(acts, "conv2:1@2,3"), acts["conv2"][:, 1, 2, 3])
+    with pytest.raises(UnitError, match=r"its layer fc is not among the activations \(conv2\)"):
+        unit_activation(acts, "fc:0")
+    # a grayscale model takes a photo (converted, as deepvis.show does); other modes are one-line errors
+    gray = deepvis.as_model(nn.Conv2d(1, 2, 3), Preprocessing(input_size=(16, 16), mean=(0.5,), std=(0.5,), channels=1))
+    x = gray.preprocess(image)
+    assert x.shape == (1, 1, 16, 16) and torch.allclose(x, gray.preprocess(image.convert("L")))
+    with pytest.raises(InputError, match="expected a L image, got mode CMYK"):
+        gray.preprocess(image.convert("CMYK"))

@@ -129,3 +129,33 @@ def test_an_atlas_of_only_unreadable_inputs_is_an_error(tmp_path, capsys):
         code == 2
         and err.strip().splitlines()[-1] == f"deepvis: error: none of the 2 inputs of {data} could be read: the atlas holds nothing"
     )
+
+
+def test_contradicting_options_are_refused(tmp_path, capsys):
+    base = ["optimize", "--layer", "blocks.3", "--units", "0", "--steps", "1", "--size", "32", "-o", str(tmp_path / "o")]
+    assert "does not go with --objective channel" in _one_line_error(capsys, main([*base, "--at", "1,1", "--objective", "channel"]))
+    assert "--fourier and --param pixel contradict" in _one_line_error(capsys, main([*base, "--fourier", "--param", "pixel"]))
+    assert not (tmp_path / "o").exists()
+    # --judge for hidden units only: run, with a note that says where their figures come from
+    assert main([*base, "--judge", "lite1"]) == 0
+    assert "note: --judge applies to class objectives" in capsys.readouterr().err
+
+
+def test_a_judge_without_weights_here_is_told_so_without_the_model_options_advice(tmp_path, capsys):
+    (tmp_path / "u.json").write_text("{}")
+    line = _one_line_error(capsys, main(["score", str(tmp_path), "--judge", "timm:resnet18"]))
+    assert line.startswith("deepvis: error: judge timm:resnet18: ") and "--weights" not in line
+    assert line.endswith("a judge needs trained weights that are here")
+
+
+def test_a_video_into_a_picture_name_is_refused(tmp_path, capsys):
+    from PIL import Image
+
+    from deepvis.io import VideoWriter, sample_path
+
+    clip = tmp_path / "clip.mp4"
+    with VideoWriter(clip, fps=5) as w:
+        for _ in range(3):
+            w.write(Image.open(sample_path("coffee")).convert("RGB").resize((64, 64)))
+    line = _one_line_error(capsys, main(["activations", str(clip), "--layer", "blocks.3", "-o", str(tmp_path / "v.png")]))
+    assert "clip.mp4 is a video: OUT is a video file" in line and not (tmp_path / "v.png").exists()

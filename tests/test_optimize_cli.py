@@ -74,8 +74,6 @@ def test_optimize_text_output_and_options(tmp_path, capsys):
             "4",
             "--at",
             "1,1",
-            "--objective",
-            "channel",
             "--steps",
             "2",
             "--size",

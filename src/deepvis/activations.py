@@ -70,7 +70,7 @@ def auto_scale(info: LayerInfo, target: int = 640) -> int:
 
 def activation_views(
     model: Model,
-    images: Iterable[Image.Image],
+    images: Iterable[Image.Image] | Image.Image,
     layer: str,
     *,
     normalize: Normalize = "layer",
@@ -92,6 +92,8 @@ def activation_views(
     :func:`deepvis.runtime.autocast`; the views' activations come back in float32.
     """
     model = require_model(model)
+    if isinstance(images, Image.Image):  # one image, not an iterable of them
+        images = [images]
     info = get_layer(model, layer) if highlight is None else check_unit(model, Unit(layer, highlight))
     if query is not None and info.layout.kind != "attention":
         raise UnitError(f"--query applies to attention layers; {layer} is a {info.layout.kind} layer")

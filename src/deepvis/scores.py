@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ from PIL import Image
 
 from .atlas.store import Atlas, AtlasError, UnitRecord
 from .capture import LOGITS, Unit, capture, layer_table, parse_unit, unit_activation
-from .errors import InputError
+from .errors import InputError, ModelError
 from .io import load_image
 from .models import Model, load_model
 from .models.identity import identity_mismatch, model_identity
@@ -90,7 +91,12 @@ def load_judges(specs: Sequence[str], device: torch.device | str = "cpu") -> lis
     """Load the judge models ``specs`` (model specs: ``lite1``, ``timm:NAME``, ``file.py:factory``, ...)."""
     out = []
     for spec in dict.fromkeys(specs):
-        m = load_model(spec, device=device)
+        try:
+            m = load_model(spec, device=device)
+        except ModelError as exc:  # a judge needs trained weights: the model options' advice (--weights) is not for it
+            raise ModelError(
+                f"judge {spec}: {re.split(r'[;:] pass --weights', str(exc))[0]}; a judge needs trained weights that are here"
+            ) from exc
         out.append(Judge(spec, m, model_identity(m)))
     return out
 

@@ -31,7 +31,7 @@ from .._progress import progress_bar
 from ..atlas import open_atlas
 from ..capture import LOGITS, LayerInfo, get_layer, layer_table, token_layer, token_layer_info
 from ..choices import EMBEDDINGS
-from ..datasets import ImageDataset, iter_batches
+from ..datasets import ImageDataset, iter_batches, open_dataset
 from ..display import html_table, panel
 from ..errors import DeepvisError, InputError, LayerError
 from ..models.identity import check_identity, model_identity
@@ -462,7 +462,7 @@ def _fill_top(act: LayerActivity, scanned: LayerActivity) -> None:
 
 def summarize(
     model: Model,
-    dataset: ImageDataset,
+    dataset: ImageDataset | str,
     options: SummaryOptions | None = None,
     *,
     engine: str | Engine = "local",
@@ -479,6 +479,8 @@ def summarize(
     ``options.to_dict()`` with the layers resolved, plus the model's input size, the device and the engine.
     """
     model = require_model(model)
+    if isinstance(dataset, str):  # a dataset spec (a folder, a list file, demo), as build_atlas takes it
+        dataset = open_dataset(dataset)
     o = options if options is not None else SummaryOptions()
     times: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -95,7 +95,7 @@ def build_atlas(
             for t in i.prefix
             if token_layer(i.name, t) not in named
         ]
-    unit_sets = {info.name: parse_unit_set(options.units or "all", info.units) for info in infos}
+    unit_sets = {info.name: parse_unit_set(options.units or "all", info.units, info.name) for info in infos}
     meta = {
         **model_identity(model),
         "dataset": ds.spec,

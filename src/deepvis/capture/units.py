@@ -127,13 +127,17 @@ def unit_index(unit: Unit, shape: Sequence[int]) -> tuple[int | slice, ...]:
     return (c, y, x)
 
 
-def unit_activation(acts: Mapping[str, torch.Tensor], unit: Unit, *, reduce: Literal["mean", "max"] = "mean") -> torch.Tensor:
+def unit_activation(acts: Mapping[str, torch.Tensor], unit: Unit | str, *, reduce: Literal["mean", "max"] = "mean") -> torch.Tensor:
     """The (N,) values ``unit`` names in captured activations ``acts`` (``{layer: (N, C, H, W) or (N, C)}``,
     as :func:`~deepvis.capture.capture` returns them; ``acts[unit.layer_key]`` is read).
 
     A position, a patch, a prefix token or a vector unit gives its value; a whole channel map is reduced
     over its positions by ``reduce`` (``mean`` or ``max``). Differentiable (no copy of the activations).
     """
+    if isinstance(unit, str):
+        unit = parse_unit(unit)
+    if unit.layer_key not in acts:
+        raise UnitError(f"unit {unit}: its layer {unit.layer_key} is not among the activations ({', '.join(acts) or 'none'})")
     a = acts[unit.layer_key]
     v = a[(slice(None), *unit_index(unit, tuple(a.shape[1:])))]
     if v.ndim == 1:
@@ -164,7 +168,7 @@ def parse_unit(text: str) -> Unit:
     return Unit(m["layer"], ch, pos, token)
 
 
-def parse_unit_set(spec: str, count: int) -> list[int]:
+def parse_unit_set(spec: str, count: int, layer: str | None = None) -> list[int]:
     """Channels from ``7``, ``0-15``, ``3,9,12``, ``0-3,8`` or ``all``, checked against ``count`` units.
 
     Returns the channel indices in the order given, each once (in ``0..count-1``); :class:`UnitError` otherwise.
@@ -183,6 +187,6 @@ def parse_unit_set(spec: str, count: int) -> list[int]:
         if hi < lo:
             raise UnitError(f"bad unit range {part!r}: the end is before the start")
         if hi >= count:
-            raise UnitError(f"unit {hi} is out of range: the layer has {count} units (0-{count - 1})")
+            raise UnitError(f"unit {hi} is out of range: {f'layer {layer}' if layer else 'the layer'} has {count} units (0-{count - 1})")
         out.extend(range(lo, hi + 1))
     return list(dict.fromkeys(out))

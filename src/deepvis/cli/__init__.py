@@ -2,7 +2,9 @@
 
 Each sub-command lives in its own module under ``deepvis.cli`` and exposes ``register(subparsers)``.
 Errors a user can cause print one line on stderr and exit with status 2 (``--debug`` shows the
-traceback); anything else is reported as an internal error with status 1.
+traceback): bad arguments (argparse's own errors too), bad input, an ``--output`` that cannot be
+written (checked before the work starts) and what the file system refuses while writing; anything
+else is reported as an internal error with status 1.
 
 **The command answers at once.** ``--help``, ``--version`` and argument errors never import torch
 (about 2 s): the modules of this package import only argparse-level things at their top (argparse,

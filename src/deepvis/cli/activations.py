@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ..choices import NORMALIZATIONS
 from ..errors import DeepvisError
 from .common import (
+    IMAGE_FORMATS,
     SAMPLE_HELP,
     add_autocast_option,
     add_colormap_option,
@@ -124,6 +125,10 @@ def _video(
     from ..io import VIDEO_SUFFIXES, VideoWriter, read_frames, video_info
     from ..render import as_image
 
+    if out.suffix.lower() in IMAGE_FORMATS:
+        raise DeepvisError(
+            f"{src.name} is a video: OUT is a video file ({', '.join(sorted(VIDEO_SUFFIXES))}) or a folder, not the picture {out.name}"
+        )
     total, fps = video_info(src)
     count = None
     if total:

@@ -17,10 +17,8 @@ from .common import (
     engine_from_args,
     model_from_args,
     print_json,
+    print_skipped,
 )
-
-#: how many skipped files are listed on the terminal (all are in --json and in the atlas index)
-LIST_SKIPPED = 100
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -147,12 +145,11 @@ def run(args: argparse.Namespace) -> int:
             f"made views for {summary.units_viewed} units and synthesized {summary.units_synthesized}"
         )
     if skipped:
-        print(f"skipped {len(skipped)} unreadable input(s):", file=sys.stderr)
-        for _i, key, reason in skipped[:LIST_SKIPPED]:
-            print(f"  {key}: {reason}", file=sys.stderr)
-        if len(skipped) > LIST_SKIPPED:
-            print(f"  ... and {len(skipped) - LIST_SKIPPED} more (all are listed by --json and in the atlas index)", file=sys.stderr)
+        print_skipped([(key, reason) for _i, key, reason in skipped])
         if len({i for i, _k, _r in skipped}) >= len(dataset):
-            print(f"deepvis: error: none of the {len(dataset)} inputs of {args.dataset} could be read: the atlas holds nothing", file=sys.stderr)
+            print(
+                f"deepvis: error: none of the {len(dataset)} inputs of {args.dataset} could be read: the atlas holds nothing",
+                file=sys.stderr,
+            )
             return 2
     return 0

@@ -38,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
         raise DeepvisError("--tile must be at least 16 pixels")
     with open_atlas(args.atlas) as atlas:
         if args.unit is None:
+            if args.output:
+                raise DeepvisError("-o writes one unit's picture: give --unit LAYER:C (without --unit the atlas is listed)")
             return _list(atlas, args)
         unit = parse_unit(args.unit)
         if unit.position is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -196,6 +196,21 @@ def model_from_args(args: argparse.Namespace) -> Model:
     if note is not None:
         print(note, file=sys.stderr)
     return model
+
+
+#: unreadable inputs listed on stderr at most (all of them are in the command's --json and its files)
+LIST_SKIPPED = 100
+
+
+def print_skipped(skipped: Sequence[tuple[str, str]]) -> None:
+    """List unreadable inputs, (name, reason) each, on stderr: what a command skipped and went on without."""
+    if not skipped:
+        return
+    print(f"skipped {len(skipped)} unreadable input(s):", file=sys.stderr)
+    for name, reason in skipped[:LIST_SKIPPED]:
+        print(f"  {name}: {reason}", file=sys.stderr)
+    if len(skipped) > LIST_SKIPPED:
+        print(f"  ... and {len(skipped) - LIST_SKIPPED} more (all are listed by --json and in the output)", file=sys.stderr)
 
 
 def run_command(args: argparse.Namespace) -> Any:

@@ -176,7 +176,7 @@ def _targets(args: argparse.Namespace, model: Model) -> list[Unit]:
             get_layer(model, args.layer)  # raises with suggestions
             raise LayerError(f"layer {args.layer!r} cannot be optimized")
         info = table[args.layer]
-        units += [Unit(args.layer, ch, args.at, token) for ch in parse_unit_set(args.units, info.units)]
+        units += [Unit(args.layer, ch, args.at, token) for ch in parse_unit_set(args.units, info.units, info.name)]
     elif args.units is not None or args.at is not None or args.token is not None:
         raise DeepvisError("--units, --at and --token need --layer")
     units += [parse_unit(spec) for spec in args.unit_specs]
@@ -225,7 +225,11 @@ def run(args: argparse.Namespace) -> int:
         "calibrate": None if args.calibrate is None else args.calibrate == "on",
     }
     if args.param == "pixel":
+        if args.fourier:
+            raise DeepvisError("--fourier and --param pixel contradict each other: give one")
         overrides["fourier"] = False
+    if args.objective == "channel" and args.at is not None:
+        raise DeepvisError("--at picks one position (a neuron): it does not go with --objective channel (the map's mean)")
     settings = get_preset(args.preset).replace(steps=args.steps, **overrides)  # bad settings fail before the model loads
     if args.start is None and (args.distance is not None or args.feature_weight is not None):
         raise DeepvisError("--distance and --feature-weight need --from IMAGE")
@@ -245,6 +249,12 @@ def run(args: argparse.Namespace) -> int:
         start = start.convert(model.preprocessing.pil_mode)
     # optimize alone can give only the transfer figure (class objectives); the atlas-based ones need `deepvis score --atlas`
     judges = load_judges(judge_specs, model.device) if any(u.layer == LOGITS for u in units) else []
+    if args.judge and judge_specs and not judges:
+        print(
+            "note: --judge applies to class objectives (--class, logits:N); hidden units get their figures from "
+            "`deepvis score DIR --atlas ATLAS`",
+            file=sys.stderr,
+        )
     identity = model_identity(model)
     judges_wanted = bool(judge_specs)
     batches = -(-len(units) // args.batch_size)

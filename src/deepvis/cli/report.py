@@ -16,6 +16,7 @@ from .common import (
     engine_from_args,
     model_from_args,
     print_json,
+    print_skipped,
 )
 
 
@@ -146,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{r['layer']:<24} {r['units']:>6} {r['dead']:>5} {_f(r['sparsity']):>9} {_f(r['median_locality']):>9} {_f(r['probe_accuracy']):>9}"
             )
         print(f"wrote {html_path} and {json_path}", file=sys.stderr)
+    print_skipped([(dataset.samples[i].key, reason) for i, reason in summary.skipped])
     return 0
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import InputError
 from ..pixels import to_uint8
 
 __all__ = ["Preprocessing", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -82,9 +83,12 @@ class Preprocessing:
         return image.crop((left, top, left + w, top + h))
 
     def to_tensor(self, image: Image.Image, *, crop: bool = True) -> torch.Tensor:
-        """A Pillow image in :attr:`pil_mode` → normalized float tensor (C, H, W) ready for the model."""
+        """A Pillow image in :attr:`pil_mode` → normalized float tensor (C, H, W) ready for the model (an RGB
+        image for a grayscale model is converted, and a grayscale one for an RGB model)."""
+        if image.mode != self.pil_mode and {image.mode, self.pil_mode} == {"RGB", "L"}:
+            image = image.convert(self.pil_mode)  # a photo for a grayscale model, or the other way round
         if image.mode != self.pil_mode:
-            raise ValueError(f"expected a {self.pil_mode} image, got mode {image.mode}; use deepvis.io.load_image")
+            raise InputError(f"expected a {self.pil_mode} image, got mode {image.mode}; use deepvis.io.load_image")
         arr = np.asarray(self.fit(image, crop=crop), dtype=np.float32)
         if arr.ndim == 2:
             arr = arr[:, :, None]
