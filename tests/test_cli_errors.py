@@ -159,3 +159,10 @@ def test_a_video_into_a_picture_name_is_refused(tmp_path, capsys):
             w.write(Image.open(sample_path("coffee")).convert("RGB").resize((64, 64)))
     line = _one_line_error(capsys, main(["activations", str(clip), "--layer", "blocks.3", "-o", str(tmp_path / "v.png")]))
     assert "clip.mp4 is a video: OUT is a video file" in line and not (tmp_path / "v.png").exists()
+
+
+@pytest.mark.parametrize(
+    "option,message", [("--weights", "is a folder, not a checkpoint file"), ("--labels", "is a folder, not a file of names")]
+)
+def test_a_folder_given_for_a_file_is_named_as_one(tmp_path, capsys, option, message):
+    assert message in _one_line_error(capsys, main(["predict", "sample:coffee", option, str(tmp_path)]))

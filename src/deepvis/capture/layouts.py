@@ -282,7 +282,9 @@ def parse_layout(text: str, raw: tuple[int, ...], layer: str) -> Layout:
     """
     kind, _, rest = text.strip().lower().partition(":")
     if kind not in _ALIASES:
-        raise LayerError(f"bad layout {text!r} for layer {layer}: use one of nchw, nhwc, tokens:P, tokens:P:HxW, attention:P, vector, none")
+        raise LayerError(
+            f"bad layout {text!r} for layer {layer}: use one of nchw, nhwc, tokens:P, tokens:P:HxW, attention:P, attention:P:HxW, vector, none"
+        )
     kind = _ALIASES[kind]
     ndim = {"maps": 3, "maps-last": 3, "tokens": 2, "vector": 1, "attention": 3}.get(kind)
     if ndim is not None and len(raw) != ndim:

@@ -91,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
             raise DeepvisError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
     if args.atlas is not None and not Path(args.atlas).is_dir() and args.dataset is None:
-        raise DeepvisError(f"atlas folder not found: {args.atlas}")
+        raise DeepvisError(
+            f"atlas {args.atlas} is a file, not an atlas folder" if Path(args.atlas).exists() else f"atlas folder not found: {args.atlas}"
+        )
     if args.dataset is not None and args.dataset != "demo" and not Path(args.dataset).exists():
         raise DeepvisError(f"dataset not found: {args.dataset} (give a folder of images, a .txt list of image paths, or demo)")
     if args.report is not None and not Path(args.report).is_file():

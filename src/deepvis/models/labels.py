@@ -29,7 +29,7 @@ def read_labels(path: str | os.PathLike[str]) -> list[str]:
     """Read class names: a text file with one name per line, or a JSON list of names."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"labels file not found: {path}")
+        raise InputError(f"labels {path} is a folder, not a file of names" if path.is_dir() else f"labels file not found: {path}")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

@@ -24,7 +24,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
+        raise WeightsError(f"weights {path} is a folder, not a checkpoint file" if path.is_dir() else f"weights file not found: {path}")
     if path.stat().st_size == 0:
         raise WeightsError(f"weights file is empty: {path}")
     try:
