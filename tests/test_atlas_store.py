@@ -140,12 +140,22 @@ def test_other_parameters_are_refused_and_layers_can_be_added(tmp_path, tiny_spe
     other = load_model(tiny_spec, device="cpu")
     with __import__("torch").no_grad():
         other.module.conv.bias.add_(1.0)
-    with pytest.raises(AtlasError, match="model_hash"):
+    # the mismatch is said in the user's words (model and dataset as given), not as hashes
+    with pytest.raises(
+        AtlasError, match=r"was made with other weights \(model '.*tiny', weights the module's own: the same name, other parameter values\)"
+    ) as exc:
         build_atlas(out, other, str(data), opts(layers=("conv",), views=False, synthesis=None))
+    assert "hash" not in str(exc.value)
     (data / "a" / "extra.png").write_bytes((data / "a" / "img001.png").read_bytes())
-    with pytest.raises(AtlasError, match="dataset_hash"):
+    with pytest.raises(AtlasError, match=r"was made on other images: the dataset '.*data' has changed since") as exc:
         build_atlas(out, model, str(data), opts(layers=("conv",), views=False, synthesis=None))
+    assert "hash" not in str(exc.value)
     (data / "a" / "extra.png").unlink()
+    copy = tmp_path / "data_copy"
+    __import__("shutil").copytree(data, copy)
+    (copy / "a" / "img001.png").unlink()
+    with pytest.raises(AtlasError, match=r"was made on other images \(dataset '.*data'; this run: '.*data_copy'\)"):
+        build_atlas(out, model, str(copy), opts(layers=("conv",), views=False, synthesis=None))
     with open_atlas(out) as atlas:
         assert atlas.dump() == index_before
     # synthesis parameters are recorded once and then checked too
@@ -175,8 +185,15 @@ def test_writer_lock_foreign_folder_and_stale_temp_files(tmp_path):
     with AtlasWriter(tmp_path / "a", meta):
         pass
     assert not stale.exists() and keep.exists()
-    with pytest.raises(AtlasError, match="model_hash"):
+    with pytest.raises(AtlasError, match="was made with other weights; use the same model"):
         AtlasWriter(tmp_path / "a", {**meta, "model_hash": "other"})
+    named = {**meta, "model": "lite0", "weights": "pretrained"}
+    with AtlasWriter(tmp_path / "b", named):
+        pass
+    with pytest.raises(
+        AtlasError, match=r"other weights \(model 'lite0', weights pretrained; this run: model 'lite1', weights pretrained\)"
+    ):
+        AtlasWriter(tmp_path / "b", {**named, "model": "lite1", "model_hash": "other"})
     with pytest.raises(AtlasError, match="not an atlas"):
         open_atlas(tmp_path / "foreign")
 

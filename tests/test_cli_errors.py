@@ -166,3 +166,24 @@ def test_a_video_into_a_picture_name_is_refused(tmp_path, capsys):
 )
 def test_a_folder_given_for_a_file_is_named_as_one(tmp_path, capsys, option, message):
     assert message in _one_line_error(capsys, main(["predict", "sample:coffee", option, str(tmp_path)]))
+
+
+def test_backprop_options_that_do_not_apply_are_refused(tmp_path, capsys):
+    out = tmp_path / "b.png"
+    base = ["backprop", "sample:coffee", "-o", str(out)]
+    line = _one_line_error(capsys, main([*base, "--unit", "logits:967", "--at", "max"]))
+    assert line == "deepvis: error: unit logits:967 is one value (layer logits has no map of positions): at='max' does not apply to it"
+    line = _one_line_error(capsys, main([*base, "--unit", "blocks.3:1", "--alpha", "0.3"]))
+    assert line == "deepvis: error: --alpha weighs the view in --overlay: add --overlay, or drop --alpha"
+    assert not out.exists()
+    # with --overlay it is used: a smaller weight keeps the output nearer the photo
+    assert main([*base, "--unit", "blocks.3:1", "--overlay", "--alpha", "0.0"]) == 0
+    import numpy as np
+    from PIL import Image
+
+    from deepvis.io import load_image
+    from deepvis.io.samples import sample_path
+    from deepvis.models import load_model
+
+    photo = load_model("default").preprocessing.fit(load_image(sample_path("coffee")))
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(photo.convert("RGB")))

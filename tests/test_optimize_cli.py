@@ -95,6 +95,22 @@ def test_optimize_text_output_and_options(tmp_path, capsys):
     assert rec["settings"]["fourier"] is False and rec["settings"]["scale"] == [0.95, 1.05] and rec["settings"]["decorrelate"] is True
 
 
+def test_a_second_run_into_the_same_folder_says_what_else_is_there(tmp_path, capsys):
+    from deepvis.scores import result_records
+
+    base = ["optimize", "--layer", "blocks.2", "--steps", "1", "--size", "32", "-o", tmp_path / "o"]
+    code, _, err = run([*base, "--units", "0,1"], capsys)
+    assert code == 0 and "earlier run" not in err
+    (tmp_path / "o" / "notes.json").write_text('{"mine": 1}')  # a JSON file that is not a record
+    (tmp_path / "o" / "broken.json").write_text("{")
+    assert result_records(tmp_path / "o") == ["blocks.2-0.json", "blocks.2-1.json"]
+    code, _, err = run([*base, "--units", "1,2"], capsys)  # unit 1 is rewritten, unit 0 stays from the first run
+    assert code == 0
+    assert f"note: {tmp_path / 'o'} also holds 1 result(s) of an earlier run (blocks.2-0.json), not in this montage" in err
+    assert result_records(tmp_path / "o") == ["blocks.2-0.json", "blocks.2-1.json", "blocks.2-2.json"]
+    assert result_records(tmp_path / "missing") == []
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -22,6 +22,7 @@ __all__ = [
     "BackpropDisplay",
     "READABLE_BACKPROP",
     "RAW_BACKPROP",
+    "OVERLAY_ALPHA",
     "BackpropSeed",
     "BACKPROP_SEEDS",
     "BACKPROP_AT",
@@ -69,6 +70,8 @@ READABLE_BACKPROP = BackpropDisplay("norm", 99.0)
 #: the raw view, one key (or ``--filter raw --percentile 100``) away: the signed sum over channels
 #: (green positive, red negative), scaled by the maximum
 RAW_BACKPROP = BackpropDisplay("raw", 100.0)
+#: the weight of a backprop view blended over its input (``overlay``, ``deepvis backprop --overlay``)
+OVERLAY_ALPHA = 0.6
 
 
 #: what the backward pass starts from: the unit's activation, or 1 (:func:`deepvis.backprop.backprop_view`)

@@ -65,6 +65,7 @@ __all__ = [
     "unit_value",
     "score_image",
     "score_folder",
+    "result_records",
     "summary_line",
 ]
 
@@ -293,6 +294,28 @@ def summary_line(scores: Mapping[str, Any]) -> str:
     return " | ".join(parts)
 
 
+def _is_record(obj: Any) -> bool:
+    """Whether a parsed JSON file is a ``deepvis optimize`` result record (it names its raw picture)."""
+    return isinstance(obj, dict) and isinstance(obj.get("files"), dict) and "raw" in obj["files"]
+
+
+def result_records(folder: str | Path) -> list[str]:
+    """The file names of the ``deepvis optimize`` result records in ``folder`` (the ones :func:`score_folder`
+    reads; unreadable JSON files and JSON files that are not records are not listed), sorted; [] for a folder
+    that does not exist."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    names = []
+    for path in sorted(root.glob("*.json")):
+        try:
+            if _is_record(json.loads(path.read_text())):
+                names.append(path.name)
+        except (OSError, ValueError):
+            continue
+    return names
+
+
 def score_folder(
     folder: str | Path,
     judges: Sequence[Judge],
@@ -319,7 +342,7 @@ def score_folder(
         except (OSError, ValueError) as exc:
             left_out.append((path.name, f"not a readable JSON record ({exc})"))
             continue
-        if not isinstance(record, dict) or not isinstance(record.get("files"), dict) or "raw" not in record["files"]:
+        if not _is_record(record):
             continue
         raw = root / str(record["files"]["raw"])
         if not raw.is_file():

@@ -28,7 +28,7 @@ import json
 import os
 import re
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,26 @@ _TMP = re.compile(r"^\..+\.tmp(\.[A-Za-z0-9]+)?$")
 
 class AtlasError(DeepvisError):
     """An atlas cannot be opened or continued (missing, in use, made with other parameters)."""
+
+
+def _difference(key: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """What differs in the identity fact ``key`` between a recorded atlas (``old``) and a run (``new``), in words:
+    the model and dataset are named by what the user gave, not by their hashes."""
+    if key == "model_hash":
+        was = f"model {old.get('model', '?')!r}, weights {old.get('weights', '?')}"
+        now = f"model {new.get('model', '?')!r}, weights {new.get('weights', '?')}"
+        if "model" not in old:  # an index written without the model's name
+            return "with other weights"
+        if was == now:
+            return f"with other weights ({was}: the same name, other parameter values)"
+        return f"with other weights ({was}; this run: {now})"
+    if key == "dataset_hash":
+        if old.get("dataset") == new.get("dataset"):
+            return f"on other images: the dataset {old.get('dataset', '?')!r} has changed since (files added, removed or edited)"
+        return f"on other images (dataset {old.get('dataset', '?')!r}; this run: {new.get('dataset', '?')!r})"
+    if key == "input_size":
+        return f"at input size {old.get(key)}, not {new.get(key)}"
+    return f"with {key} {old.get(key)!r}, not {new.get(key)!r}"
 
 
 def unit_dir(layer: str, unit: int) -> str:
@@ -391,9 +411,8 @@ class AtlasWriter:
             old = {k: json.loads(v) for k, v in c.execute("SELECT key, value FROM meta")}
             diff = [k for k in self.identity if k in old and old[k] != self.meta.get(k)]
             if diff:
-                k = diff[0]
                 raise AtlasError(
-                    f"atlas {self.root} was made with {k} {old[k]!r}, not {self.meta.get(k)!r}; "
+                    f"atlas {self.root} was made {_difference(diff[0], old, self.meta)}; "
                     "use the same model and dataset to continue it, or another output folder"
                 )
             was, now = old.get(DEVICE_KEY), self.meta.get(DEVICE_KEY)

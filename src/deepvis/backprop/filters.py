@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..choices import BACKPROP_FILTERS as FILTERS
+from ..choices import OVERLAY_ALPHA
 from ..choices import RAW_BACKPROP as RAW
 from ..choices import READABLE_BACKPROP as READABLE
 from ..choices import BackpropDisplay as Display
@@ -34,7 +35,18 @@ from ..render.colormap import apply_colormap
 if TYPE_CHECKING:  # views draws its results with backprop_image
     from .views import BackpropResult
 
-__all__ = ["FILTERS", "Filter", "Display", "READABLE", "RAW", "filter_map", "backprop_image", "overlay", "gaussian_blur_reflect"]
+__all__ = [
+    "FILTERS",
+    "Filter",
+    "Display",
+    "READABLE",
+    "RAW",
+    "OVERLAY_ALPHA",
+    "filter_map",
+    "backprop_image",
+    "overlay",
+    "gaussian_blur_reflect",
+]
 
 
 def _grad(g: BackpropResult | torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -130,7 +142,7 @@ def backprop_image(
     return apply_colormap(v, colormap)
 
 
-def overlay(image: Image.Image | np.ndarray, view: np.ndarray, *, alpha: float = 0.5) -> np.ndarray:
+def overlay(image: Image.Image | np.ndarray, view: np.ndarray, *, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
     """Blend a view (H, W, 3) uint8 over the input image of the same size: ``(1-alpha)·image + alpha·view``."""
     img = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
     if img.ndim == 2:

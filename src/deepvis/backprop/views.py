@@ -173,6 +173,8 @@ def backprop_views(
         unit_index(u, tuple(a.shape[1:]))  # a one-line UnitError for a unit outside its layer
         if a.ndim == 4:
             flat_peaks[i] = a[i, u.channel].detach().flatten().argmax()
+        elif at == "max":
+            raise UnitError(f"unit {u} is one value (layer {u.layer_key} has no map of positions): at='max' does not apply to it")
     peaks: list[tuple[int, int] | None] = [None] * n
     if at == "max" and flat_peaks:
         for i, f in zip(flat_peaks, torch.stack(list(flat_peaks.values())).tolist()):

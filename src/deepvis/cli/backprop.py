@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..choices import BACKPROP_AT, BACKPROP_FILTERS, BACKPROP_MODES, BACKPROP_SEEDS, READABLE_BACKPROP
+from ..choices import BACKPROP_AT, BACKPROP_FILTERS, BACKPROP_MODES, BACKPROP_SEEDS, OVERLAY_ALPHA, READABLE_BACKPROP
 from ..errors import DeepvisError
 from .common import (
     SAMPLE_HELP,
@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="scale by this percentile of the magnitudes (100: the maximum; default: %(default)s; the raw view: --filter raw --percentile 100)",
     )
     p.add_argument("--overlay", action="store_true", help="blend the view over the input image")
-    p.add_argument("--alpha", type=float, default=0.6, help="weight of the view in --overlay (default: %(default)s)")
+    p.add_argument("--alpha", type=float, metavar="ALPHA", help=f"weight of the view in --overlay, 0-1 (default: {OVERLAY_ALPHA})")
     p.add_argument(
         "--seed",
         choices=BACKPROP_SEEDS,
@@ -77,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     fmt = image_format(out)
-    if not 0 <= args.alpha <= 1:
+    if args.alpha is not None and not args.overlay:
+        raise DeepvisError("--alpha weighs the view in --overlay: add --overlay, or drop --alpha")
+    if args.alpha is not None and not 0 <= args.alpha <= 1:
         raise DeepvisError("--alpha must be between 0 and 1")
     if not 0 < args.percentile <= 100:
         raise DeepvisError("--percentile must be in (0, 100]")
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"deepvis: warning: {w.message}", file=sys.stderr)
     view = backprop_image(result, args.filter, colormap=args.colormap, percentile=args.percentile)
     if args.overlay:
-        view = overlay(model.preprocessing.fit(image), view, alpha=args.alpha)
+        view = overlay(model.preprocessing.fit(image), view, alpha=OVERLAY_ALPHA if args.alpha is None else args.alpha)
     with atomic_path(out) as tmp:
         Image.fromarray(view).save(tmp, format=fmt)
     if args.json:

@@ -197,13 +197,14 @@ def run(args: argparse.Namespace) -> int:
     from ..optimize import get_preset, visualize
     from ..optimize.accentuate import DEFAULT_FEATURE_WEIGHT, DEFAULT_RADIUS, Accentuation
     from ..render import caption, montage
-    from ..scores import DEFAULT_JUDGES, load_judges, score_image, summary_line
+    from ..scores import DEFAULT_JUDGES, load_judges, result_records, score_image, summary_line
 
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise DeepvisError(f"{out} exists and is not a folder: give a folder for the outputs")
     if args.batch_size < 1:
         raise DeepvisError("--batch-size must be at least 1")
+    earlier = result_records(out)  # an earlier run's records stay beside this one's: said at the end
     overrides = {
         "decay": args.decay,
         "blur_width": args.blur_width,
@@ -366,6 +367,14 @@ def run(args: argparse.Namespace) -> int:
                 + (f"  [{figures}]" if figures else "")
             )
         print(f"wrote {len(rows)} units and {mont}", file=sys.stderr)
+    others = sorted(set(earlier) - {Path(r["files"]["record"]).name for r in rows})
+    if others:
+        print(
+            f"note: {out} also holds {len(others)} result(s) of an earlier run ({', '.join(others[:3])}"
+            + (", ..." if len(others) > 3 else "")
+            + f"), not in this montage; `deepvis score {out}` reads them too",
+            file=sys.stderr,
+        )
     if interrupted.is_set():
         cut = sum(r.stopped for r in results)
         print(

@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=32,
         metavar="N",
-        help="inputs perturbed for the sensitivity analysis (default: %(default)s)",
+        help="inputs perturbed for the sensitivity analysis; 0 for none, as --epsilons 0 (default: %(default)s)",
     )
     p.add_argument("--clusters", type=int, default=8, metavar="K", help="k-means clusters per layer (default: %(default)s)")
     p.add_argument("--cluster-layers", metavar="L1,L2", help="layers to cluster (default: every summarized layer)")
