@@ -87,7 +87,7 @@ def test_accentuate_shows_the_accentuated_frame_and_its_figures(page):
     m = page.evaluate("window.deepvis.synthesis")
     assert m["after"] > m["before"] and m["pixel_rms"] <= m["radius"] + 1e-3
     numbers = page.inner_text("#accent-numbers")
-    assert numbers.startswith(f"activation {m['before']:.3f} → {m['after']:.3f} · distance {m['pixel_rms']:.1f} of 24 RMS levels")
+    assert numbers.startswith(f"channel mean {m['before']:.3f} → {m['after']:.3f} · distance {m['pixel_rms']:.1f} of 24 RMS levels")
     figures = wait(page, "document.getElementById('accent-figures') && document.getElementById('accent-figures').textContent")
     # the unit's top-9 are mined by now or not yet: beats-top-k is either a figure or a reason
     assert figures.startswith("beats-top-9: ") or "beats-top-k: no score (" in figures

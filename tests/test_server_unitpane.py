@@ -23,7 +23,7 @@ from deepvis.backprop import crop_image, layer_field
 from deepvis.capture import LOGITS, Unit
 from deepvis.datasets import open_dataset
 from deepvis.optimize import contrast, contrast_text
-from deepvis.scores import beats_top_k, load_judges, plausibility, transfer, unit_value
+from deepvis.scores import beats_top_k, load_judges, objective_value, plausibility, transfer, unit_value
 from deepvis.server import ServerConfig, create_app
 from deepvis.server.atlas_view import BOX_COLOR, WHOLE_NOT_STORED, AtlasView
 from deepvis.server.synthesis import quality_figures
@@ -159,29 +159,47 @@ def test_live_synthesis_and_accentuation_carry_their_figures(model, photos, mine
         ws.send_bytes(frame_message(1, 32, 32, seed=5))
         receive_until(ws, is_frame, limit=100)
         frame = app.state.toolbox.engine.sessions()[0].current
-        before = unit_value(model, frame.image, Unit(LAYER, 3))
+        # before and after are what the accentuation raises (the channel's mean here), not the map's maximum
+        before = objective_value(model, frame.image, Unit(LAYER, 3))
+        assert before != pytest.approx(unit_value(model, frame.image, Unit(LAYER, 3)))
         ws.send_text(json.dumps({"type": "accentuate", "layer": LAYER, "unit": 3}))
         msg, _ = receive_until(ws, _job_done("accentuate"), limit=300)
         assert msg["state"] == "done", msg
-        assert msg["before"] == pytest.approx(before, rel=1e-5, abs=1e-6)
-        assert msg["after"] > msg["before"]
+        assert msg["before"] == pytest.approx(before, rel=1e-5, abs=1e-6) and msg["measure"] == "channel mean"
+        assert msg["before"] == pytest.approx(msg["objective_before"], rel=1e-4, abs=1e-5)
+        assert msg["after"] > msg["before"] and msg["note"] is None
         assert msg["pixel_rms"] <= msg["radius"] + 1e-3 and msg["radius"] == 24.0
         with open_atlas(mined_atlas) as atlas:
             values = [t.value for t in atlas.unit(LAYER, 3).top]
-        b = msg["scores"]["beats_top_k"]
-        assert b["value"] == pytest.approx(msg["after"], rel=1e-5, abs=1e-6) and b["k"] == 9
-        assert b["ratio"] == pytest.approx(msg["after"] / max(values), rel=1e-5, abs=1e-6)
+        b = msg["scores"]["beats_top_k"]  # the atlas ranks by the map's maximum: so does beats-top-k
+        after_max = b["value"]
+        assert b["k"] == 9 and b["ratio"] == pytest.approx(after_max / max(values), rel=1e-5, abs=1e-6)
         assert msg["scores"]["plausibility"][0]["n"] == 9
         png = c.get(f"/api/atlas/image?token={TOKEN}&layer={LAYER}&unit=3&kind=accent")
         assert png.status_code == 200
         image = Image.open(io.BytesIO(png.content)).convert("RGB")
         assert image.size == (32, 32)
         # the served image is the result: its activation is the one reported, and it stays near the frame
-        assert unit_value(model, image, Unit(LAYER, 3)) == pytest.approx(msg["after"], rel=1e-5)
+        assert objective_value(model, image, Unit(LAYER, 3)) == pytest.approx(msg["after"], rel=1e-5)
+        assert unit_value(model, image, Unit(LAYER, 3)) == pytest.approx(after_max, rel=1e-5)
         diff = np.asarray(image, np.float64) - np.asarray(frame.image.convert("RGB"), np.float64)
         assert np.sqrt((diff**2).mean()) <= 24.0 + 0.5
         rec = c.get(f"/api/atlas/unit?token={TOKEN}&layer={LAYER}&unit=3").json()
         assert rec["accentuation"]["after"] == msg["after"] and rec["accentuation"]["scores"]["line"]
+
+        # a pinned position where the ReLU is off: no gradient, the frame comes back unchanged, and it says so
+        from deepvis import capture
+
+        acts = capture(model, model.preprocessing.with_size((32, 32)).to_tensor(frame.image, crop=False)[None], ["relu2"])["relu2"][0, 3]
+        y, x = (int(v) for v in (acts == 0).nonzero()[0])
+        ws.send_text(json.dumps({"type": "accentuate", "layer": "relu2", "unit": 3, "position": [y, x]}))
+        msg, _ = receive_until(ws, _job_done("accentuate"), limit=300)
+        assert msg["state"] == "done" and msg["measure"] == f"value at {y},{x}", msg
+        assert msg["before"] == msg["after"] == 0.0 and msg["pixel_rms"] == 0.0
+        assert (
+            msg["note"]
+            == "the unit's gradient is exactly 0 on this frame at that position: nothing raises it, the frame is returned unchanged"
+        )
 
         # figures of an atlas image that has none: asked for, computed on the worker
         ws.send_text(json.dumps({"type": "figures", "layer": LAYER, "unit": 3}))

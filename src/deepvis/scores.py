@@ -39,7 +39,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from PIL import Image
@@ -63,6 +63,7 @@ __all__ = [
     "beats_top_k",
     "synth_beats_top_k",
     "unit_value",
+    "objective_value",
     "score_image",
     "score_folder",
     "result_records",
@@ -186,15 +187,25 @@ def synth_beats_top_k(rec: UnitRecord) -> dict[str, Any] | None:
     return beats_top_k(rec.synth.value, [t.value for t in rec.top])
 
 
+def _value(model: Model, image: Image.Image, unit: Unit, reduce: Literal["mean", "max"]) -> float:
+    prep = model.preprocessing.with_size((image.height, image.width))
+    x = prep.to_tensor(image.convert(prep.pil_mode), crop=False)[None].to(model.device, model.dtype)
+    with torch.no_grad():
+        acts = capture(model, x, [unit.layer_key])
+    return float(unit_activation(acts, unit, reduce=reduce)[0])
+
+
 def unit_value(model: Model, image: Image.Image, unit: Unit) -> float:
     """The unit's activation on ``image`` as the atlas ranks images: its channel's spatial maximum (the
     position of ``unit`` is ignored), the image at its own size (as the optimized model saw it)."""
-    prep = model.preprocessing.with_size((image.height, image.width))
-    x = prep.to_tensor(image.convert(prep.pil_mode), crop=False)[None].to(model.device, model.dtype)
-    u = Unit(unit.layer, unit.channel, None, unit.token)
-    with torch.no_grad():
-        acts = capture(model, x, [u.layer_key])
-    return float(unit_activation(acts, u, reduce="max")[0])
+    return _value(model, image, Unit(unit.layer, unit.channel, None, unit.token), "max")
+
+
+def objective_value(model: Model, image: Image.Image, unit: Unit) -> float:
+    """The value an optimization of ``unit`` raises, on ``image`` at its own size: the unit's value at its
+    position (or token) when it names one, else its channel's mean over the map (``kind="channel"``).
+    Unlike :func:`unit_value`, this is the figure to compare before and after an accentuation."""
+    return _value(model, image, unit, "mean")
 
 
 def _references(atlas: Atlas, unit: Unit) -> tuple[list[float], list[Image.Image]]:

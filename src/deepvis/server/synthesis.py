@@ -42,7 +42,7 @@ from ..optimize import visualize
 from ..optimize.accentuate import Accentuation
 from ..optimize.images import contrast_text
 from ..runtime import choose_batch_size
-from ..scores import DEFAULT_JUDGES, Judge, load_judges, score_image, unit_value
+from ..scores import DEFAULT_JUDGES, Judge, load_judges, objective_value, score_image
 from .atlas_view import AtlasView
 from .engine import WorkLoop, error_message
 from .protocol import ProtocolError, ViewSettings, json_float, text
@@ -507,7 +507,7 @@ class SynthesisService:
         p = self._params(job.layer)
         self._broadcast([job], "running", 0.0)
         unit = Unit(job.layer, job.unit, job.position)
-        before = unit_value(self.model, job.start, unit)
+        before = objective_value(self.model, job.start, unit)  # what the accentuation raises, not the map's maximum
 
         def progress(done: int, total: int) -> None:
             now = time.monotonic()
@@ -535,10 +535,17 @@ class SynthesisService:
             return
         r = results[0]
         raw = r.raw_image()
-        after = unit_value(self.model, raw, unit)
+        after = objective_value(self.model, raw, unit)
         d = r.distance or {}
         info = {
             "objective": r.objective,
+            "measure": f"value at {job.position[0]},{job.position[1]}" if job.position is not None else "channel mean",
+            "note": (
+                f"the unit's gradient is exactly 0 on this frame{' at that position' if job.position is not None else ''}: "
+                "nothing raises it, the frame is returned unchanged"
+                if r.dead
+                else None
+            ),
             "before": json_float(before),
             "after": json_float(after),
             "objective_before": json_float(r.start_value),

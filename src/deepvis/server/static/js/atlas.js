@@ -228,7 +228,8 @@ export class AtlasPane {
       const after = el('figure', {}, el('img', { src: this.url('/api/atlas/image', { layer, unit, kind: 'accent', v: acc.version }), alt: `accentuation of ${layer}:${unit}`, className: 'synth-img', id: 'accent-img' }), el('figcaption', {}, 'accentuated'));
       box.append(
         el('div', { className: 'accent-pair' }, before, after),
-        el('p', { className: 'figures', id: 'accent-numbers' }, `activation ${fmt(acc.before, 3)} → ${fmt(acc.after, 3)} · distance ${fmt(acc.pixel_rms, 1)} of ${fmt(acc.radius, 0)} RMS levels (max ${fmt(acc.pixel_max, 0)})`),
+        el('p', { className: 'figures', id: 'accent-numbers' }, `${acc.measure || 'activation'} ${fmt(acc.before, 3)} → ${fmt(acc.after, 3)} · distance ${fmt(acc.pixel_rms, 1)} of ${fmt(acc.radius, 0)} RMS levels (max ${fmt(acc.pixel_max, 0)})`),
+        ...(acc.note ? [el('p', { className: 'note', id: 'accent-note' }, acc.note)] : []),
         this.figuresLine(acc, 'accent-figures'),
       );
     }
