@@ -171,6 +171,22 @@ def test_path_traversal_is_404(client, path):
     assert "root:" not in r.text
 
 
+@pytest.mark.parametrize(
+    "query,message",
+    [
+        ("layer=conv1&unit=abc", "parameter unit 'abc': Input should be a valid integer"),
+        ("layer=conv1", "parameter unit is missing"),
+        ("unit=1", "parameter layer is missing"),
+    ],
+)
+def test_a_bad_query_parameter_is_one_line_400(client, query, message):
+    r = client.get(f"/api/atlas/unit?{query}&token={TOKEN}")
+    assert r.status_code == 400 and list(r.json()) == ["error"], r.text
+    assert r.json()["error"].startswith(message) and "\n" not in r.json()["error"]
+    r = client.get(f"/api/atlas/image?layer=conv1&unit=0&kind=crop&rank=1e9&token={TOKEN}")
+    assert r.status_code == 400 and r.json()["error"].startswith("parameter rank '1e9': ")
+
+
 # -- uploads ------------------------------------------------------------------------------------------------
 def test_oversized_upload_is_413(client):
     with open_ws(client) as ws:
@@ -864,6 +880,9 @@ def test_server_decodes_a_video_in_a_child_process_and_plays_it_by_frame(client,
         ws.send_text(json.dumps({"type": "video_frame", "index": 6, "seq": 42}))
         msg, _ = receive_until(ws, is_type("error"))
         assert "0-5" in msg["message"]
+        ws.send_text(json.dumps({"type": "video_frame", "index": "3", "seq": 43}))
+        msg, _ = receive_until(ws, is_type("error"))
+        assert msg["message"] == "video frame index and seq must be integers, got '3' and 43"
 
 
 def test_a_malformed_video_gives_a_clear_message_and_cannot_take_the_server_down(client, tmp_path, monkeypatch):

@@ -36,7 +36,8 @@ def _open(path: Path) -> av.container.InputContainer:
     try:
         container = av.open(str(path))
     except (av.FFmpegError, OSError, ValueError) as exc:
-        raise InputError(f"cannot open video {path}: {exc}") from exc
+        reason = getattr(exc, "strerror", None) or str(exc)  # FFmpeg's words, without its error number and the path again
+        raise InputError(f"cannot open video {path}: {reason}") from exc
     if not container.streams.video:
         container.close()
         raise InputError(f"{path} has no video stream")

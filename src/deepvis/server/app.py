@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from fastapi import APIRouter, FastAPI, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
@@ -372,7 +373,9 @@ class Toolbox:
             index, seq = msg.get("index"), msg.get("seq")
             if video is None:
                 raise ProtocolError("no video decoded by the server for this page")
-            if not (_is_int(index) and _is_int(seq)) or not 0 <= index < len(video.frames):
+            if not (_is_int(index) and _is_int(seq)):
+                raise ProtocolError(f"video frame index and seq must be integers, got {index!r} and {seq!r}")
+            if not 0 <= index < len(video.frames):
                 raise ProtocolError(f"video frame index must be 0-{len(video.frames) - 1}")
             await asyncio.to_thread(self.submit_video_frame, session, video, index, seq)
         elif kind == "summary":
@@ -435,8 +438,21 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     # removes its temporary atlas
     weakref.finalize(app, toolbox.close)
     app.add_middleware(GuardMiddleware, guard=toolbox.guard)
+    app.add_exception_handler(RequestValidationError, _bad_parameters)
     app.include_router(_routes)
     return app
+
+
+async def _bad_parameters(request: Request, exc: Exception) -> JSONResponse:
+    """A missing or mistyped query parameter (``unit=abc``): one line in the API's ``{"error": ...}`` form, 400."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    if not errors:
+        return _json_error(400, "bad request")
+    first = errors[0]
+    where = " ".join(str(part) for part in first.get("loc", ()) if part not in ("query", "body"))
+    what = "is missing" if first.get("type") == "missing" else f"{first.get('input')!r}: {first.get('msg', 'invalid')}"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return _json_error(400, f"parameter {where or '?'} {what}{more}")
 
 
 @contextlib.asynccontextmanager
