@@ -153,6 +153,38 @@ def test_select_units_by_click_and_keyboard_and_the_url_follows(page, server):
     assert page.inner_text("#unit-title").startswith(page.evaluate("window.deepvis.last.layer"))
 
 
+def test_layer_keys_pass_over_aliases_and_a_typed_unit_outside_the_layer_is_refused(page, server):
+    page.select_option("#sample-select", "chelsea")
+    wait(page, "window.deepvis.frames > 0")
+    listed = page.evaluate("[...document.getElementById('layer-select').options].map((o) => o.value)")
+    table = {i["name"]: i for i in server.app.state.toolbox.info()["layers"]}
+
+    def source(name: str) -> str:
+        return table[name]["same_as"] or name
+
+    # a listed layer followed in the list by one that outputs the very same tensor (an activation and its norm)
+    k = next(k for k in range(len(listed) - 1) if source(listed[k]) == source(listed[k + 1]))
+    after = next(n for n in listed[k + 1 :] if source(n) != source(listed[k]))
+    page.select_option("#layer-select", listed[k])
+    wait(page, f"window.deepvis.last.layer === {listed[k]!r}")
+    page.focus("#grid")
+    page.keyboard.press("o")  # next layer: the first that shows other data
+    wait(page, f"window.deepvis.last.layer === {after!r}")
+    page.keyboard.press("u")  # and back: over the aliases of the one before
+    wait(page, f"window.deepvis.last.layer !== {after!r}")
+    assert source(page.evaluate("window.deepvis.last.layer")) == source(listed[k])
+    # a unit typed outside the layer is refused with a message; the box shows the selected unit again
+    unit = page.evaluate("window.deepvis.last.unit")
+    n = table[page.evaluate("window.deepvis.last.layer")]["shape"][0]
+    for typed in ("99999", "-3", "2.5"):
+        page.fill("#unit-input", typed)
+        page.press("#unit-input", "Enter")
+        wait(page, f"window.deepvis.errors.some((e) => e.startsWith('no unit {typed} in '))")
+        assert page.input_value("#unit-input") == str(unit)
+    assert f"its units are 0-{n - 1}" in page.evaluate("window.deepvis.errors.at(-1)")
+    assert page.evaluate("window.deepvis.last.unit") == unit
+
+
 def test_the_url_reopens_a_view(browser, server):
     pg = browser.new_page()
     try:
@@ -292,6 +324,11 @@ def test_fake_camera_gives_live_updates(page, server):
     n = wait(page, "window.deepvis.liveFrames")
     page.wait_for_timeout(500)
     assert page.evaluate("window.deepvis.liveFrames") <= n + 2
+    # the status line says frozen, not the last frame rate; a unit selected meanwhile keeps it so
+    page.keyboard.press("l")
+    wait(page, "window.deepvis.last.unit === 1")
+    status = page.inner_text("#status")
+    assert status.startswith("frozen (f or Unfreeze to go on)") and "frames/s" not in status
     page.keyboard.press("f")
     wait(page, f"window.deepvis.liveFrames > {n + 5}")
     assert "frames/s" in page.inner_text("#status")

@@ -80,6 +80,7 @@ class LiveServer:
     def __init__(self, app, token: str) -> None:
         from deepvis.server.listen import listen, uvicorn_server
 
+        self.app = app
         self.token = token
         self.sock = listen("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]

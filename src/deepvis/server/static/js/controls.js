@@ -67,9 +67,9 @@ export class Controls {
     $('backprop-mode').addEventListener('change', (e) => app.sendSettings({ backprop: e.target.value }));
     $('backprop-filter').addEventListener('change', (e) => app.sendSettings({ filter: e.target.value }));
     $('backprop-raw').addEventListener('change', (e) => this.setRawBackprop(e.target.checked));
-    $('unit-input').addEventListener('change', (e) => this.setUnit(Number(e.target.value) | 0));
+    $('unit-input').addEventListener('change', (e) => this.typeUnit(e.target));
     $('unit-input').addEventListener('keydown', (e) => {
-      if (e.key === 'Enter') this.setUnit(Number(e.target.value) | 0);
+      if (e.key === 'Enter') this.typeUnit(e.target);
     });
     $('unit-prev').addEventListener('click', () => this.moveUnit(-1, 0));
     $('unit-next').addEventListener('click', () => this.moveUnit(1, 0));
@@ -141,10 +141,20 @@ export class Controls {
   }
 
   // -- what the controls do ----------------------------------------------------------------------------
+  /** The next (delta 1) or previous (-1) layer of the list that shows other data: layers that output the
+   * very tensor of the current one (``same_as``: an activation after its norm, a block's last module) are
+   * passed over, so that each key press changes what is shown. */
   moveLayer(delta) {
     const list = this.state.layerList();
     const i = list.findIndex((l) => l.name === this.state.settings.layer);
-    const j = Math.max(0, Math.min(list.length - 1, i + delta));
+    if (i < 0) return;
+    const source = (l) => l.same_as || l.name;
+    let j = i;
+    while (j + delta >= 0 && j + delta < list.length) {
+      j += delta;
+      if (source(list[j]) !== source(list[i])) break;
+    }
+    if (source(list[j]) === source(list[i])) j = i; // nothing else that way
     if (j !== i) this.app.sendSettings({ layer: list[j].name, unit: Math.min(this.state.settings.unit, list[j].shape[0] - 1), position: null });
   }
 
@@ -154,6 +164,22 @@ export class Controls {
     const n = info.shape[0];
     const unit = Math.max(0, Math.min(n - 1, u));
     if (unit !== this.state.settings.unit || this.state.settings.token) this.app.sendSettings({ unit, position: null, token: null });
+  }
+
+  /** A unit typed in the box: selected when it is one of the layer's; otherwise a message, and the box
+   * shows the selected unit again (a typed 99999 or -3 is not silently read as another unit). */
+  typeUnit(input) {
+    const info = this.state.layerInfo();
+    if (!info || !this.state.settings) return;
+    const n = info.shape[0];
+    const text = input.value.trim();
+    const u = Number(text);
+    if (text === '' || !Number.isInteger(u) || u < 0 || u >= n) {
+      input.value = this.state.settings.unit;
+      this.app.showError(`no unit ${text || '(empty)'} in ${info.name}: its units are 0-${n - 1}`);
+      return;
+    }
+    this.setUnit(u);
   }
 
   moveUnit(dx, dy) {
@@ -223,6 +249,7 @@ export class Controls {
     const f = this.app.sources.toggleFreeze();
     $('freeze').setAttribute('aria-pressed', String(f));
     $('freeze').textContent = f ? 'Unfreeze' : 'Freeze';
+    if (f) $('status').textContent = 'frozen (f or Unfreeze to go on)';
   }
 
   toggleHelp() {

@@ -347,8 +347,10 @@ export class Panes {
     if (!this.textDue(h)) return;
     const st = h.stats;
     const figures = this.app.figures;
-    const parts = [`${fmt(fps, 1)} frames/s`];
-    if (figures.latencies.length) parts.push(`p95 ${fmt(figures.p95, 0)} ms`);
+    // frozen: no frame rate (none is drawn; the last one would stand there, stale), the rest as ever
+    const frozen = this.app.sources.frozen;
+    const parts = frozen ? ['frozen (f or Unfreeze to go on)'] : [`${fmt(fps, 1)} frames/s`];
+    if (figures.latencies.length && !frozen) parts.push(`p95 ${fmt(figures.p95, 0)} ms`);
     parts.push(`server ${fmt(h.ms, 0)} ms`, `dropped ${st.dropped}`, `skipped ${this.app.sources.skipped}`);
     if (st.errors) parts.push(`errors ${st.errors}`);
     setText($('status'), parts.join(' · '));
