@@ -476,6 +476,27 @@ def test_connections_send_small_messages_at_once_and_uncompressed(model):
             assert ws.response is not None and ws.response.headers.get("Sec-WebSocket-Extensions") is None
 
 
+def test_the_access_log_hides_the_launch_token(model):
+    import logging
+
+    from deepvis.server.listen import HideToken, uvicorn_server
+
+    server = uvicorn_server(make_app(model, synthesis=False, backprop=False), log_level="info")
+    assert server.config.log_config["handlers"]["access"]["filters"] == ["hide_token"]
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5", "GET", f"/api/info?a=1&token={TOKEN}&b=2", "1.1", 200),
+        None,
+    )
+    assert HideToken().filter(record)
+    assert record.getMessage() == '127.0.0.1:5 - "GET /api/info?a=1&token=…&b=2 HTTP/1.1" 200'
+    assert TOKEN not in record.getMessage()
+
+
 def test_a_client_that_never_reads_does_not_slow_another(model):
     """Client A sends frames and never reads; client B keeps getting results. A costs only what its socket took."""
     big = tiny_model(128)  # results of its default layer are 8x128x128: a few fill a socket's buffers

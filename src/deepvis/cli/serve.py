@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--log-level",
         default="warning",
         choices=("critical", "error", "warning", "info", "debug"),
-        help="server log level (default: %(default)s)",
+        help="server log level; info logs each request, with the launch token hidden (default: %(default)s)",
     )
     add_autocast_option(p, "the live frames' and the dataset miner's forward passes")
     add_model_options(p)

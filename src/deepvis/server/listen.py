@@ -15,10 +15,13 @@ Two settings matter for the live page's latency and CPU:
 
 from __future__ import annotations
 
+import copy
+import logging
+import re
 import socket
 from typing import Any
 
-__all__ = ["listen", "uvicorn_server", "WS_MAX_SIZE"]
+__all__ = ["listen", "uvicorn_server", "WS_MAX_SIZE", "HideToken"]
 
 #: the largest WebSocket message the server accepts (a camera frame is 224 x 224 x 3 bytes)
 WS_MAX_SIZE = 8 * 2**20
@@ -54,10 +57,15 @@ def uvicorn_server(app: Any, *, log_level: str = "warning") -> Any:
     lifespan on, WebSocket messages up to :data:`WS_MAX_SIZE`, no per-message compression, and a ping
     every 20 s (a page that stops answering for 20 s more is closed)."""
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
+    log_config = copy.deepcopy(LOGGING_CONFIG)  # uvicorn's own, with the launch token hidden in the access log
+    log_config.setdefault("filters", {})["hide_token"] = {"()": f"{__name__}.HideToken"}
+    log_config["handlers"]["access"]["filters"] = ["hide_token"]
     config = uvicorn.Config(
         app,
         log_level=log_level,
+        log_config=log_config,
         lifespan="on",
         ws_max_size=WS_MAX_SIZE,
         ws_per_message_deflate=False,
@@ -65,3 +73,16 @@ def uvicorn_server(app: Any, *, log_level: str = "warning") -> Any:
         ws_ping_timeout=20.0,
     )
     return uvicorn.Server(config)
+
+
+_TOKEN = re.compile(r"(\btoken=)[^&\s\"]+")
+
+
+class HideToken(logging.Filter):
+    """Writes ``token=…`` for the launch token in the access log's request lines (``--log-level info``):
+    a log file or a shared terminal must not hand out what lets anyone drive the toolbox."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_TOKEN.sub(r"\1…", a) if isinstance(a, str) else a for a in record.args)
+        return True
