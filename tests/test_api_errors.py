@@ -126,3 +126,29 @@ def test_one_image_one_unit_string_and_a_photo_for_a_grayscale_model(net):
     assert x.shape == (1, 1, 16, 16) and torch.allclose(x, gray.preprocess(image.convert("L")))
     with pytest.raises(InputError, match="expected a L image, got mode CMYK"):
         gray.preprocess(image.convert("CMYK"))
+
+
+def test_a_model_without_a_classifier_head_gives_no_predictions():
+    """timm's num_classes=0 (DINOv2, CLIP towers): the output is pooled features, never read as classes."""
+    from deepvis.activations import activation_views
+    from deepvis.predictions import class_scores_problem, require_class_scores
+    from deepvis.server.frames import FrameProcessor
+
+    torch.manual_seed(0)
+    module = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8).eval()
+    model = deepvis.as_model(module, Preprocessing(input_size=(32, 32)))
+    assert class_scores_problem(model) == (
+        "model custom (VisionTransformer) has no classifier head (num_classes=0): its output is a 192-d feature vector, not class scores"
+    )
+    with pytest.raises(ModelError, match="; predictions need a model with a classifier$"):
+        require_class_scores(model)
+    image = Image.new("RGB", (32, 32), (120, 60, 30))
+    (view,) = list(activation_views(model, image, "blocks.0", k=5))
+    assert view.predictions == []
+    assert not FrameProcessor(model).has_logits
+    # the same architecture with a head has class scores
+    headed = deepvis.as_model(
+        timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=7, img_size=32, patch_size=8).eval(),
+        Preprocessing(input_size=(32, 32)),
+    )
+    assert class_scores_problem(headed) is None and len(next(iter(activation_views(headed, image, "blocks.0", k=5))).predictions) == 5

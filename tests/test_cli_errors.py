@@ -187,3 +187,18 @@ def test_backprop_options_that_do_not_apply_are_refused(tmp_path, capsys):
 
     photo = load_model("default").preprocessing.fit(load_image(sample_path("coffee")))
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(photo.convert("RGB")))
+
+
+def test_predict_refuses_a_model_without_a_classifier_head(tmp_path, capsys):
+    (tmp_path / "headless.py").write_text(
+        "import timm\n\n\ndef tower():\n"
+        "    return timm.create_model('vit_tiny_patch16_224', pretrained=False, num_classes=0, img_size=32, patch_size=8)\n"
+    )
+    spec = f"{tmp_path / 'headless.py'}:tower"
+    line = _one_line_error(capsys, main(["predict", "sample:coffee", "--model", spec, "--input-size", "32"]))
+    assert line.endswith(
+        "has no classifier head (num_classes=0): its output is a 192-d feature vector, not class scores; predictions need a model with a classifier"
+    )
+    out = tmp_path / "a.png"
+    assert main(["activations", "sample:coffee", "--model", spec, "--input-size", "32", "--layer", "blocks.0", "-o", str(out)]) == 0
+    assert "deepvis: note: no predictions: " in capsys.readouterr().err and out.is_file()

@@ -64,6 +64,11 @@ def test_transfer_of_a_planted_judge_has_the_known_rank_and_probability():
     b = transfer(j, red, 2, "blue")
     assert b["rank"] == 2 and b["probability"] == pytest.approx(1 / (np.exp(10) + 2), rel=1e-4)  # ties with green: rank 2
     assert "note" in transfer(j, red, 2, "a class it does not have") and "rank" not in transfer(j, red, 2, "zebra")
+    # the optimized model's classes unknown (a model without class names, or without a head): index 0 is
+    # not "red" for another model, so no rank is given; the optimized model judging itself is still scored
+    unnamed = transfer(j, red, 0, None)
+    assert "rank" not in unnamed and unnamed["note"].startswith("the optimized model's classes are unknown")
+    assert transfer(j, red, 0, None, same_model=True)["rank"] == 1
 
 
 def test_plausibility_and_beats_top_k_known_answers():
@@ -122,7 +127,10 @@ def test_atlas_figures_on_a_tiny_atlas(tmp_path):
         wrong = score_image(solid((255, 0, 0)), record, [other], atlas=atlas, optimized=color_model(gain=2.0))
         assert wrong["beats_top_k"] is None and any("beats-top-k skipped" in f for f in wrong["flags"])
         # a unit of a layer the atlas does not hold keeps its other figures, with a flag that says why
-        logit = score_image(solid((255, 0, 0)), {**record, "unit": "logits:0"}, [other], atlas=atlas, optimized=optimized)
+        classes = {"count": 3, "name": "red"}
+        logit = score_image(
+            solid((255, 0, 0)), {**record, "unit": "logits:0", "classes": classes}, [other], atlas=atlas, optimized=optimized
+        )
         assert logit["beats_top_k"] is None and logit["plausibility"] == []
         assert logit["transfer"][0]["rank"] == 1
         assert any("skipped" in f and "'logits' is not in atlas" in f for f in logit["flags"])

@@ -22,7 +22,7 @@ from .capture.units import LOGITS, Unit
 from .display import png_bytes
 from .errors import UnitError
 from .models.model import Model, require_model
-from .predictions import Prediction, top_k
+from .predictions import Prediction, class_scores_problem, top_k
 from .render.grid import Normalize, grid_shape, tile_grid
 from .render.montage import caption, hstack
 from .render.strip import prefix_strip, stack_below, strip_values
@@ -98,7 +98,8 @@ def activation_views(
     if query is not None and info.layout.kind != "attention":
         raise UnitError(f"--query applies to attention layers; {layer} is a {info.layout.kind} layer")
     q_name = info.layout.query_name(query) if info.layout.kind == "attention" else None
-    want_logits = k > 0 and any(i.name == LOGITS for i in layer_table(model))
+    # predictions only from class scores (a model without a head outputs features: none are shown)
+    want_logits = k > 0 and any(i.name == LOGITS for i in layer_table(model)) and class_scores_problem(model) is None
     s = auto_scale(info) if scale is None else scale
     batch: list[Image.Image] = []
 

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import ModelError
 from .models.model import Model
 
-__all__ = ["Prediction", "top_k", "top_k_table", "predictions_from_table"]
+__all__ = ["Prediction", "top_k", "top_k_table", "predictions_from_table", "class_scores_problem"]
 
 
 @dataclass(frozen=True)
@@ -46,3 +47,23 @@ def predictions_from_table(model: Model, table: torch.Tensor | Sequence[Sequence
 def top_k(model: Model, logits: torch.Tensor, k: int = 5) -> list[list[Prediction]]:
     """Top-``k`` predictions for each row of ``logits`` (N, classes), with one device-to-host copy."""
     return predictions_from_table(model, top_k_table(logits, k))
+
+
+def class_scores_problem(model: Model) -> str | None:
+    """Why ``model``'s output is not class scores, so that no prediction may be read from it, or None.
+
+    A timm model built without a head (``num_classes=0``: DINOv2 and CLIP towers, ``timm.create_model(...,
+    num_classes=0)``) outputs its pooled features: a softmax over them would be printed as class
+    probabilities that do not exist."""
+    if getattr(model.module, "num_classes", None) == 0:
+        width = getattr(model.module, "num_features", None)
+        what = f"a {width}-d feature vector" if isinstance(width, int) else "a feature vector"
+        return f"model {model.name} has no classifier head (num_classes=0): its output is {what}, not class scores"
+    return None
+
+
+def require_class_scores(model: Model) -> None:
+    """A one-line :class:`~deepvis.errors.ModelError` when :func:`class_scores_problem` finds one."""
+    problem = class_scores_problem(model)
+    if problem is not None:
+        raise ModelError(f"{problem}; predictions need a model with a classifier")

@@ -131,9 +131,14 @@ def _features(model: Model, images: Sequence[Image.Image]) -> torch.Tensor:
 
 def transfer(judge: Judge, image: Image.Image, class_index: int, class_name: str | None, *, same_model: bool = False) -> dict[str, Any]:
     """The intended class's ``rank`` (1 = top) and ``probability`` under ``judge`` for ``image``; ``note``
-    instead when the judge's classes differ (``class_name`` must be its name there)."""
+    instead when the judge's classes differ (``class_name`` must be its name there) or when the optimized
+    model's class names are unknown (``class_name`` None: an index alone does not say which class it is;
+    a judge that is the optimized model itself is still scored)."""
     m = judge.model
     row: dict[str, Any] = {"judge": judge.spec, "same_model": same_model}
+    if class_name is None and not same_model:  # an index alone says nothing about which class it is
+        row["note"] = "the optimized model's classes are unknown (no class names): its output cannot be matched to the judge's classes"
+        return row
     if m.num_classes is None or class_index >= m.num_classes or (class_name is not None and m.label(class_index) != class_name):
         row["note"] = "the judge's classes differ from the optimized model's"
         return row

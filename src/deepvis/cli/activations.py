@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from ..activations import activation_views, compose_view
     from ..capture.layouts import parse_query
     from ..io import is_video, load_image
+    from ..predictions import class_scores_problem
     from ..render import as_image
 
     if args.every < 1 or (args.max_frames is not None and args.max_frames < 1) or args.top < 0:
@@ -83,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
     query = parse_query(args.query)
     src = existing_input(args.input)
     model = model_from_args(args)
+    problem = class_scores_problem(model)
+    if problem is not None and args.top > 0 and not args.grid_only:
+        print(f"deepvis: note: no predictions: {problem}", file=sys.stderr)
     opts = dict(
         normalize=args.normalize,
         colormap=args.colormap,

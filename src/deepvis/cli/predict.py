@@ -24,11 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..capture import capture
     from ..io import load_image, resolve_input
-    from ..predictions import top_k
+    from ..predictions import require_class_scores, top_k
 
     if args.top < 1:
         raise DeepvisError("-k must be at least 1")
     model = model_from_args(args)
+    require_class_scores(model)
     paths = [resolve_input(s) for s in args.images]
     images = [load_image(p, model.preprocessing.pil_mode) for p in paths]
     logits = capture(model, model.preprocess(images), ["logits"])["logits"]

@@ -26,7 +26,7 @@ from ..choices import NORMALIZATIONS, Normalization
 from ..errors import DeepvisError, InputError
 from ..models.model import Model
 from ..pixels import to_uint8
-from ..predictions import predictions_from_table, top_k_table
+from ..predictions import class_scores_problem, predictions_from_table, top_k_table
 from ..render import normalize_activations, strip_values
 from ..runtime import Autocast, autocast_dtype, synchronize
 from .protocol import ViewSettings, json_float
@@ -238,7 +238,8 @@ class FrameProcessor:
         self.memory_format = memory_format
         self.table = layer_table(model)
         self._by_name = {info.name: info for info in self.table}
-        self.has_logits = LOGITS in self._by_name
+        # predictions need class scores: a model without a head outputs features (no predictions pane)
+        self.has_logits = LOGITS in self._by_name and class_scores_problem(model) is None
         n = model.num_classes
         self._class_layers = {i.name for i in self.table if n is not None and i.shape == (n,)}
         self._checked: tuple[tuple[str, int, tuple[int, int] | None, object, str | None], LayerInfo] | None = None
