@@ -152,3 +152,22 @@ def test_a_model_without_a_classifier_head_gives_no_predictions():
         Preprocessing(input_size=(32, 32)),
     )
     assert class_scores_problem(headed) is None and len(next(iter(activation_views(headed, image, "blocks.0", k=5))).predictions) == 5
+
+
+def test_a_model_that_fails_at_the_default_input_size_says_how_to_give_another():
+    class Fixed(nn.Module):  # a Linear after flattening: only 16 x 16 inputs fit
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 16 * 16, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.conv(x).flatten(1))
+
+    from deepvis.capture import layer_table
+
+    with pytest.raises(
+        DeepvisError, match=r"fails on an input of shape \(3, 224, 224\).*--input-size PX, or Preprocessing\(input_size=...\)"
+    ):
+        layer_table(deepvis.as_model(Fixed()))
+    assert layer_table(deepvis.as_model(Fixed(), Preprocessing(input_size=(16, 16))))[-1].shape == (5,)

@@ -298,6 +298,9 @@ def test_attention_declared_for_a_model_that_says_nothing():
         parse_layout("attention:1", (2, 17, 16), "a")
     with pytest.raises(LayerError, match="17 tokens - 2 prefix is not a 3x3 grid"):
         parse_layout("attention:2", (2, 17, 17), "a")
+    # a count that is not a number is named, not read as 0
+    with pytest.raises(LayerError, match="'x' is not a prefix-token count \\(write e.g. tokens:1 or tokens:1:14x14\\)"):
+        parse_layout("tokens:x", (17, 8), "a")
 
 
 def test_multihead_attention_hooks_are_removed_when_the_forward_raises():

@@ -228,7 +228,10 @@ def _build_table(module: nn.Module, input_shape: tuple[int, ...], layouts: dict[
     try:
         _probe(module, input_shape, first_call)
     except Exception as exc:
-        raise LayerError(f"the model fails on an input of shape {tuple(input_shape)}: {type(exc).__name__}: {exc}") from exc
+        raise LayerError(
+            f"the model fails on an input of shape {tuple(input_shape)}: {type(exc).__name__}: {exc} "
+            "(if it takes another input size, say so: --input-size PX, or Preprocessing(input_size=...) in Python)"
+        ) from exc
     keep.clear()
     hw = (input_shape[-2], input_shape[-1])
     tokens = token_geometry(module, hw)

@@ -294,7 +294,11 @@ def parse_layout(text: str, raw: tuple[int, ...], layer: str) -> Layout:
     if kind == "attention" and raw[1] != raw[2]:
         raise LayerError(f"layout {text!r} does not fit layer {layer}: {_fmt(raw)} is not (heads, L, L)")
     p_text, _, g_text = rest.partition(":")
-    p = int(p_text) if p_text.isdigit() else 0
+    if p_text and not p_text.isdigit():
+        raise LayerError(
+            f"bad layout {text!r} for layer {layer}: {p_text!r} is not a prefix-token count (write e.g. {kind}:1 or {kind}:1:14x14)"
+        )
+    p = int(p_text) if p_text else 0
     n = (raw[0] if kind == "tokens" else raw[2]) - p
     if g_text:
         gh, _, gw = g_text.partition("x")
