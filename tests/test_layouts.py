@@ -205,3 +205,59 @@ def test_tools_read_prefix_tokens():
     assert backprop_view(model, x, unit, "gradient").activation == 7
     assert receptive_field(model, unit).input_independent  # here the class token never meets the patches
     assert hooks_left(model.module) == []
+
+
+class _Shuffled(nn.Module):
+    """Patch tokens (N, 64, C) from an 8x8 grid, then ``order`` (a fixed permutation, e.g. Hiera's
+    mask-unit "unrolling"), a per-token MLP, and a token mean."""
+
+    def __init__(self, order: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("order", order)
+        self.embed = nn.Conv2d(3, 8, 8, stride=8)
+        self.tokens = nn.Identity()
+        self.shuffle = _Gather(order)
+        self.mlp = nn.Sequential(nn.Linear(8, 8), nn.GELU())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.tokens(self.embed(x).flatten(2).transpose(1, 2))
+        return self.head(self.mlp(self.shuffle(t)).mean(1))
+
+
+class _Gather(nn.Module):
+    def __init__(self, order: torch.Tensor) -> None:
+        super().__init__()
+        self.order = order
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t[:, self.order]
+
+
+@pytest.mark.parametrize("scrambled", [False, True])
+def test_tokens_out_of_row_major_order_are_measured_and_not_drawn(scrambled):
+    torch.manual_seed(0)
+    # a transpose of the 8x8 grid (column-major order) moves every off-diagonal token; identity keeps them
+    order = torch.arange(64).view(8, 8).t().reshape(-1) if scrambled else torch.arange(64)
+    model = _wrap(_Shuffled(order), 64)
+    table = {i.name: i for i in layer_table(model, everything=True)}
+    assert table["tokens"].layout.kind == "tokens" and table["tokens"].layout.viewable  # before the shuffle: row-major
+    for name in ("shuffle", "mlp.0", "mlp"):
+        lay = table[name].layout
+        if scrambled:
+            assert not lay.viewable and "tokens are not in row-major order (measured" in lay.reason, (name, lay)
+        else:
+            assert lay.kind == "tokens" and lay.viewable
+    # a declared layout is the user's word: not measured
+    declared = {i.name: i for i in layer_table(model, everything=True, layouts={"shuffle": "tokens:0"})}
+    assert declared["shuffle"].layout.viewable
+
+
+def test_hiera_unrolled_stages_are_not_drawn_and_its_row_major_ones_are():
+    torch.manual_seed(0)
+    model = _wrap(timm.create_model("hiera_tiny_224", pretrained=False), 224)
+    table = {i.name: i for i in layer_table(model, everything=True)}
+    assert table["patch_embed"].layout.viewable and table["patch_embed"].shape == (96, 56, 56)
+    for name in ("unroll", "blocks.0", "blocks.2", "blocks.5"):  # mask-unit order: 56x56, 28x28, 14x14 grids
+        assert "not in row-major order" in table[name].layout.reason, name
+    assert table["blocks.11"].layout.viewable and table["blocks.11"].shape == (768, 7, 7)  # the last stage: row-major again

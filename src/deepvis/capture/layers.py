@@ -154,6 +154,75 @@ def _probe(module: nn.Module, input_shape: tuple[int, ...], on_call: Callable[[s
             h.remove()
 
 
+def _token_order(module: nn.Module, input_shape: tuple[int, ...], found: dict[str, Layout], declared: dict[str, str]) -> dict[str, Layout]:
+    """Token layers whose tokens are not in row-major order of their grid, made not viewable (with the reason).
+
+    A grid read from a token count assumes row-major order; some models keep another (Hiera's "unrolled"
+    mask-unit order), and a row-by-row reshape of them draws a scrambled picture. Measured with one
+    forward pass of two inputs: zeros, and zeros with one patch raised (30 % down, 70 % across). A layer
+    *agrees* when its largest change (summed over channels) lies within one cell of that patch, and
+    *disagrees* when the cells around the patch change by less than half of the largest change: the
+    change is elsewhere. Layers that do neither (a change spread evenly, as after global attention)
+    follow the others of their grid size: when any of them disagrees, all but the agreeing ones are
+    left out (and attention weights over that grid). Declared layouts are not measured.
+    """
+    tokens = {n: lay for n, lay in found.items() if lay.kind == "tokens" and lay.grid is not None and n not in declared}
+    if not tokens:
+        return {}
+    _, h, w = input_shape
+    fine = max((lay.grid for lay in tokens.values()), key=lambda g: g[0] * g[1])
+    by, bx = max(1, h // fine[0]), max(1, w // fine[1])
+    y0, x0 = min(h - by, int(0.3 * fine[0]) * by), min(w - bx, int(0.7 * fine[1]) * bx)
+    yc, xc = y0 + by / 2, x0 + bx / 2
+    change: dict[str, torch.Tensor] = {}
+
+    def on_call(name: str, _m: nn.Module, out: object) -> None:
+        lay = tokens.get(name)
+        if lay is None or name in change or not isinstance(out, torch.Tensor) or out.ndim != 3 or out.shape[0] != 2:
+            return
+        change[name] = (out[1] - out[0]).abs().float().sum(-1)[len(lay.prefix) :].cpu()
+
+    x = torch.zeros(2, *input_shape, device=module_device(module), dtype=module_dtype(module))
+    x[1, :, y0 : y0 + by, x0 : x0 + bx] = 1.0
+    handles = []
+    try:
+        for name, m in module.named_modules():
+            handles.append(m.register_forward_hook(lambda mod, _i, out, name=name or LOGITS: on_call(name, mod, out)))
+        with torch.no_grad(), eval_mode(module):
+            module(x)
+    except Exception:  # a model that takes one example at a time: nothing measured, nothing changed
+        return {}
+    finally:
+        for handle in handles:
+            handle.remove()
+    verdict: dict[str, str] = {}
+    where: dict[tuple[int, int], tuple[str, tuple[int, int], tuple[int, int]]] = {}
+    for name, d in change.items():
+        gh, gw = tokens[name].grid or (0, 0)
+        if d.numel() != gh * gw or not float(d.max()) > 0:
+            continue
+        d = d.view(gh, gw)
+        ey, ex = min(gh - 1, int(yc * gh / h)), min(gw - 1, int(xc * gw / w))
+        ay, ax = divmod(int(d.argmax()), gw)
+        if abs(ay - ey) <= 1 and abs(ax - ex) <= 1:
+            verdict[name] = "agrees"
+        elif float(d[max(0, ey - 1) : ey + 2, max(0, ex - 1) : ex + 2].max()) < 0.5 * float(d.max()):
+            verdict[name] = "disagrees"
+            where.setdefault((gh, gw), (name, (ey, ex), (ay, ax)))
+    out: dict[str, Layout] = {}
+    for name, lay in found.items():
+        grid = lay.grid
+        if grid not in where or lay.kind not in ("tokens", "attention") or verdict.get(name) == "agrees" or name in declared:
+            continue
+        first, (ey, ex), (ay, ax) = where[grid]
+        out[name] = Layout(
+            "none",
+            reason=f"its {grid[0]}x{grid[1]} tokens are not in row-major order (measured: a change of the input at patch "
+            f"{ey},{ex} moved token {ay},{ax} of {first}): deepvis cannot draw them as a map",
+        )
+    return out
+
+
 def _second_size(input_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Another input size whose rows and columns change by different factors (1/2 and 3/4)."""
     c, h, w = input_shape
@@ -275,6 +344,7 @@ def _build_table(module: nn.Module, input_shape: tuple[int, ...], layouts: dict[
         if shapes2:
             again = detect(shapes2, (second_shape[-2], second_shape[-1]))
             found.update({n: again[n] for n in unsure})
+    found.update(_token_order(module, tuple(input_shape), found, layouts))
     rows: list[LayerInfo] = []
     n_view = 0
     for name in sorted(order, key=order.__getitem__):
