@@ -167,10 +167,11 @@ def _token_order(module: nn.Module, input_shape: tuple[int, ...], found: dict[st
     left out (and attention weights over that grid). Declared layouts are not measured.
     """
     tokens = {n: lay for n, lay in found.items() if lay.kind == "tokens" and lay.grid is not None and n not in declared}
-    if not tokens:
+    grids = [lay.grid for lay in tokens.values() if lay.grid is not None]
+    if not grids:
         return {}
     _, h, w = input_shape
-    fine = max((lay.grid for lay in tokens.values()), key=lambda g: g[0] * g[1])
+    fine = max(grids, key=lambda g: g[0] * g[1])
     by, bx = max(1, h // fine[0]), max(1, w // fine[1])
     y0, x0 = min(h - by, int(0.3 * fine[0]) * by), min(w - bx, int(0.7 * fine[1]) * bx)
     yc, xc = y0 + by / 2, x0 + bx / 2
@@ -212,7 +213,7 @@ def _token_order(module: nn.Module, input_shape: tuple[int, ...], found: dict[st
     out: dict[str, Layout] = {}
     for name, lay in found.items():
         grid = lay.grid
-        if grid not in where or lay.kind not in ("tokens", "attention") or verdict.get(name) == "agrees" or name in declared:
+        if grid is None or grid not in where or lay.kind not in ("tokens", "attention") or verdict.get(name) == "agrees" or name in declared:
             continue
         first, (ey, ex), (ay, ax) = where[grid]
         out[name] = Layout(
