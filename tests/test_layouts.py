@@ -261,3 +261,19 @@ def test_hiera_unrolled_stages_are_not_drawn_and_its_row_major_ones_are():
     for name in ("unroll", "blocks.0", "blocks.2", "blocks.5"):  # mask-unit order: 56x56, 28x28, 14x14 grids
         assert "not in row-major order" in table[name].layout.reason, name
     assert table["blocks.11"].layout.viewable and table["blocks.11"].shape == (768, 7, 7)  # the last stage: row-major again
+
+
+@pytest.mark.parametrize(
+    "name,layer,pair",
+    [
+        ("xcit_nano_12_p16_224", "blocks.0.attn.attn_drop", "32x32"),  # channel-by-channel attention (heads, C/h, C/h)
+        ("cait_xxs24_224", "blocks.0.attn.proj_l", "196x196"),  # talking heads over (queries, keys, heads)
+    ],
+)
+def test_pairs_of_other_axes_inside_a_transformer_are_not_read_as_maps(name, layer, pair):
+    torch.manual_seed(0)
+    model = _wrap(timm.create_model(name, pretrained=False), 224)
+    table = {i.name: i for i in layer_table(model, everything=True)}
+    lay = table[layer].layout
+    assert not lay.viewable and lay.reason.startswith(f"a {pair} pair of axes inside a transformer whose patch grid is 14x14")
+    assert table["blocks.0"].layout.kind == "tokens" and table["blocks.0"].shape[1:] == (14, 14)

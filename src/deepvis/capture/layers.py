@@ -154,6 +154,33 @@ def _probe(module: nn.Module, input_shape: tuple[int, ...], on_call: Callable[[s
             h.remove()
 
 
+def _finer_than_the_patches(
+    found: dict[str, Layout], shapes: dict[str, tuple[int, ...] | None], order: dict[str, int], grid: tuple[int, int]
+) -> dict[str, Layout]:
+    """Maps guessed from the shape alone inside a transformer (after its first token layer) that are finer
+    than its patch grid: not maps of the input but pairs of other axes that happen to look like one
+    (XCiT's channel-by-channel attention, 32x32 at a 14x14 grid; CaiT's token-by-token talking heads,
+    196x196), left not viewable with the reason. A stem before the tokens (hybrid ViTs) is not affected."""
+    starts = [order[n] for n, lay in found.items() if lay.kind == "tokens" and n in order]
+    if not starts:
+        return {}
+    first = min(starts)
+    out = {}
+    for name, lay in found.items():
+        shape = shapes.get(name)
+        if lay.reason != GUESSED or lay.kind not in ("maps", "maps-last") or shape is None or order.get(name, -1) <= first:
+            continue
+        per = shape[1:]
+        h, w = per[1:] if lay.kind == "maps" else per[:2]
+        if h > grid[0] or w > grid[1]:
+            out[name] = Layout(
+                "none",
+                reason=f"a {h}x{w} pair of axes inside a transformer whose patch grid is {grid[0]}x{grid[1]}: not a map of the "
+                "input (e.g. channel-by-channel or token-by-token attention); declare --layout LAYER=nchw|nhwc if it is one",
+            )
+    return out
+
+
 def _token_order(module: nn.Module, input_shape: tuple[int, ...], found: dict[str, Layout], declared: dict[str, str]) -> dict[str, Layout]:
     """Token layers whose tokens are not in row-major order of their grid, made not viewable (with the reason).
 
@@ -213,7 +240,13 @@ def _token_order(module: nn.Module, input_shape: tuple[int, ...], found: dict[st
     out: dict[str, Layout] = {}
     for name, lay in found.items():
         grid = lay.grid
-        if grid is None or grid not in where or lay.kind not in ("tokens", "attention") or verdict.get(name) == "agrees" or name in declared:
+        if (
+            grid is None
+            or grid not in where
+            or lay.kind not in ("tokens", "attention")
+            or verdict.get(name) == "agrees"
+            or name in declared
+        ):
             continue
         first, (ey, ex), (ay, ax) = where[grid]
         out[name] = Layout(
@@ -345,6 +378,8 @@ def _build_table(module: nn.Module, input_shape: tuple[int, ...], layouts: dict[
         if shapes2:
             again = detect(shapes2, (second_shape[-2], second_shape[-1]))
             found.update({n: again[n] for n in unsure})
+    if tokens is not None:
+        found.update(_finer_than_the_patches(found, shapes, order, tokens.grid))
     found.update(_token_order(module, tuple(input_shape), found, layouts))
     rows: list[LayerInfo] = []
     n_view = 0
