@@ -358,3 +358,37 @@ def test_the_report_json_records_the_model_identity(tmp_path):
     s = summarize(model, ds, SummaryOptions(layers=("1",), max_images=4, epsilons=(), cluster_layers=()))
     rec = s.to_dict()["identity"]
     assert rec == model_identity(model) and rec["input_size"] == [32, 32] and len(rec["model_hash"]) == 16
+
+
+class _WithConstant(nn.Module):
+    """A conv branch that sees the input and ``const``, a learned (N, 6) vector that does not (a class
+    token before the first block is such a layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.token = nn.Parameter(torch.linspace(-1, 1, 6))
+        self.const = nn.Identity()
+        self.fc = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.const(self.token.expand(x.shape[0], -1))
+        return self.fc(torch.cat([self.conv(x).mean((2, 3)), t], 1))
+
+
+def test_a_layer_that_does_not_depend_on_the_input_is_said_so_and_not_probed_or_clustered(tmp_path, recwarn):
+    torch.manual_seed(0)
+    model = Model(
+        _WithConstant().eval(), Preprocessing((32, 32), (0.5,) * 3, (0.5,) * 3, crop_pct=1.0), name="c", class_names=["a", "b", "c"]
+    )
+    ds = open_dataset(_dataset(tmp_path / "data"))
+    opts = SummaryOptions(layers=("conv", "const"), epsilons=(), cluster_k=3, probe_folds=3, decode_threads=0, embedding="pca")
+    s = summarize(model, ds, opts, progress=False)
+    assert [n for n in s.notes if "does not depend on the input" in n] == [
+        "const does not depend on the input (the same values for all 15 inputs, e.g. a class token before the first block): "
+        "left out of the probes and clusters; its dead units and sparsity describe a constant"
+    ]
+    assert set(s.probes) == {"conv"} and set(s.clusters) == {"conv"}
+    assert not [w for w in recwarn if "clusters" in str(w.message) or "invalid value" in str(w.message)]
+    paths = write_report(s, tmp_path / "r.html")
+    assert "does not depend on the input" in Path(paths[0]).read_text()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -460,6 +460,16 @@ def _fill_top(act: LayerActivity, scanned: LayerActivity) -> None:
     act.top_positions[empty] = scanned.top_positions[empty]
 
 
+def _constant_layers(names: Sequence[str], features: Mapping[str, np.ndarray]) -> list[str]:
+    """The layers whose pooled features are the same for every input (to float rounding): input-independent."""
+    out = []
+    for n in names:
+        f = np.asarray(features[n], dtype=np.float64)
+        if f.ndim == 2 and f.shape[0] >= 2 and np.all(np.ptp(f, axis=0) <= 1e-6 * max(1.0, float(np.abs(f).max()))):
+            out.append(n)
+    return out
+
+
 def summarize(
     model: Model,
     dataset: ImageDataset | str,
@@ -545,6 +555,13 @@ def summarize(
             bar.close()
         times["sensitivity"] = time.perf_counter() - t1
 
+    constant = _constant_layers(names, result.features) if len(result.samples) >= 2 else []
+    if constant:  # nothing in them depends on the data: a probe or a k-means of them says nothing (and warns)
+        notes.append(
+            f"{', '.join(constant)} {'does' if len(constant) == 1 else 'do'} not depend on the input (the same values for all "
+            f"{len(result.samples)} inputs, e.g. a class token before the first block): left out of the probes and clusters; "
+            f"{'its' if len(constant) == 1 else 'their'} dead units and sparsity describe a constant"
+        )
     labels = None
     if all_labels is not None:
         labels = [all_labels[s] for s in result.samples]
@@ -552,7 +569,7 @@ def summarize(
     if labels is not None:
         t1 = time.perf_counter()
         y = np.asarray(labels)
-        for n in progress_bar(names, desc="probes", unit="layer", enabled=progress):
+        for n in progress_bar([n for n in names if n not in constant], desc="probes", unit="layer", enabled=progress):
             probes[n] = probe_accuracy(result.features[n], y, folds=o.probe_folds, seed=o.seed)
         times["probes"] = time.perf_counter() - t1
     else:
@@ -562,7 +579,7 @@ def summarize(
     if todo and len(result.samples) >= 2:
         t1 = time.perf_counter()
         y_or_none = np.asarray(labels) if labels is not None else None
-        for n in progress_bar(todo, desc="clusters", unit="layer", enabled=progress):
+        for n in progress_bar([n for n in todo if n not in constant], desc="clusters", unit="layer", enabled=progress):
             clusters[n] = cluster_features(
                 n, result.features[n], result.samples, k=o.cluster_k, labels=y_or_none, seed=o.seed, embedding=o.embedding
             )

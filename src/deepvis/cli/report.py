@@ -147,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{r['layer']:<24} {r['units']:>6} {r['dead']:>5} {_f(r['sparsity']):>9} {_f(r['median_locality']):>9} {_f(r['probe_accuracy']):>9}"
             )
         print(f"wrote {html_path} and {json_path}", file=sys.stderr)
+    for note in summary.notes:  # what the report says about what it left out, on the terminal too
+        print(f"deepvis: note: {note}", file=sys.stderr)
     print_skipped([(dataset.samples[i].key, reason) for i, reason in summary.skipped])
     return 0
 
