@@ -171,3 +171,41 @@ def test_a_model_that_fails_at_the_default_input_size_says_how_to_give_another()
     ):
         layer_table(deepvis.as_model(Fixed()))
     assert layer_table(deepvis.as_model(Fixed(), Preprocessing(input_size=(16, 16))))[-1].shape == (5,)
+
+
+class _Pair(nn.Module):
+    """Returns (class scores, features) or {"logits": ..., "features": ...}: common in research code."""
+
+    def __init__(self, as_dict: bool) -> None:
+        super().__init__()
+        self.as_dict = as_dict
+        self.conv = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor):
+        f = self.conv(x).mean((2, 3))
+        return {"logits": self.fc(f), "features": f} if self.as_dict else (self.fc(f), f)
+
+
+@pytest.mark.parametrize(
+    "as_dict,what,pick",
+    [(False, "a tuple of 2 (4, 6)", "[0]"), (True, "a dict ('logits': 4, 'features': 6)", "['logits']")],
+)
+def test_a_model_that_returns_a_tuple_or_dict_is_told_how_to_wrap_it(as_dict, what, pick, capsys):
+    from deepvis.capture import get_layer, layer_table
+    from deepvis.capture.layers import output_problem
+
+    model = deepvis.as_model(_Pair(as_dict), Preprocessing(input_size=(16, 16)))
+    message = (
+        f"the model returns {what}, not one tensor, so it has no `logits` layer (predictions, class objectives): "
+        f"wrap it to return its class scores, e.g. a module whose forward is `return net(x){pick}`; its inner layers work as they are"
+    )
+    assert output_problem(model) == message
+    with pytest.raises(DeepvisError) as exc:
+        get_layer(model, "logits")
+    assert str(exc.value) == message
+    with pytest.raises(DeepvisError) as exc:
+        capture(model, torch.zeros(1, 3, 16, 16), ["logits"])
+    assert str(exc.value) == message
+    assert capture(model, torch.zeros(1, 3, 16, 16), ["conv"])["conv"].shape == (1, 6, 8, 8)  # inner layers work
+    assert "logits" not in [i.name for i in layer_table(model)]

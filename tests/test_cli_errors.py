@@ -202,3 +202,19 @@ def test_predict_refuses_a_model_without_a_classifier_head(tmp_path, capsys):
     out = tmp_path / "a.png"
     assert main(["activations", "sample:coffee", "--model", spec, "--input-size", "32", "--layer", "blocks.0", "-o", str(out)]) == 0
     assert "deepvis: note: no predictions: " in capsys.readouterr().err and out.is_file()
+
+
+def test_layers_of_a_model_that_returns_a_tuple_says_why_there_are_no_logits(tmp_path, capsys):
+    (tmp_path / "pair.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass Pair(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.c = nn.Conv2d(3, 4, 3)\n        self.fc = nn.Linear(4, 2)\n\n"
+        "    def forward(self, x):\n        f = self.c(x).mean((2, 3))\n        return self.fc(f), f\n\n\ndef pair():\n    return Pair()\n"
+    )
+    spec = f"{tmp_path / 'pair.py'}:pair"
+    assert main(["layers", "--model", spec, "--input-size", "16"]) == 0
+    out, err = capsys.readouterr()
+    header, first = out.splitlines()[:2]
+    assert header.startswith("layer  type ") and first.startswith("c      Conv2d ")  # the columns line up under the header
+    assert "deepvis: note: the model returns a tuple of 2 (2, 4), not one tensor, so it has no `logits` layer" in err
+    line = _one_line_error(capsys, main(["predict", "sample:coffee", "--model", spec, "--input-size", "16"]))
+    assert "e.g. a module whose forward is `return net(x)[0]`" in line

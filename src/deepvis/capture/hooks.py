@@ -32,10 +32,10 @@ from ..models.model import Model, module_dtype
 from ..runtime import Autocast, autocast_dtype
 from ..runtime import autocast as autocast_block
 from .attention import WEIGHTS, fused_owner, mha_weights, unfused
-from .layers import layer_table, module_device, resolve_module
+from .layers import layer_table, module_device, not_one_tensor, resolve_module
 from .layouts import Layout, Query
 from .state import eval_mode
-from .units import split_token_layer
+from .units import LOGITS, split_token_layer
 
 __all__ = [
     "capture",
@@ -280,7 +280,7 @@ def _run(
 
     def record(n: str, output: object) -> None:
         if not isinstance(output, torch.Tensor):
-            raise LayerError(f"layer {n!r} outputs {type(output).__name__}, not a tensor")
+            raise LayerError(not_one_tensor(output) if n == LOGITS else f"layer {n!r} outputs {type(output).__name__}, not a tensor")
         seen[n] += 1
         if seen[n] == expected[n]:
             remaining[0] -= 1

@@ -33,6 +33,8 @@ __all__ = [
     "check_unit",
     "module_device",
     "activation_bytes",
+    "output_problem",
+    "not_one_tensor",
     "LAYER_TABLES",
     "FULL_LAYER_TABLES",
 ]
@@ -448,7 +450,51 @@ def get_layer(model: Model, name: str, input_shape: tuple[int, ...] | None = Non
                 raise LayerError(reason)
             shape = "x".join(str(s) for s in info.raw_shape)
             raise LayerError(f"layer {name!r} (output {shape} per example) is not viewable: {reason}; see `deepvis layers --all`")
+    if name == LOGITS:
+        problem = output_problem(model)
+        if problem is not None:
+            raise LayerError(problem)
     raise LayerError(f"layer {name!r} does not output a tensor; see `deepvis layers` for usable layers")
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return "x".join(str(s) for s in value.shape[1:]) or "a scalar"
+    return type(value).__name__
+
+
+def output_problem(model: Model, input_shape: tuple[int, ...] | None = None) -> str | None:
+    """Why the model's output cannot be its ``logits`` layer (it is not one tensor), in one line that says
+    what to do, or None when it is a tensor. Runs one forward pass of zeros (on the error path only)."""
+    module = model.module
+    shape = tuple(input_shape or model.preprocessing.input_shape)
+    x = torch.zeros(1, *shape, device=module_device(module), dtype=module_dtype(module))
+    try:
+        with torch.no_grad(), eval_mode(module):
+            out = module(x)
+    except Exception:
+        return None  # the model fails: the layer table says so
+    return None if isinstance(out, torch.Tensor) else not_one_tensor(out)
+
+
+def not_one_tensor(out: object) -> str:
+    """The one-line message for a model whose output ``out`` is not one tensor (a tuple, a dict, an
+    output object): what it is, and how to wrap the model so that it returns its class scores."""
+    if isinstance(out, dict):
+        parts = ", ".join(f"{k!r}: {_describe(v)}" for k, v in list(out.items())[:4])
+        pick = "['logits']" if "logits" in out else f"[{next(iter(out), '...')!r}]"
+        what = f"a dict ({parts})"
+    elif isinstance(out, (tuple, list)):
+        parts = ", ".join(_describe(v) for v in out[:4])
+        pick = "[0]"
+        what = f"a {type(out).__name__} of {len(out)} ({parts})"
+    else:
+        pick = ".logits"
+        what = f"a {type(out).__name__}"
+    return (
+        f"the model returns {what}, not one tensor, so it has no `logits` layer (predictions, class objectives): "
+        f"wrap it to return its class scores, e.g. a module whose forward is `return net(x){pick}`; its inner layers work as they are"
+    )
 
 
 def check_unit(model: Model, unit: Unit, input_shape: tuple[int, ...] | None = None) -> LayerInfo:

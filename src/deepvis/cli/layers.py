@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..capture import layer_table
+    from ..capture.layers import output_problem
 
     model = model_from_args(args)  # with the layouts that --layout declares
     table = [r for r in layer_table(model, everything=True) if not args.filter or args.filter in r.name]
@@ -39,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
     if len(untold) > _NOTES:
         print(f"deepvis: note: {len(untold) - _NOTES} more layers whose layout cannot be told (see --all)", file=sys.stderr)
     rows = [r for r in table if args.all or r.viewable]
+    if not args.filter and all(r.name != "logits" for r in table):  # the output is not one tensor: say why, and what to do
+        problem = output_problem(model)
+        if problem is not None:
+            print(f"deepvis: note: {problem}", file=sys.stderr)
     if args.json:
         print_json(
             {
@@ -49,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             }
         )
         return 0
-    width = max((len(r.name) for r in rows), default=5)
+    width = max([5, *(len(r.name) for r in rows)])  # at least the header's "layer"
     lw = max([16, *(len(r.layout.describe()) + 1 for r in rows)])  # "attention 1+14x14" and wider grids fit
     print(f"{'layer':<{width}}  {'type':<22} {'layout':<{lw}} {'output shape':<16} units")
     for r in rows:
