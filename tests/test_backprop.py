@@ -414,3 +414,25 @@ def test_dead_unit_gives_an_empty_view():
     r = backprop_view(m, -X_ROW.abs(), "mix:0", "guided")  # every ReLU is off: activation 0
     assert r.activation == 0.0 and float(r.grad.abs().sum()) == 0.0
     assert backprop_image(r, "norm").max() == 0
+
+
+def test_a_unit_that_is_off_on_an_input_is_marked_negligible():
+    """A channel whose weights are 1e-9 of the others': its view is drawn at full contrast like any
+    view, so the result says how weak it is (the live page writes it beside the view)."""
+    from deepvis.server.protocol import ViewSettings
+    from deepvis.server.unitviews import unit_view
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 2, 3, padding=1)
+    with torch.no_grad():
+        conv.weight[1] *= 1e-9
+        conv.bias.zero_()
+    model = tiny(nn.Sequential(conv), 8, 8)
+    x = torch.rand(1, 1, 8, 8)
+    strong, weak = backprop_views(model, x, [Unit("0", 0), Unit("0", 1)], "gradient")
+    assert strong.relative == pytest.approx(1.0) and not strong.negligible
+    assert 1e-11 < weak.relative < 1e-8 and weak.negligible and weak.to_dict()["relative"] == weak.relative
+    assert float(weak.grad.abs().max()) > 0  # the gradient is there, a billion times smaller
+    header, _ = unit_view(model, x, ViewSettings(layer="0", unit=1, backprop="gradient"))
+    assert header["weak"].startswith("unit ≈ 0 here (") and header["weak"].endswith(" of the layer's largest |value|)")
+    assert unit_view(model, x, ViewSettings(layer="0", unit=0, backprop="gradient"))[0]["weak"] is None

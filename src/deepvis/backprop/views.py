@@ -33,10 +33,23 @@ from ..models.model import Model, require_model
 from .filters import READABLE, backprop_image
 from .rules import MODES, Mode, NonlinearityError, plain_nonlinearities, relu_rules
 
-__all__ = ["BackpropResult", "PlainGradientWarning", "backprop_view", "backprop_views", "At", "Seed", "SEEDS", "PLAIN_NONLINEARITIES"]
+__all__ = [
+    "BackpropResult",
+    "PlainGradientWarning",
+    "backprop_view",
+    "backprop_views",
+    "At",
+    "Seed",
+    "SEEDS",
+    "PLAIN_NONLINEARITIES",
+    "NEGLIGIBLE",
+]
 
 #: where in the channel map the backward pass starts: the whole map (None), its peak ("max"), or (y, x)
 At = None | Literal["max"] | tuple[int, int]
+#: a unit whose largest magnitude is at most this fraction of its layer's on an input is off there: its
+#: view (scaled to full contrast like any other) shows a response a million times weaker than the layer's
+NEGLIGIBLE = 1e-6
 
 #: the modules that call nonlinearities without a rule, per (sorted layer names, input shape (C, H, W))
 PLAIN_NONLINEARITIES: CacheSlot[tuple[tuple[str, ...], tuple[int, ...]], tuple[str, ...]] = CacheSlot("backprop_plain")
@@ -54,7 +67,10 @@ class BackpropResult:
     normalized input). ``unit`` carries the position used (None: the whole channel map). ``activation``
     is the unit's value there (the maximum of the map when the whole map is used); ``argmax`` is where the
     channel map peaks (None for vector layers such as ``logits``). ``plain`` names the nonlinearities
-    left as plain gradient (only ever non-empty with ``strict=False``).
+    left as plain gradient (only ever non-empty with ``strict=False``). ``relative`` is the largest
+    magnitude of the values the pass starts from over the largest magnitude in the unit's layer on this
+    input: near 0 (:data:`NEGLIGIBLE`) for a unit that is off there, whose view is still drawn at full
+    contrast (every view is scaled by its own percentile).
     """
 
     grad: torch.Tensor
@@ -65,6 +81,12 @@ class BackpropResult:
     argmax: tuple[int, int] | None
     layer_shape: tuple[int, ...]
     plain: tuple[str, ...] = ()
+    relative: float = 1.0
+
+    @property
+    def negligible(self) -> bool:
+        """True when the unit is about 0 on this input compared with its layer (``relative`` ≤ :data:`NEGLIGIBLE`)."""
+        return self.relative <= NEGLIGIBLE
 
     def _repr_png_(self) -> bytes:
         """The readable view (:data:`~deepvis.backprop.READABLE`, as the live toolbox shows it) as PNG, the
@@ -89,6 +111,7 @@ class BackpropResult:
             "grad_abs_max": float(g.abs().max()) if g.numel() else 0.0,
             "grad_l2": float(g.norm()),
             "plain_gradient": list(self.plain),
+            "relative": self.relative,
         }
 
 
@@ -181,6 +204,7 @@ def backprop_views(
             peaks[i] = divmod(int(f), acts[ulist[i].layer_key].shape[-1])
     resolved: list[Unit] = []
     values: list[torch.Tensor] = []
+    relative: list[torch.Tensor] = []
     for i, u in enumerate(ulist):
         a = acts[u.layer_key]
         entry = seeds.setdefault(id(a), (a, torch.zeros_like(a)))
@@ -192,16 +216,19 @@ def backprop_views(
         sel = a[i].detach()[index]  # the unit's value, or its whole channel map
         s[i][index] = sel if seed == "activation" else 1.0
         values.append(sel.max().double())
+        relative.append((sel.abs().max().double() / a[i].detach().abs().max().double().clamp_min(1e-300)).clamp_max(1.0))
         resolved.append(u)
     outs = [t for t, _ in seeds.values()]
     grads = [g for _, g in seeds.values()]
     (gx,) = torch.autograd.grad(outs, x_in, grad_outputs=grads)
     gx = gx.detach().float().cpu()
-    small = torch.cat([torch.stack(values), *(f.double().view(1) for f in flat_peaks.values())]).tolist()
-    for i, f in zip(flat_peaks, small[n:]):
+    small = torch.cat([torch.stack(values), torch.stack(relative), *(f.double().view(1) for f in flat_peaks.values())]).tolist()
+    for i, f in zip(flat_peaks, small[2 * n :]):
         peaks[i] = divmod(int(f), acts[ulist[i].layer_key].shape[-1])
     return [
-        BackpropResult(gx[i], resolved[i], mode, seed, small[i], peaks[i], tuple(acts[resolved[i].layer_key].shape[1:]), plain)
+        BackpropResult(
+            gx[i], resolved[i], mode, seed, small[i], peaks[i], tuple(acts[resolved[i].layer_key].shape[1:]), plain, small[n + i]
+        )
         for i in range(n)
     ]
 

@@ -43,6 +43,8 @@ def unit_view(model: Model, x: torch.Tensor, settings: ViewSettings) -> tuple[di
         "w": w,
         "activation": result.activation if math.isfinite(result.activation) else None,
         "argmax": list(result.argmax) if result.argmax is not None else None,
+        # a unit that is off on this frame: its view is still scaled to full contrast, so say so
+        "weak": (f"unit ≈ 0 here ({result.relative:.0e} of the layer's largest |value|)" if result.negligible else None),
     }
     return header, {"rgb": rgb.tobytes()}
 

@@ -173,7 +173,7 @@ export class Panes {
     if (blobs.rgb) drawRgb($('backprop'), h.h, h.w, blobs.rgb);
     const scale = h.percentile >= 100 ? 'max' : `p${h.percentile}`;
     const what = `${h.mode} · ${h.filter} · ${scale} · ${h.layer}:${h.unit}${h.token ? `@${h.token}` : ''}`;
-    this.note = `${what} · ${fmt(h.ms, 0)} ms`;
+    this.note = `${what} · ${fmt(h.ms, 0)} ms${h.weak ? ` · ${h.weak}` : ''}`;
     clearTimeout(this.noteTimer);
     const since = performance.now() - this.noteAt;
     if (what !== this.noteWhat || (result ? this.textDue(result) && since >= NOTE_GAP : since >= TEXT_MS)) this.writeNote();
