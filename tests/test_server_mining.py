@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -154,6 +155,56 @@ def test_a_layer_switch_stops_mining_and_selecting_it_again_continues_from_the_c
         miner.close()
     with open_atlas(tmp_path / "atlas") as atlas:
         assert atlas.layer(layer).mined and atlas.layer("conv1").mined
+
+
+def test_the_views_progress_goes_on_counting_when_another_unit_restarts_the_run(model, photos, tmp_path):
+    """Selecting another unit while views are made restarts the run (that unit's views come next); the
+    progress counts the layer's units viewed so far, so it does not fall back (it showed 13/332 after 124/480)."""
+    gate = threading.Event()
+    waiting = threading.Event()
+    ds = open_dataset(str(photos))
+    load = ds.load
+    statuses: list[dict] = []
+    layer = LiveEngine(model).default_settings.layer
+
+    def gated_load(i, mode="RGB"):
+        p = miner.layer(layer)
+        if p is not None and p.phase == "views" and p.done > 0 and not gate.is_set():  # some views are written: hold the run
+            waiting.set()
+            gate.wait(30)
+        return load(i, mode)
+
+    ds.load = gated_load  # type: ignore[method-assign]
+    miner = DatasetMiner(replica(model), ds, tmp_path / "atlas", lambda m: statuses.append(json.loads(m)), batch_size=4)
+    miner.base = replace(miner.base, views_units_per_task=2)  # small view tasks: the run stops soon after the switch
+    send = miner._send
+    seen: list[dict] = []  # every progress the miner reports, also those its broadcast throttles
+
+    def watched(*args, **kwargs):
+        p = miner.layer(layer)
+        if p is not None:
+            seen.append(p.to_dict())
+        return send(*args, **kwargs)
+
+    miner._send = watched  # type: ignore[method-assign]
+    miner.prepare(layer)
+    miner.select(layer, 0)
+    miner.start()
+    try:
+        assert waiting.wait(60)
+        miner.select(layer, 9)  # another unit: the run stops after its current task and starts again from unit 9
+        gate.set()
+        assert wait_for(lambda: miner.layer(layer).phase == "done", 120)
+    finally:
+        gate.set()
+        miner.close()
+    views = [m for m in seen if m["phase"] == "views"]
+    units = miner.layer(layer).units
+    assert len({m["done"] for m in views}) > 3  # the progress was followed through the runs
+    assert {v["total"] for v in views} == {units}
+    done = [v["done"] for v in views]
+    assert done == sorted(done) and done[-1] <= units, done
+    assert miner.layer(layer).units_viewed == units
 
 
 def test_mining_never_blocks_the_frame_loop(model, photos, tmp_path):

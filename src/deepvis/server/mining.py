@@ -65,7 +65,8 @@ class LayerProgress:
     """Where the mining of one layer stands.
 
     ``phase``: ``queued``, ``mining`` (``done``/``total`` inputs), ``views`` (``done``/``total`` units of
-    the current run), ``done`` or ``error`` (``message``); ``images_mined`` and ``units_viewed`` count
+    the layer, those viewed by earlier runs included: a run restarted for another selected unit goes on
+    counting), ``done`` or ``error`` (``message``); ``images_mined`` and ``units_viewed`` count
     the work this server did (0 for a layer an atlas held already).
     """
 
@@ -332,12 +333,18 @@ class DatasetMiner:
 
         def progress(phase: str, done: int, total: int) -> None:
             now["phase"] = phase
+            if phase == "views":  # a run continues the layer's views: count the units viewed before it too
+                done, total = done + max(0, p.units - total), p.units
             with self._lock:
                 p.phase, p.done, p.total = phase, done, total
             self._send()
 
         with self._lock:
-            p.phase, p.done, p.total = "mining", 0, len(self.dataset)
+            stats = self._mined.get(layer)
+            if stats is not None and stats.final:  # mined already: a views run restarted (another unit) goes on from its count
+                p.phase, p.done, p.total = "views", min(p.units, p.units_viewed), p.units
+            else:
+                p.phase, p.done, p.total = "mining", 0, len(self.dataset)
         self._send(force=True)
         opts = self._options(layer)
 
@@ -363,7 +370,7 @@ class DatasetMiner:
             self._on_change()  # the atlas has the layer's top-k now
         now["phase"] = "views"
         with self._lock:
-            p.phase, p.done, p.total = "views", 0, p.units
+            p.phase, p.done, p.total = "views", min(p.units, p.units_viewed), p.units
         self._send(force=True)
         viewed = build_atlas(
             self.root,
