@@ -115,6 +115,14 @@ def test_the_toggle_shows_a_dataset_crops_whole_input_with_its_box(page):
         " for (let k = 0; k < d.length; k += 4) n += d[k] === 255 && d[k + 1] === 221 && d[k + 2] === 0; return n; })()"
     )
     assert yellow >= 4 * 3  # a box of at least 4x4 pixels: its outline
+    # the nine are laid out in three columns of one width, whatever their captions say (a long file name)
+    widths = page.evaluate(
+        "(() => { const f = [...document.querySelectorAll('#atlas-pane .tops figure')];"
+        " const c = f[4].querySelector('figcaption') || f[4].appendChild(document.createElement('figcaption'));"
+        " c.textContent = 'a_very_long_dataset_file_name_without_any_break_in_it_at_all.jpeg';"
+        " return f.map((x) => Math.round(x.getBoundingClientRect().width)); })()"
+    )
+    assert len(widths) == 9 and max(widths) - min(widths) <= 1, widths
     assert "whole input with the receptive field boxed" in page.inner_text("#atlas-pane")
     page.uncheck("#synth-whole")
     wait(page, loaded(first))
