@@ -209,3 +209,15 @@ def test_a_model_that_returns_a_tuple_or_dict_is_told_how_to_wrap_it(as_dict, wh
     assert str(exc.value) == message
     assert capture(model, torch.zeros(1, 3, 16, 16), ["conv"])["conv"].shape == (1, 6, 8, 8)  # inner layers work
     assert "logits" not in [i.name for i in layer_table(model)]
+
+
+def test_capture_at_a_size_a_fixed_grid_model_does_not_take_is_one_line():
+    torch.manual_seed(0)
+    model = deepvis.as_model(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8).eval())
+    assert model.preprocessing.input_size == (32, 32)
+    with pytest.raises(InputError) as exc:
+        capture(model, torch.zeros(1, 3, 48, 48), ["blocks.0"])
+    message = str(exc.value)
+    assert message.startswith("the model fails on an input of 48x48 px (AssertionError: ") and "\n" not in message
+    assert message.endswith("it was set up for 32x32: resize the input (model.preprocess(image) does) or give another input size")
+    assert capture(model, torch.zeros(1, 3, 32, 32), ["blocks.0"])["blocks.0"].shape == (1, 192, 4, 4)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ..errors import InputError, LayerError
+from ..errors import DeepvisError, InputError, LayerError
 from ..models.cache import CacheEntries, CacheSlot
 from ..models.model import Model, module_dtype
 from ..runtime import Autocast, autocast_dtype
@@ -212,21 +212,31 @@ def capture(
     known: set[str] = entries.get_or_compute(INPLACE_OUTPUTS, None, set) if entries is not None else set()
     copy = {n for n in names if n in known}
     for _attempt in range(2):
-        out, versions = _run(
-            module,
-            x,
-            targets,
-            expected,
-            copy,
-            stop_early=stop_early,
-            grad=grad,
-            all_modules=all_modules,
-            fused=fused,
-            weights=weights,
-            mixed=mixed,
-            cancel=cancel,
-            cancel_points=points,
-        )
+        try:
+            out, versions = _run(
+                module,
+                x,
+                targets,
+                expected,
+                copy,
+                stop_early=stop_early,
+                grad=grad,
+                all_modules=all_modules,
+                fused=fused,
+                weights=weights,
+                mixed=mixed,
+                cancel=cancel,
+                cancel_points=points,
+            )
+        except (AssertionError, RuntimeError, ValueError) as exc:
+            size = tuple(model.preprocessing.input_size) if isinstance(model, Model) else None
+            if size is None or tuple(x.shape[-2:]) == size or isinstance(exc, (DeepvisError, torch.cuda.OutOfMemoryError)):
+                raise
+            # a model of a fixed input size (a ViT's patch grid, a Linear after flattening) given another
+            raise InputError(
+                f"the model fails on an input of {x.shape[-2]}x{x.shape[-1]} px ({type(exc).__name__}: {exc}); it was set up for "
+                f"{size[0]}x{size[1]}: resize the input (model.preprocess(image) does) or give another input size"
+            ) from exc
         mutated = {n for n in names if n in out and out[n]._version != versions[n]}
         if not mutated:
             break
