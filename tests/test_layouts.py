@@ -277,3 +277,24 @@ def test_pairs_of_other_axes_inside_a_transformer_are_not_read_as_maps(name, lay
     lay = table[layer].layout
     assert not lay.viewable and lay.reason.startswith(f"a {pair} pair of axes inside a transformer whose patch grid is 14x14")
     assert table["blocks.0"].layout.kind == "tokens" and table["blocks.0"].shape[1:] == (14, 14)
+
+
+class _Heads(nn.Module):
+    """(N, 32, 7, 7) maps → (N, 4 heads, 49 tokens, 8): per-head features, not a map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        return x.flatten(2).transpose(1, 2).reshape(n, 49, 4, 8).transpose(1, 2)
+
+
+def test_the_hint_for_an_untold_layout_names_what_it_likely_is():
+    net = nn.Sequential()
+    net.add_module("conv", nn.Conv2d(3, 32, 4, stride=4))
+    net.add_module("heads", _Heads())
+    model = _wrap(net, 28)
+    (info,) = [i for i in layer_table(model, everything=True) if i.name == "heads"]
+    assert not info.layout.viewable
+    assert info.layout.reason == (
+        "cannot tell the layout of layer heads (output 4x49x8 per example): declare it with --layout heads=nchw|nhwc, "
+        "or none when it is not a map, e.g. 4 heads x 49 tokens x 8 (Python: model.layouts['heads'] = 'nchw')"
+    )

@@ -381,8 +381,19 @@ def _tokens_from_two_probes(l1: int, l2: int, hw1: tuple[int, int], hw2: tuple[i
 def _declare_hint(layer: str, raw: tuple[int, ...], kinds: str) -> str:
     return (
         f"cannot tell the layout of layer {layer} (output {_fmt(raw)} per example): "
-        f"declare it with --layout {layer}={kinds} (Python: model.layouts[{layer!r}] = {kinds.split('|')[0]!r})"
+        f"declare it with --layout {layer}={kinds}, or none when it is not a map{_not_a_map(raw)} "
+        f"(Python: model.layouts[{layer!r}] = {kinds.split('|')[0]!r})"
     )
+
+
+def _not_a_map(raw: tuple[int, ...]) -> str:
+    """What a 3-D output that is not a map probably is, for the hint: (few, many, some) reads as heads x
+    tokens x head dim (or one query's attention, (heads, 1, keys))."""
+    if len(raw) == 3 and raw[0] < raw[1] and raw[2] < raw[1]:
+        return f", e.g. {raw[0]} heads x {raw[1]} tokens x {raw[2]}"
+    if len(raw) == 3 and raw[1] == 1:
+        return f", e.g. one query's attention of {raw[0]} heads over {raw[2]} keys"
+    return ""
 
 
 def detect_layout(
