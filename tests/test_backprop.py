@@ -344,7 +344,8 @@ def test_model_unchanged_after_success_and_failure():
     boom = Exploding()
     bm = Model(boom, Preprocessing((8, 8)))
     before = snapshot(boom)
-    with pytest.raises(RuntimeError, match="boom"):  # the forward pass fails midway, inside the rules
+    # the forward pass fails midway, inside the rules (at a size the model was not set up for: said so)
+    with pytest.raises(DeepvisError, match=r"fails on an input of 9x9 px \(RuntimeError: boom\); it was set up for 8x8"):
         backprop_view(bm, torch.randn(3, 9, 9), "boom:0", "guided")
     assert_unchanged(boom, before)
     assert not mode_active()

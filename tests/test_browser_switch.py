@@ -95,7 +95,10 @@ def test_the_next_layer_is_drawn_from_the_last_pass_and_the_page_records_the_swi
         page, errors = open_still(ctx, server)
         wait(page, "window.deepvis.frames > 0 && window.deepvis.last.layer === 'blocks.2.0.bn2.act' && window.deepvis.last.predictions")
         listed = page.evaluate("[...document.getElementById('layer-select').options].map((o) => o.value)")
-        nxt = listed[listed.index("blocks.2.0.bn2.act") + 1]
+        table = {i["name"]: i for i in server.app.state.toolbox.info()["layers"]}
+        here = listed.index("blocks.2.0.bn2.act")
+        # the next layer that shows other data (layers outputting the same tensor are passed over)
+        nxt = next(n for n in listed[here + 1 :] if (table[n]["same_as"] or n) != (table[listed[here]]["same_as"] or listed[here]))
         seq = page.evaluate("window.deepvis.last.seq")
         page.wait_for_timeout(300)
         page.keyboard.press("o")

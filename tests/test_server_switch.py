@@ -179,8 +179,10 @@ def test_a_layer_switch_abandons_the_forward_pass_begun_for_the_old_layer(gated)
     frames = _frames(engine, s)
     assert [(h["seq"], h["layer"], h["unit"]) for h, _ in frames] == [(2, "conv1", 5)]
     assert frames[0][1] == want
-    # the gate ran once: in the abandoned pass (frame 2's pass for conv1 stops before it; the gate's output is conv1's)
-    assert control.calls == 1
+    # the gate ran twice: in the abandoned pass, and in frame 2's pass for conv1, which captures its next
+    # layer of other data, relu1, beyond the gate (the gate outputs conv1's very tensor: passed over)
+    assert engine.processor.neighbours("conv1") == ("relu1",)
+    assert control.calls == 2
     assert s.stats.dropped == 0 and hooks_left(engine.frame_model.module) == []
     # that first frame of the new layer stopped at it: no predictions (the page keeps its list); the next has them
     assert "predictions" not in frames[0][0]
@@ -236,7 +238,7 @@ def test_the_neighbours_are_the_page_lists_previous_and_next_layer():
     assert [i.name for i in proc.table if not i.listed] == ["skip"]  # what the page's hello marks unlisted
     assert proc.neighbours("relu1") == ("conv1", "conv2")  # the identity between is not in the page's list: skipped
     assert proc.neighbours("conv1") == ("relu1",)
-    assert proc.neighbours("skip") == ("conv1", "relu1")
+    assert proc.neighbours("skip") == ("relu1",)  # the identity outputs conv1's very tensor: the keys pass over conv1
     x = torch.randn(1, 3, 16, 16)
     out = proc.process(x, ViewSettings(layer="relu1", unit=1))
     for layer in ("conv1", "conv2"):
@@ -245,3 +247,20 @@ def test_the_neighbours_are_the_page_lists_previous_and_next_layer():
         assert again.activations is out.activations  # drawn from relu1's pass, no new forward pass
         assert again.blobs == fresh.blobs and again.header == fresh.header
     assert proc.process(x, ViewSettings(layer="fc", unit=0), cached=out.activations).activations is not out.activations
+
+
+def test_the_neighbours_pass_over_layers_that_output_the_same_tensor():
+    """A block's output is its last module's very tensor (``same_as``): the page's layer keys pass over
+    it, so the pass for the last module captures the layer after the block instead."""
+    torch.manual_seed(0)
+    block = nn.Sequential(OrderedDict(c=nn.Conv2d(4, 4, 3), a=nn.ReLU()))
+    net = nn.Sequential(
+        OrderedDict(conv1=nn.Conv2d(3, 4, 3), block=block, conv2=nn.Conv2d(4, 4, 3), flat=nn.Flatten(), fc=nn.LazyLinear(3))
+    )
+    net(torch.zeros(1, 3, 16, 16))
+    model = Model(net.eval(), Preprocessing(input_size=(16, 16), mean=(0.5,) * 3, std=(0.5,) * 3), name="chain")
+    proc = FrameProcessor(model)
+    table = {i.name: i for i in proc.table}
+    assert table["block"].same_as == "block.a" and table["block"].listed
+    assert proc.neighbours("block.a") == ("block.c", "conv2")
+    assert proc.neighbours("conv2") == ("block", "flat")  # from the other side, the block's name comes first

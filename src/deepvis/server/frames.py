@@ -247,7 +247,8 @@ class FrameProcessor:
 
     def neighbours(self, name: str) -> tuple[str, ...]:
         """The layers before and after ``name`` in the page's layer list (the layers of the table that
-        are :attr:`~LayerInfo.listed`, as the page lists them by default; its previous / next layer keys), which a
+        are :attr:`~LayerInfo.listed`, as the page lists them by default; its previous / next layer keys,
+        which pass over the layers that output the same tensor as ``name``: ``same_as``), which a
         forward pass for ``name`` captures too, so that a switch to one of them is drawn from that pass
         at once. Attention layers are left out (their view depends on a query, and capturing one
         switches a fused attention to its explicit path), as are layers that cannot be viewed."""
@@ -256,9 +257,12 @@ class FrameProcessor:
             at = next((i for i, info in enumerate(self.table) if info.name == name), None)
             found: list[str] = []
             if at is not None:
+                source = self.table[at].same_as or name
                 for step in (-1, 1):
                     j = at + step
-                    while 0 <= j < len(self.table) and not self.table[j].listed:
+                    while 0 <= j < len(self.table) and (
+                        not self.table[j].listed or (self.table[j].same_as or self.table[j].name) == source
+                    ):
                         j += step
                     if 0 <= j < len(self.table):
                         lay = self.table[j].layout
