@@ -81,10 +81,12 @@ def test_an_attention_layer_is_drawn_per_head_for_the_query(model):
 def test_a_token_layers_neighbours_come_with_their_prefix_tokens_and_attention_is_left_out(model):
     proc = FrameProcessor(model)
     x = _input(proc)
-    # before blocks.1.attn.proj: an identity (skipped), then the attention layer (its view needs a query: not captured)
-    assert proc.neighbours("blocks.1.attn.proj") == ("blocks.1.attn.proj_drop",)
+    # before blocks.1.attn.proj: an identity (skipped), then the attention layer (its view needs a query: not
+    # captured); after it, the dropout, the attention module, its layer scale and drop path output the
+    # projection's very tensor (passed over, as the page's keys do): the next layer of other data is norm2
+    assert proc.neighbours("blocks.1.attn.proj") == ("blocks.1.norm2",)
     out = proc.process(x, ViewSettings(layer="blocks.1.attn.proj", unit=2))
-    s = ViewSettings(layer="blocks.1.attn.proj_drop", unit=4)
+    s = ViewSettings(layer="blocks.1.norm2", unit=4)
     fresh, again = proc.process(x, s), proc.process(x, s, cached=out.activations)
     assert again.activations is out.activations and "prefix" in again.blobs
     assert again.blobs == fresh.blobs and again.header == fresh.header
