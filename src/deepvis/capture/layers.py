@@ -142,15 +142,25 @@ def resolve_module(module: nn.Module, name: str) -> nn.Module:
         raise LayerError(f"no layer named {name!r} in the model{hint} (see `deepvis layers`)") from None
 
 
-def _probe(module: nn.Module, input_shape: tuple[int, ...], on_call: Callable[[str, nn.Module, object], None]) -> None:
-    """One forward pass of zeros (1, *input_shape), on the module's device and in its floating dtype
-    (a half-precision model gets a half input), with a hook on every module calling ``on_call(name, module, output)``."""
+def _probe(
+    module: nn.Module,
+    input_shape: tuple[int, ...],
+    on_call: Callable[[str, nn.Module, object], None],
+    edit: Callable[[torch.Tensor], None] | None = None,
+    batch: int = 1,
+) -> None:
+    """One forward pass of zeros (``batch``, *input_shape), on the module's device and in its floating dtype
+    (a half-precision model gets a half input), changed in place by ``edit`` when given, with a hook on
+    every module calling ``on_call(name, module, output)`` (the model's output as :data:`LOGITS`)."""
+    x = torch.zeros(batch, *input_shape, device=module_device(module), dtype=module_dtype(module))
+    if edit is not None:
+        edit(x)
     handles = []
     try:
         for name, m in module.named_modules():
             handles.append(m.register_forward_hook(lambda mod, _i, out, name=name or LOGITS: on_call(name, mod, out)))
         with torch.no_grad(), eval_mode(module), exposed_attention(module, on_call):  # attention weights listed too
-            module(torch.zeros(1, *input_shape, device=module_device(module), dtype=module_dtype(module)))
+            module(x)
     finally:
         for h in handles:
             h.remove()
@@ -172,8 +182,7 @@ def _finer_than_the_patches(
         shape = shapes.get(name)
         if lay.reason != GUESSED or lay.kind not in ("maps", "maps-last") or shape is None or order.get(name, -1) <= first:
             continue
-        per = shape[1:]
-        h, w = per[1:] if lay.kind == "maps" else per[:2]
+        _, h, w = lay.canonical_shape(shape[1:])
         if h > grid[0] or w > grid[1]:
             out[name] = Layout(
                 "none",
@@ -212,19 +221,13 @@ def _token_order(module: nn.Module, input_shape: tuple[int, ...], found: dict[st
             return
         change[name] = (out[1] - out[0]).abs().float().sum(-1)[len(lay.prefix) :].cpu()
 
-    x = torch.zeros(2, *input_shape, device=module_device(module), dtype=module_dtype(module))
-    x[1, :, y0 : y0 + by, x0 : x0 + bx] = 1.0
-    handles = []
+    def raise_patch(x: torch.Tensor) -> None:
+        x[1, :, y0 : y0 + by, x0 : x0 + bx] = 1.0
+
     try:
-        for name, m in module.named_modules():
-            handles.append(m.register_forward_hook(lambda mod, _i, out, name=name or LOGITS: on_call(name, mod, out)))
-        with torch.no_grad(), eval_mode(module):
-            module(x)
+        _probe(module, input_shape, on_call, raise_patch, batch=2)
     except Exception:  # a model that takes one example at a time: nothing measured, nothing changed
         return {}
-    finally:
-        for handle in handles:
-            handle.remove()
     verdict: dict[str, str] = {}
     where: dict[tuple[int, int], tuple[str, tuple[int, int], tuple[int, int]]] = {}
     for name, d in change.items():
@@ -466,15 +469,17 @@ def _describe(value: object) -> str:
 def output_problem(model: Model, input_shape: tuple[int, ...] | None = None) -> str | None:
     """Why the model's output cannot be its ``logits`` layer (it is not one tensor), in one line that says
     what to do, or None when it is a tensor. Runs one forward pass of zeros (on the error path only)."""
-    module = model.module
-    shape = tuple(input_shape or model.preprocessing.input_shape)
-    x = torch.zeros(1, *shape, device=module_device(module), dtype=module_dtype(module))
+    outputs: list[object] = []
+
+    def keep_output(name: str, _m: nn.Module, out: object) -> None:
+        if name == LOGITS:
+            outputs.append(out)
+
     try:
-        with torch.no_grad(), eval_mode(module):
-            out = module(x)
+        _probe(model.module, tuple(input_shape or model.preprocessing.input_shape), keep_output)
     except Exception:
         return None  # the model fails: the layer table says so
-    return None if isinstance(out, torch.Tensor) else not_one_tensor(out)
+    return None if not outputs or isinstance(outputs[0], torch.Tensor) else not_one_tensor(outputs[0])
 
 
 def not_one_tensor(out: object) -> str:
