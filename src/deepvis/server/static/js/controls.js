@@ -4,6 +4,7 @@
 import { $, el, setChildren } from './dom.js';
 import { gridShape, stripHit } from './grid.js';
 import { installKeys, renderHelp } from './keys.js';
+import { FROZEN_STATUS } from './panes.js';
 import { OFF, isLive } from './state.js';
 
 // the boost presets that t / T cycle through (the sliders reach any value in between)
@@ -249,7 +250,7 @@ export class Controls {
     const f = this.app.sources.toggleFreeze();
     $('freeze').setAttribute('aria-pressed', String(f));
     $('freeze').textContent = f ? 'Unfreeze' : 'Freeze';
-    if (f) $('status').textContent = 'frozen (f or Unfreeze to go on)';
+    if (f) $('status').textContent = FROZEN_STATUS;
   }
 
   toggleHelp() {

@@ -13,6 +13,9 @@ const TEXT_MS = 250;
 /** The backprop note is never rewritten sooner than this after the last time (ms), but for another view. */
 const NOTE_GAP = 0.8 * TEXT_MS;
 
+/** The status line of a frozen input (no frame rate: none is drawn). */
+export const FROZEN_STATUS = 'frozen (f or Unfreeze to go on)';
+
 export class Panes {
   /** app: {state, figures, sources, atlas} (see main.js). */
   constructor(app) {
@@ -349,7 +352,7 @@ export class Panes {
     const figures = this.app.figures;
     // frozen: no frame rate (none is drawn; the last one would stand there, stale), the rest as ever
     const frozen = this.app.sources.frozen;
-    const parts = frozen ? ['frozen (f or Unfreeze to go on)'] : [`${fmt(fps, 1)} frames/s`];
+    const parts = frozen ? [FROZEN_STATUS] : [`${fmt(fps, 1)} frames/s`];
     if (figures.latencies.length && !frozen) parts.push(`p95 ${fmt(figures.p95, 0)} ms`);
     parts.push(`server ${fmt(h.ms, 0)} ms`, `dropped ${st.dropped}`, `skipped ${this.app.sources.skipped}`);
     if (st.errors) parts.push(`errors ${st.errors}`);
