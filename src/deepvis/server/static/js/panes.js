@@ -37,6 +37,7 @@ export class Panes {
     this.noteAt = -Infinity;
     this.noteWhat = null;
     this.noteTimer = null;
+    this.statusFrozen = false; // whether the status line last written was the frozen one
     this.stripKey = null;
   }
 
@@ -347,11 +348,13 @@ export class Panes {
 
   /** The status line (with the other text panes: textDue). */
   showStatus(h, fps) {
-    if (!this.textDue(h)) return;
+    // frozen: no frame rate (none is drawn; the last one would stand there, stale), the rest as ever;
+    // a change of frozen is written with the first result after it, not at the text panes' next tick
+    const frozen = this.app.sources.frozen;
+    if (!this.textDue(h) && frozen === this.statusFrozen) return;
+    this.statusFrozen = frozen;
     const st = h.stats;
     const figures = this.app.figures;
-    // frozen: no frame rate (none is drawn; the last one would stand there, stale), the rest as ever
-    const frozen = this.app.sources.frozen;
     const parts = frozen ? [FROZEN_STATUS] : [`${fmt(fps, 1)} frames/s`];
     if (figures.latencies.length && !frozen) parts.push(`p95 ${fmt(figures.p95, 0)} ms`);
     parts.push(`server ${fmt(h.ms, 0)} ms`, `dropped ${st.dropped}`, `skipped ${this.app.sources.skipped}`);
